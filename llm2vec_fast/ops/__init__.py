@@ -1,0 +1,6 @@
+"""Public ops: input validation, one dispatch point, and one autograd-aware torch custom op each."""
+from .attention import flash_attention
+from .contrastive import contrastive_loss
+from .pooling import pool
+
+__all__ = ["flash_attention", "pool", "contrastive_loss"]

@@ -1,0 +1,140 @@
+"""``flash_attention``: bidirectional (or causal) attention over packed varlen or dense batches.
+
+Anatomy: validate -> resolve the backend once -> the ``llm2vec_fast::flash_attention_forward`` custom
+op (with a fake implementation, so torch.compile and CUDA graphs see through it) whose autograd
+formula is the ``llm2vec_fast::flash_attention_backward`` custom op. Both run the implementation that
+``dispatch`` registered for the chosen backend. The dense layout is a view of the packed one with
+equal lengths, so every backend implements only the packed layout.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from ..validation import (HEAD_DIMS, check_cu_seqlens, check_number, check_same_device, check_same_dtype,
+                          check_tensor, seqlens_max)
+
+OP = "flash_attention"
+
+
+@torch.library.custom_op("llm2vec_fast::flash_attention_forward", mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
+             softmax_scale: float, softcap: float, dropout_p: float, seed: Optional[Tensor],
+             backend: str) -> Tuple[Tensor, Tensor]:
+    seed_value = int(seed.item()) if seed is not None else 0
+    return dispatch.implementation(OP, backend).forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale,
+                                                         softcap, dropout_p, seed_value)
+
+
+@_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("llm2vec_fast::flash_attention_backward", mutates_args=())
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+              max_seqlen: int, causal: bool, softmax_scale: float, softcap: float, dropout_p: float,
+              seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    seed_value = int(seed.item()) if seed is not None else 0
+    dq, dk, dv = dispatch.implementation(OP, backend).backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                                               causal, softmax_scale, softcap, dropout_p, seed_value)
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
+    ctx.options = (max_seqlen, causal, softmax_scale, softcap, dropout_p)
+    ctx.backend = backend
+
+
+def _autograd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
+    max_seqlen, causal, softmax_scale, softcap, dropout_p = ctx.options
+    dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale,
+                           softcap, dropout_p, seed, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p):
+    packed = cu_seqlens is not None
+    layout = "(T, H, D) with cu_seqlens" if packed else "(B, S, H, D) without cu_seqlens"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x)
+        if x.dim() != (3 if packed else 4):
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+    check_same_dtype(q=q, k=k, v=v)
+    check_same_device(q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    tokens = q.dim() - 2  # leading token dims: 1 (T) packed, 2 (B, S) dense
+    if k.shape[:tokens] != q.shape[:tokens]:
+        raise ValueError(f"k must have q's token dims {tuple(q.shape[:tokens])}, got {tuple(k.shape[:tokens])}")
+    hq, head_dim = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k must have q's head dim {head_dim}, got {k.shape[-1]}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head dim (q.shape[-1]) must be one of {HEAD_DIMS}, got {head_dim}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the query head count Hq={hq} must be a multiple of the key/value head count, got Hkv={hkv}")
+    if packed:
+        check_cu_seqlens(cu_seqlens, q.shape[0], like=q)
+        if max_seqlen is not None:
+            check_number("max_seqlen", max_seqlen, low=0, integer=True)
+            if not torch.compiler.is_compiling() and max_seqlen < seqlens_max(cu_seqlens):
+                raise ValueError(f"max_seqlen must be >= the longest sequence in cu_seqlens "
+                                 f"({seqlens_max(cu_seqlens)}), got {max_seqlen}")
+    elif max_seqlen is not None:
+        raise ValueError(f"max_seqlen goes with cu_seqlens (packed layout); got max_seqlen={max_seqlen} "
+                         f"without cu_seqlens")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is not None:
+        check_number("softmax_scale", softmax_scale, low=0, low_inclusive=False, high=math.inf, high_inclusive=False)
+    check_number("softcap", softcap, low=0, high=math.inf, high_inclusive=False)
+    check_number("dropout_p", dropout_p, low=0, high=1, high_inclusive=False)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor] = None,
+                    max_seqlen: Optional[int] = None, *, causal: bool = False, softmax_scale: Optional[float] = None,
+                    softcap: float = 0.0, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """Attention without a causal mask unless ``causal=True``.
+
+    Layouts: packed ``q`` (T, Hq, D), ``k``/``v`` (T, Hkv, D) with int32 ``cu_seqlens`` (B+1, from 0 to
+    T) and ``max_seqlen``; or dense (B, S, H, D) with no cu_seqlens. Hq must be a multiple of Hkv (GQA,
+    MQA); K and V are never repeated in memory. ``softmax_scale`` defaults to D**-0.5. ``softcap > 0``
+    caps the scaled logits as ``softcap * tanh(s / softcap)`` (Gemma2). ``dropout_p`` drops attention
+    probabilities (pass 0 in eval); the backward regenerates the forward's mask from a seed drawn from
+    torch's RNG on q's device. Zero-length sequences are allowed. Returns q's shape and dtype.
+    ``backend``: "auto", "torch", "triton", "cuda" or "flash_attn" (see ``llm2vec_fast.dispatch``).
+    """
+    _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p)
+    backend = dispatch.resolve(OP, backend, q.device)
+    dense_shape = None
+    if cu_seqlens is None:  # dense (B, S, H, D) is the packed layout with B equal lengths
+        dense_shape = q.shape
+        batch, seqlen = q.shape[:2]
+        q, k, v = (x.reshape(batch * seqlen, *x.shape[2:]) for x in (q, k, v))
+        cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, device=q.device, dtype=torch.int32)
+        max_seqlen = seqlen
+    elif max_seqlen is None:
+        max_seqlen = seqlens_max(cu_seqlens)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
+    out, _ = _forward(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, float(softcap), float(dropout_p), seed,
+                      backend)
+    return out.reshape(dense_shape) if dense_shape is not None else out

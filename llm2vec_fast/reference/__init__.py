@@ -1,0 +1,12 @@
+"""Plain-PyTorch reference ops: the oracle every backend is tested against, and the CPU path.
+
+Each module registers its forward/backward pair as the ``"torch"`` backend of its op.
+"""
+from .. import dispatch
+from .attention import attention_backward, attention_forward
+from .contrastive import infonce_backward, infonce_forward
+from .pooling import pool_backward, pool_forward
+
+dispatch.register("flash_attention", "torch", attention_forward, attention_backward)
+dispatch.register("pool", "torch", pool_forward, pool_backward)
+dispatch.register("contrastive_loss", "torch", infonce_forward, infonce_backward)

@@ -1,0 +1,116 @@
+"""Reference attention on the packed (varlen) layout, vectorised over sequences.
+
+Tokens are scattered into a zero-padded (B, S, H, D) block, attention runs as batched matmuls with a
+key-padding mask, and the valid rows are gathered back. GQA stacks the G = Hq/Hkv query heads of one
+KV head along the row axis, (B, Hkv, G*S, D), so K and V are read per KV head and never repeated.
+
+The backward is written out (the same formulas a flash kernel uses) rather than taken from autograd,
+so it also serves as the oracle for kernel backwards:
+    dV = Pd^T dO,  dP = (dO V^T) * Z/(1-p),  dS = P * (dP - rowsum(P * dP)),
+    dX = dS * (1 - (S/c)^2) under softcap c,  dQ = scale * dX K,  dK = scale * dX^T Q,
+where X = scale * Q K^T, S the (capped) logits, P = softmax(S), Z the dropout keep mask, Pd = P*Z/(1-p).
+"""
+from __future__ import annotations
+
+import torch
+
+from .layout import token_positions
+
+
+def dropout_keep_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """The reference dropout mask: torch's RNG seeded with ``seed``, so the backward regenerates it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+class _Padded:
+    """One packed batch laid out as padded, grouped (B, Hkv, G*S, D) blocks."""
+
+    def __init__(self, q, k, cu_seqlens, max_seqlen, dtype):
+        self.total, self.hq, self.head_dim = q.shape
+        self.hkv = k.shape[1]
+        self.group = self.hq // self.hkv
+        self.batch = cu_seqlens.numel() - 1
+        self.seqlen = max_seqlen
+        self.dtype = dtype
+        self.seq_id, self.pos, self.lengths = token_positions(cu_seqlens, self.total)
+
+    def pad(self, x, grouped: bool):
+        """(T, H, D) -> (B, H, S, D), or (B, Hkv, G*S, D) for query-head tensors when ``grouped``."""
+        out = x.new_zeros((self.batch, self.seqlen, x.shape[1], self.head_dim), dtype=self.dtype)
+        out = out.index_put((self.seq_id, self.pos), x.to(self.dtype)).permute(0, 2, 1, 3)
+        return out.reshape(self.batch, self.hkv, self.group * self.seqlen, self.head_dim) if grouped else out
+
+    def unpad(self, x, heads: int):
+        """(B, heads, S, D) or grouped (B, Hkv, G*S, D) -> (T, heads, D)."""
+        x = x.reshape(self.batch, heads, self.seqlen, x.shape[-1]).permute(0, 2, 1, 3)
+        return x[self.seq_id, self.pos]
+
+    def keep(self, causal: bool):
+        """Which (row, key) pairs attend, broadcastable to (B, Hkv, G, S, S)."""
+        cols = torch.arange(self.seqlen, device=self.lengths.device)
+        keep = (cols[None, :] < self.lengths[:, None])[:, None, None, None, :]
+        return keep & (cols[None, :] <= cols[:, None]) if causal else keep
+
+
+def _logits_and_probs(layout: _Padded, qp, kp, causal, softmax_scale, softcap):
+    """Returns (capped logits S, probabilities P, lse), each (B, Hkv, G, S, S) / (B, Hkv, G, S)."""
+    logits = torch.matmul(qp, kp.transpose(-1, -2)) * softmax_scale
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits.view(layout.batch, layout.hkv, layout.group, layout.seqlen, layout.seqlen)
+    masked = logits.masked_fill(~layout.keep(causal), float("-inf"))
+    # A softmax that stays finite on padding rows (every key masked): probability 0 there, not NaN.
+    row_max = masked.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    expo = torch.exp(masked - row_max)
+    denom = expo.sum(dim=-1, keepdim=True)
+    probs = expo / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse = (row_max + torch.log(denom)).squeeze(-1).detach()  # -inf on padding rows only
+    return logits, probs, lse
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float, softcap: float,
+              dropout_p: float, seed: int, *, compute_dtype=torch.float32):
+    """Returns (out (T, Hq, D) in q's dtype, lse (Hq, T) float32). Differentiable by autograd.
+
+    ``compute_dtype=None`` computes in the input dtype (to measure PyTorch's own rounding error).
+    """
+    layout = _Padded(q, k, cu_seqlens, max_seqlen, compute_dtype or q.dtype)
+    qp, kp, vp = layout.pad(q, True), layout.pad(k, False), layout.pad(v, False)
+    _, probs, lse = _logits_and_probs(layout, qp, kp, causal, softmax_scale, softcap)
+    if dropout_p > 0:
+        probs = probs * dropout_keep_mask(probs.shape, dropout_p, seed, q.device) / (1.0 - dropout_p)
+    out = torch.matmul(probs.flatten(2, 3), vp)  # (B, Hkv, G*S, D)
+    lse = layout.unpad(lse.reshape(layout.batch, layout.hq, layout.seqlen, 1), layout.hq)[..., 0].t()
+    return layout.unpad(out, layout.hq).to(q.dtype), lse.float().contiguous()
+
+
+def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+    with torch.no_grad():
+        return attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
+
+
+def attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
+                       dropout_p, seed, *, compute_dtype=torch.float32):
+    """(dq, dk, dv) in the inputs' dtypes, by the formulas in the module docstring."""
+    layout = _Padded(q, k, cu_seqlens, max_seqlen, compute_dtype or q.dtype)
+    qp, kp, vp = layout.pad(q, True), layout.pad(k, False), layout.pad(v, False)
+    grad_out = layout.pad(dout, True)
+    logits, probs, _ = _logits_and_probs(layout, qp, kp, causal, softmax_scale, softcap)
+    grad_probs = torch.matmul(grad_out, vp.transpose(-1, -2)).view_as(probs)  # dO V^T
+    dropped = probs
+    if dropout_p > 0:
+        keep_scaled = dropout_keep_mask(probs.shape, dropout_p, seed, q.device) / (1.0 - dropout_p)
+        dropped = probs * keep_scaled
+        grad_probs = grad_probs * keep_scaled
+    grad_v = torch.matmul(dropped.flatten(2, 3).transpose(-1, -2), grad_out)  # sums the G query heads
+    grad_logits = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True))
+    if softcap > 0:
+        grad_logits = grad_logits * (1 - (logits / softcap) ** 2)
+    grad_logits = grad_logits.flatten(2, 3) * softmax_scale  # (B, Hkv, G*S, S)
+    grad_q = torch.matmul(grad_logits, kp)
+    grad_k = torch.matmul(grad_logits.transpose(-1, -2), qp)
+    return (layout.unpad(grad_q, layout.hq).to(q.dtype), layout.unpad(grad_k, layout.hkv).to(k.dtype),
+            layout.unpad(grad_v, layout.hkv).to(v.dtype))
