@@ -1,6 +1,15 @@
-"""Registers the accelerated backends (triton, cuda, flash_attn) of each op where they exist.
+"""Registers the accelerated backends of each op where they exist.
 
-Each kernel module registers itself through ``dispatch.register(op, backend, forward, backward)``
-with the same forward/backward contract as the reference in ``llm2vec_fast.reference``. No
-accelerated kernel has landed yet: every op runs on the torch reference.
+Each kernel module provides ``forward``/``backward`` with the same contract as the reference
+(``llm2vec_fast.reference``); ``dispatch`` decides per call whether its runtime can run.
+- triton: ``llm2vec_fast.kernels`` (the repo's ``kernels/`` folder), when triton is importable.
+- cuda, flash_attn: not yet.
 """
+import importlib.util
+
+from . import dispatch
+
+if importlib.util.find_spec("triton") is not None:
+    from .kernels import flash_attention as _triton_attention
+
+    dispatch.register("flash_attention", "triton", _triton_attention.forward, _triton_attention.backward)

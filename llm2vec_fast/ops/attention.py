@@ -119,7 +119,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
     MQA); K and V are never repeated in memory. ``softmax_scale`` defaults to D**-0.5. ``softcap > 0``
     caps the scaled logits as ``softcap * tanh(s / softcap)`` (Gemma2). ``dropout_p`` drops attention
     probabilities (pass 0 in eval); the backward regenerates the forward's mask from a seed drawn from
-    torch's RNG on q's device. Zero-length sequences are allowed. Returns q's shape and dtype.
+    torch's default CPU generator (so ``torch.manual_seed`` makes it reproducible). Each backend draws
+    its own mask from that seed (torch: torch's RNG; triton: philox). Zero-length sequences are
+    allowed. Returns q's shape and dtype. fp32 inputs: full fp32 matrix work (no tf32) in every backend.
     ``backend``: "auto", "torch", "triton", "cuda" or "flash_attn" (see ``llm2vec_fast.dispatch``).
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p)
@@ -134,7 +136,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
     elif max_seqlen is None:
         max_seqlen = seqlens_max(cu_seqlens)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
+    # The seed lives on the CPU (drawn from its default generator) so kernels read it without a sync.
+    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0 else None
     out, _ = _forward(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, float(softcap), float(dropout_p), seed,
                       backend)
     return out.reshape(dense_shape) if dense_shape is not None else out

@@ -47,6 +47,13 @@ class _Padded:
         x = x.reshape(self.batch, heads, self.seqlen, x.shape[-1]).permute(0, 2, 1, 3)
         return x[self.seq_id, self.pos]
 
+    def padded_dropout_mask(self, mask):
+        """A kernel-layout keep mask (Hq, T, >= S) -> (B, Hkv, G, S, S), like the probabilities."""
+        mask = mask[..., : self.seqlen].permute(1, 0, 2)  # (T, Hq, S)
+        out = mask.new_zeros((self.batch, self.seqlen, self.hq, self.seqlen))
+        out = out.index_put((self.seq_id, self.pos), mask).permute(0, 2, 1, 3)
+        return out.reshape(self.batch, self.hkv, self.group, self.seqlen, self.seqlen)
+
     def keep(self, causal: bool):
         """Which (row, key) pairs attend, broadcastable to (B, Hkv, G, S, S)."""
         cols = torch.arange(self.seqlen, device=self.lengths.device)
@@ -71,17 +78,24 @@ def _logits_and_probs(layout: _Padded, qp, kp, causal, softmax_scale, softcap):
     return logits, probs, lse
 
 
+def _keep_mask(layout: _Padded, probs, dropout_p, seed, dropout_mask):
+    if dropout_mask is not None:
+        return layout.padded_dropout_mask(dropout_mask)
+    return dropout_keep_mask(probs.shape, dropout_p, seed, probs.device)
+
+
 def attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float, softcap: float,
-              dropout_p: float, seed: int, *, compute_dtype=torch.float32):
+              dropout_p: float, seed: int, *, compute_dtype=torch.float32, dropout_mask=None):
     """Returns (out (T, Hq, D) in q's dtype, lse (Hq, T) float32). Differentiable by autograd.
 
     ``compute_dtype=None`` computes in the input dtype (to measure PyTorch's own rounding error).
+    ``dropout_mask`` (Hq, T, >= max_seqlen) bool replaces the seeded mask, e.g. to replay a kernel's.
     """
     layout = _Padded(q, k, cu_seqlens, max_seqlen, compute_dtype or q.dtype)
     qp, kp, vp = layout.pad(q, True), layout.pad(k, False), layout.pad(v, False)
     _, probs, lse = _logits_and_probs(layout, qp, kp, causal, softmax_scale, softcap)
     if dropout_p > 0:
-        probs = probs * dropout_keep_mask(probs.shape, dropout_p, seed, q.device) / (1.0 - dropout_p)
+        probs = probs * _keep_mask(layout, probs, dropout_p, seed, dropout_mask) / (1.0 - dropout_p)
     out = torch.matmul(probs.flatten(2, 3), vp)  # (B, Hkv, G*S, D)
     lse = layout.unpad(lse.reshape(layout.batch, layout.hq, layout.seqlen, 1), layout.hq)[..., 0].t()
     return layout.unpad(out, layout.hq).to(q.dtype), lse.float().contiguous()
@@ -93,7 +107,7 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, so
 
 
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
-                       dropout_p, seed, *, compute_dtype=torch.float32):
+                       dropout_p, seed, *, compute_dtype=torch.float32, dropout_mask=None):
     """(dq, dk, dv) in the inputs' dtypes, by the formulas in the module docstring."""
     layout = _Padded(q, k, cu_seqlens, max_seqlen, compute_dtype or q.dtype)
     qp, kp, vp = layout.pad(q, True), layout.pad(k, False), layout.pad(v, False)
@@ -102,7 +116,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, 
     grad_probs = torch.matmul(grad_out, vp.transpose(-1, -2)).view_as(probs)  # dO V^T
     dropped = probs
     if dropout_p > 0:
-        keep_scaled = dropout_keep_mask(probs.shape, dropout_p, seed, q.device) / (1.0 - dropout_p)
+        keep_scaled = _keep_mask(layout, probs, dropout_p, seed, dropout_mask) / (1.0 - dropout_p)
         dropped = probs * keep_scaled
         grad_probs = grad_probs * keep_scaled
     grad_v = torch.matmul(dropped.flatten(2, 3).transpose(-1, -2), grad_out)  # sums the G query heads

@@ -1,0 +1,431 @@
+"""Flash attention for packed (varlen) batches in Triton: forward and backward, GQA, softcap, dropout.
+
+Layout: q (T, Hq, D), k/v (T, Hkv, D), int32 cu_seqlens (B+1); lse (Hq, T) float32, natural log.
+Every program works inside one sequence (grid axis 1) and one head (axis 2), with its tiles aligned to
+the sequence's own start, so a sequence's result never depends on its neighbours in the pack
+(batch invariance), provided the block shape along the reduction (BLOCK_N in the forward) is the same:
+the autotune configs of one head dim therefore all share BLOCK_N.
+
+Forward: online softmax in base 2 (log2(e) folded into the scale), the logsumexp saved for the
+backward. Backward (no atomics, deterministic): a preprocess computes delta = rowsum(dO * O); one
+kernel owns a block of keys of one KV head and loops over the G query heads of its group and all query
+blocks to accumulate dK and dV; a separate kernel owns a block of queries and accumulates dQ.
+
+Dropout keeps P[h, i, j] when philox(seed; key j, query token i, head h) >= p, so the backward
+regenerates the forward's mask. With dropout_p == 0 the DROPOUT branch is compiled out.
+
+Precision: fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 inputs use full-fp32
+("ieee") dots, not tf32. Softmax statistics are fp32 throughout.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b. The CPU interpreter's bf16 dot is wrong, so it gets fp32 operands there."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _softcap(x, softcap):
+    """softcap * tanh(x / softcap), with tanh from exp2 (the interpreter has no libdevice)."""
+    y = x / softcap
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(y))  # exp(-2|y|) in (0, 1]: never overflows
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _dropout_keep(seed, head, query_tokens, key_positions, dropout_p):
+    """Counter-based keep mask over a tile (query_tokens (M, 1) x key_positions (1, N), or transposed):
+    the same (seed, key, query token, head) always draws the same number."""
+    counter_key = key_positions + query_tokens * 0  # broadcast both to the tile's shape
+    counter_query = query_tokens + key_positions * 0
+    bits, _, _, _ = tl.philox(seed, counter_key, counter_query, counter_key * 0 + head, counter_key * 0)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _scores_to_log2(s, scale, softcap, SOFTCAP: tl.constexpr):
+    """Raw q.k -> (logits in base-2 units, capped logits in natural units for the softcap gradient)."""
+    if SOFTCAP:
+        capped = _softcap(s * scale, softcap)
+        return capped * 1.4426950408889634, capped
+    else:
+        return s * (scale * 1.4426950408889634), s
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    seed, scale, softcap, dropout_p,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    group, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if block_m * BLOCK_M >= seqlen:  # the grid covers max_seqlen; shorter sequences stop early
+        return
+    kv_head = head // group  # GQA: the G = Hq/Hkv query heads of a group read the same K/V head
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions inside the sequence
+    dims = tl.arange(0, BLOCK_D)  # BLOCK_D is HEAD_DIM rounded up to a power of two (80, 96 -> 128)
+    row_ok = rows < seqlen
+    dim_ok = dims < HEAD_DIM
+    tokens = (start + rows).to(tl.int64)  # row index into the packed (T, H, D) tensors
+    q = tl.load(Q + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i), before dropout
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = seqlen
+    if CAUSAL:
+        end = tl.minimum(seqlen, (block_m + 1) * BLOCK_M)
+    for block_start in range(0, end, BLOCK_N):
+        cols = block_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < seqlen
+        key_tokens = (start + cols).to(tl.int64)
+        k_t = tl.load(K + key_tokens[None, :] * stride_kt + kv_head * stride_kh + dims[:, None],
+                      mask=col_ok[None, :] & dim_ok[:, None], other=0.0)  # K^T tile: (BLOCK_D, BLOCK_N)
+        s = _mma(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
+        s, _ = _scores_to_log2(s, scale, softcap, SOFTCAP)
+        keep = col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        # Each tile holds at least one valid key per row (key 0 <= row under causal), so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
+            p = tl.where(kept, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        v = tl.load(V + key_tokens[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc, IEEE, INTERPRET)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(O + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # back to natural log
+    tl.store(LSE + head * stride_lh + tokens, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA, total, stride_ot, stride_oh, stride_dot, stride_doh, stride_deltah,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (fp32): the softmax backward's row term."""
+    head = tl.program_id(1)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (tokens < total)[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(O + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + tokens[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head * stride_deltah + tokens, delta, mask=tokens < total)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    seed, scale, softcap, dropout_p,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    group, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One block of keys of one KV head: dK, dV summed over its query heads and every query block.
+
+    Works on transposed score tiles (keys x queries) so that dV = P^T dO and dK = dS^T Q need no
+    transposes of the big operands.
+    """
+    block_n = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if block_n * BLOCK_N >= seqlen:
+        return
+
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions inside the sequence
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < seqlen
+    dim_ok = dims < HEAD_DIM
+    key_tokens = (start + cols).to(tl.int64)
+    kv_mask = col_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + key_tokens[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + key_tokens[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    first_row = 0
+    if CAUSAL:  # queries before this key block never see it
+        first_row = (block_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, group):
+        head = kv_head * group + g
+        for row_start in range(first_row, seqlen, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < seqlen
+            tokens = (start + rows).to(tl.int64)
+            q_mask = row_ok[:, None] & dim_ok[None, :]
+            q = tl.load(Q + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO + tokens[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=q_mask,
+                         other=0.0)
+            lse = tl.load(LSE + head * stride_lh + tokens, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + head * stride_lh + tokens, mask=row_ok, other=0.0)
+
+            s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)
+            s_t, capped_t = _scores_to_log2(s_t, scale, softcap, SOFTCAP)
+            keep = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= rows[None, :])
+            p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)  # P^T, recomputed from the saved lse
+            dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)  # (dO V^T)^T
+            p_dropped_t = p_t
+            if DROPOUT:
+                kept = _dropout_keep(seed, head, tokens[None, :].to(tl.int32), cols[:, None], dropout_p)
+                p_dropped_t = tl.where(kept, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
+                dp_t = tl.where(kept, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
+            dv = _mma(p_dropped_t.to(do.dtype), do, dv, IEEE, INTERPRET)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - (capped_t / softcap) * (capped_t / softcap))
+            dk = _mma(ds_t.to(q.dtype), q, dk, IEEE, INTERPRET)
+
+    dk = dk * scale
+    tl.store(DK + key_tokens[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + key_tokens[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    seed, scale, softcap, dropout_p,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh, stride_lh,
+    group, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One block of queries of one head: dQ = scale * dS K over every key block."""
+    block_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if block_m * BLOCK_M >= seqlen:
+        return
+    kv_head = head // group
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen
+    dim_ok = dims < HEAD_DIM
+    tokens = (start + rows).to(tl.int64)
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + tokens[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + head * stride_lh + tokens, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head * stride_lh + tokens, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    end = seqlen
+    if CAUSAL:
+        end = tl.minimum(seqlen, (block_m + 1) * BLOCK_M)
+    for block_start in range(0, end, BLOCK_N):
+        cols = block_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < seqlen
+        key_tokens = (start + cols).to(tl.int64)
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + key_tokens[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + key_tokens[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
+        s, capped = _scores_to_log2(s, scale, softcap, SOFTCAP)
+        keep = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
+        if DROPOUT:
+            kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
+            dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - (capped / softcap) * (capped / softcap))
+        dq = _mma(ds.to(k.dtype), k, dq, IEEE, INTERPRET)
+
+    dq = dq * scale
+    tl.store(DQ + tokens[:, None] * stride_dqt + head * stride_dqh + dims[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(MASK, CU_SEQLENS, seed, dropout_p, stride_mh, stride_mt,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep mask the attention kernels draw, (Hq, T, max_seqlen) int8: for tests/oracles."""
+    block_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = (start + rows).to(tl.int64)
+    for block_start in range(0, seqlen, BLOCK_N):
+        cols = block_start + tl.arange(0, BLOCK_N)
+        kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
+        tl.store(MASK + head * stride_mh + tokens[:, None] * stride_mt + cols[None, :], kept.to(tl.int8),
+                 mask=(rows < seqlen)[:, None] & (cols < seqlen)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers: pure functions on tensors, the "triton" backend of llm2vec_fast.flash_attention.
+# ----------------------------------------------------------------------------------------------------
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per BLOCK_D (head dim rounded up to a power of two).
+# All forward configs of one BLOCK_D share BLOCK_N: the order of the softmax reduction must not depend
+# on which config the autotuner picks, or batch invariance would break across seqlen buckets.
+FORWARD_CONFIGS = {
+    64: [(128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
+    128: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
+}
+FORWARD_CONFIGS_FP32 = {64: [(64, 64, 4, 2)], 128: [(64, 64, 4, 2)], 256: [(32, 32, 4, 2)]}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for the dK/dV and the dQ kernels.
+BACKWARD_CONFIGS = {
+    64: [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)],
+    128: [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)],
+    256: [(32, 64, 4, 2), (64, 64, 8, 1)],
+}
+BACKWARD_CONFIGS_FP32 = {64: [(32, 64, 4, 2)], 128: [(32, 64, 4, 2)], 256: [(32, 32, 4, 1)]}
+# The CPU interpreter runs one fixed config (autotuning there would only measure numpy).
+INTERPRETER_BLOCK = 32
+AUTOTUNE_KEY = ["seqlen_bucket", "group", "HEAD_DIM", "CAUSAL", "SOFTCAP", "DROPOUT", "IEEE"]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs(table, block_d):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table[block_d]]
+
+
+_TUNED = {}
+
+
+def _kernel(kernel, tables, block_d: int, fp32: bool):
+    """The kernel to launch and the launch options it still needs: autotuned on a GPU, fixed when
+    interpreting."""
+    if interpreting():
+        return kernel, {"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK, "num_warps": 4}
+    key = (kernel, block_d, fp32)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(_configs(tables[fp32], block_d), key=AUTOTUNE_KEY)(kernel)
+    return _TUNED[key], {}
+
+
+def _seqlen_bucket(max_seqlen: int) -> int:
+    """Autotune key: the next power of two, so a new max_seqlen does not retune (or recompile)."""
+    return triton.next_power_of_2(max(int(max_seqlen), 16))
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _flags(q, head_dim, causal, softcap, dropout_p):
+    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=bool(causal),
+                SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, INTERPRET=interpreting())
+
+
+def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+    """Returns (out (T, Hq, D) like q, lse (Hq, T) float32)."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    total, hq, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    out = torch.empty_like(q)
+    lse = torch.empty((hq, total), device=q.device, dtype=torch.float32)
+    if total == 0 or max_seqlen == 0:
+        return out, lse
+    flags = _flags(q, head_dim, causal, softcap, dropout_p)
+    kernel, fixed = _kernel(_attn_fwd, {False: FORWARD_CONFIGS, True: FORWARD_CONFIGS_FP32}, flags["BLOCK_D"],
+                            flags["IEEE"])
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch, hq)  # noqa: E731
+    kernel[grid](q, k, v, out, lse, cu_seqlens, seed, softmax_scale, softcap, dropout_p,
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                 out.stride(0), out.stride(1), lse.stride(0), hq // k.shape[1], _seqlen_bucket(max_seqlen),
+                 **flags, **fixed)
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+    """Returns (dq, dk, dv) in the inputs' dtypes; deterministic (no atomics)."""
+    dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
+    total, hq, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if total == 0 or max_seqlen == 0:
+        return dq, dk, dv
+    flags = _flags(q, head_dim, causal, softcap, dropout_p)
+    block_d = flags["BLOCK_D"]
+    delta = torch.empty_like(lse)
+    block_t = 64
+    _attn_bwd_preprocess[(triton.cdiv(total, block_t), hq)](
+        out, dout, delta, total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t)
+    group = hq // k.shape[1]
+    bucket = _seqlen_bucket(max_seqlen)
+    tables = {False: BACKWARD_CONFIGS, True: BACKWARD_CONFIGS_FP32}
+    kernel, fixed = _kernel(_attn_bwd_dkdv, tables, block_d, flags["IEEE"])
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch, k.shape[1])  # noqa: E731
+    kernel[grid](q, k, v, dout, lse, delta, dk, dv, cu_seqlens, seed, softmax_scale, softcap, dropout_p,
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                 lse.stride(0), group, bucket, **flags, **fixed)
+    kernel, fixed = _kernel(_attn_bwd_dq, tables, block_d, flags["IEEE"])
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch, hq)  # noqa: E731
+    kernel[grid](q, k, v, dout, lse, delta, dq, cu_seqlens, seed, softmax_scale, softcap, dropout_p,
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                 dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), group, bucket,
+                 **flags, **fixed)
+    return dq, dk, dv
+
+
+def dropout_mask(cu_seqlens, max_seqlen: int, num_heads: int, dropout_p: float, seed: int):
+    """The keep mask the kernels use, as a bool tensor (Hq, T, max_seqlen): key j of query token t's
+    sequence is kept where mask[h, t, j]. For tests and oracles."""
+    total = int(cu_seqlens[-1].item())
+    mask = torch.zeros((num_heads, total, max(max_seqlen, 1)), device=cu_seqlens.device, dtype=torch.int8)
+    if total:
+        block = INTERPRETER_BLOCK
+        _dropout_mask_kernel[(triton.cdiv(max_seqlen, block), cu_seqlens.numel() - 1, num_heads)](
+            mask, cu_seqlens, seed, dropout_p, mask.stride(0), mask.stride(1), BLOCK_M=block, BLOCK_N=block)
+    return mask.bool()
