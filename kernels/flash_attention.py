@@ -20,18 +20,9 @@ Precision: fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 i
 import triton
 import triton.language as tl
 
+from .common import interpreting, mma
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc + a @ b. The CPU interpreter's bf16 dot is wrong, so it gets fp32 operands there."""
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -102,7 +93,7 @@ def _attn_fwd(
         key_tokens = (start + cols).to(tl.int64)
         k_t = tl.load(K + key_tokens[None, :] * stride_kt + kv_head * stride_kh + dims[:, None],
                       mask=col_ok[None, :] & dim_ok[:, None], other=0.0)  # K^T tile: (BLOCK_D, BLOCK_N)
-        s = _mma(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
+        s = mma(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
         s, _ = _scores_to_log2(s, scale, softcap, SOFTCAP)
         keep = col_ok[None, :]
         if CAUSAL:
@@ -119,7 +110,7 @@ def _attn_fwd(
             p = tl.where(kept, p * (1.0 / (1.0 - dropout_p)), 0.0)
         v = tl.load(V + key_tokens[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = _mma(p.to(v.dtype), v, acc, IEEE, INTERPRET)
+        acc = mma(p.to(v.dtype), v, acc, IEEE, INTERPRET)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -196,23 +187,23 @@ def _attn_bwd_dkdv(
             lse = tl.load(LSE + head * stride_lh + tokens, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + head * stride_lh + tokens, mask=row_ok, other=0.0)
 
-            s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)
+            s_t = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)
             s_t, capped_t = _scores_to_log2(s_t, scale, softcap, SOFTCAP)
             keep = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 keep = keep & (cols[:, None] <= rows[None, :])
             p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)  # P^T, recomputed from the saved lse
-            dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)  # (dO V^T)^T
+            dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)  # (dO V^T)^T
             p_dropped_t = p_t
             if DROPOUT:
                 kept = _dropout_keep(seed, head, tokens[None, :].to(tl.int32), cols[:, None], dropout_p)
                 p_dropped_t = tl.where(kept, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
                 dp_t = tl.where(kept, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
-            dv = _mma(p_dropped_t.to(do.dtype), do, dv, IEEE, INTERPRET)
+            dv = mma(p_dropped_t.to(do.dtype), do, dv, IEEE, INTERPRET)
             ds_t = p_t * (dp_t - delta[None, :])
             if SOFTCAP:
                 ds_t = ds_t * (1.0 - (capped_t / softcap) * (capped_t / softcap))
-            dk = _mma(ds_t.to(q.dtype), q, dk, IEEE, INTERPRET)
+            dk = mma(ds_t.to(q.dtype), q, dk, IEEE, INTERPRET)
 
     dk = dk * scale
     tl.store(DK + key_tokens[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(DK.dtype.element_ty),
@@ -264,20 +255,20 @@ def _attn_bwd_dq(
         kv_mask = col_ok[:, None] & dim_ok[None, :]
         k = tl.load(K + key_tokens[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + key_tokens[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
-        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
+        s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
         s, capped = _scores_to_log2(s, scale, softcap, SOFTCAP)
         keep = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
+        dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
         if DROPOUT:
             kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
             dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - (capped / softcap) * (capped / softcap))
-        dq = _mma(ds.to(k.dtype), k, dq, IEEE, INTERPRET)
+        dq = mma(ds.to(k.dtype), k, dq, IEEE, INTERPRET)
 
     dq = dq * scale
     tl.store(DQ + tokens[:, None] * stride_dqt + head * stride_dqh + dims[None, :], dq.to(DQ.dtype.element_ty),
@@ -305,8 +296,6 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, seed, dropout_p, stride_mh, stride_mt
 # ----------------------------------------------------------------------------------------------------
 # Launchers: pure functions on tensors, the "triton" backend of llm2vec_fast.flash_attention.
 # ----------------------------------------------------------------------------------------------------
-import os  # noqa: E402
-
 import torch  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per BLOCK_D (head dim rounded up to a power of two).
@@ -328,10 +317,6 @@ BACKWARD_CONFIGS_FP32 = {64: [(32, 64, 4, 2)], 128: [(32, 64, 4, 2)], 256: [(32,
 # The CPU interpreter runs one fixed config (autotuning there would only measure numpy).
 INTERPRETER_BLOCK = 32
 AUTOTUNE_KEY = ["seqlen_bucket", "group", "HEAD_DIM", "CAUSAL", "SOFTCAP", "DROPOUT", "IEEE"]
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _configs(table, block_d):

@@ -10,8 +10,10 @@ import importlib.util
 from . import dispatch
 
 if importlib.util.find_spec("triton") is not None:
+    from .kernels import contrastive as _triton_contrastive
     from .kernels import flash_attention as _triton_attention
     from .kernels import pooling as _triton_pooling
 
     dispatch.register("flash_attention", "triton", _triton_attention.forward, _triton_attention.backward)
     dispatch.register("pool", "triton", _triton_pooling.forward, _triton_pooling.backward)
+    dispatch.register("contrastive_loss", "triton", _triton_contrastive.forward, _triton_contrastive.backward)

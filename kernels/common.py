@@ -1,0 +1,25 @@
+"""Helpers shared by the Triton kernels."""
+import os
+
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels run on CPU tensors through Triton's interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b on the tensor cores, the one place every kernel's matrix product goes through.
+
+    The CPU interpreter's bf16 tl.dot returns garbage, so it gets fp32 operands there; fp32 inputs
+    (IEEE) use full-fp32 products rather than tf32.
+    """
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
