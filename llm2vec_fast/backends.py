@@ -1,9 +1,10 @@
 """Registers the accelerated backends of each op where they exist.
 
-Each kernel module provides ``forward``/``backward`` with the same contract as the reference
+Each provides ``forward``/``backward`` with the same contract as the reference
 (``llm2vec_fast.reference``); ``dispatch`` decides per call whether its runtime can run.
-- triton: ``llm2vec_fast.kernels`` (the repo's ``kernels/`` folder), when triton is importable.
-- cuda, flash_attn: not yet.
+- triton: ``llm2vec_fast.kernels`` (the repo's ``kernels/`` folder), when triton is importable;
+- flash_attn: ``llm2vec_fast.flash_attn_backend``, when the optional flash-attn package is importable;
+- cuda: not yet (the extension ``llm2vec_fast._C``).
 """
 import importlib.util
 
@@ -17,3 +18,8 @@ if importlib.util.find_spec("triton") is not None:
     dispatch.register("flash_attention", "triton", _triton_attention.forward, _triton_attention.backward)
     dispatch.register("pool", "triton", _triton_pooling.forward, _triton_pooling.backward)
     dispatch.register("contrastive_loss", "triton", _triton_contrastive.forward, _triton_contrastive.backward)
+
+if importlib.util.find_spec("flash_attn") is not None:
+    from . import flash_attn_backend as _flash_attn
+
+    dispatch.register("flash_attention", "flash_attn", _flash_attn.forward, _flash_attn.backward)

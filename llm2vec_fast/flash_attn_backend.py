@@ -1,0 +1,51 @@
+"""``backend="flash_attn"`` for ``flash_attention``: the optional flash-attn package's varlen kernels.
+
+Registered only when ``flash_attn`` is importable (CUDA). It follows the same forward/backward
+contract as the other backends. flash-attn draws its dropout mask from its own RNG state, which our
+seed cannot replay, so this backend accepts ``dropout_p == 0`` only (use ``"triton"`` for dropout).
+The private functions' keyword names changed across flash-attn 2.x releases, so arguments are passed
+by the names the installed version declares.
+"""
+import inspect
+
+import torch
+
+
+def _interface():
+    from flash_attn import flash_attn_interface
+
+    return flash_attn_interface
+
+
+def _call(fn, **named):
+    """Calls a flash-attn private function with the arguments its signature knows, by name."""
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:  # flash-attn < 2.6: one tuple
+        named["window_size"] = (named.get("window_size_left", -1), named.get("window_size_right", -1))
+    return fn(**{name: value for name, value in named.items() if name in params})
+
+
+def _check_dropout(dropout_p):
+    if dropout_p > 0:
+        raise ValueError(f"backend='flash_attn' supports dropout_p=0 only (its dropout RNG cannot be replayed "
+                         f"from llm2vec_fast's seed), got dropout_p={dropout_p}; use backend='triton' or 'torch'")
+
+
+def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+    _check_dropout(dropout_p)
+    result = _call(_interface()._flash_attn_varlen_forward, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens,
+                   cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dropout_p=0.0,
+                   softmax_scale=softmax_scale, causal=causal, window_size_left=-1, window_size_right=-1,
+                   softcap=softcap, alibi_slopes=None, return_softmax=False)
+    out, lse = result[0], result[1]
+    return out, lse.float()
+
+
+def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+    _check_dropout(dropout_p)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _call(_interface()._flash_attn_varlen_backward, dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq,
+          dk=dk, dv=dv, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+          max_seqlen_k=max_seqlen, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size_left=-1,
+          window_size_right=-1, softcap=softcap, alibi_slopes=None, deterministic=True, rng_state=None)
+    return dq, dk, dv
