@@ -53,6 +53,7 @@ def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, so
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # a statistic for the backward, not a differentiable output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
     ctx.options = (max_seqlen, causal, softmax_scale, softcap, dropout_p)
     ctx.backend = backend
@@ -131,7 +132,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
         dense_shape = q.shape
         batch, seqlen = q.shape[:2]
         q, k, v = (x.reshape(batch * seqlen, *x.shape[2:]) for x in (q, k, v))
-        cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, device=q.device, dtype=torch.int32)
+        cu_seqlens = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seqlen
         max_seqlen = seqlen
     elif max_seqlen is None:
         max_seqlen = seqlens_max(cu_seqlens)

@@ -48,6 +48,7 @@ def _(grad_rows, anchors, candidates, lse, label_offset, scale, backend):
 
 def _setup_context(ctx, inputs, output):
     anchors, candidates, label_offset, scale, backend = inputs
+    ctx.mark_non_differentiable(output[1])  # lse: a statistic for the backward
     ctx.save_for_backward(anchors, candidates, output[1])
     ctx.options = (label_offset, scale, backend)
 

@@ -69,7 +69,10 @@ def _logits_and_probs(layout: _Padded, qp, kp, causal, softmax_scale, softcap):
     logits = logits.view(layout.batch, layout.hkv, layout.group, layout.seqlen, layout.seqlen)
     masked = logits.masked_fill(~layout.keep(causal), float("-inf"))
     # A softmax that stays finite on padding rows (every key masked): probability 0 there, not NaN.
-    row_max = masked.amax(dim=-1, keepdim=True).detach()
+    if masked.shape[-1] == 0:  # every sequence is empty: nothing attends
+        row_max = masked.new_zeros((*masked.shape[:-1], 1))
+    else:
+        row_max = masked.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     expo = torch.exp(masked - row_max)
     denom = expo.sum(dim=-1, keepdim=True)
@@ -80,8 +83,8 @@ def _logits_and_probs(layout: _Padded, qp, kp, causal, softmax_scale, softcap):
 
 def _keep_mask(layout: _Padded, probs, dropout_p, seed, dropout_mask):
     if dropout_mask is not None:
-        return layout.padded_dropout_mask(dropout_mask)
-    return dropout_keep_mask(probs.shape, dropout_p, seed, probs.device)
+        return layout.padded_dropout_mask(dropout_mask).to(probs.dtype)
+    return dropout_keep_mask(probs.shape, dropout_p, seed, probs.device).to(probs.dtype)
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float, softcap: float,
