@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The one prepared script for the GPU test machine (H100/H200, 16 cores, no network). From the repo root:
+#
+#   bash benchmarks/device_check.sh             # build, GPU tests, benchmarks at H100 sizes (< 8 min)
+#   bash benchmarks/device_check.sh --dry-run   # (or DRY_RUN=1) the same steps on the CPU at tiny sizes
+#
+# Steps:
+#   (a) build the CUDA extension in place (ninja, MAX_JOBS=$(nproc), TORCH_CUDA_ARCH_LIST=9.0a,
+#       CUDA_HOME=/usr/local/cuda by default) when csrc/ has *.cu or *.cpp sources; a dry run only says
+#       what it would build;
+#   (b) python -m pytest -m gpu -q tests   (exit status 5, "no tests collected", counts as success);
+#   (c) the benchmark suite (benchmarks/run.py; --quick --device cpu in a dry run), writing
+#       <device>-<date>-<sha>.{json,md,png} under ${OUT:-benchmarks/results};
+#   (d) the step summary, then the results table, last.
+# A failed step does not stop the later ones (GPU minutes are scarce); the exit status is 1 if any step
+# failed. Nothing is installed: the repo is imported through PYTHONPATH=$PWD, with no pip at all.
+#
+# Time: the whole run is held under DEVICE_CHECK_BUDGET_S (default 450 s, under the 8-minute limit).
+# Each step runs under `timeout`: build at most BUILD_TIMEOUT (150 s), tests at most TEST_TIMEOUT
+# (100 s), benchmarks whatever is left; the benchmark runner also gets a --time-budget 60 s shorter
+# than its timeout, so it skips the impls it has no time for and still writes its results.
+#
+# Environment: PYTHON (default python3), OUT, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST, DRY_RUN,
+# DEVICE_CHECK_BUDGET_S, BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_OPS (default attention,pool,loss),
+# BENCH_EXTRA_ARGS (more benchmarks/run.py arguments, e.g. "--skip-impls flex,eager").
+set -euo pipefail
+
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+
+DRY_RUN=${DRY_RUN:-0}
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+[[ "$DRY_RUN" == "0" || "$DRY_RUN" == "" ]] && DRY_RUN=0 || DRY_RUN=1
+
+if [[ ! -f setup.py || ! -d llm2vec_fast || ! -d benchmarks ]]; then
+  echo "device_check.sh: run it from the repository root (bash benchmarks/device_check.sh)" >&2
+  exit 2
+fi
+
+PYTHON=${PYTHON:-python3}
+OUT_DIR=${OUT:-benchmarks/results}
+BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-150}
+TEST_TIMEOUT=${TEST_TIMEOUT:-100}
+BENCH_OPS=${BENCH_OPS:-attention,pool,loss}
+RESERVE_S=10            # kept back for the summary
+BENCH_MARGIN_S=60       # between the runner's --time-budget and its hard timeout
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+if [[ "$DRY_RUN" == 1 ]]; then
+  export CUDA_VISIBLE_DEVICES=""   # the dry run is a CPU run even on a machine with a GPU
+fi
+
+mkdir -p "$OUT_DIR"
+LOG_DIR=$OUT_DIR
+[[ -z "${OUT:-}" ]] && LOG_DIR=benchmarks/results/tmp   # ignored by git
+mkdir -p "$LOG_DIR"
+LOG="$LOG_DIR/device_check.log"
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
+
+START=$(date +%s)
+MARK=$(mktemp)
+trap 'rm -f "$MARK"' EXIT
+STATUS=()
+FAILED=0
+
+elapsed() { echo $(( $(date +%s) - START )); }
+# The timeout for a step: its cap, or what is left of the budget, whichever is smaller.
+step_limit() {
+  local cap=$1 left
+  left=$(( BUDGET - $(elapsed) - RESERVE_S ))
+  (( left < cap )) && echo "$left" || echo "$cap"
+}
+
+# run_step NAME LIMIT_S OK_CODES COMMAND...: runs COMMAND under timeout; OK_CODES is a space-separated list.
+run_step() {
+  local name=$1 limit=$2 ok_codes=$3
+  shift 3
+  local t0 rc=0
+  t0=$(date +%s)
+  echo
+  echo "=== ${name} (timeout ${limit} s, at +$(elapsed) s) ==="
+  if (( limit < 10 )); then
+    STATUS+=("${name}: SKIPPED (no time left in the ${BUDGET} s budget)")
+    FAILED=1
+    return 0
+  fi
+  timeout --kill-after=15 "$limit" "$@" || rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  if [[ " $ok_codes " == *" $rc "* ]]; then
+    STATUS+=("${name}: ok (exit ${rc}, ${took} s)")
+  elif (( rc == 124 || rc == 137 )); then
+    STATUS+=("${name}: TIMED OUT after ${took} s (limit ${limit} s)")
+    FAILED=1
+  else
+    STATUS+=("${name}: FAILED (exit ${rc}, ${took} s)")
+    FAILED=1
+  fi
+}
+
+echo "device_check: $([[ $DRY_RUN == 1 ]] && echo 'DRY RUN (CPU, tiny sizes)' || echo 'GPU run') at $(date -u +%FT%TZ)"
+echo "python: $(command -v "$PYTHON" || echo "$PYTHON (not found)"), out: $OUT_DIR, budget: ${BUDGET} s, log: $LOG"
+
+# (a) build the CUDA extension in place.
+shopt -s nullglob
+SOURCES=(csrc/*.cu csrc/*.cpp)
+shopt -u nullglob
+if (( ${#SOURCES[@]} == 0 )); then
+  echo
+  echo "=== (a) build: no csrc/*.cu or csrc/*.cpp sources, nothing to build ==="
+  STATUS+=("(a) build: skipped (no sources in csrc/)")
+elif [[ "$DRY_RUN" == 1 ]]; then
+  echo
+  echo "=== (a) build: dry run, would build ${#SOURCES[@]} sources (${SOURCES[*]}) with:"
+  echo "    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} $PYTHON setup.py build_ext --inplace"
+  STATUS+=("(a) build: skipped (dry run; would build ${#SOURCES[@]} sources)")
+else
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+  echo "CUDA_HOME=$CUDA_HOME MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  run_step "(a) build" "$(step_limit "$BUILD_TIMEOUT")" "0" "$PYTHON" setup.py build_ext --inplace
+  "$PYTHON" -c "import llm2vec_fast._C as m; print('built:', m.__file__)" \
+    || { STATUS+=("(a) build: llm2vec_fast._C does not import"); FAILED=1; }
+fi
+
+# (b) GPU tests (skipped, or deselected, on the CPU).
+run_step "(b) pytest -m gpu" "$(step_limit "$TEST_TIMEOUT")" "0 5" \
+  "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+
+# (c) benchmarks.
+BENCH_LIMIT=$(step_limit 100000)
+BENCH_ARGS=(--ops "$BENCH_OPS" --out "$OUT_DIR" --time-budget $(( BENCH_LIMIT > BENCH_MARGIN_S + 30 ? BENCH_LIMIT - BENCH_MARGIN_S : BENCH_LIMIT / 2 )))
+[[ "$DRY_RUN" == 1 ]] && BENCH_ARGS+=(--quick --device cpu)
+# shellcheck disable=SC2206  # word splitting of the extra arguments is intended
+[[ -n "${BENCH_EXTRA_ARGS:-}" ]] && BENCH_ARGS+=(${BENCH_EXTRA_ARGS})
+run_step "(c) benchmarks" "$BENCH_LIMIT" "0" "$PYTHON" benchmarks/run.py "${BENCH_ARGS[@]}"
+
+# (d) summary: the steps, then the results table last.
+echo
+echo "=== (d) summary (total $(elapsed) s of ${BUDGET} s) ==="
+for line in "${STATUS[@]}"; do echo "  $line"; done
+RESULTS_MD=$(find "$OUT_DIR" -maxdepth 1 -name '*.md' -newer "$MARK" -printf '%T@ %p\n' | sort -n | tail -n 1 | cut -d' ' -f2-)
+if [[ -n "$RESULTS_MD" ]]; then
+  echo "  results: $(ls "${RESULTS_MD%.md}".json "${RESULTS_MD%.md}".md "${RESULTS_MD%.md}".png 2>/dev/null | tr '\n' ' ')"
+  echo
+  sed -n '/^## Results/,$p' "$RESULTS_MD"
+else
+  echo "  results: none written"
+  FAILED=1
+fi
+exit "$FAILED"

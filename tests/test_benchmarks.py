@@ -1,0 +1,101 @@
+"""The benchmark suite's own checks (CPU): the quick run writes DESIGN.md's results schema plus the .md and
+.png next to it, and ``benchmarks/device_check.sh --dry-run`` goes through every step and exits 0."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+META_TYPES = {"device": (str,), "gpu_name": (str, type(None)), "torch": (str,), "triton": (str, type(None)),
+              "cuda": (str, type(None)), "commit": (str,), "date": (str,), "rows": (list,)}
+ROW_TYPES = {"op": (str,), "impl": (str,), "shape": (str,), "dtype": (str,), "ms": (float, int),
+             "tflops": (float, int, type(None)), "gbps": (float, int, type(None)),
+             "peak_mem_mb": (float, int, type(None))}
+OPS = ("attention_fwd", "attention_bwd", "pool", "contrastive_loss_fwd", "contrastive_loss_fwd_bwd")
+OURS = {"torch", "triton", "cuda"}
+
+
+def check_results(data: dict) -> None:
+    assert set(data) == set(META_TYPES), f"top-level keys {sorted(data)}"
+    for key, types in META_TYPES.items():
+        assert isinstance(data[key], types), f"{key}={data[key]!r} is not {types}"
+    assert data["device"] in ("cpu", "cuda")
+    assert (data["gpu_name"] is None) == (data["device"] == "cpu")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", data["date"])
+    assert data["commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{7,64}", data["commit"])
+    assert data["rows"], "no rows"
+    for row in data["rows"]:
+        assert set(row) == set(ROW_TYPES), f"row keys {sorted(row)}"
+        for key, types in ROW_TYPES.items():
+            assert isinstance(row[key], types) and not isinstance(row[key], bool), f"{key}={row[key]!r} in {row}"
+        assert row["dtype"] in ("bf16", "fp16", "fp32")
+        assert row["ms"] > 0
+        if row["op"].startswith(("attention", "contrastive_loss")):
+            assert row["tflops"] is not None and row["tflops"] > 0, row
+        if row["op"] == "pool":
+            assert row["gbps"] is not None and row["gbps"] > 0, row
+    for op in OPS:
+        impls = {row["impl"] for row in data["rows"] if row["op"] == op}
+        assert impls & OURS, f"{op}: none of our impls in {impls}"
+        assert impls - OURS, f"{op}: no baseline in {impls}"
+
+
+def check_files(out_dir: str) -> dict:
+    (json_path,) = glob.glob(os.path.join(out_dir, "*.json"))
+    stem = json_path[:-len(".json")]
+    assert re.fullmatch(r"cpu-\d{4}-\d{2}-\d{2}-([0-9a-f]{7}|unknown)-quick", os.path.basename(stem)), stem
+    assert os.path.getsize(stem + ".png") > 10_000
+    with open(stem + ".md") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    assert "| op | shape | dtype | impl | ms |" in "\n".join(lines)
+    assert lines[-1].startswith("| ")  # the table is last
+    with open(json_path) as f:
+        return json.load(f)
+
+
+def test_quick_run_writes_the_results_schema(tmp_path):
+    from benchmarks import run
+
+    result = run.run_suite(quick=True, out=str(tmp_path), device="cpu")
+    assert not result["interrupted"]
+    data = check_files(str(tmp_path))
+    check_results(data)
+    assert data == json.loads(json.dumps(result["results"]))
+    assert data["device"] == "cpu"
+    # every row of the markdown table is a row of the JSON
+    assert result["markdown"].count("\n| ") == len(data["rows"]) + 1
+
+
+def test_results_writer_without_rows_on_cpu_is_still_valid_json(tmp_path):
+    import torch
+    from benchmarks import harness
+
+    meta = harness.environment(torch.device("cpu"))
+    paths = harness.write_results(meta, [], str(tmp_path), quick=True)
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    assert set(data) == set(META_TYPES) and data["rows"] == []
+    assert "png" not in paths
+
+
+def test_device_check_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    env.pop("DRY_RUN", None)
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert "(b) pytest -m gpu: ok" in proc.stdout
+    assert "(c) benchmarks: ok" in proc.stdout
+    check_results(check_files(str(tmp_path)))
+    assert os.path.exists(os.path.join(tmp_path, "device_check.log"))
+    tail = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert tail[-1].startswith("| "), tail[-5:]  # the summary table is printed last
