@@ -23,3 +23,17 @@ def mma(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+def aot_signature(fn, pointers: dict, constexprs: dict, floats=(), int64=()) -> dict:
+    """Triton type strings for ``fn``'s runtime arguments, for ahead-of-time compiles (AOT_CONFIGS):
+    pointers as given (e.g. ``"*bf16"``), ``floats`` fp32, ``int64`` i64, every other argument i32."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        if name in pointers:
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i64" if name in int64 else "i32"
+    return signature

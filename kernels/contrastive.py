@@ -245,3 +245,32 @@ def _through_norm(x, grad_unit, inv):
             x, grad_unit, inv, out, rows, dim, x.stride(0), grad_unit.stride(0), out.stride(0),
             BLOCK_R=ROW_BLOCK, BLOCK_K=DIM_BLOCK)
     return out
+
+
+def AOT_CONFIGS():
+    """The score-tile kernels in bf16 and fp32 at their shipped tiles, and the row-wise norm kernels.
+    fp32 inputs take full-fp32 ("ieee") products, which Hopper's tensor cores do not offer (wgmma's fp32
+    path is tf32), so only the bf16/fp16 configs must show wgmma."""
+    from llm2vec_fast.tools.aot_check import KernelConfig
+
+    from .common import aot_signature
+
+    configs = []
+    for dtype, (block_a, block_c, block_k, warps, stages) in (("bf16", GPU_CONFIG), ("fp32", GPU_CONFIG_FP32)):
+        pointers = dict(A=f"*{dtype}", C=f"*{dtype}", E=f"*{dtype}", INV_A="*fp32", INV_C="*fp32", LOSS="*fp32",
+                        LSE="*fp32", GRAD_ROWS="*fp32")
+        tiles = dict(BLOCK_A=block_a, BLOCK_C=block_c, BLOCK_K=block_k, IEEE=dtype == "fp32", INTERPRET=False)
+        variants = [(_infonce_fwd, "fwd", {})] + [
+            (_infonce_grad_scores, f"grad_scores{'_t' if transposed else ''}",
+             dict(SCALE_BY_CANDIDATE_NORM=not transposed, TRANSPOSED=transposed)) for transposed in (False, True)]
+        for fn, label, flags in variants:
+            constexprs = dict(tiles, **flags)
+            configs.append(KernelConfig(fn, aot_signature(fn, pointers, constexprs, floats=("scale",)), constexprs,
+                                        num_warps=warps, num_stages=stages, matrix=dtype != "fp32",
+                                        name=f"infonce_{label}_{dtype}_a{block_a}c{block_c}k{block_k}"))
+    norm_pointers = dict(X="*bf16", INV="*fp32", GRAD_UNIT="*bf16", OUT="*bf16")
+    for fn in (_inverse_norms, _normalize_backward):
+        constexprs = dict(BLOCK_R=ROW_BLOCK, BLOCK_K=DIM_BLOCK)
+        configs.append(KernelConfig(fn, aot_signature(fn, norm_pointers, constexprs), constexprs, num_warps=4,
+                                    num_stages=2, name=f"infonce{fn.__name__}_bf16"))
+    return configs

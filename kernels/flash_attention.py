@@ -145,16 +145,19 @@ def _attn_bwd_dkdv(
     group, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
     """One block of keys of one KV head: dK, dV summed over its query heads and every query block.
 
     Works on transposed score tiles (keys x queries) so that dV = P^T dO and dK = dS^T Q need no
-    transposes of the big operands.
+    transposes of the big operands. A program writes BLOCK_DOUT of the head dim's columns of dK and dV
+    (grid axis 2 = KV head x column slice): for head dim 256 two programs share a key block, each
+    recomputing the scores, so that their two fp32 accumulators fit in registers.
     """
     block_n = tl.program_id(0)
     seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    kv_head = tl.program_id(2) // (BLOCK_D // BLOCK_DOUT)
+    out_dims = (tl.program_id(2) % (BLOCK_D // BLOCK_DOUT)) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - start
     if block_n * BLOCK_N >= seqlen:
@@ -168,8 +171,9 @@ def _attn_bwd_dkdv(
     kv_mask = col_ok[:, None] & dim_ok[None, :]
     k = tl.load(K + key_tokens[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + key_tokens[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    out_dim_ok = out_dims < HEAD_DIM
+    dk = tl.zeros([BLOCK_N, BLOCK_DOUT], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DOUT], tl.float32)
 
     first_row = 0
     if CAUSAL:  # queries before this key block never see it
@@ -184,6 +188,15 @@ def _attn_bwd_dkdv(
             q = tl.load(Q + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_mask, other=0.0)
             do = tl.load(DO + tokens[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=q_mask,
                          other=0.0)
+            if BLOCK_DOUT == BLOCK_D:
+                q_out = q
+                do_out = do
+            else:  # the columns of Q and dO this program's dK and dV slices need
+                out_mask = row_ok[:, None] & out_dim_ok[None, :]
+                q_out = tl.load(Q + tokens[:, None] * stride_qt + head * stride_qh + out_dims[None, :], mask=out_mask,
+                                other=0.0)
+                do_out = tl.load(DO + tokens[:, None] * stride_dot + head * stride_doh + out_dims[None, :],
+                                 mask=out_mask, other=0.0)
             lse = tl.load(LSE + head * stride_lh + tokens, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + head * stride_lh + tokens, mask=row_ok, other=0.0)
 
@@ -199,17 +212,18 @@ def _attn_bwd_dkdv(
                 kept = _dropout_keep(seed, head, tokens[None, :].to(tl.int32), cols[:, None], dropout_p)
                 p_dropped_t = tl.where(kept, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
                 dp_t = tl.where(kept, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
-            dv = mma(p_dropped_t.to(do.dtype), do, dv, IEEE, INTERPRET)
+            dv = mma(p_dropped_t.to(do.dtype), do_out, dv, IEEE, INTERPRET)
             ds_t = p_t * (dp_t - delta[None, :])
             if SOFTCAP:
                 ds_t = ds_t * (1.0 - (capped_t / softcap) * (capped_t / softcap))
-            dk = mma(ds_t.to(q.dtype), q, dk, IEEE, INTERPRET)
+            dk = mma(ds_t.to(q.dtype), q_out, dk, IEEE, INTERPRET)
 
     dk = dk * scale
-    tl.store(DK + key_tokens[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + key_tokens[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+    out_mask = col_ok[:, None] & out_dim_ok[None, :]
+    tl.store(DK + key_tokens[:, None] * stride_dkt + kv_head * stride_dkh + out_dims[None, :],
+             dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + key_tokens[:, None] * stride_dvt + kv_head * stride_dvh + out_dims[None, :],
+             dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -298,22 +312,32 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, seed, dropout_p, stride_mh, stride_mt
 # ----------------------------------------------------------------------------------------------------
 import torch  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per BLOCK_D (head dim rounded up to a power of two).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per BLOCK_D (head dim rounded up to a power of two). Every
+# config here compiles for sm_90 without register spills, within shared memory, and (bf16/fp16) to
+# wgmma, plain and with softcap + dropout (CI's aot_check); configs that spilled were dropped.
 # All forward configs of one BLOCK_D share BLOCK_N: the order of the softmax reduction must not depend
 # on which config the autotuner picks, or batch invariance would break across seqlen buckets.
 FORWARD_CONFIGS = {
-    64: [(128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
-    128: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
+    64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)],
+    256: [(128, 32, 8, 2), (64, 32, 4, 2)],
 }
-FORWARD_CONFIGS_FP32 = {64: [(64, 64, 4, 2)], 128: [(64, 64, 4, 2)], 256: [(32, 32, 4, 2)]}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for the dK/dV and the dQ kernels.
-BACKWARD_CONFIGS = {
-    64: [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)],
-    128: [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)],
-    256: [(32, 64, 4, 2), (64, 64, 8, 1)],
+FORWARD_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(32, 32, 8, 1)], 256: [(16, 16, 4, 1)]}
+# The dK/dV kernel holds two (BLOCK_N x D) fp32 accumulators; for D = 256 each program owns half the
+# columns (DKDV_MAX_OUTPUT_COLUMNS), so its tables match D = 128's.
+DKDV_MAX_OUTPUT_COLUMNS = 128
+DKDV_CONFIGS = {
+    64: [(32, 64, 4, 2), (32, 128, 8, 2)],
+    128: [(16, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+    256: [(16, 64, 8, 2), (32, 64, 8, 2)],
 }
-BACKWARD_CONFIGS_FP32 = {64: [(32, 64, 4, 2)], 128: [(32, 64, 4, 2)], 256: [(32, 32, 4, 1)]}
+DKDV_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]}
+DQ_CONFIGS = {
+    64: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+    128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(128, 32, 8, 2)],
+}
+DQ_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(32, 16, 4, 1)], 256: [(16, 16, 4, 1)]}
 # The CPU interpreter runs one fixed config (autotuning there would only measure numpy).
 INTERPRETER_BLOCK = 32
 AUTOTUNE_KEY = ["seqlen_bucket", "group", "HEAD_DIM", "CAUSAL", "SOFTCAP", "DROPOUT", "IEEE"]
@@ -388,14 +412,15 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_sc
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t)
     group = hq // k.shape[1]
     bucket = _seqlen_bucket(max_seqlen)
-    tables = {False: BACKWARD_CONFIGS, True: BACKWARD_CONFIGS_FP32}
-    kernel, fixed = _kernel(_attn_bwd_dkdv, tables, block_d, flags["IEEE"])
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch, k.shape[1])  # noqa: E731
+    kernel, fixed = _kernel(_attn_bwd_dkdv, {False: DKDV_CONFIGS, True: DKDV_CONFIGS_FP32}, block_d, flags["IEEE"])
+    block_dout = min(block_d, DKDV_MAX_OUTPUT_COLUMNS)
+    column_slices = block_d // block_dout
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch, k.shape[1] * column_slices)  # noqa: E731
     kernel[grid](q, k, v, dout, lse, delta, dk, dv, cu_seqlens, seed, softmax_scale, softcap, dropout_p,
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                  dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                 lse.stride(0), group, bucket, **flags, **fixed)
-    kernel, fixed = _kernel(_attn_bwd_dq, tables, block_d, flags["IEEE"])
+                 lse.stride(0), group, bucket, BLOCK_DOUT=block_dout, **flags, **fixed)
+    kernel, fixed = _kernel(_attn_bwd_dq, {False: DQ_CONFIGS, True: DQ_CONFIGS_FP32}, block_d, flags["IEEE"])
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch, hq)  # noqa: E731
     kernel[grid](q, k, v, dout, lse, delta, dq, cu_seqlens, seed, softmax_scale, softcap, dropout_p,
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -414,3 +439,44 @@ def dropout_mask(cu_seqlens, max_seqlen: int, num_heads: int, dropout_p: float, 
         _dropout_mask_kernel[(triton.cdiv(max_seqlen, block), cu_seqlens.numel() - 1, num_heads)](
             mask, cu_seqlens, seed, dropout_p, mask.stride(0), mask.stride(1), BLOCK_M=block, BLOCK_N=block)
     return mask.bool()
+
+
+def AOT_CONFIGS():
+    """Every shipped config, compiled for sm_90 in CI (llm2vec_fast.tools.aot_check): each autotune
+    config of each kernel in bf16, plain and with softcap + dropout (the most registers), the fp32
+    configs, and head dims 80/96 and fp16 on the first config of each list. fp32 takes full-fp32 FMA
+    products (Hopper's tensor cores offer fp32 only as tf32), so only bf16/fp16 must show wgmma."""
+    from llm2vec_fast.tools.aot_check import KernelConfig
+
+    from .common import aot_signature
+
+    kernels = ((_attn_fwd, "fwd", {False: FORWARD_CONFIGS, True: FORWARD_CONFIGS_FP32}),
+               (_attn_bwd_dkdv, "dkdv", {False: DKDV_CONFIGS, True: DKDV_CONFIGS_FP32}),
+               (_attn_bwd_dq, "dq", {False: DQ_CONFIGS, True: DQ_CONFIGS_FP32}))
+    cases = []  # (dtype, head_dim, softcap+dropout, first config only)
+    for block_d in (64, 128, 256):
+        cases += [("bf16", block_d, False, False), ("bf16", block_d, True, False), ("fp32", block_d, True, False)]
+    cases += [("bf16", 80, False, True), ("bf16", 96, True, True), ("fp16", 128, False, True)]
+    configs = []
+    for fn, label, tables in kernels:
+        for dtype, head_dim, extras, first_only in cases:
+            block_d = triton.next_power_of_2(head_dim)
+            table = tables[dtype == "fp32"][block_d]
+            for block_m, block_n, warps, stages in table[:1] if first_only else table:
+                constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=False,
+                                  SOFTCAP=extras, DROPOUT=extras, IEEE=dtype == "fp32", INTERPRET=False)
+                if fn is _attn_bwd_dkdv:
+                    constexprs["BLOCK_DOUT"] = min(block_d, DKDV_MAX_OUTPUT_COLUMNS)
+                pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+                pointers.update(LSE="*fp32", DELTA="*fp32", CU_SEQLENS="*i32")
+                signature = aot_signature(fn, pointers, constexprs, floats=("scale", "softcap", "dropout_p"),
+                                          int64=("seed",))
+                configs.append(KernelConfig(
+                    fn, signature, constexprs, num_warps=warps, num_stages=stages, matrix=dtype != "fp32",
+                    name=f"attn_{label}_{dtype}_d{head_dim}_m{block_m}n{block_n}w{warps}s{stages}"
+                         f"{'_softcap_dropout' if extras else ''}"))
+    constexprs = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64)
+    configs.append(KernelConfig(_attn_bwd_preprocess, aot_signature(
+        _attn_bwd_preprocess, {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32"}, constexprs), constexprs,
+        num_warps=4, num_stages=1, name="attn_bwd_preprocess_bf16_d128"))
+    return configs

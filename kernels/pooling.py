@@ -233,3 +233,29 @@ def backward(grad_out, hidden, cu_seqlens, attention_mask, embed_mask, mode, nor
             padded_len, dim, grad.stride(0), grad_hidden.stride(0),
             BLOCK_D=block_d, num_warps=NUM_WARPS, **_launch_options(mode, cu_seqlens, am, em))
     return grad_hidden.reshape(hidden.shape)
+
+
+def AOT_CONFIGS():
+    """The shipped launch shapes of both kernels (bf16, D = 4096): every mode, packed and padded with
+    both masks; the forward also with the whole-row normalisation (the most registers)."""
+    from llm2vec_fast.tools.aot_check import KernelConfig
+
+    from .common import aot_signature
+
+    configs = []
+    for name, mode in MODES.items():
+        for packed in (True, False):
+            for fn, normalize in ((_pool_fwd, False), (_pool_fwd, True), (_pool_bwd, None)):
+                block_d = 4096 if normalize else BLOCK_D
+                constexprs = dict(MODE=mode, PACKED=packed, HAS_ATTENTION_MASK=not packed, HAS_EMBED_MASK=True,
+                                  BLOCK_T=BLOCK_T, BLOCK_D=block_d)
+                if normalize is not None:
+                    constexprs["NORMALIZE"] = normalize
+                pointers = dict(HIDDEN="*bf16", OUT="*fp32", GRAD_OUT="*fp32", GRAD_HIDDEN="*bf16", CU_SEQLENS="*i32",
+                                ATTENTION_MASK="*i8", EMBED_MASK="*i8")
+                configs.append(KernelConfig(
+                    fn, aot_signature(fn, pointers, constexprs), constexprs,
+                    num_warps=8 if block_d > 1024 else NUM_WARPS, num_stages=2,
+                    name=f"pool_{'fwd' if normalize is not None else 'bwd'}_{name}_{'packed' if packed else 'padded'}"
+                         f"{'_normalize' if normalize else ''}"))
+    return configs
