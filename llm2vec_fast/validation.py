@@ -6,6 +6,7 @@ where they would break the graph; eager calls always run them.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -67,8 +68,17 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: torch.Tensor) -> None:
-    """cu_seqlens: int32, 1-D with at least 2 entries, starts at 0, non-decreasing, ends at ``total``."""
+# id(cu_seqlens) -> (version, total, longest): a model calls attention once per layer with the same
+# cu_seqlens, and reading its values costs a host sync each time, so a checked tensor is remembered
+# until it is modified in place (its version changes) or freed.
+_CHECKED_CU_SEQLENS = {}
+
+
+def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: torch.Tensor):
+    """cu_seqlens: int32, 1-D with at least 2 entries, starts at 0, non-decreasing, ends at ``total``.
+
+    Returns the longest sequence's length (None while torch.compile traces, where values are unknown).
+    """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -78,7 +88,11 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: 
     if cu_seqlens.device != like.device:
         raise ValueError(f"{name} must be on the same device as the inputs ({like.device}), got {cu_seqlens.device}")
     if _tracing():
-        return
+        return None
+    key = id(cu_seqlens)
+    cached = _CHECKED_CU_SEQLENS.get(key)
+    if cached is not None and cached[:2] == (cu_seqlens._version, total):
+        return cached[2]
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
@@ -88,10 +102,10 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: 
     if min(steps) < 0:
         i = steps.index(min(steps))
         raise ValueError(f"{name} must be non-decreasing, got {name}[{i}]={values[i]} > {name}[{i + 1}]={values[i + 1]}")
-
-
-def seqlens_max(cu_seqlens: torch.Tensor) -> int:
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    if cached is None:
+        weakref.finalize(cu_seqlens, _CHECKED_CU_SEQLENS.pop, key, None)
+    _CHECKED_CU_SEQLENS[key] = (cu_seqlens._version, total, max(steps))
+    return max(steps)
 
 
 def check_mask(name: str, mask, shape, like: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ..validation import (HEAD_DIMS, check_cu_seqlens, check_number, check_same_device, check_same_dtype,
-                          check_tensor, seqlens_max)
+                          check_tensor)
 
 OP = "flash_attention"
 
@@ -71,7 +71,9 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p):
+    """Raises on bad input; returns the longest packed sequence's length when it was read."""
     packed = cu_seqlens is not None
+    longest = None
     layout = "(T, H, D) with cu_seqlens" if packed else "(B, S, H, D) without cu_seqlens"
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
@@ -93,12 +95,12 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, d
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"the query head count Hq={hq} must be a multiple of the key/value head count, got Hkv={hkv}")
     if packed:
-        check_cu_seqlens(cu_seqlens, q.shape[0], like=q)
+        longest = check_cu_seqlens(cu_seqlens, q.shape[0], like=q)
         if max_seqlen is not None:
             check_number("max_seqlen", max_seqlen, low=0, integer=True)
-            if not torch.compiler.is_compiling() and max_seqlen < seqlens_max(cu_seqlens):
-                raise ValueError(f"max_seqlen must be >= the longest sequence in cu_seqlens "
-                                 f"({seqlens_max(cu_seqlens)}), got {max_seqlen}")
+            if longest is not None and max_seqlen < longest:
+                raise ValueError(f"max_seqlen must be >= the longest sequence in cu_seqlens ({longest}), "
+                                 f"got {max_seqlen}")
     elif max_seqlen is not None:
         raise ValueError(f"max_seqlen goes with cu_seqlens (packed layout); got max_seqlen={max_seqlen} "
                          f"without cu_seqlens")
@@ -108,6 +110,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, d
         check_number("softmax_scale", softmax_scale, low=0, low_inclusive=False, high=math.inf, high_inclusive=False)
     check_number("softcap", softcap, low=0, high=math.inf, high_inclusive=False)
     check_number("dropout_p", dropout_p, low=0, high=1, high_inclusive=False)
+    return longest
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor] = None,
@@ -125,7 +128,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
     allowed. Returns q's shape and dtype. fp32 inputs: full fp32 matrix work (no tf32) in every backend.
     ``backend``: "auto", "torch", "triton", "cuda" or "flash_attn" (see ``llm2vec_fast.dispatch``).
     """
-    _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p)
+    longest = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p)
     backend = dispatch.resolve(OP, backend, q.device)
     dense_shape = None
     if cu_seqlens is None:  # dense (B, S, H, D) is the packed layout with B equal lengths
@@ -135,7 +138,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
         cu_seqlens = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seqlen
         max_seqlen = seqlen
     elif max_seqlen is None:
-        max_seqlen = seqlens_max(cu_seqlens)
+        if longest is None:
+            raise ValueError("max_seqlen must be given with cu_seqlens under torch.compile (it cannot be read "
+                             "from the tensor while tracing), got None")
+        max_seqlen = longest
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     # The seed lives on the CPU (drawn from its default generator) so kernels read it without a sync.
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0 else None
