@@ -380,7 +380,7 @@ def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dro
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     total, hq, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     lse = torch.empty((hq, total), device=q.device, dtype=torch.float32)
     if total == 0 or max_seqlen == 0:
         return out, lse
@@ -400,7 +400,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_sc
     dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
     total, hq, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     if total == 0 or max_seqlen == 0:
         return dq, dk, dv
     flags = _flags(q, head_dim, causal, softcap, dropout_p)

@@ -51,6 +51,11 @@ def gather_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         return x, 0, x.shape[0]
     counts = _row_counts(x.shape[0], x.device)
     start = sum(counts[: dist.get_rank()])
+    if sum(counts) == 0:  # every rank knows: skip the (zero-byte) collective that gloo mishandles
+        return x, start, 0
+    if torch.is_grad_enabled() and not x.requires_grad:
+        # The backward's all_reduce must run on every rank, also where this rank's rows need no gradient.
+        x = x.detach().requires_grad_(True)
     return _GatherRows.apply(x, tuple(counts)), start, sum(counts)
 
 

@@ -120,5 +120,7 @@ def check_mask(name: str, mask, shape, like: torch.Tensor) -> None:
         raise TypeError(f"{name} must be bool or integer (0/1), got {_dtype_name(mask.dtype)}")
     if _tracing() or mask.dtype == torch.bool:
         return
-    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{name} must contain only 0 and 1, got values outside {{0, 1}}")
+    bad = (mask != 0) & (mask != 1)
+    if mask.numel() and bool(bad.any()):
+        index = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{name} must contain only 0 and 1, got {mask[index].item()!r} at index {index}")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..distributed import gather_rows, global_value
+from ..distributed import gather_rows, global_value, is_distributed
 from ..validation import check_number, check_same_device, check_same_dtype, check_tensor
 
 OP = "contrastive_loss"
@@ -43,7 +43,7 @@ def _backward(grad_rows: Tensor, anchors: Tensor, candidates: Tensor, lse: Tenso
 
 @_backward.register_fake
 def _(grad_rows, anchors, candidates, lse, label_offset, scale, backend):
-    return torch.empty_like(anchors), torch.empty_like(candidates)
+    return anchors.new_empty(anchors.shape), candidates.new_empty(candidates.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,6 +101,8 @@ def contrastive_loss(q: Tensor, d_pos: Tensor, d_neg: Optional[Tensor] = None, *
     _validate(q, d_pos, d_neg, scale, symmetric, gather)
     backend = dispatch.resolve(OP, backend, q.device)
     if gather:
+        if d_neg is None and is_distributed():  # every rank must join the same collectives
+            d_neg = d_pos.new_empty((0, d_pos.shape[1]))
         d_pos_all, offset, total = gather_rows(d_pos)
         d_neg_all = gather_rows(d_neg)[0] if d_neg is not None else None
     else:

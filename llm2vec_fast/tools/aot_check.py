@@ -32,7 +32,7 @@ every pointer and integer argument is assumed divisible by 16 (what LLM shapes g
 
 CLI::
 
-    python -m llm2vec_fast.tools.aot_check [--paths FILE_OR_DIR ...] [--json OUT] [--verbose]
+    python -m llm2vec_fast.tools.aot_check [--paths FILE_OR_DIR ...] [--json OUT] [--jobs N] [--verbose]
 
 exits 0 when every config passes (or none is found), 1 on any failure.
 """
@@ -56,7 +56,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 TARGET_ARCH = 90
 GPU_NAME = "sm_90a"
@@ -293,16 +293,13 @@ def _as_config(obj) -> KernelConfig:
     raise TypeError(f"AOT_CONFIGS entry of type {type(obj).__name__} is not a KernelConfig")
 
 
-def load_configs(paths: Optional[Sequence[os.PathLike]] = None
-                 ) -> Tuple[List[Tuple[str, KernelConfig]], List[ConfigResult]]:
-    """Imports the kernel modules under ``paths`` (default: the shipped kernels folder).
-
-    Returns ``([(module_label, config), ...], [failed ConfigResult for modules that did not load])``.
-    """
+def _load_entries(paths: Optional[Sequence[os.PathLike]]
+                  ) -> Tuple[List[Tuple[str, str, int, KernelConfig]], List[ConfigResult]]:
+    """([(file, module_label, index_in_file, config)], [failed results of modules that did not load])."""
     if paths is None:
         d = default_kernels_dir()
         paths = [d] if d is not None else []
-    configs: List[Tuple[str, KernelConfig]] = []
+    entries: List[Tuple[str, str, int, KernelConfig]] = []
     broken: List[ConfigResult] = []
     for f in _module_files(paths):
         label = f.stem if f.stem != "__init__" else f.parent.name
@@ -316,19 +313,30 @@ def load_configs(paths: Optional[Sequence[os.PathLike]] = None
             r.fail("import", _one_line(e))
             broken.append(r)
             continue
-        entries = getattr(mod, "AOT_CONFIGS", None)
-        if entries is None:
+        items = getattr(mod, "AOT_CONFIGS", None)
+        if items is None:
             continue
         try:
-            if callable(entries):
-                entries = entries()
-            for entry in entries:
-                configs.append((label, _as_config(entry)))
+            if callable(items):
+                with _triton_interpret_off():
+                    items = items()
+            for i, item in enumerate(items):
+                entries.append((str(f), label, i, _as_config(item)))
         except Exception as e:
             r = ConfigResult(module=label, name="<AOT_CONFIGS>", error=_format_exc(e))
             r.fail("config", _one_line(e))
             broken.append(r)
-    return configs, broken
+    return entries, broken
+
+
+def load_configs(paths: Optional[Sequence[os.PathLike]] = None
+                 ) -> Tuple[List[Tuple[str, KernelConfig]], List[ConfigResult]]:
+    """Imports the kernel modules under ``paths`` (default: the shipped kernels folder).
+
+    Returns ``([(module_label, config), ...], [failed ConfigResult for modules that did not load])``.
+    """
+    entries, broken = _load_entries(paths)
+    return [(label, cfg) for _, label, _, cfg in entries], broken
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -551,14 +559,41 @@ def check_configs(configs: Iterable, module: str = "") -> AotReport:
     return report
 
 
-def check(paths: Optional[Sequence[os.PathLike]] = None) -> AotReport:
+def _check_in_worker(file: str, index: int) -> ConfigResult:
+    entries, broken = _load_entries([file])
+    if broken:
+        return broken[0]
+    _, label, _, cfg = entries[index]
+    return check_config(cfg, label)
+
+
+def check(paths: Optional[Sequence[os.PathLike]] = None, jobs: int = 1) -> AotReport:
     """Loads every ``AOT_CONFIGS`` under ``paths`` (default: the shipped kernels) and checks them all.
 
+    ``jobs > 1`` compiles in that many worker processes (each re-imports the kernel modules).
     ``report.failures`` lists one line per failed check; ``report.ok`` is False when there is one.
     """
-    configs, broken = load_configs(paths)
-    report = check_configs(configs)
-    report.results = broken + report.results
+    entries, broken = _load_entries(paths)
+    report = AotReport(results=list(broken))
+    jobs = max(1, min(int(jobs), len(entries)))
+    if jobs == 1:
+        report.results += [check_config(cfg, label) for _, label, _, cfg in entries]
+        return report
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn, not fork: the parent has imported torch/triton and may hold threads
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_check_in_worker, f, i) for f, _, i, _ in entries]
+        for fut, (_, label, _, cfg) in zip(futures, entries):
+            try:
+                report.results.append(fut.result())
+            except Exception as e:  # a worker died (e.g. killed for memory)
+                r = ConfigResult(module=label, name=cfg.label, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages, matrix=bool(cfg.matrix), error=_format_exc(e))
+                r.fail("compile", f"worker failed: {_one_line(e)}")
+                report.results.append(r)
     return report
 
 
@@ -597,11 +632,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--paths", nargs="+", default=None, metavar="FILE_OR_DIR",
                     help="kernel modules or folders (default: the shipped kernels/ folder)")
     ap.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+    ap.add_argument("--jobs", "-j", type=int, default=None,
+                    help="parallel compile processes (default: the number of CPUs, at most 16)")
     ap.add_argument("--verbose", "-v", action="store_true", help="print the full error of each failure")
     args = ap.parse_args(argv)
+    jobs = args.jobs if args.jobs is not None else min(os.cpu_count() or 1, 16)
 
     try:
-        report = check(args.paths)
+        report = check(args.paths, jobs=jobs)
     except FileNotFoundError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -632,4 +670,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy importable as llm2vec_fast.tools.aot_check, not this __main__ copy, so that kernel
+    # modules importing KernelConfig and the worker processes all see one module.
+    from llm2vec_fast.tools.aot_check import main as _main
+
+    sys.exit(_main())

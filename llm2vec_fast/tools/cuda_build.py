@@ -27,6 +27,7 @@ import argparse
 import glob
 import importlib.util
 import os
+import shutil
 import site
 import sys
 import tempfile
@@ -172,6 +173,26 @@ def list_sources(sources_dir="csrc") -> List[str]:
     return sorted(glob.glob(os.path.join(str(d), "*.cu")) + glob.glob(os.path.join(str(d), "*.cpp")))
 
 
+def _ensure_ninja_on_path() -> Optional[str]:
+    """torch runs ``ninja`` from PATH; the pip ``ninja`` package puts it next to the interpreter,
+    which is not on PATH when a venv's python is run without activating the venv."""
+    found = shutil.which("ninja")
+    if found:
+        return found
+    candidates = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # the PyPI package
+
+        candidates.insert(0, getattr(ninja, "BIN_DIR", ""))
+    except ImportError:
+        pass
+    for d in candidates:
+        if d and os.path.isfile(os.path.join(d, "ninja")):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return os.path.join(d, "ninja")
+    return None
+
+
 def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -203,6 +224,8 @@ def build(sources_dir="csrc", name: str = "llm2vec_fast_C_check", build_dir: Opt
         raise RuntimeError(f"cuda_build: CUDA_HOME={cuda_home} has no bin/nvcc")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     configure_torch_cuda_home(cuda_home)  # before the import below, so torch never guesses
+    if _ensure_ninja_on_path() is None:
+        raise RuntimeError("cuda_build: ninja not found (pip install ninja)")
 
     from torch.utils import cpp_extension
 
