@@ -492,6 +492,50 @@ def test_cpu_backends_match_oracle(backend, dim, dtype):
                 torch.testing.assert_close(g.double(), w, **_GRAD_TOLS[dtype], msg=lambda m: f"{where} {name}: {m}")
 
 
+def llm2vec_hard_negative_nll_loss(q, d_pos, d_neg, scale):
+    """llm2vec 0.2.3's HardNegativeNLLLoss as written there: cos_sim(q, [d_pos; d_neg]) * scale, then
+    cross-entropy with arange labels (re-implemented here from its definition, in float64)."""
+    d = d_pos if d_neg is None else torch.cat([d_pos, d_neg])
+    cos_sim = F.normalize(q.double(), p=2, dim=1) @ F.normalize(d.double(), p=2, dim=1).t()
+    return torch.nn.CrossEntropyLoss()(cos_sim * scale, torch.arange(len(q)))
+
+
+@pytest.mark.parametrize("backend", cpu_backends("contrastive_loss"))
+@pytest.mark.parametrize("negatives", (None, 9))
+def test_matches_llm2vec_hard_negative_nll_loss(backend, negatives):
+    q, d_pos, d_neg = _make(12, negatives, seed=70)
+    for scale in (20.0, 50.0):
+        got = lf.contrastive_loss(q, d_pos, d_neg, scale=scale, backend=backend)
+        want = llm2vec_hard_negative_nll_loss(q, d_pos, d_neg, scale)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("contrastive_loss"))
+def test_identical_rows_zero_vectors_and_large_scale_stay_finite(backend):
+    """Identical rows tie every score; a zero vector is defined to have cosine 0 with everything (it is
+    divided by max(|x|, 1e-12), as F.normalize does), so it scores 0 and its gradient is finite; a
+    scale of 1e4 saturates the softmax without overflow."""
+    row = _randn(1, DIM, seed=71)
+    cases = {
+        "identical rows": (row.repeat(6, 1), row.repeat(6, 1), row.repeat(3, 1), 20.0),
+        "zero vectors": (torch.cat([torch.zeros(2, DIM), _randn(4, DIM, seed=72)]),
+                         torch.cat([_randn(5, DIM, seed=73), torch.zeros(1, DIM)]), torch.zeros(2, DIM), 20.0),
+        "large scale": (*_make(6, 4, seed=74), 1e4),
+    }
+    for name, (q, d_pos, d_neg, scale) in cases.items():
+        for symmetric in (False, True):
+            loss, *grads = loss_and_grads(lf.contrastive_loss, q, d_pos, d_neg, scale=scale, symmetric=symmetric,
+                                          backend=backend)
+            assert torch.isfinite(loss), f"{name}: loss {loss}"
+            assert all(torch.isfinite(g).all() for g in grads), f"{name}: non-finite gradient"
+            want = oracle_loss(*_f64(q, d_pos, d_neg), scale=scale, symmetric=symmetric)
+            torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    # Ties: with every score equal, the loss is log(N) exactly.
+    q, d_pos, d_neg, _ = cases["identical rows"]
+    loss = lf.contrastive_loss(q, d_pos, d_neg, backend=backend)
+    assert abs(loss.item() - torch.log(torch.tensor(9.0)).item()) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------------
 # 7. GPU: every backend that runs on CUDA against the reference, at real sizes.
 # ---------------------------------------------------------------------------------------------------
