@@ -31,14 +31,15 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUR_IMPLS = ("triton", "cuda", "torch")  # llm2vec_fast's own backends; every other impl is a baseline
+OUR_IMPLS = ("triton", "cuda", "torch", "llm2vec_fast_packed", "llm2vec_fast_padded")  # llm2vec_fast's own backends; every other impl is a baseline
 # Plot order and colours: ours first, then the baselines.
 IMPL_ORDER = ("triton", "cuda", "torch", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "flash_attn", "eager",
               "torch_naive", "naive")
 IMPL_COLORS = {"triton": "#1f77b4", "cuda": "#ff7f0e", "torch": "#2ca02c", "sdpa_cudnn": "#d62728",
                "sdpa_flash": "#9467bd", "sdpa_efficient": "#8c564b", "flex": "#e377c2", "flash_attn": "#17becf",
                "eager": "#7f7f7f", "torch_naive": "#bcbd22", "naive": "#bcbd22"}
-OP_ORDER = ("attention_fwd", "attention_bwd", "pool", "contrastive_loss_fwd", "contrastive_loss_fwd_bwd")
+OP_ORDER = ("attention_fwd", "attention_bwd", "pool", "contrastive_loss_fwd", "contrastive_loss_fwd_bwd",
+            "model_forward")
 META_FIELDS = ("device", "gpu_name", "torch", "triton", "cuda", "commit", "date", "rows")
 ROW_FIELDS = ("op", "impl", "shape", "dtype", "ms", "tflops", "gbps", "peak_mem_mb")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

@@ -90,8 +90,10 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: 
     if _tracing():
         return None
     key = id(cu_seqlens)
+    # Inference tensors have no version counter (and cannot be modified outside inference mode).
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
     cached = _CHECKED_CU_SEQLENS.get(key)
-    if cached is not None and cached[:2] == (cu_seqlens._version, total):
+    if cached is not None and cached[:2] == (version, total):
         return cached[2]
     values = cu_seqlens.tolist()
     if values[0] != 0:
@@ -104,7 +106,7 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: 
         raise ValueError(f"{name} must be non-decreasing, got {name}[{i}]={values[i]} > {name}[{i + 1}]={values[i + 1]}")
     if cached is None:
         weakref.finalize(cu_seqlens, _CHECKED_CU_SEQLENS.pop, key, None)
-    _CHECKED_CU_SEQLENS[key] = (cu_seqlens._version, total, max(steps))
+    _CHECKED_CU_SEQLENS[key] = (version, total, max(steps))
     return max(steps)
 
 

@@ -26,9 +26,13 @@ Sliding windows: a layer with ``sliding_window=w`` lets query i see key j only w
 path does for non-causal windows. The kernel has no window, so a layer whose longest sequence is
 longer than w runs :func:`windowed_attention` (plain PyTorch, banded, exact but slower) instead;
 for sequences of at most w tokens the window changes nothing and the kernel runs.
+
+Batch invariance: attention computes each sequence on its own (the kernels by construction; the
+torch reference backend is called one sequence at a time, since it pads to the batch's longest).
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -37,6 +41,7 @@ from torch import Tensor
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
+from .. import dispatch
 from ..ops import flash_attention
 
 ATTN_IMPLEMENTATION = "llm2vec_fast"
@@ -59,7 +64,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
                          f"needs a (B, S) padding mask with S = query length = key length, got mask shape "
                          f"{tuple(attention_mask.shape)}, q_length={q_length}, kv_length={kv_length}")
     attention_mask = attention_mask.to(torch.bool)
-    return None if bool(attention_mask.all()) else attention_mask
+    # A private copy: attention caches its unpadding per mask object (see _unpadding).
+    return None if bool(attention_mask.all()) else attention_mask.clone()
 
 
 def set_attention_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
@@ -126,8 +132,39 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seql
     if window is not None and max_seqlen > window:
         return windowed_attention(q, k, v, cu_seqlens, window, causal=causal, softmax_scale=scale,
                                   softcap=softcap, dropout_p=dropout_p)
-    return flash_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale, softcap=softcap,
-                           dropout_p=dropout_p, backend=backend)
+    options = dict(causal=causal, softmax_scale=scale, softcap=softcap, dropout_p=dropout_p, backend=backend)
+    if cu_seqlens.numel() > 2 and dispatch.resolve("flash_attention", backend, q.device) == "torch":
+        # The reference pads every sequence to max_seqlen, and its reductions' rounding depends on that
+        # padded length; one sequence at a time keeps each result independent of the rest of the batch.
+        bounds = cu_seqlens.tolist()
+        pieces = [flash_attention(q[s:e], k[s:e], v[s:e], cu_seqlens.new_tensor([0, e - s]), e - s, **options)
+                  for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return torch.cat(pieces) if pieces else q.new_zeros(q.shape)
+    return flash_attention(q, k, v, cu_seqlens, max_seqlen, **options)
+
+
+_RECENT_UNPADDINGS: List[Tuple[weakref.ref, Optional[int], Tuple[Tensor, Tensor, int]]] = []
+
+
+def _unpadding(mask: Tensor, device) -> Tuple[Tensor, Tensor, int]:
+    """(indices of the real tokens in the flat batch, cu_seqlens, max_seqlen) of a (B, S) padding mask.
+
+    Every layer of one forward gets one of a few mask objects (private copies made by :func:`padding_mask`,
+    one per layer type), so the results for the last few objects are kept: the host syncs happen once per
+    forward and layer type, not per layer.
+    """
+    global _RECENT_UNPADDINGS
+    version = None if mask.is_inference() else mask._version  # inference tensors have no version counter
+    for ref, seen_version, result in _RECENT_UNPADDINGS:
+        if ref() is mask and seen_version == version:
+            return result
+    real = mask.to(device=device, dtype=torch.bool)
+    lengths = real.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    result = (real.reshape(-1).nonzero().squeeze(1), cu_seqlens, int(lengths.max()))
+    alive = [entry for entry in _RECENT_UNPADDINGS if entry[0]() is not None and entry[0]() is not mask]
+    _RECENT_UNPADDINGS = [(weakref.ref(mask), version, result)] + alive[:3]
+    return result
 
 
 def _cu_seqlens_from_positions(position_ids: Tensor) -> Optional[Tuple[Tensor, int]]:
@@ -166,8 +203,11 @@ def llm2vec_fast_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
         window=int(sliding_window) if sliding_window else None,
         backend=getattr(module, BACKEND_ATTRIBUTE, "auto"),
     )
+    # Under autocast, RoPE may leave q/k in float32 while v is in the autocast dtype: attend in that dtype.
+    dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) else None
+    dtype = dtype or value.dtype
     # (B, H, S, D) -> (B, S, H, D): a free view when the projections were laid out (B, S, H, D).
-    q, k, v = (x.transpose(1, 2).contiguous() for x in (query, key, value))
+    q, k, v = (x.transpose(1, 2).to(dtype).contiguous() for x in (query, key, value))
     hq = q.shape[2]
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
@@ -192,12 +232,9 @@ def llm2vec_fast_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
         out = _attend_packed(*flat, cu_seqlens, seqlen, **options)
         return out.reshape(batch, seqlen, hq, head_dim), None
 
-    mask = attention_mask.to(device=q.device, dtype=torch.bool)  # padded: attend the real tokens only
-    lengths = mask.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
-    indices = mask.reshape(-1).nonzero().squeeze(1)
+    indices, cu_seqlens, max_seqlen = _unpadding(attention_mask, q.device)  # padded: the real tokens only
     packed = [x.reshape(batch * seqlen, *x.shape[2:]).index_select(0, indices) for x in (q, k, v)]
-    out = _attend_packed(*packed, cu_seqlens, int(lengths.max()), **options)
+    out = _attend_packed(*packed, cu_seqlens, max_seqlen, **options)
     out = out.new_zeros((batch * seqlen, hq, head_dim)).index_copy(0, indices, out)
     return out.reshape(batch, seqlen, hq, head_dim), None
 

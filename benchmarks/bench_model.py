@@ -1,0 +1,255 @@
+"""End-to-end forward of a bidirectional decoder: op ``model_forward``, judged in tokens/s.
+
+The model: a Mistral-7B-shaped ``MistralBiModel`` with random weights (full width: hidden 4096, MLP
+14336, Hq=32, Hkv=8, D=128, vocab 32000; ``BENCH_MODEL_LAYERS`` layers, default 8 of the 32), bf16.
+The workload: ``BENCH_MODEL_SEQUENCES`` (default 128) random-token sequences with lognormal lengths
+(mean about 200, clipped to [8, 512]), the same sequences for every impl, no tokenisation timed. One
+timed call encodes the whole workload (last hidden states, no grad).
+
+Impls, measured in the same run on the same model (``set_attn_implementation`` switches between them):
+- ``llm2vec_fast_packed``: ours, the speed path: sequences packed (no padding) into batches of at most
+  ``BENCH_MODEL_TOKEN_BUDGET`` (default 16384) tokens, ``model.forward_packed`` with
+  ``attn_implementation="llm2vec_fast"`` (``flash_attention`` with ``cu_seqlens``, backend "auto");
+- ``llm2vec_fast_padded``: our attention on llm2vec's padded batches (below): the attention alone;
+- ``hf_sdpa_padded``: what llm2vec does: sequences sorted by length (longest first), batches of 32
+  padded to their longest, the bidirectional model with transformers' ``"sdpa"`` and the padding mask.
+
+Row fields: ``ms`` is one call (the whole workload); ``tokens=N`` in ``shape`` is the real tokens per
+call, so tokens/s = N / (ms / 1000); ``tflops`` is useful model FLOP/s, counting real tokens only:
+layers * (2 * T * P_layer + 4 * sum(s_i^2) * Hq * D), P_layer the layer's matrix parameters;
+``gbps`` is null. ``--quick``: a tiny float32 model (2 layers, hidden 128) on 16 short sequences.
+
+    python -m benchmarks.bench_model [--quick] [--out DIR] [--device auto|cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import Case  # noqa: E402
+
+OP = "model_forward"
+IMPLS = ("llm2vec_fast_packed", "llm2vec_fast_padded", "hf_sdpa_padded")
+
+
+@dataclass(frozen=True)
+class Setting:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    sequences: int
+    mean_length: float
+    max_length: int
+    padded_batch: int
+    token_budget: int
+    dtype: torch.dtype
+
+
+FULL = Setting(layers=int(os.environ.get("BENCH_MODEL_LAYERS", 8)), hidden=4096, intermediate=14336, heads=32,
+               kv_heads=8, head_dim=128, vocab=32000, sequences=int(os.environ.get("BENCH_MODEL_SEQUENCES", 128)),
+               mean_length=200, max_length=512, padded_batch=32,
+               token_budget=int(os.environ.get("BENCH_MODEL_TOKEN_BUDGET", 16384)), dtype=torch.bfloat16)
+QUICK = Setting(layers=2, hidden=128, intermediate=256, heads=4, kv_heads=2, head_dim=64, vocab=100, sequences=16,
+                mean_length=24, max_length=64, padded_batch=8, token_budget=256, dtype=torch.float32)
+SIGMA = 0.6  # lognormal spread; the median is set so that the mean is mean_length
+
+METHOD_NOTES = [
+    "model_forward: one call encodes the whole workload (random-token sequences, lognormal lengths); "
+    "tokens/s = tokens (in the shape) / (ms / 1000); TFLOP/s counts useful model FLOPs on real tokens only. "
+    "llm2vec_fast_packed = forward_packed with attn 'llm2vec_fast' on token-budget packs; hf_sdpa_padded = "
+    "llm2vec's recipe (sorted by length, batches of 32 padded, transformers 'sdpa' with the padding mask); "
+    "llm2vec_fast_padded = our attention on those same padded batches.",
+]
+NOTES: List[str] = []
+
+
+def lognormal_lengths(count: int, mean: float, sigma: float, low: int, high: int, seed: int) -> List[int]:
+    """``count`` lengths from a lognormal with the given mean, rounded and clipped to [low, high]."""
+    generator = torch.Generator().manual_seed(seed)
+    median = mean / math.exp(sigma ** 2 / 2)
+    draws = torch.exp(math.log(median) + sigma * torch.randn(count, generator=generator))
+    return [int(min(max(round(float(x)), low), high)) for x in draws]
+
+
+class Workload:
+    """The sequences and the model (built once, on first use, shared by every impl)."""
+
+    def __init__(self, setting: Setting, device: torch.device, seed: int = 0):
+        self.setting, self.device = setting, device
+        low = 8 if setting.max_length >= 64 else 2
+        self.lengths = lognormal_lengths(setting.sequences, setting.mean_length, SIGMA, low, setting.max_length, seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.sequences = [torch.randint(1, setting.vocab, (n,), generator=generator) for n in self.lengths]
+        self._model = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def shape(self) -> str:
+        s = self.setting
+        return (f"L={s.layers},hidden={s.hidden},Hq={s.heads},Hkv={s.kv_heads},D={s.head_dim},seqs={s.sequences},"
+                f"tokens={self.tokens},len=lognormal-mean{s.mean_length:g}-max{s.max_length}")
+
+    @property
+    def flops(self) -> float:
+        s = self.setting
+        attn_params = s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim * s.hidden
+        layer_params = attn_params + 3 * s.hidden * s.intermediate
+        scores = 4 * sum(n * n for n in self.lengths) * s.heads * s.head_dim
+        return s.layers * (2 * self.tokens * layer_params + scores)
+
+    def model(self, attn_implementation: str):
+        if self._model is None:
+            self._model = build_model(self.setting, self.device)
+        set_attention(self._model, attn_implementation)
+        return self._model
+
+    def padded_batches(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """llm2vec's batching: longest first, ``padded_batch`` sequences each, right-padded to the longest."""
+        order = sorted(range(len(self.sequences)), key=lambda i: -self.lengths[i])
+        batches = []
+        for start in range(0, len(order), self.setting.padded_batch):
+            chunk = [self.sequences[i] for i in order[start:start + self.setting.padded_batch]]
+            width = max(len(x) for x in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, x in enumerate(chunk):
+                ids[row, :len(x)] = x
+                mask[row, :len(x)] = 1
+            batches.append((ids.to(self.device), mask.to(self.device)))
+        return batches
+
+    def packed_batches(self):
+        """Sequences in their given order, packed greedily into batches of at most ``token_budget`` tokens."""
+        from llm2vec_fast.models import pack_sequences
+        packs, current, used = [], [], 0
+        for x in self.sequences:
+            if current and used + len(x) > self.setting.token_budget:
+                packs.append(current)
+                current, used = [], 0
+            current.append(x)
+            used += len(x)
+        if current:
+            packs.append(current)
+        return [pack_sequences(chunk).to(self.device) for chunk in packs]
+
+
+def build_model(setting: Setting, device: torch.device):
+    """A random-weight bidirectional Mistral of the given shape, made directly on ``device`` in its dtype."""
+    from transformers import MistralConfig
+
+    from llm2vec_fast.models import MistralBiModel
+    config = MistralConfig(vocab_size=setting.vocab, hidden_size=setting.hidden, intermediate_size=setting.intermediate,
+                           num_hidden_layers=setting.layers, num_attention_heads=setting.heads,
+                           num_key_value_heads=setting.kv_heads, head_dim=setting.head_dim, sliding_window=None,
+                           max_position_embeddings=4096, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        torch.set_default_dtype(setting.dtype)
+        with torch.device(device):
+            model = MistralBiModel(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=setting.dtype).eval().requires_grad_(False)
+
+
+def set_attention(model, attn_implementation: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)
+    else:
+        model.config._attn_implementation = attn_implementation
+    if model.config._attn_implementation != attn_implementation:
+        raise harness.SkipImpl(f"could not switch to attn_implementation={attn_implementation!r}")
+
+
+def _packed(work: Workload) -> Callable:
+    def setup():
+        model = work.model("llm2vec_fast")
+        packs = work.packed_batches()
+
+        def run():
+            with torch.no_grad():
+                return [model.forward_packed(batch=batch).hidden for batch in packs][-1]
+        return run
+    return setup
+
+
+def _padded(work: Workload, attn_implementation: str) -> Callable:
+    def setup():
+        model = work.model(attn_implementation)
+        batches = work.padded_batches()
+
+        def run():
+            with torch.no_grad():
+                return [model(input_ids=ids, attention_mask=mask).last_hidden_state for ids, mask in batches][-1]
+        return run
+    return setup
+
+
+def cases(quick: bool, device: torch.device) -> Iterator[Case]:
+    setting = QUICK if quick else FULL
+    work = Workload(setting, device)
+    impls = [("llm2vec_fast_packed", _packed(work)), ("llm2vec_fast_padded", _padded(work, "llm2vec_fast")),
+             ("hf_sdpa_padded", _padded(work, "sdpa"))]
+    yield Case(OP, work.shape, setting.dtype, impls, flops=work.flops)
+
+
+def tokens_per_second(rows: Sequence[harness.Row]) -> List[str]:
+    """One note per row with its tokens/s, and our speed-up over hf_sdpa_padded."""
+    notes = []
+    by_impl = {row.impl: row for row in rows if row.op == OP}
+    for row in by_impl.values():
+        tokens = int(row.shape.split("tokens=")[1].split(",")[0])
+        notes.append(f"{OP} {row.impl}: {tokens / (row.ms / 1e3):,.0f} tokens/s")
+    ours, baseline = by_impl.get("llm2vec_fast_packed"), by_impl.get("hf_sdpa_padded")
+    if ours and baseline:
+        notes.append(f"{OP}: llm2vec_fast_packed is {baseline.ms / ours.ms:.2f}x hf_sdpa_padded (goal: >= 2x)")
+    return notes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="End-to-end bidirectional model forward, tokens/s")
+    parser.add_argument("--quick", action="store_true", help="tiny float32 model, CPU-friendly, same code paths")
+    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/model)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if visible), cpu or cuda")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cpu":  # as benchmarks/run.py: CPU numbers are a smoke test, one thread is steadier
+        torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", 1)))
+    rows: List[harness.Row] = []
+    skips = []
+    for case in cases(args.quick, device):
+        case_rows, case_skips = harness.run_case(case, device)
+        rows.extend(case_rows)
+        skips.extend(case_skips)
+    skip_notes = harness.skip_notes(skips) if hasattr(harness, "skip_notes") else [str(s) for s in skips]
+    notes = METHOD_NOTES + NOTES + tokens_per_second(rows) + skip_notes
+    for note in notes[len(METHOD_NOTES):]:
+        print(note)
+    out = args.out or os.environ.get("OUT") or os.path.join(harness.REPO_ROOT, "benchmarks", "results", "model")
+    paths = harness.write_results(harness.environment(device), rows, out, quick=args.quick, notes=notes)
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Bidirectional drop-ins for the six supported families.
+
+``XxxBiModel`` subclasses the family's ``XxxModel`` (what ``AutoModel`` loads) and ``XxxBiForMNTP``
+its ``XxxForCausalLM`` (language-model head kept, for masked next-token prediction). Each adds no
+weights, so state-dict keys equal the base class's and ``from_pretrained`` loads any checkpoint of
+the family. After the base ``__init__`` they call :func:`make_bidirectional`; ``forward`` is the
+family's own (padded batches, any ``attn_implementation``), and ``forward_packed`` is the speed path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+from transformers import (Gemma2ForCausalLM, Gemma2Model, GemmaForCausalLM, GemmaModel, LlamaForCausalLM, LlamaModel,
+                          MistralForCausalLM, MistralModel, Qwen2ForCausalLM, Qwen2Model, Qwen3ForCausalLM, Qwen3Model)
+
+from .bidirectional import PackedOutput, forward_packed, make_bidirectional
+from .packing import PackedBatch
+
+
+class BidirectionalMixin:
+    """Makes the model bidirectional at construction and adds :meth:`forward_packed`."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        make_bidirectional(self)
+
+    def forward_packed(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
+                       batch: Optional[PackedBatch] = None, **kwargs) -> PackedOutput:
+        """The decoder on the real tokens only: see :func:`llm2vec_fast.models.forward_packed`."""
+        return forward_packed(self, input_ids, attention_mask, batch=batch, **kwargs)
+
+
+class LlamaBiModel(BidirectionalMixin, LlamaModel):
+    """Bidirectional ``LlamaModel``."""
+
+
+class MistralBiModel(BidirectionalMixin, MistralModel):
+    """Bidirectional ``MistralModel`` (sliding windows made symmetric: |i - j| < window)."""
+
+
+class Qwen2BiModel(BidirectionalMixin, Qwen2Model):
+    """Bidirectional ``Qwen2Model``, with every attention implementation."""
+
+
+class Qwen3BiModel(BidirectionalMixin, Qwen3Model):
+    """Bidirectional ``Qwen3Model``."""
+
+
+class GemmaBiModel(BidirectionalMixin, GemmaModel):
+    """Bidirectional ``GemmaModel``."""
+
+
+class Gemma2BiModel(BidirectionalMixin, Gemma2Model):
+    """Bidirectional ``Gemma2Model`` (logit softcap kept; sliding windows symmetric: |i - j| < window)."""
+
+
+class LlamaBiForMNTP(BidirectionalMixin, LlamaForCausalLM):
+    """Bidirectional ``LlamaForCausalLM`` for MNTP training."""
+
+
+class MistralBiForMNTP(BidirectionalMixin, MistralForCausalLM):
+    """Bidirectional ``MistralForCausalLM`` for MNTP training."""
+
+
+class Qwen2BiForMNTP(BidirectionalMixin, Qwen2ForCausalLM):
+    """Bidirectional ``Qwen2ForCausalLM`` for MNTP training."""
+
+
+class Qwen3BiForMNTP(BidirectionalMixin, Qwen3ForCausalLM):
+    """Bidirectional ``Qwen3ForCausalLM`` for MNTP training."""
+
+
+class GemmaBiForMNTP(BidirectionalMixin, GemmaForCausalLM):
+    """Bidirectional ``GemmaForCausalLM`` for MNTP training."""
+
+
+class Gemma2BiForMNTP(BidirectionalMixin, Gemma2ForCausalLM):
+    """Bidirectional ``Gemma2ForCausalLM`` for MNTP training."""
+
+
+BI_MODELS = {"llama": LlamaBiModel, "mistral": MistralBiModel, "qwen2": Qwen2BiModel, "qwen3": Qwen3BiModel,
+             "gemma": GemmaBiModel, "gemma2": Gemma2BiModel}
+BI_FOR_MNTP = {"llama": LlamaBiForMNTP, "mistral": MistralBiForMNTP, "qwen2": Qwen2BiForMNTP,
+               "qwen3": Qwen3BiForMNTP, "gemma": GemmaBiForMNTP, "gemma2": Gemma2BiForMNTP}
