@@ -9,10 +9,15 @@ checked against it, directly or through the reference that it validates:
 * in fp16 / bf16 the op's error is within 2x (forward) / 3x (gradients) of PyTorch's own error when it
   computes in that dtype (flash-attention's test criterion);
 * dropout, zero-length sequences, batch invariance, every validation error, the custom-op
-  registration (opcheck, torch.compile), a hypothesis property test, and GPU backends at real sizes.
+  registration (opcheck, torch.compile), a hypothesis property test, and GPU backends at real sizes;
+* the triton backend against the same oracle and reference, on the CPU through Triton's interpreter
+  (``TRITON_INTERPRET=1``, as ``make test`` runs; skipped without it unless a GPU is present): parity
+  by the same criterion (fp32: the fp32 reference to fp32 rounding), its philox dropout mask replayed
+  exactly by the reference, bitwise batch invariance, empty sequences, errors and opcheck.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 
@@ -115,12 +120,14 @@ def max_err(a, b):
 
 
 def check_error_bounds(q, k, v, cu, max_seqlen, *, causal, scale, softcap, backend, truth,
-                       fwd_factor=2.0, bwd_factor=3.0, fwd_atol=1e-5, bwd_atol=1e-4):
+                       fwd_factor=2.0, bwd_factor=3.0, fwd_atol=1e-5, bwd_atol=1e-4, call=None):
     """flash-attention's criterion for low precision.
 
     |ours - truth| <= fwd_factor * |torch in the same dtype - truth| + fwd_atol, and bwd_factor for the
     gradients, with "torch in the same dtype" = the reference with ``compute_dtype=None`` (autograd).
     ``truth(q, k, v) -> out`` is a float64 differentiable function of the float64 copies of the inputs.
+    ``call(q, k, v) -> out`` (packed), when given, replaces the packed ``flash_attention`` call under test
+    (e.g. to go through the dense layout).
     """
     dout = rand_like(q, seed=99)
     q64, k64, v64 = (x.detach().to(torch.float64).requires_grad_(True) for x in (q, k, v))
@@ -128,8 +135,11 @@ def check_error_bounds(q, k, v, cu, max_seqlen, *, causal, scale, softcap, backe
     grads_true = torch.autograd.grad(out_true, (q64, k64, v64), dout.to(torch.float64))
 
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out = lf.flash_attention(*leaves, cu, max_seqlen, causal=causal, softmax_scale=scale, softcap=softcap,
-                             backend=backend)
+    if call is None:
+        out = lf.flash_attention(*leaves, cu, max_seqlen, causal=causal, softmax_scale=scale, softcap=softcap,
+                                 backend=backend)
+    else:
+        out = call(*leaves)
     grads = torch.autograd.grad(out, leaves, dout)
     assert out.dtype == q.dtype and out.shape == q.shape
     for g, x in zip(grads, (q, k, v)):
@@ -826,7 +836,385 @@ def test_property_matches_oracle(lengths, hkv, ratio, d, causal, softcap, scale,
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. GPU: every backend that runs on CUDA, at real sizes
+# 10. the triton backend against the reference: on the CPU through Triton's interpreter
+#     (TRITON_INTERPRET=1, as `make test` and CI run), or on a CUDA GPU
+# ----------------------------------------------------------------------------------------------------
+def _triton_skip_reason():
+    """Why the triton tests cannot run here, or None. The one place that decides it."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if dispatch.triton_interpreting() or torch.cuda.is_available():
+        return None
+    return ("the triton backend runs on the CPU only with TRITON_INTERPRET=1 (set before triton is imported; "
+            "`make test` sets it) and there is no CUDA GPU: run TRITON_INTERPRET=1 python -m pytest tests")
+
+
+TRITON_SKIP_REASON = _triton_skip_reason()
+needs_triton = pytest.mark.skipif(TRITON_SKIP_REASON is not None, reason=str(TRITON_SKIP_REASON))
+# The interpreter runs the kernels on CPU tensors; without it they need CUDA tensors.
+TRITON_DEVICE = "cpu" if dispatch.triton_interpreting() else "cuda"
+
+
+@pytest.fixture
+def kfa():
+    """The triton kernels module (imported lazily: triton decides at import whether it interprets)."""
+    from llm2vec_fast.kernels import flash_attention as module
+    return module
+
+
+def triton_packed(lengths, hq, hkv, d, *, dtype=torch.float32, seed=0, requires_grad=False):
+    return rand_packed(lengths, hq, hkv, d, dtype=dtype, seed=seed, device=TRITON_DEVICE,
+                       requires_grad=requires_grad)
+
+
+def triton_run(q, k, v, cu, max_seqlen=None, dout=None, **options):
+    """flash_attention(backend="triton") on fresh leaves: (out, (dq, dk, dv) or None)."""
+    leaves = [x.detach().clone().requires_grad_(dout is not None) for x in (q, k, v)]
+    out = lf.flash_attention(*leaves, cu, max_seqlen, backend="triton", **options)
+    if dout is None:
+        return out.detach(), None
+    return out.detach(), torch.autograd.grad(out, leaves, dout)
+
+
+def reference_run(q, k, v, cu, max_seqlen, dout, *, causal, scale, softcap, dropout_p=0.0, mask=None,
+                  compute_dtype=torch.float32):
+    """The torch reference (autograd) on fresh leaves, optionally replaying a kernel's dropout mask."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out, lse = attention(*leaves, cu, max_seqlen, causal, scale, softcap, dropout_p, 0, compute_dtype=compute_dtype,
+                         dropout_mask=mask)
+    return out.detach(), lse, torch.autograd.grad(out, leaves, dout)
+
+
+# fp32: the kernels take full-fp32 ("ieee") products, so they agree with the fp32 reference to fp32
+# rounding. tf32 products (10-bit mantissa) would miss these bounds by about two orders of magnitude.
+FP32_OUT_TOL = dict(atol=1e-5, rtol=1e-5)
+FP32_GRAD_TOL = dict(atol=5e-5, rtol=1e-4)
+
+TRITON_ODD = [1, 17, 0, 113, 203]  # odd lengths and an empty sequence
+TRITON_MIXED = [1, 203, 1, 0, 1, 1]  # one long sequence among length-1 ones and an empty one
+
+# (dtype, lengths, Hq, Hkv, D, causal, softcap, softmax_scale). A covering design rather than a cross
+# product (the interpreter takes seconds per case): each dtype on the odd-length pack, each head dim
+# once (256 also in fp32, whose GPU configs differ), each GQA ratio (1, 2, 4, 8) once, and causal,
+# softcap and a custom scale each on and off.
+TRITON_CASES = [
+    pytest.param(torch.float16, TRITON_ODD, 2, 2, 64, False, 0.0, None, id="fp16-odd-mha-d64"),
+    pytest.param(torch.bfloat16, TRITON_ODD, 2, 1, 128, True, 0.0, None, id="bf16-odd-gqa2-d128-causal"),
+    pytest.param(torch.float32, TRITON_ODD, 1, 1, 80, False, 30.0, 0.3, id="fp32-odd-d80-cap30-scale"),
+    pytest.param(torch.bfloat16, [1, 40, 0, 17, 1], 8, 1, 96, False, 2.0, None, id="bf16-gqa8-d96-cap2"),
+    pytest.param(torch.float16, TRITON_MIXED, 4, 1, 256, True, 5.0, 0.05, id="fp16-mixed-gqa4-d256-causal-cap5"),
+    pytest.param(torch.float32, [1, 50, 0, 3], 2, 1, 256, True, 0.0, None, id="fp32-gqa2-d256-causal"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,lengths,hq,hkv,d,causal,softcap,scale", TRITON_CASES)
+def test_triton_matches_reference(dtype, lengths, hq, hkv, d, causal, softcap, scale):
+    """fp16/bf16: within 2x (out) / 3x (grads) of PyTorch's own error in that dtype, against the float64
+    oracle; fp32: the fp32 reference to fp32 rounding. lse against the oracle's."""
+    q, k, v, cu = triton_packed(lengths, hq, hkv, d, dtype=dtype, seed=100 + d)
+    max_seqlen, sm = max(lengths), default_scale(d, scale)
+    lses = []
+
+    def custom_op(qq, kk, vv):  # the custom op itself, to read its lse from the same call
+        out, lse = FWD_OP(qq, kk, vv, cu, max_seqlen, causal, sm, softcap, 0.0, None, "triton")
+        lses.append(lse)
+        return out
+
+    if dtype == torch.float32:
+        dout = rand_like(q, 99)
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        out = custom_op(*leaves)
+        grads = torch.autograd.grad(out, leaves, dout)
+        out_ref, _, grads_ref = reference_run(q, k, v, cu, max_seqlen, dout, causal=causal, scale=sm, softcap=softcap)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert_close64(out, out_ref, **FP32_OUT_TOL, what="triton fp32 out")
+        for name, g, g_ref in zip("qkv", grads, grads_ref):
+            assert g.dtype == dtype and g.shape == g_ref.shape and g_ref.abs().max() > 1e-3
+            assert_close64(g, g_ref, **FP32_GRAD_TOL, what=f"triton fp32 d{name}")
+    else:
+        def truth(q64, k64, v64):
+            return oracle(q64, k64, v64, cu, causal=causal, scale=sm, softcap=softcap)[0]
+
+        check_error_bounds(q, k, v, cu, max_seqlen, causal=causal, scale=scale, softcap=softcap, backend="triton",
+                           truth=truth, call=custom_op)
+    _, lse_true = oracle(q, k, v, cu, causal=causal, scale=sm, softcap=softcap)
+    assert lses[0].shape == (hq, q.shape[0]) and lses[0].dtype == torch.float32
+    assert_close64(lses[0], lse_true, atol=2e-5, rtol=1e-5, what="triton lse")
+
+
+@needs_triton
+def test_triton_dense_layout():
+    """Dense (B, S, H, D) through the triton backend: within the bf16 bound, and bitwise the packed result."""
+    batch, seqlen, hq, hkv, d, scale = 3, 37, 2, 1, 64, 0.2
+    q, k, v, cu = triton_packed([seqlen] * batch, hq, hkv, d, dtype=torch.bfloat16, seed=110)
+
+    def dense(qq, kk, vv):
+        q4, k4, v4 = (x.view(batch, seqlen, *x.shape[1:]) for x in (qq, kk, vv))
+        out = lf.flash_attention(q4, k4, v4, causal=True, softmax_scale=scale, backend="triton")
+        assert out.shape == q4.shape
+        return out.reshape(qq.shape)
+
+    def truth(q64, k64, v64):
+        return oracle(q64, k64, v64, cu, causal=True, scale=scale, softcap=0.0)[0]
+
+    check_error_bounds(q, k, v, cu, seqlen, causal=True, scale=scale, softcap=0.0, backend="triton", truth=truth,
+                       call=dense)
+    with torch.no_grad():
+        packed, _ = triton_run(q, k, v, cu, seqlen, causal=True, softmax_scale=scale)
+        assert torch.equal(dense(q, k, v), packed)
+
+
+# ---- dropout ----
+def _valid_pairs(cu, max_seqlen):
+    """(T, max_seqlen) bool: key j exists in query token t's sequence."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    per_token = torch.repeat_interleave(lengths, lengths)
+    return torch.arange(max_seqlen, device=cu.device)[None, :] < per_token[:, None]
+
+
+@needs_triton
+def test_triton_dropout_mask_statistics(kfa):
+    """The philox keep mask: rate 1 - p over the valid (row, key) pairs, deterministic in the seed,
+    independent across heads, and different for another seed."""
+    lengths, hq, n = [1, 17, 0, 77], 2, 77
+    cu = cu_from_lengths(lengths, TRITON_DEVICE)
+    valid = _valid_pairs(cu, n)
+    for p, seed in ((0.2, 5), (0.5, 2**62 - 3)):
+        mask = kfa.dropout_mask(cu, n, hq, p, seed)
+        assert mask.shape == (hq, sum(lengths), n) and mask.dtype == torch.bool
+        kept = mask[:, valid]  # (hq, number of valid pairs)
+        fraction = kept.double().mean().item()
+        assert abs(fraction - (1 - p)) < 6 * math.sqrt(p * (1 - p) / kept.numel()), (p, fraction)
+        # Heads draw independent masks: two heads agree with probability p^2 + (1-p)^2.
+        agree = (kept[0] == kept[1]).double().mean().item()
+        expected = p * p + (1 - p) ** 2
+        assert abs(agree - expected) < 6 * math.sqrt(expected * (1 - expected) / kept.shape[1]), (p, agree)
+        # Rows of a sequence draw different masks (not one mask broadcast over rows).
+        assert not torch.equal(mask[0, 20, :n], mask[0, 21, :n])
+    assert torch.equal(kfa.dropout_mask(cu, n, hq, 0.5, 2**62 - 3), mask)
+    other = kfa.dropout_mask(cu, n, hq, 0.5, 2**62 - 4)
+    assert (other[:, valid] != kept).double().mean().item() > 0.4
+
+
+@needs_triton
+@pytest.mark.parametrize("causal,softcap,p,seed", [(False, 0.0, 0.3, 7), (True, 5.0, 0.6, 2**62 - 11)],
+                         ids=["p0.3-small-seed", "causal-cap5-p0.6-large-seed"])
+def test_triton_dropout_replays_kernel_mask_exactly(kfa, causal, softcap, p, seed):
+    """The custom op with an explicit seed: forward, lse and gradients equal the fp32 reference given the
+    mask that dropout_mask() returns for that seed, so forward and backward draw that very mask."""
+    lengths, hq, hkv, d, scale = [40, 0, 1, 23], 4, 2, 64, 0.2
+    q, k, v, cu = triton_packed(lengths, hq, hkv, d, seed=120, requires_grad=True)
+    out, lse = FWD_OP(q, k, v, cu, 40, causal, scale, softcap, p, torch.tensor([seed]), "triton")
+    dout = rand_like(out, 121)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    mask = kfa.dropout_mask(cu, 40, hq, p, seed)
+    out_ref, lse_ref, grads_ref = reference_run(q, k, v, cu, 40, dout, causal=causal, scale=scale, softcap=softcap,
+                                                dropout_p=p, mask=mask)
+    assert_close64(out, out_ref, **FP32_OUT_TOL, what="dropout out")
+    assert_close64(lse, lse_ref, atol=1e-5, rtol=1e-5, what="dropout lse")
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert_close64(g, g_ref, **FP32_GRAD_TOL, what=f"dropout d{name}")
+    # Not vacuous: dropout acted, and the next seed's mask gives another output.
+    no_drop, _ = attention(q.detach(), k.detach(), v.detach(), cu, 40, causal, scale, softcap, 0.0, 0)
+    assert max_err(out, no_drop) > 1e-2
+    other, _, _ = reference_run(q, k, v, cu, 40, dout, causal=causal, scale=scale, softcap=softcap, dropout_p=p,
+                                mask=kfa.dropout_mask(cu, 40, hq, p, seed + 1))
+    assert max_err(out, other) > 1e-2
+
+
+@needs_triton
+def test_triton_public_op_dropout_backward_uses_forward_seed(kfa, monkeypatch):
+    """Through the public op: the seed it draws from torch.randint (captured here) gives the mask that
+    both the forward and the backward used; re-seeding torch reproduces the output bitwise."""
+    drawn = []
+    original = torch.randint
+
+    def recording(*args, **kwargs):
+        value = original(*args, **kwargs)
+        drawn.append(int(value.item()))
+        return value
+
+    monkeypatch.setattr(torch, "randint", recording)
+    lengths, hq, hkv, d, p = [21, 4, 0], 4, 1, 80, 0.4
+    q, k, v, cu = triton_packed(lengths, hq, hkv, d, seed=130)
+    dout = rand_like(q, 131)
+    torch.manual_seed(7)
+    out, grads = triton_run(q, k, v, cu, dout=dout, dropout_p=p, softcap=10.0)
+    assert len(drawn) == 1, drawn
+    mask = kfa.dropout_mask(cu, 21, hq, p, drawn[0])
+    out_ref, _, grads_ref = reference_run(q, k, v, cu, 21, dout, causal=False, scale=d ** -0.5, softcap=10.0,
+                                          dropout_p=p, mask=mask)
+    assert_close64(out, out_ref, **FP32_OUT_TOL, what="public op dropout out")
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert_close64(g, g_ref, **FP32_GRAD_TOL, what=f"public op dropout d{name}")
+    torch.manual_seed(7)
+    again, _ = triton_run(q, k, v, cu, dropout_p=p, softcap=10.0)
+    assert torch.equal(again, out) and drawn[1] == drawn[0]
+
+
+@needs_triton
+def test_triton_dropout_backward_is_derivative_of_forward():
+    """Central differences of the public op, re-seeded before each call, match its gradient."""
+    directional_derivative_check("triton", device=TRITON_DEVICE)
+
+
+@needs_triton
+def test_triton_dropout_is_unbiased():
+    """E[out with dropout] = out without. 16 copies of one sequence in a pack draw independent masks (the
+    counter holds the query token), so 3 seeds give 48 draws: their mean is ~1/7 as far off as one draw."""
+    n, copies, hq, hkv, d, scale = 17, 16, 2, 1, 64, 0.05
+    one = triton_packed([n], hq, hkv, d, seed=140)[:3]
+    q, k, v = (x.repeat(copies, 1, 1) for x in one)
+    cu = cu_from_lengths([n] * copies, TRITON_DEVICE)
+    plain, _ = FWD_OP(*one, cu[:2], n, False, scale, 0.0, 0.0, None, "triton")
+    draws = torch.cat([FWD_OP(q, k, v, cu, n, False, scale, 0.0, 0.3, torch.tensor([seed]), "triton")[0]
+                       .view(copies, n, hq, d) for seed in (1, 2, 2**40 + 5)])
+    assert torch.isfinite(draws).all()
+    single_err = (draws - plain).abs().mean().item()
+    mean_err = (draws.mean(0) - plain).abs().mean().item()
+    assert single_err > 0.05
+    assert mean_err < 0.25 * single_err, (mean_err, single_err)  # expected about 0.14 * single_err
+
+
+# ---- batch invariance ----
+def run_in_pack(mine, before, after, *, max_seqlen=None, my_dout=None, **options):
+    """flash_attention(backend="triton") on one sequence ``mine`` = (q, k, v) packed between random
+    sequences of lengths ``before`` and ``after``: its rows of out, and of dq, dk, dv when ``my_dout``
+    (its rows of the output gradient) is given."""
+    q_mine = mine[0]
+    hq, hkv, d = q_mine.shape[1], mine[1].shape[1], q_mine.shape[2]
+    n = q_mine.shape[0]
+    parts = []
+    for lengths, seed in ((before, 1), (None, None), (after, 2)):
+        if lengths is None:
+            parts.append(mine)
+        elif sum(lengths):
+            parts.append(rand_packed(lengths, hq, hkv, d, dtype=q_mine.dtype, seed=seed, device=q_mine.device)[:3])
+    q, k, v = (torch.cat([p[i] for p in parts]) for i in range(3))
+    cu = cu_from_lengths(list(before) + [n] + list(after), q.device)
+    start = sum(before)
+    dout = None
+    if my_dout is not None:
+        dout = rand_like(q, 3)
+        dout[start:start + n] = my_dout
+    out, grads = triton_run(q, k, v, cu, max_seqlen, dout, **options)
+    return [x[start:start + n] for x in (out, *(grads or ()))]
+
+
+@needs_triton
+@pytest.mark.parametrize("causal,softcap", [(False, 0.0), (True, 2.0)])
+def test_triton_batch_invariance_bitwise(kfa, causal, softcap):
+    """A sequence's output is bitwise the same whichever sequences share its pack, wherever it sits, and
+    whatever the pack's max_seqlen (the kernels tile each sequence from its own start). So are its
+    gradients while the autotune key (the max_seqlen bucket) is the same; the interpreter has one config."""
+    hq, hkv, d, n = 2, 1, 64, 70  # 70 tokens: a partial last tile
+    dtype = torch.bfloat16
+    mine = [rand_like(torch.empty(n, h, d, device=TRITON_DEVICE, dtype=dtype), 150 + i)
+            for i, h in enumerate((hq, hkv, hkv))]
+    my_dout = rand_like(mine[0], 153)
+    alone = run_in_pack(mine, [], [], my_dout=my_dout, causal=causal, softcap=softcap)
+    for before, after, max_seqlen in [([5], [], None), ([], [0, 97], None), ([1, 0, 33], [2, 0], 300),
+                                      ([0] * 3, [1] * 5, None)]:
+        got = run_in_pack(mine, before, after, max_seqlen=max_seqlen, my_dout=my_dout, causal=causal,
+                          softcap=softcap)
+        same_key = kfa._seqlen_bucket(max_seqlen or max(before + [n] + after)) == kfa._seqlen_bucket(n)
+        checked = ("out", "dq", "dk", "dv") if dispatch.triton_interpreting() or same_key else ("out",)
+        for name, x, y in zip(checked, got, alone):
+            assert torch.equal(x, y), (name, before, after, max_seqlen, max_err(x, y))
+
+
+# ---- empty, length-1 and T = 0 ----
+@needs_triton
+@pytest.mark.parametrize("causal,softcap,dropout_p", [(False, 0.0, 0.0), (True, 2.0, 0.3)])
+def test_triton_zero_length_sequences(causal, softcap, dropout_p):
+    lengths, hq, hkv, d = [0, 5, 0, 0, 1, 9, 0], 4, 2, 64
+    q, k, v, cu = triton_packed(lengths, hq, hkv, d, seed=160)
+    out, grads = triton_run(q, k, v, cu, dout=rand_like(q, 161), causal=causal, softcap=softcap,
+                            dropout_p=dropout_p)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    for g, x in zip(grads, (q, k, v)):
+        assert g.shape == x.shape and torch.isfinite(g).all()
+    _, lse = FWD_OP(q, k, v, cu, 9, causal, d ** -0.5, softcap, 0.0, None, "triton")
+    assert torch.isfinite(lse).all()
+    if dropout_p == 0:
+        out_true, _ = oracle(q, k, v, cu, causal=causal, scale=d ** -0.5, softcap=softcap)
+        assert_close64(out, out_true, atol=2e-5, rtol=1e-5, what="out")
+
+
+@needs_triton
+@pytest.mark.parametrize("lengths,max_seqlen", [([0], None), ([0, 0, 0], 0), ([0], 4)])
+def test_triton_all_zero_length_batch(lengths, max_seqlen):
+    q, k, v, cu = triton_packed(lengths, 4, 2, 64, seed=162)
+    out, grads = triton_run(q, k, v, cu, max_seqlen, dout=torch.zeros_like(q), causal=True, dropout_p=0.1)
+    assert out.shape == (0, 4, 64) and out.dtype == q.dtype
+    assert [g.shape for g in grads] == [x.shape for x in (q, k, v)]
+    for shape in ((2, 0, 4, 64), (0, 5, 4, 64)):  # dense S = 0 and B = 0
+        dense = [torch.zeros(shape[:2] + (h, 64), device=TRITON_DEVICE) for h in (4, 2, 2)]
+        assert lf.flash_attention(*dense, backend="triton").shape == shape
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_length_one_sequences_copy_their_value(dtype):
+    """One token attends only to itself: out = v bitwise, lse = its capped logit, dq = dk = 0 (to rounding
+    of rowsum(dO * O) against dO . V), dv = the sum of its query heads' dO."""
+    lengths, hq, hkv, d = [1, 1, 0, 1], 8, 2, 80
+    q, k, v, cu = triton_packed(lengths, hq, hkv, d, dtype=dtype, seed=163)
+    dout = rand_like(q, 164)
+    out, (dq, dk, dv) = triton_run(q, k, v, cu, dout=dout, causal=True, softcap=2.0)
+    heads = torch.arange(hq, device=q.device) // (hq // hkv)
+    assert torch.equal(out, v[:, heads])
+    _, lse = FWD_OP(q, k, v, cu, 1, True, 0.5, 2.0, 0.0, None, "triton")
+    logit = 2.0 * torch.tanh((q.double() * k.double()[:, heads]).sum(-1) * 0.5 / 2.0)
+    assert_close64(lse, logit.t(), atol=1e-5, rtol=1e-5, what="lse of single tokens")
+    assert dq.abs().max() <= 1e-5 and dk.abs().max() <= 1e-5, (dq.abs().max(), dk.abs().max())
+    expected_dv = dout.float().view(3, hkv, hq // hkv, d).sum(2)
+    assert_close64(dv, expected_dv, atol=1e-6 if dtype == torch.float32 else 2e-2, rtol=1e-2, what="dv")
+
+
+# ---- bad input, availability, custom-op registration ----
+@needs_triton
+@pytest.mark.parametrize("overrides,error,pattern", [
+    pytest.param(dict(q=_t(10, 4, 32), k=_t(10, 2, 32), v=_t(10, 2, 32)), ValueError,
+                 r"head dim \(q\.shape\[-1\]\) must be one of \(64, 80, 96, 128, 256\), got 32", id="head-dim-32"),
+    pytest.param(dict(q=_t(10, 6, 64), k=_t(10, 4, 64), v=_t(10, 4, 64)), ValueError, r"Hq=6 .*Hkv=4",
+                 id="hq-not-multiple"),
+    pytest.param(dict(cu_seqlens=_cu([0, 8, 5, 10])), ValueError,
+                 r"cu_seqlens must be non-decreasing, got cu_seqlens\[1\]=8 > cu_seqlens\[2\]=5", id="cu-decreasing"),
+    pytest.param(dict(max_seqlen=5), ValueError,
+                 r"max_seqlen must be >= the longest sequence in cu_seqlens \(6\), got 5", id="max-seqlen-small"),
+    pytest.param(dict(dropout_p=1.0), ValueError, r"dropout_p must be < 1, got 1\.0", id="dropout-one"),
+])
+def test_triton_bad_input_raises_same_errors(overrides, error, pattern):
+    """Validation runs before dispatch: backend="triton" reports bad input exactly as the reference does."""
+    with pytest.raises(error, match=pattern):
+        _good(backend="triton", **overrides)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_on_cpu_without_interpreter_names_the_variable(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton': backend cannot run flash_attention on cpu "
+                                         r"\(on the CPU, Triton kernels run only with TRITON_INTERPRET=1\); "
+                                         r"available backends for flash_attention on cpu: \['auto', 'torch'\]"):
+        _good(backend="triton")
+
+
+@needs_triton
+def test_triton_opcheck_forward_and_backward():
+    q, k, v, cu = triton_packed([3, 0, 9], 2, 1, 64, seed=170, requires_grad=True)
+    seed = torch.tensor([2**61 + 1])
+    args = (q, k, v, cu, 9, True, 0.125, 4.0, 0.2, seed, "triton")
+    torch.library.opcheck(FWD_OP.default, args)
+    out, lse = FWD_OP(*args)
+    bargs = (rand_like(out, 171), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, 9, True, 0.125,
+             4.0, 0.2, seed, "triton")
+    torch.library.opcheck(BWD_OP.default, bargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 11. GPU: every backend that runs on CUDA, at real sizes
 # ----------------------------------------------------------------------------------------------------
 GPU_LENGTHS = [1000, 7, 513, 0, 1200, 1, 800, 575]  # T = 4096, varlen with empty and length-1 sequences
 
@@ -835,6 +1223,9 @@ def _cuda_backend_or_skip(backend):
     available = dispatch.available_backends("flash_attention", torch.device("cuda"))
     if backend not in available:
         pytest.skip(f"backend {backend!r} cannot run flash_attention on cuda here (available: {available})")
+    if backend == "triton" and dispatch.triton_interpreting():
+        pytest.skip("TRITON_INTERPRET is set: the triton kernels would run in the CPU interpreter, far too slowly at "
+                    "GPU sizes; run the gpu tests without it (as benchmarks/device_check.sh does)")
 
 
 @pytest.mark.gpu
@@ -907,3 +1298,42 @@ def test_gpu_cu_seqlens_on_wrong_device_is_rejected():
     with pytest.raises(ValueError, match=re.escape("cu_seqlens must be on the same device as the inputs (cuda:0), "
                                                    "got cpu")):
         lf.flash_attention(q, k, v, cu.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,softcap", [(False, 0.0), (True, 0.0), (False, 30.0)])
+def test_gpu_triton_long_sequence_within_bound_of_torch(causal, softcap):
+    """bf16, head dim 128, an 8192-token sequence packed with a length-1, an empty and a mid-size one:
+    the flash-attention bound against the float64 oracle (one sequence and head at a time, a few GB)."""
+    _cuda_backend_or_skip("triton")
+    lengths, hq, hkv, d = [8192, 1, 0, 777], 4, 1, 128
+    q, k, v, cu = rand_packed(lengths, hq, hkv, d, dtype=torch.bfloat16, seed=94, device="cuda")
+
+    def truth(q64, k64, v64):
+        return oracle(q64, k64, v64, cu, causal=causal, scale=d ** -0.5, softcap=softcap)[0]
+
+    check_error_bounds(q, k, v, cu, max(lengths), causal=causal, scale=None, softcap=softcap, backend="triton",
+                       truth=truth)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_triton_batch_invariance_bitwise(causal):
+    """bf16, head dim 128, a 3001-token sequence: its output is bitwise the same alone (max_seqlen bucket
+    4096) and in packs up to 8192 long (another autotune key, so maybe another config: all forward configs
+    of a head dim share BLOCK_N), wherever it sits. Its gradients are bitwise the same for a fixed
+    max_seqlen (one autotune key) whatever its neighbours and position."""
+    _cuda_backend_or_skip("triton")
+    hq, hkv, d, n, dtype = 16, 4, 128, 3001, torch.bfloat16
+    mine = [rand_like(torch.empty(n, h, d, device="cuda", dtype=dtype), 95 + i) for i, h in enumerate((hq, hkv, hkv))]
+    alone = run_in_pack(mine, [], [], causal=causal)[0]
+    for before, after in [([8192], []), ([], [7, 5000]), ([1] * 64 + [0], [2048]), ([4095, 1], [])]:
+        out = run_in_pack(mine, before, after, causal=causal)[0]
+        assert torch.equal(out, alone), (before, after, max_err(out, alone))
+    my_dout = rand_like(mine[0], 98)
+    first = run_in_pack(mine, [], [], max_seqlen=8192, my_dout=my_dout, causal=causal)
+    assert torch.equal(first[0], alone)
+    for before, after in [([8192], []), ([1] * 64, [3000, 0])]:
+        got = run_in_pack(mine, before, after, max_seqlen=8192, my_dout=my_dout, causal=causal)
+        for name, x, y in zip(("out", "dq", "dk", "dv"), got, first):
+            assert torch.equal(x, y), (name, before, after, max_err(x, y))
