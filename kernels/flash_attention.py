@@ -55,6 +55,13 @@ def _scores_to_log2(s, scale, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _sequence_span(CU_SEQLENS, seq):
+    """(first token, length) of packed sequence ``seq``."""
+    start = tl.load(CU_SEQLENS + seq)
+    return start, tl.load(CU_SEQLENS + seq + 1) - start
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CU_SEQLENS,
     seed, scale, softcap, dropout_p,
@@ -67,8 +74,7 @@ def _attn_fwd(
     block_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    start, seqlen = _sequence_span(CU_SEQLENS, seq)
     if block_m * BLOCK_M >= seqlen:  # the grid covers max_seqlen; shorter sequences stop early
         return
     kv_head = head // group  # GQA: the G = Hq/Hkv query heads of a group read the same K/V head
@@ -158,8 +164,7 @@ def _attn_bwd_dkdv(
     seq = tl.program_id(1)
     kv_head = tl.program_id(2) // (BLOCK_D // BLOCK_DOUT)
     out_dims = (tl.program_id(2) % (BLOCK_D // BLOCK_DOUT)) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
-    start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    start, seqlen = _sequence_span(CU_SEQLENS, seq)
     if block_n * BLOCK_N >= seqlen:
         return
 
@@ -241,8 +246,7 @@ def _attn_bwd_dq(
     block_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    start, seqlen = _sequence_span(CU_SEQLENS, seq)
     if block_m * BLOCK_M >= seqlen:
         return
     kv_head = head // group
@@ -296,8 +300,7 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, seed, dropout_p, stride_mh, stride_mt
     block_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    start, seqlen = _sequence_span(CU_SEQLENS, seq)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tokens = (start + rows).to(tl.int64)
     for block_start in range(0, seqlen, BLOCK_N):
