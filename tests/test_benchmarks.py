@@ -99,3 +99,30 @@ def test_device_check_dry_run(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "device_check.log"))
     tail = [line for line in proc.stdout.splitlines() if line.strip()]
     assert tail[-1].startswith("| "), tail[-5:]  # the summary table is printed last
+
+
+def test_make_auto_table_picks_the_measured_winner(tmp_path):
+    """The "auto" table comes from GPU results: per op, the backend faster on the cases both ran."""
+    from benchmarks import make_auto_table
+
+    def row(op, impl, ms, shape="S=1"):
+        return {"op": op, "impl": impl, "shape": shape, "dtype": "bf16", "ms": ms, "tflops": None, "gbps": None,
+                "peak_mem_mb": None}
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "gpu.json").write_text(json.dumps({"device": "cuda", "rows": [
+        row("pool", "triton", 2.0), row("pool", "cuda", 1.0),                      # cuda wins pool
+        row("attention_fwd", "triton", 1.0), row("attention_fwd", "cuda", 3.0),    # triton wins attention
+        row("attention_fwd", "sdpa_cudnn", 0.5),                                   # baselines never chosen
+        row("contrastive_loss_fwd", "triton", 1.0)]}))                              # only triton measured
+    (results / "cpu.json").write_text(json.dumps({"device": "cpu", "rows": [row("pool", "triton", 0.1)]}))
+    dispatch_copy = tmp_path / "dispatch.py"
+    dispatch_copy.write_text("x = 1\nAUTO_TABLE: Dict[str, str] = {}\ny = 2\n")
+    assert make_auto_table.main([str(results), "--dispatch", str(dispatch_copy), "--check"]) == 1
+    assert make_auto_table.main([str(results), "--dispatch", str(dispatch_copy)]) == 0
+    text = dispatch_copy.read_text()
+    assert ('AUTO_TABLE: Dict[str, str] = {"contrastive_loss": "triton", "flash_attention": "triton", '
+            '"pool": "cuda"}') in text
+    assert text.startswith("x = 1\n") and text.endswith("y = 2\n")
+    assert make_auto_table.main([str(results), "--dispatch", str(dispatch_copy), "--check"]) == 0
