@@ -62,6 +62,51 @@ def _sequence_span(CU_SEQLENS, seq):
 
 
 @triton.jit
+def _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed, scale, softcap,
+                    dropout_p, stride_kt, stride_kh, stride_vt, stride_vh, lo, hi, MASKED: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi) of one query block; MASKED adds the key-padding and
+    causal masks, which tiles wholly inside the sequence (and below the diagonal) do not need."""
+    dim_ok = dims < HEAD_DIM
+    for block_start in range(lo, hi, BLOCK_N):
+        cols = block_start + tl.arange(0, BLOCK_N)
+        key_tokens = (start + cols).to(tl.int64)
+        k_ptrs = K + key_tokens[None, :] * stride_kt + kv_head * stride_kh + dims[:, None]  # K^T: (BLOCK_D, BLOCK_N)
+        v_ptrs = V + key_tokens[:, None] * stride_vt + kv_head * stride_vh + dims[None, :]
+        if MASKED:
+            col_ok = cols < seqlen
+            k_t = tl.load(k_ptrs, mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            k_t = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k_t = tl.load(k_ptrs, mask=dim_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=dim_ok[None, :], other=0.0)
+        s = mma(q, k_t, tl.zeros([q.shape[0], BLOCK_N], tl.float32), IEEE, INTERPRET)
+        s, _ = _scores_to_log2(s, scale, softcap, SOFTCAP)
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        # Every row sees at least one real key in the block's first tile (key 0 <= row under causal), so
+        # the running max is finite from the first tile on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
+            p = tl.where(kept, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc = mma(p.to(v.dtype), v, acc, IEEE, INTERPRET)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CU_SEQLENS,
     seed, scale, softcap, dropout_p,
@@ -90,34 +135,22 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Key tiles in order, the same order whichever phase runs them (batch invariance): first the tiles
+    # that need no mask (every key real and, under causal, at or before every row of this block), then
+    # the rest (the sequence's last partial tile, the causal diagonal) with masks.
     end = seqlen
+    unmasked_end = (seqlen // BLOCK_N) * BLOCK_N
     if CAUSAL:
         end = tl.minimum(seqlen, (block_m + 1) * BLOCK_M)
-    for block_start in range(0, end, BLOCK_N):
-        cols = block_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < seqlen
-        key_tokens = (start + cols).to(tl.int64)
-        k_t = tl.load(K + key_tokens[None, :] * stride_kt + kv_head * stride_kh + dims[:, None],
-                      mask=col_ok[None, :] & dim_ok[:, None], other=0.0)  # K^T tile: (BLOCK_D, BLOCK_N)
-        s = mma(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
-        s, _ = _scores_to_log2(s, scale, softcap, SOFTCAP)
-        keep = col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        # Each tile holds at least one valid key per row (key 0 <= row under causal), so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
-            p = tl.where(kept, p * (1.0 / (1.0 - dropout_p)), 0.0)
-        v = tl.load(V + key_tokens[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = mma(p.to(v.dtype), v, acc, IEEE, INTERPRET)
-        m_i = m_new
+        unmasked_end = tl.minimum(unmasked_end, ((block_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+    acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
+                                    scale, softcap, dropout_p, stride_kt, stride_kh, stride_vt, stride_vh,
+                                    0, unmasked_end, False, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP, DROPOUT,
+                                    IEEE, INTERPRET)
+    acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
+                                    scale, softcap, dropout_p, stride_kt, stride_kh, stride_vt, stride_vh,
+                                    unmasked_end, end, True, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP, DROPOUT,
+                                    IEEE, INTERPRET)
 
     acc = acc / l_i[:, None]
     tl.store(O + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :], acc.to(O.dtype.element_ty),
@@ -323,9 +356,9 @@ import torch  # noqa: E402
 FORWARD_CONFIGS = {
     64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)],
-    256: [(128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(128, 32, 8, 2)],
 }
-FORWARD_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(32, 32, 8, 1)], 256: [(16, 16, 4, 1)]}
+FORWARD_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]}
 # The dK/dV kernel holds two (BLOCK_N x D) fp32 accumulators; for D = 256 each program owns half the
 # columns (DKDV_MAX_OUTPUT_COLUMNS), so its tables match D = 128's.
 DKDV_MAX_OUTPUT_COLUMNS = 128
