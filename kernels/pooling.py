@@ -171,11 +171,17 @@ def _pool_bwd(
 import torch  # noqa: E402
 
 from ..reference.norm import l2_normalize_backward, l2_normalized  # noqa: E402
+from .common import interpreting  # noqa: E402
 
 MODES = {"mean": MODE_MEAN, "weighted_mean": MODE_WEIGHTED_MEAN, "last_token": MODE_LAST, "bos_token": MODE_BOS}
 BLOCK_T = 16  # tokens per chunk
+WHOLE_ROW_BLOCK_T = 2  # tokens per chunk when one program holds a whole (up to 16k wide) row
 BLOCK_D = 256  # hidden-dim slice per program when the row need not be whole
 MAX_WHOLE_ROW = 16384  # widest row one program holds (normalize=True); wider rows normalise afterwards
+# One program per sequence leaves most of an H100's 132 SMs idle for small batches: below this many
+# sequences the rows are pooled in D slices (B x D/BLOCK_D programs) and normalised afterwards (a
+# (B, D) pass, small beside the hidden states). The interpreter always fuses, so tests cover both.
+MIN_SEQUENCES_TO_FUSE_NORM = 256
 NUM_WARPS = 4
 
 
@@ -191,9 +197,9 @@ def _int8(mask):
     return None if mask is None else (mask != 0).to(torch.int8).reshape(-1).contiguous()
 
 
-def _launch_options(mode, cu_seqlens, attention_mask, embed_mask):
+def _launch_options(mode, cu_seqlens, attention_mask, embed_mask, block_d):
     return dict(MODE=MODES[mode], PACKED=cu_seqlens is not None, HAS_ATTENTION_MASK=attention_mask is not None,
-                HAS_EMBED_MASK=embed_mask is not None, BLOCK_T=BLOCK_T)
+                HAS_EMBED_MASK=embed_mask is not None, BLOCK_T=BLOCK_T if block_d <= 1024 else WHOLE_ROW_BLOCK_T)
 
 
 def forward(hidden, cu_seqlens, attention_mask, embed_mask, mode, normalize):
@@ -203,14 +209,14 @@ def forward(hidden, cu_seqlens, attention_mask, embed_mask, mode, normalize):
     out = torch.empty((batch, dim), device=hidden.device, dtype=torch.float32)
     if batch == 0 or dim == 0:
         return out
-    fuse_norm = normalize and dim <= MAX_WHOLE_ROW
+    fuse_norm = normalize and dim <= MAX_WHOLE_ROW and (interpreting() or batch >= MIN_SEQUENCES_TO_FUSE_NORM)
     block_d = triton.next_power_of_2(dim) if fuse_norm else min(BLOCK_D, triton.next_power_of_2(dim))
     cu = cu_seqlens if cu_seqlens is not None else out  # unused pointer in the padded layout
     _pool_fwd[(batch, triton.cdiv(dim, block_d))](
         flat, out, cu, am if am is not None else out, em if em is not None else out,
         padded_len, dim, flat.stride(0), out.stride(0),
         NORMALIZE=fuse_norm, BLOCK_D=block_d, num_warps=NUM_WARPS if block_d <= 1024 else 8,
-        **_launch_options(mode, cu_seqlens, am, em))
+        **_launch_options(mode, cu_seqlens, am, em, block_d))
     if normalize and not fuse_norm:
         out = l2_normalized(out)[0]
     return out
@@ -231,7 +237,7 @@ def backward(grad_out, hidden, cu_seqlens, attention_mask, embed_mask, mode, nor
         _pool_bwd[(batch, triton.cdiv(dim, block_d))](
             grad, grad_hidden, cu, am if am is not None else grad, em if em is not None else grad,
             padded_len, dim, grad.stride(0), grad_hidden.stride(0),
-            BLOCK_D=block_d, num_warps=NUM_WARPS, **_launch_options(mode, cu_seqlens, am, em))
+            BLOCK_D=block_d, num_warps=NUM_WARPS, **_launch_options(mode, cu_seqlens, am, em, block_d))
     return grad_hidden.reshape(hidden.shape)
 
 
@@ -248,7 +254,7 @@ def AOT_CONFIGS():
             for fn, normalize in ((_pool_fwd, False), (_pool_fwd, True), (_pool_bwd, None)):
                 block_d = 4096 if normalize else BLOCK_D
                 constexprs = dict(MODE=mode, PACKED=packed, HAS_ATTENTION_MASK=not packed, HAS_EMBED_MASK=True,
-                                  BLOCK_T=BLOCK_T, BLOCK_D=block_d)
+                                  BLOCK_T=BLOCK_T if block_d <= 1024 else WHOLE_ROW_BLOCK_T, BLOCK_D=block_d)
                 if normalize is not None:
                     constexprs["NORMALIZE"] = normalize
                 pointers = dict(HIDDEN="*bf16", OUT="*fp32", GRAD_OUT="*fp32", GRAD_HIDDEN="*bf16", CU_SEQLENS="*i32",
