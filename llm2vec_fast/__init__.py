@@ -30,4 +30,13 @@ from . import dispatch  # noqa: E402
 from .ops import contrastive_loss, flash_attention, pool  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "pool", "contrastive_loss", "dispatch", "__version__"]
+__all__ = ["flash_attention", "pool", "contrastive_loss", "dispatch", "LLM2Vec", "__version__"]
+
+
+def __getattr__(name):
+    """``llm2vec_fast.LLM2Vec`` is imported on first use, so that ``import llm2vec_fast`` stays light (no
+    transformers import)."""
+    if name == "LLM2Vec":
+        from .encoder import LLM2Vec
+        return LLM2Vec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

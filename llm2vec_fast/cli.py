@@ -2,8 +2,10 @@
 
     llm2vec-fast demo      encode a few example texts with a tiny built-in random-weight Llama-architecture
                            model (no download) and print their embeddings' cosine similarities
+    llm2vec-fast encode    encode a .txt/.jsonl/.parquet file with an LLM2Vec checkpoint into resumable
+                           .npy shards (see llm2vec_fast.encoder.files)
 
-The encoder (``LLM2Vec``) and training recipes add their subcommands here as they land.
+The training recipes add their subcommands here as they land.
 """
 from __future__ import annotations
 
@@ -77,6 +79,11 @@ def main(argv=None) -> int:
     demo_parser = commands.add_parser("demo", help="encode example texts with a tiny built-in random model")
     demo_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo_parser.set_defaults(run=demo)
+    from .encoder import files  # numpy only at import; the model stack loads when the command runs
+
+    encode_parser = commands.add_parser("encode", help="encode a text file into resumable embedding shards")
+    files.add_arguments(encode_parser)
+    encode_parser.set_defaults(run=files.run)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,278 @@
+"""Encoding files into resumable shards: what ``llm2vec-fast encode`` runs.
+
+    python -m llm2vec_fast.encoder.files --model PATH [--peft PATH] --input FILE --output DIR [options]
+
+The input is streamed: ``.txt`` (one text per line), ``.jsonl`` (a ``text`` field and an optional
+``instruction`` field per line) or ``.parquet`` (the same columns; needs pyarrow). Rows are cut into
+shards of ``--shard-size`` rows; each shard is encoded, written as ``shard-000000.npy`` (float32 or
+float16, shape (rows, hidden)) through a temporary file and an atomic rename, and only then recorded in
+``index.json`` (also replaced atomically). A run that is interrupted and started again with the same
+arguments skips the recorded shards (never recomputing them) and encodes the rest, so no row is lost or
+duplicated. ``index.json`` also records the input's identity and the settings; resuming with others is
+refused. :func:`load_embeddings` reads the result back in input order.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+INDEX = "index.json"
+FORMAT = "llm2vec_fast.shards/1"
+SHARD_NAME = "shard-{:06d}.npy"
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def read_records(path: str, text_field: str = "text", instruction_field: str = "instruction"
+                 ) -> Iterator[Tuple[str, str]]:
+    """(instruction, text) per row of a .txt, .jsonl or .parquet file, in order, streamed."""
+    lower = path.lower()
+    if lower.endswith(".jsonl") or lower.endswith(".json"):
+        yield from _read_jsonl(path, text_field, instruction_field)
+    elif lower.endswith(".parquet"):
+        yield from _read_parquet(path, text_field, instruction_field)
+    elif lower.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield "", line.rstrip("\n").rstrip("\r")
+    else:
+        raise ValueError(f"{path}: unknown input format (expected .txt, .jsonl or .parquet)")
+
+
+def _record(row: Dict[str, Any], where: str, text_field: str, instruction_field: str) -> Tuple[str, str]:
+    text = row.get(text_field)
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+    instruction = row.get(instruction_field)
+    if instruction is None:
+        instruction = ""
+    if not isinstance(instruction, str):
+        raise ValueError(f"{where}: field {instruction_field!r} must be a string, got {type(instruction).__name__}")
+    return instruction, text
+
+
+def _read_jsonl(path: str, text_field: str, instruction_field: str) -> Iterator[Tuple[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield _record(row, f"{path}:{number}", text_field, instruction_field)
+
+
+def _read_parquet(path: str, text_field: str, instruction_field: str) -> Iterator[Tuple[str, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading .parquet needs pyarrow (pip install pyarrow)") from None
+    source = pq.ParquetFile(path)
+    columns = [text_field] + ([instruction_field] if instruction_field in source.schema.names else [])
+    number = 0
+    for batch in source.iter_batches(columns=columns, batch_size=4096):
+        for row in batch.to_pylist():
+            number += 1
+            yield _record(row, f"{path}: row {number}", text_field, instruction_field)
+
+
+def _chunks(records: Iterator[Tuple[str, str]], size: int) -> Iterator[List[Tuple[str, str]]]:
+    chunk: List[Tuple[str, str]] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# -------------------------------------------------------------------------------------------- index
+
+def input_identity(path: str) -> Dict[str, Any]:
+    """Size and SHA-256 of the first MiB: enough to notice a different input on resume."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+    return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256_first_mib": digest.hexdigest()}
+
+
+def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_index(output: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(output, INDEX)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an llm2vec_fast shard index (format {index.get('format')!r})")
+    return index
+
+
+def _shard_ok(output: str, shard: Dict[str, Any], dim: int) -> bool:
+    path = os.path.join(output, shard["file"])
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return array.shape == (shard["rows"], dim)
+
+
+def load_embeddings(output: str, mmap: bool = False) -> np.ndarray:
+    """The embeddings of a finished run, (rows, hidden), in input order."""
+    index = _load_index(output)
+    if index is None:
+        raise FileNotFoundError(f"{output} has no {INDEX}")
+    if not index.get("complete"):
+        raise ValueError(f"{output}: the run is not complete (resume it with the same arguments)")
+    shards = sorted(index["shards"], key=lambda s: s["start"])
+    arrays = [np.load(os.path.join(output, s["file"]), mmap_mode="r" if mmap else None) for s in shards]
+    if not arrays:
+        return np.zeros((0, index["dim"]), dtype=STORAGE_DTYPES[index["settings"]["output_dtype"]])
+    return np.concatenate(arrays, axis=0)
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dict[str, Any]] = None,
+                shard_size: int = 10_000, output_dtype: str = "float32", text_field: str = "text",
+                instruction_field: str = "instruction", log=print, **encode_kwargs) -> Dict[str, Any]:
+    """Encodes ``input_path`` into shards under ``output`` (resuming a previous run there); returns the index.
+
+    ``settings`` (e.g. the model path and options) are recorded and must match on resume, together with
+    the encoder's pooling settings, ``shard_size``, ``output_dtype`` and the input's identity.
+    ``encode_kwargs`` go to ``encoder.encode`` (batch_size, device, normalize_embeddings, ...).
+    """
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    if output_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"output_dtype must be one of {sorted(STORAGE_DTYPES)}, got {output_dtype!r}")
+    os.makedirs(output, exist_ok=True)
+    recorded = dict(settings or {}, pooling_mode=encoder.pooling_mode, max_length=encoder.max_length,
+                    doc_max_length=encoder.doc_max_length, skip_instruction=encoder.skip_instruction,
+                    normalize_embeddings=bool(encode_kwargs.get("normalize_embeddings", False)),
+                    shard_size=shard_size, output_dtype=output_dtype, text_field=text_field,
+                    instruction_field=instruction_field)
+    recorded = json.loads(json.dumps(recorded))  # as it reads back from index.json
+    identity = input_identity(input_path)
+    dim = encoder._hidden_size()
+    index = _load_index(output)
+    if index is not None:
+        if index["settings"] != recorded or index["input"]["size"] != identity["size"] or \
+                index["input"]["sha256_first_mib"] != identity["sha256_first_mib"] or index["dim"] != dim:
+            raise ValueError(f"{output} holds a run with another input or other settings; use a new output folder "
+                             f"(recorded: {index['settings']}, input {index['input']})")
+    else:
+        index = {"format": FORMAT, "input": identity, "settings": recorded, "dim": dim, "shards": [],
+                 "complete": False, "rows": None}
+        _write_json_atomic(os.path.join(output, INDEX), index)
+    done = {s["start"]: s for s in index["shards"] if _shard_ok(output, s, dim)}
+    if len(done) != len(index["shards"]):  # a recorded shard that is missing or damaged is encoded again
+        index["shards"] = sorted(done.values(), key=lambda s: s["start"])
+    for name in os.listdir(output):  # leftovers of a write that was interrupted
+        if name.endswith(".tmp") and name != INDEX + ".tmp":
+            os.remove(os.path.join(output, name))
+    encode_kwargs.setdefault("show_progress_bar", False)
+    rows = 0
+    encoded = skipped = 0
+    for number, chunk in enumerate(_chunks(read_records(input_path, text_field, instruction_field), shard_size)):
+        start = number * shard_size
+        rows = start + len(chunk)
+        if start in done and done[start]["rows"] == len(chunk):
+            skipped += 1
+            continue
+        embeddings = encoder.encode([[i, t] for i, t in chunk], convert_to_numpy=True, **encode_kwargs)
+        name = SHARD_NAME.format(number)
+        path = os.path.join(output, name)
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, embeddings.astype(STORAGE_DTYPES[output_dtype], copy=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        shard = {"file": name, "start": start, "rows": len(chunk)}
+        done[start] = shard
+        index["shards"] = sorted(done.values(), key=lambda s: s["start"])
+        _write_json_atomic(os.path.join(output, INDEX), index)
+        encoded += 1
+        log(f"shard {number}: rows {start}..{rows - 1} written")
+    index["shards"] = sorted((s for s in done.values() if s["start"] < rows), key=lambda s: s["start"])
+    index["complete"], index["rows"] = True, rows
+    _write_json_atomic(os.path.join(output, INDEX), index)
+    log(f"done: {rows} rows in {len(index['shards'])} shards ({encoded} encoded now, {skipped} from before)")
+    return index
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``encode`` options (for ``llm2vec-fast encode``)."""
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id (read offline from the cache)")
+    parser.add_argument("--peft", default=None, help="a second peft adapter (llm2vec's peft_model_name_or_path)")
+    parser.add_argument("--merge-peft", action="store_true", help="merge the --peft adapter into the model")
+    parser.add_argument("--input", required=True, help=".txt (a text per line), .jsonl or .parquet")
+    parser.add_argument("--output", required=True, help="output folder (shards + index.json); resumes a run there")
+    parser.add_argument("--pooling-mode", default=None,
+                        choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
+                        help="default: llm2vec_config.json's, else mean")
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--doc-max-length", type=int, default=None)
+    parser.add_argument("--skip-instruction", default=None, action=argparse.BooleanOptionalAction)
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                        help="model dtype (default bfloat16)")
+    parser.add_argument("--attn-implementation", default=None, help='default "llm2vec_fast"')
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-tokens-per-batch", type=int, default=None)
+    parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (default 10000)")
+    parser.add_argument("--output-dtype", default="float32", choices=sorted(STORAGE_DTYPES))
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--instruction-field", default="instruction")
+    parser.add_argument("--progress", action="store_true", help="a progress bar per shard")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .llm2vec import LLM2Vec
+    model_kwargs: Dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
+    if args.attn_implementation:
+        model_kwargs["attn_implementation"] = args.attn_implementation
+    encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=args.merge_peft,
+                                      pooling_mode=args.pooling_mode, max_length=args.max_length,
+                                      doc_max_length=args.doc_max_length, skip_instruction=args.skip_instruction,
+                                      **model_kwargs)
+    settings = {"model": args.model, "peft": args.peft, "merge_peft": args.merge_peft, "dtype": args.dtype}
+    encode_file(encoder, args.input, args.output, settings=settings, shard_size=args.shard_size,
+                output_dtype=args.output_dtype, text_field=args.text_field, instruction_field=args.instruction_field,
+                batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch, device=args.device,
+                normalize_embeddings=args.normalize, show_progress_bar=args.progress)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="llm2vec-fast encode", description=__doc__.split("\n\n")[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""``LLM2Vec``: a drop-in for llm2vec 0.2.3's encoder, with a packed fast path.
+
+Same constructor, ``from_pretrained``, ``encode``, ``save``, ``tokenize``, ``forward`` and
+``get_pooling``, and the same embeddings on the same checkpoint (to float32 rounding): llm2vec's
+separator, word truncation, chat templates, EOS texts and ``embed_mask`` are reproduced exactly
+(``text.py``, ``tokenization.py``). What differs is how the work is done: each distinct string is
+tokenised once, the texts are sorted by length and packed into batches of at most
+``max_tokens_per_batch`` real tokens, the bidirectional model runs on the packed tokens
+(``forward_packed``: no compute on padding) and the embeddings are pooled straight from the packed
+layout (``llm2vec_fast.pool``, float32).
+
+Behaviour that deliberately differs from llm2vec 0.2.3 (each a bug or an input llm2vec cannot take):
+- a single string is one text (llm2vec encodes each of its characters); an empty list gives a
+  (0, hidden) result; an item that is neither a string nor an [instruction, text] pair of strings
+  raises TypeError naming its index; strings and pairs may be mixed in one list;
+- ``mean`` pooling with ``skip_instruction`` of an input with nothing after the separator (an empty
+  text) pools every real token of the input. llm2vec's ``x[i, -0:]`` pools the whole padded row,
+  padding included, so its result depends on the batch; it equals ours when the input is encoded
+  alone (or is the longest in its batch);
+- ``bos_token`` pools each sequence's first token (llm2vec selects the positions equal to the BOS id,
+  which is wrong when a sequence has none or several);
+- an input with no token at all (an empty text with a tokenizer that adds no BOS) embeds to zeros;
+- pooled values are accumulated in float32 (llm2vec pools in the model's dtype, then casts).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..models.attention import ATTN_IMPLEMENTATION
+from ..models.bidirectional import decoder_body, forward_packed, is_bidirectional
+from ..models.classes import BI_MODELS
+from ..models.packing import pack, pack_sequences
+from ..ops.pooling import pool
+from . import loading
+from .text import InputItem, join_instruction, normalize_inputs, prepare_for_tokenization, split_separator, \
+    truncate_by_words
+from .tokenization import Plan, SpecialTokens, TokenCache, left_padded, plan_inputs, tokenize_with_specials
+
+POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
+_POOL_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last_token",
+              "last_token": "last_token", "bos_token": "bos_token"}
+ENCODER_ARGS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+PLAN_CHUNK = 16384  # inputs tokenised, sorted and batched together (bounds the memory of token lists)
+# Default token budget on the CPU: larger packs spill the caches (measured with benchmarks/bench_encode.py,
+# 4-layer hidden-256 model, one thread: 2048 tokens 4.9 s, 4096 5.0 s, 8192 5.6 s, 16384 6.3 s).
+CPU_TOKEN_BUDGET = 2048
+
+
+class LLM2Vec(nn.Module):
+    """Text embeddings from a (bidirectional) decoder, as llm2vec 0.2.3's ``LLM2Vec``.
+
+    ``model`` is the decoder body (e.g. ``MistralBiModel``, possibly inside a peft model) and
+    ``tokenizer`` its tokenizer; ``pooling_mode`` is one of mean, weighted_mean, eos_token,
+    last_token, bos_token; ``max_length`` caps the tokens per input, ``doc_max_length`` the tokens of
+    the text part (cut by whole words); ``skip_instruction`` pools only the text's tokens.
+    """
+
+    def __init__(self, model, tokenizer, pooling_mode: str = "mean", max_length: int = 512,
+                 doc_max_length: int = 400, skip_instruction: bool = True):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling_mode = pooling_mode
+        self.skip_instruction = skip_instruction
+        self.max_length = max_length
+        self.doc_max_length = doc_max_length
+        self.config = model.config
+
+    # ------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def _get_model_class(cls, config, enable_bidirectional: bool):
+        from transformers import AutoModel
+        if not enable_bidirectional:
+            return AutoModel
+        model_type = getattr(config, "model_type", None)
+        if model_type not in BI_MODELS:
+            raise ValueError(f"{type(config).__name__} (model_type={model_type!r}) is not supported yet with "
+                             f"bidirectional models; supported: {', '.join(BI_MODELS)} (or pass "
+                             f"enable_bidirectional=False)")
+        return BI_MODELS[model_type]
+
+    @classmethod
+    def from_pretrained(cls, base_model_name_or_path, peft_model_name_or_path=None, merge_peft: bool = False,
+                        enable_bidirectional: bool = True, **kwargs) -> "LLM2Vec":
+        """Loads tokenizer, config and model as llm2vec 0.2.3 does, from a folder or the hub cache.
+
+        ``pooling_mode``, ``max_length``, ``doc_max_length`` and ``skip_instruction`` are taken from the
+        kwargs (overriding ``llm2vec_config.json``, read from ``peft_model_name_or_path`` if given, else
+        from the base folder); every other kwarg (``torch_dtype``/``dtype``, ``attn_implementation``,
+        ``device_map``, ...) goes to the model's ``from_pretrained``. When the base folder holds a peft
+        adapter (llm2vec's MNTP checkpoints: config, tokenizer and adapter, the weights named by
+        ``adapter_config.json``'s ``base_model_name_or_path``), the adapter is merged into the base;
+        ``peft_model_name_or_path`` then adds a second adapter, merged when ``merge_peft``.
+
+        Differences from llm2vec, all about safety or speed: weights are read from safetensors only;
+        ``trust_remote_code`` is False unless given; the dtype defaults to float32 (transformers
+        4.44's default, which llm2vec got) unless ``dtype``/``torch_dtype`` is given; bidirectional
+        models get ``attn_implementation="llm2vec_fast"`` unless another is given; a base folder that
+        holds both an adapter and full weights loads its own weights (transformers 5's rule).
+        """
+        from peft import PeftModel
+        from transformers import AutoConfig, AutoTokenizer
+
+        encoder_args = {}
+        for key in ENCODER_ARGS:
+            value = kwargs.pop(key, None)
+            if value is not None:
+                encoder_args[key] = value
+        hub = loading.hub_kwargs(kwargs)
+        trust_remote_code = kwargs.pop("trust_remote_code", False)
+        if "torch_dtype" in kwargs:
+            torch_dtype = kwargs.pop("torch_dtype")
+            kwargs.setdefault("dtype", torch_dtype)
+        kwargs.setdefault("dtype", torch.float32)
+        if kwargs.setdefault("use_safetensors", True) is not True:
+            raise ValueError("LLM2Vec.from_pretrained loads safetensors weights only (use_safetensors=True)")
+        base = os.fspath(base_model_name_or_path)
+
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
+        model_class = cls._get_model_class(config, enable_bidirectional)
+        if enable_bidirectional:
+            kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
+
+        adapter_config = loading.resolve_file(base, loading.ADAPTER_CONFIG, hub)
+        weights_from = base
+        if adapter_config is not None and not loading.holds_weights(base):
+            weights_from = loading.read_json(adapter_config).get("base_model_name_or_path") or base
+        if adapter_config is not None and weights_from == base:
+            # Full weights and an adapter in one folder: load the weights through a view of the folder
+            # without the adapter, so that transformers does not load the adapter itself (it is merged
+            # below, once, through peft).
+            with loading.without_adapter(base) as view:
+                model = model_class.from_pretrained(view, trust_remote_code=trust_remote_code, **kwargs)
+        else:
+            model = model_class.from_pretrained(weights_from, trust_remote_code=trust_remote_code, **kwargs)
+        model.config._name_or_path = loading.name_or_path(base, weights_from)
+
+        if adapter_config is not None:
+            model = PeftModel.from_pretrained(model, loading.adapter_folder(base, hub))
+            model = model.merge_and_unload()
+        if peft_model_name_or_path is not None:
+            other_repo = {k: v for k, v in hub.items() if k != "revision"}  # the revision is the base's
+            model = PeftModel.from_pretrained(model, loading.adapter_folder(os.fspath(peft_model_name_or_path),
+                                                                            other_repo))
+            if merge_peft:
+                model = model.merge_and_unload()
+
+        settings = loading.llm2vec_config(peft_model_name_or_path if peft_model_name_or_path is not None else base)
+        settings.update(encoder_args)
+        return cls(model=model, tokenizer=tokenizer, **settings)
+
+    def save(self, output_path, merge_before_save: bool = False, save_config: bool = True) -> None:
+        """Saves model (safetensors), tokenizer and ``llm2vec_config.json``, as llm2vec does; also keeps
+        the template name in config.json's ``_name_or_path``."""
+        from peft import PeftModel
+        output_path = os.fspath(output_path)
+        if merge_before_save and isinstance(self.model, PeftModel):
+            self.model = self.model.merge_and_unload()
+            if hasattr(self.model, "_hf_peft_config_loaded"):
+                self.model._hf_peft_config_loaded = False
+        self.model.save_pretrained(output_path)
+        self.tokenizer.save_pretrained(output_path)
+        loading.record_name_or_path(output_path, self._name_or_path())
+        if save_config:
+            os.makedirs(output_path, exist_ok=True)
+            with open(os.path.join(output_path, loading.LLM2VEC_CONFIG), "w") as f:
+                json.dump({"pooling_mode": self.pooling_mode, "max_length": self.max_length,
+                           "doc_max_length": self.doc_max_length, "skip_instruction": self.skip_instruction}, f,
+                          indent=4)
+
+    # ----------------------------------------------------------------------------- llm2vec's text steps
+
+    def _name_or_path(self) -> str:
+        return str(getattr(self.model.config, "_name_or_path", "") or "")
+
+    def prepare_for_tokenization(self, text: str) -> str:
+        """The chat template of the checkpoint's name, then the EOS text for eos_token pooling."""
+        return prepare_for_tokenization(text, self._name_or_path(), getattr(self.model.config, "model_type", None),
+                                        self.pooling_mode)
+
+    def _convert_to_str(self, instruction: str, text: str) -> str:
+        """The text cut to doc_max_length tokens by words, joined to the instruction by the separator."""
+        cache = TokenCache(self.tokenizer)
+        (text,), _ = truncate_by_words([text], cache.counts, self.max_length, self.doc_max_length)
+        return join_instruction(instruction, text)
+
+    def _specials(self) -> Optional[SpecialTokens]:
+        return SpecialTokens.detect(self.tokenizer)
+
+    def tokenize(self, texts: Sequence[str]):
+        """llm2vec's padded features of prepared strings (separator inside): ``input_ids``,
+        ``attention_mask`` and ``embed_mask`` (the last n positions, n the text part's token count),
+        left-padded to the longest, as a ``BatchEncoding`` of long tensors."""
+        from transformers import BatchEncoding
+        texts = list(texts)
+        cache = TokenCache(self.tokenizer)
+        split = [split_separator(t) for t in texts]
+        finals, parts = [f for f, _ in split], [p for _, p in split]
+        specials = self._specials()
+        cache.fill(parts + (finals if specials is not None else []))
+        counts = [min(len(cache.ids(part)), self.max_length) for part in parts]
+        if specials is not None:
+            input_ids = [specials.apply(cache.ids(f), self.max_length) for f in finals]
+        else:
+            input_ids = tokenize_with_specials(self.tokenizer, finals, self.max_length)
+        ids, mask, embed = left_padded(input_ids, counts, self._pad_id())
+        return BatchEncoding({"input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(texts), -1),
+                              "attention_mask": torch.tensor(mask, dtype=torch.long).reshape(len(texts), -1),
+                              "embed_mask": torch.tensor(embed, dtype=torch.long).reshape(len(texts), -1)})
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else 0
+
+    def plan(self, items: Sequence[InputItem], direct: bool = False) -> Plan:
+        """Token ids and embed counts of (instruction, text) inputs, exactly as llm2vec computes them."""
+        return plan_inputs(items, self.tokenizer, self.prepare_for_tokenization, self.max_length,
+                           self.doc_max_length, specials=self._specials(), direct=direct)
+
+    # ----------------------------------------------------------------------------------- forward/pool
+
+    def _check_mode(self) -> None:
+        if self.pooling_mode not in POOLING_MODES:
+            raise ValueError(f"{self.pooling_mode} is not implemented yet.")
+
+    def _packable(self) -> bool:
+        """True when the packed path applies: a bidirectional model whose attention takes cu_seqlens."""
+        try:
+            body = decoder_body(self.model)
+            if not is_bidirectional(body):
+                return False
+        except (TypeError, ValueError):
+            return False
+        impl = body.config._attn_implementation or ""
+        return impl == ATTN_IMPLEMENTATION or impl.startswith("flash_attention")
+
+    def _pool(self, hidden: Tensor, *, cu_seqlens: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+              embed_mask: Optional[Tensor] = None, normalize: bool = False) -> Tensor:
+        """llm2vec's pooling in either layout; ``embed_mask`` applies to mean/weighted_mean under
+        skip_instruction; a mean with no embed token pools every real token."""
+        self._check_mode()
+        mode = self.pooling_mode
+        use_embed = self.skip_instruction and mode in ("mean", "weighted_mean") and embed_mask is not None
+        embed = None
+        if use_embed:
+            embed = embed_mask.to(device=hidden.device, dtype=torch.bool)
+            if cu_seqlens is None:
+                real = (attention_mask.to(hidden.device) != 0) if attention_mask is not None else \
+                    torch.ones_like(embed)
+                embed = embed & real
+                if mode == "mean":
+                    empty = ~embed.any(dim=1, keepdim=True)
+                    embed = torch.where(empty, real, embed)
+            elif mode == "mean":
+                lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+                seq_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths)
+                counts = torch.zeros(lengths.numel(), device=hidden.device).index_add_(0, seq_id, embed.float())
+                embed = embed | (counts == 0)[seq_id]
+        return pool(hidden, cu_seqlens=cu_seqlens, attention_mask=attention_mask if cu_seqlens is None else None,
+                    embed_mask=embed, mode=_POOL_MODE[mode], normalize=normalize)
+
+    def get_pooling(self, features: Dict[str, Tensor], last_hidden_states: Tensor) -> Tensor:
+        """Pools padded (B, S, H) hidden states with ``features``' attention_mask and embed_mask (float32).
+        Unlike llm2vec, ``features`` is not modified."""
+        return self._pool(last_hidden_states, attention_mask=features["attention_mask"],
+                          embed_mask=features.get("embed_mask"))
+
+    def forward(self, sentence_feature: Dict[str, Tensor]) -> Tensor:
+        """Embeddings of padded features from :meth:`tokenize` (differentiable). A bidirectional model with
+        a varlen attention runs packed (padding dropped); any other model runs padded."""
+        features = dict(sentence_feature)
+        embed_mask = features.pop("embed_mask", None)
+        if self._packable():
+            batch = pack(features["input_ids"], features.get("attention_mask"))
+            out = forward_packed(self.model, batch=batch)
+            packed_embed = None
+            if embed_mask is not None:
+                packed_embed = embed_mask.reshape(-1).to(batch.indices.device)[batch.indices]
+            return self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=packed_embed)
+        reps = self.model(**features)
+        features["embed_mask"] = embed_mask
+        return self.get_pooling(features, reps.last_hidden_state)
+
+    def _embed_batch(self, input_ids: List[List[int]], embed_counts: List[int], normalize: bool) -> Tensor:
+        """(B, H) float32 embeddings of token-id lists (each non-empty)."""
+        lengths = torch.tensor([len(ids) for ids in input_ids], dtype=torch.long)
+        counts = torch.minimum(torch.tensor(embed_counts, dtype=torch.long), lengths)
+        device = _input_device(self.model)
+        if self._packable():
+            batch = pack_sequences(input_ids)
+            out = forward_packed(self.model, batch=batch)
+            seq_id = torch.repeat_interleave(torch.arange(len(input_ids)), lengths)
+            embed = (batch.position_ids >= (lengths - counts)[seq_id]).to(out.hidden.device)
+            return self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=embed, normalize=normalize)
+        width = int(lengths.max())
+        ids = torch.full((len(input_ids), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for row, seq in enumerate(input_ids):  # right padding: positions start at 0 in every row
+            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        positions = torch.arange(width)[None, :]
+        embed = (positions >= (lengths - counts)[:, None]) & (mask != 0)
+        hidden = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        return self._pool(hidden, attention_mask=mask.to(hidden.device), embed_mask=embed, normalize=normalize)
+
+    # ------------------------------------------------------------------------------------------ encode
+
+    def encode(self, sentences: Union[str, Sequence], batch_size: int = 32, show_progress_bar: bool = True,
+               convert_to_numpy: bool = False, convert_to_tensor: bool = False, device: Optional[str] = None, *,
+               normalize_embeddings: bool = False, max_tokens_per_batch: Optional[int] = None):
+        """Embeds texts and [instruction, text] pairs: (N, hidden) float32 on the CPU, in input order
+        (a numpy array with ``convert_to_numpy=True`` and ``convert_to_tensor=False``).
+
+        Batches hold at most ``max_tokens_per_batch`` real tokens (default ``batch_size * max_length``, the
+        most a padded batch of ``batch_size`` could hold; at most 2048 on the CPU, where larger packs run
+        slower). ``normalize_embeddings=True`` L2-normalises
+        each row. ``device`` defaults to CUDA when available; the model is moved there (unless it was
+        dispatched with a device_map). The progress bar counts texts and shows tokens per second.
+        """
+        from tqdm.auto import tqdm
+
+        items = normalize_inputs(sentences)
+        self._check_mode()
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        budget = max_tokens_per_batch
+        if budget is None:
+            budget = batch_size * self.max_length
+            if _target_device(self.model, device).type == "cpu":
+                budget = min(budget, CPU_TOKEN_BUDGET)
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"max_tokens_per_batch must be a positive int, got {max_tokens_per_batch!r}")
+        self.eval()
+        if getattr(_unwrap(self.model), "hf_device_map", None) is None:
+            self.to(device)
+        packable = self._packable()
+        out = torch.zeros((len(items), self._hidden_size()), dtype=torch.float32)
+        tokens_done, started = 0, time.perf_counter()
+        with tqdm(total=len(items), unit="text", desc="Encoding", disable=not show_progress_bar) as bar, \
+                torch.no_grad():
+            for start in range(0, len(items), PLAN_CHUNK):
+                plan = self.plan(items[start:start + PLAN_CHUNK])
+                lengths = [len(ids) for ids in plan.input_ids]
+                order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+                bar.update(len(lengths) - len(order))  # inputs without tokens embed to zeros
+                for batch in token_batches(order, lengths, budget, padded=not packable):
+                    emb = self._embed_batch([plan.input_ids[i] for i in batch], [plan.embed_counts[i] for i in batch],
+                                            normalize_embeddings)
+                    out[torch.tensor(batch, dtype=torch.long) + start] = emb.float().cpu()
+                    tokens_done += sum(lengths[i] for i in batch)
+                    bar.update(len(batch))
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix_str(f"{tokens_done / elapsed:,.0f} tok/s", refresh=False)
+        if convert_to_tensor:
+            convert_to_numpy = False
+        return out.numpy() if convert_to_numpy else out
+
+    def _hidden_size(self) -> int:
+        config = self.model.config
+        size = getattr(config, "hidden_size", None)
+        if size is None and hasattr(config, "get_text_config"):
+            size = config.get_text_config().hidden_size
+        return int(size)
+
+    # ---------------------------------------------------------------------------------- llm2vec extras
+
+    def _text_length(self, text) -> int:
+        """llm2vec's length of a text, a token list or a list of texts (characters / items)."""
+        if isinstance(text, str) or (isinstance(text, list) and text and isinstance(text[0], int)) or len(text) == 0:
+            return len(text)
+        if isinstance(text, dict):
+            return len(next(iter(text.values())))
+        if not hasattr(text, "__len__"):
+            return 1
+        return sum(len(t) for t in text)
+
+    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None,
+                                pad_to_multiple_of: Optional[int] = None) -> nn.Embedding:
+        return self.model.resize_token_embeddings(new_num_tokens=new_num_tokens,
+                                                  pad_to_multiple_of=pad_to_multiple_of)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+
+def token_batches(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool = False) -> List[List[int]]:
+    """Consecutive runs of ``order`` (longest first) holding at most ``budget`` tokens each: real tokens,
+    or, with ``padded``, rows times the longest row. An input longer than the budget goes alone."""
+    batches: List[List[int]] = []
+    current: List[int] = []
+    used = widest = 0
+    for i in order:
+        n = lengths[i]
+        if padded:
+            cost = (len(current) + 1) * max(widest, n)
+        else:
+            cost = used + n
+        if current and cost > budget:
+            batches.append(current)
+            current, used, widest = [], 0, 0
+        current.append(i)
+        used += n
+        widest = max(widest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _unwrap(model):
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _target_device(model, device) -> torch.device:
+    """Where encode will run: the model's own device when it was dispatched with a device_map."""
+    if getattr(_unwrap(model), "hf_device_map", None) is not None:
+        return _input_device(model)
+    return torch.device(device)
+
+
+def _input_device(model) -> torch.device:
+    embeddings = _unwrap(model).get_input_embeddings()
+    return embeddings.weight.device
+

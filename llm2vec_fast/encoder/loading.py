@@ -1,0 +1,112 @@
+"""Checkpoint loading for :meth:`LLM2Vec.from_pretrained`: local-first, safetensors only, no remote code.
+
+Files are found in a local folder, or else through ``huggingface_hub`` (its cache; it honours
+``HF_HUB_OFFLINE=1``), so a local checkpoint never touches the network.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Iterator, Optional
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LLM2VEC_CONFIG = "llm2vec_config.json"
+# from_pretrained kwargs that also apply to the tokenizer, the config and adapter files.
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+
+
+def hub_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+
+def resolve_file(path_or_id: str, filename: str, hub: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """The local path of ``filename`` in a folder or hub repository, or None when it has no such file."""
+    path_or_id = os.fspath(path_or_id)
+    if os.path.isdir(path_or_id):
+        path = os.path.join(path_or_id, filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    try:
+        return hf_hub_download(path_or_id, filename, **(hub or {}))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+
+
+def read_json(path: str) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def adapter_folder(path_or_id: str, hub: Optional[Dict[str, Any]] = None) -> str:
+    """A local folder holding the adapter's config and safetensors weights (raises if it has only pickles)."""
+    config = resolve_file(path_or_id, ADAPTER_CONFIG, hub)
+    if config is None:
+        raise ValueError(f"{path_or_id!r} holds no {ADAPTER_CONFIG}: not a peft adapter")
+    weights = resolve_file(path_or_id, ADAPTER_WEIGHTS, hub)
+    if weights is None:
+        raise ValueError(f"{path_or_id!r} holds no {ADAPTER_WEIGHTS}: only safetensors adapters are loaded (a "
+                         f"pickled adapter_model.bin can run arbitrary code; convert it with safetensors first)")
+    if os.path.dirname(config) != os.path.dirname(weights):
+        raise ValueError(f"{path_or_id!r}: adapter config and weights resolved to different folders")
+    return os.path.dirname(config)
+
+
+def name_or_path(base: str, loaded_from: str) -> str:
+    """The name llm2vec keys its templates on: for a local folder, the ``_name_or_path`` recorded in its
+    config.json ("" if absent, as transformers 4.44 reads it); otherwise the path the weights were
+    loaded from (what transformers sets)."""
+    config_file = os.path.join(os.fspath(base), "config.json")
+    if os.path.isdir(os.fspath(base)) and os.path.isfile(config_file):
+        return str(read_json(config_file).get("_name_or_path", ""))
+    return os.fspath(loaded_from)
+
+
+def llm2vec_config(path_or_id: Optional[str]) -> Dict[str, Any]:
+    """``llm2vec_config.json`` of a local folder ({} when absent; llm2vec reads it from folders only)."""
+    if path_or_id is None:
+        return {}
+    path = os.path.join(os.fspath(path_or_id), LLM2VEC_CONFIG)
+    return read_json(path) if os.path.exists(path) else {}
+
+
+def record_name_or_path(folder: str, name: str) -> None:
+    """Writes ``_name_or_path`` into ``folder/config.json`` (transformers 5 no longer saves it, and
+    llm2vec's templates are keyed on it)."""
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        return
+    data = read_json(config_file)
+    data = {"_name_or_path": name, **{k: v for k, v in data.items() if k != "_name_or_path"}}
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def holds_weights(folder: str) -> bool:
+    """Whether a local folder holds full safetensors model weights."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return False
+    return any(os.path.isfile(os.path.join(folder, name))
+               for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+@contextlib.contextmanager
+def without_adapter(folder: str) -> Iterator[str]:
+    """A temporary folder linking every file of ``folder`` except the peft adapter's."""
+    with tempfile.TemporaryDirectory(prefix="llm2vec_fast_") as view:
+        for name in os.listdir(folder):
+            if name == ADAPTER_CONFIG or name.startswith("adapter_model."):
+                continue
+            source = os.path.join(os.path.abspath(folder), name)
+            target = os.path.join(view, name)
+            try:
+                os.symlink(source, target)
+            except OSError:
+                (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, target)
+        yield view

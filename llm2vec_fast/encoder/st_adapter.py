@@ -1,0 +1,145 @@
+"""sentence-transformers adapter: an ``LLM2Vec`` where a ``SentenceTransformer`` is expected.
+
+    from llm2vec_fast.encoder.st_adapter import to_sentence_transformer
+    model = to_sentence_transformer(LLM2Vec.from_pretrained(path), prompts={"query": "Given a query, ..."})
+    model.encode(["a text"]); model.encode_query(["a question"]); model.similarity(a, b)
+
+``to_sentence_transformer`` returns a real ``SentenceTransformer`` (sentence-transformers 5 or 6 must be
+installed) whose ``encode`` runs ``LLM2Vec.encode``, so llm2vec's semantics and the packed fast path are
+kept. A prompt (``prompt=`` or ``prompt_name=``, also the "query"/"document" prompts that
+``encode_query``/``encode_document`` pick) becomes llm2vec's instruction: the input is encoded as
+``[prompt, text]``, so with ``skip_instruction`` the prompt is not pooled.
+
+Supported: ``encode`` / ``encode_query`` / ``encode_document`` on a string or a list of strings (or
+[instruction, text] pairs), with ``batch_size``, ``show_progress_bar``, ``convert_to_numpy``,
+``convert_to_tensor``, ``normalize_embeddings``, ``device``, ``truncate_dim`` and ``precision="float32"``;
+``similarity`` / ``similarity_pairwise`` (cosine by default); ``get_sentence_embedding_dimension``;
+``isinstance(model, SentenceTransformer)``; the module's ``tokenize``/``forward`` (llm2vec's padded
+features, differentiable). Not supported (raise ValueError or NotImplementedError):
+``output_value="token_embeddings"``, quantised precisions, multi-process ``pool``, ``chunk_size``,
+saving or loading through sentence-transformers (use ``LLM2Vec.save`` / ``from_pretrained``), training
+with ``fit``/the trainer.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .text import normalize_inputs
+
+
+class LLM2VecModule(nn.Module):
+    """The one module of the adapter: llm2vec's ``tokenize`` and ``forward`` in sentence-transformers' terms."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def tokenize(self, texts, **kwargs) -> Dict[str, torch.Tensor]:
+        items = normalize_inputs(list(texts))
+        prepared = [self.encoder.prepare_for_tokenization(self.encoder._convert_to_str(i, t)) for i, t in items]
+        return dict(self.encoder.tokenize(prepared))
+
+    def forward(self, features: Dict[str, torch.Tensor], **kwargs) -> Dict[str, torch.Tensor]:
+        features = dict(features)
+        features["sentence_embedding"] = self.encoder.forward(features)
+        return features
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.encoder._hidden_size()
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.encoder.max_length
+
+    def save(self, *args, **kwargs):
+        raise NotImplementedError("save the encoder with LLM2Vec.save(path) and load it with LLM2Vec.from_pretrained")
+
+
+def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None,
+                            default_prompt_name: Optional[str] = None, similarity_fn_name: str = "cosine",
+                            device: Optional[str] = None):
+    """A ``SentenceTransformer`` running ``encoder`` (an ``LLM2Vec``); see the module docstring."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ImportError("to_sentence_transformer needs sentence-transformers (pip install sentence-transformers)") \
+            from None
+
+    class LLM2VecSentenceTransformer(SentenceTransformer):
+        """A SentenceTransformer whose encode is ``LLM2Vec.encode`` (prompts become instructions)."""
+
+        def encode(self, inputs=None, prompt_name: Optional[str] = None, prompt: Optional[str] = None,
+                   batch_size: int = 32, show_progress_bar: Optional[bool] = None,
+                   output_value: Optional[str] = "sentence_embedding", precision: str = "float32",
+                   convert_to_numpy: bool = True, convert_to_tensor: bool = False, device=None,
+                   normalize_embeddings: bool = False, truncate_dim: Optional[int] = None, pool=None,
+                   chunk_size: Optional[int] = None, **kwargs):
+            if inputs is None:
+                inputs = kwargs.pop("sentences", None)
+            kwargs.pop("task", None)
+            if output_value != "sentence_embedding":
+                raise ValueError(f"output_value={output_value!r} is not supported (only 'sentence_embedding')")
+            if precision != "float32":
+                raise ValueError(f"precision={precision!r} is not supported (only 'float32')")
+            if pool is not None or chunk_size is not None:
+                raise NotImplementedError("multi-process pools are not supported: pass device= for one device")
+            if isinstance(device, (list, tuple)):
+                raise NotImplementedError("several devices are not supported yet: pass one device")
+            if prompt is None and prompt_name is None:
+                prompt_name = self.default_prompt_name
+            if prompt is None and prompt_name is not None:
+                if prompt_name not in self.prompts:
+                    raise ValueError(f"prompt_name {prompt_name!r} not found in prompts {sorted(self.prompts)}")
+                prompt = self.prompts[prompt_name]
+            single = isinstance(inputs, str)
+            items = normalize_inputs(inputs)
+            if prompt:
+                items = [(prompt if not instruction else instruction, text) for instruction, text in items]
+            if show_progress_bar is None:
+                show_progress_bar = False
+            target = device if device is not None else str(self.device)
+            embeddings = llm2vec.encode([[i, t] for i, t in items], batch_size=batch_size,
+                                        show_progress_bar=show_progress_bar, device=target,
+                                        normalize_embeddings=normalize_embeddings and truncate_dim is None)
+            if truncate_dim is not None:
+                embeddings = embeddings[:, :truncate_dim]
+                if normalize_embeddings:
+                    embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+            if single:
+                embeddings = embeddings[0]
+            if convert_to_tensor:
+                return embeddings
+            if convert_to_numpy:
+                return embeddings.numpy()
+            return list(embeddings)
+
+        def save(self, *args, **kwargs):
+            raise NotImplementedError("save with LLM2Vec.save(path); load with LLM2Vec.from_pretrained(path) and "
+                                      "to_sentence_transformer")
+
+        def fit(self, *args, **kwargs):
+            raise NotImplementedError("training through sentence-transformers is not supported by this adapter")
+
+    llm2vec = encoder
+    if device is None:
+        try:
+            device = str(next(encoder.parameters()).device)
+        except StopIteration:
+            device = "cpu"
+    model = LLM2VecSentenceTransformer(modules=[LLM2VecModule(encoder)], device=device, prompts=prompts or {},
+                                       default_prompt_name=default_prompt_name,
+                                       similarity_fn_name=similarity_fn_name)
+    return model
+
+
+def supported_features() -> List[str]:
+    """What the adapter supports (for documentation and tests)."""
+    return ["encode", "encode_query", "encode_document", "similarity", "similarity_pairwise",
+            "get_sentence_embedding_dimension", "prompts", "normalize_embeddings", "truncate_dim",
+            "convert_to_numpy", "convert_to_tensor"]
+
+
+__all__ = ["LLM2VecModule", "to_sentence_transformer", "supported_features"]

@@ -1,0 +1,845 @@
+"""Tests of ``llm2vec_fast.LLM2Vec``, the drop-in for llm2vec 0.2.3's encoder.
+
+Parity: ``tests/fixtures/llm2vec/<case>/reference.pt`` holds llm2vec 0.2.3's own embeddings (made by
+``scripts/make_llm2vec_fixtures.py`` under transformers 4.44.2) for tiny random checkpoints of the
+Llama (Llama-2 and Llama-3 tokenizers), Mistral, Gemma and Qwen2 families, every pooling mode and
+skip_instruction, two (max_length, doc_max_length) settings, and llm2vec's MNTP + second-adapter
+loading. The weights are regenerated here from their seed (checked by SHA-256) and saved as a
+transformers 5 checkpoint next to the fixture's 4.44 config and tokenizer.
+
+Tolerance: ``PARITY_ATOL = 1e-5`` absolute, on embeddings whose entries are of order 0.5 (norms 4-12).
+llm2vec's own float32 result differs from its float64 result by at most 1.9e-6 on these models
+(``float64_floor`` in each run), and ours differs from llm2vec's by at most as much; anything
+semantic (one token more or less in a pooled set, another position, another template) moves an
+embedding by 1e-2 or more. All on the CPU in float32.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "llm2vec")
+PARITY_ATOL = 1e-5
+SAME_ATOL = 1e-5  # two runs of our own that may differ only in batch composition / packing
+CASE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _load_fixture_module():
+    spec = importlib.util.spec_from_file_location("make_llm2vec_fixtures",
+                                                  os.path.join(REPO, "scripts", "make_llm2vec_fixtures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mk = _load_fixture_module()
+INPUTS = mk.INPUTS
+CASES = list(mk.CASES)
+
+
+def reference(case: str):
+    return torch.load(os.path.join(FIXTURES, case, "reference.pt"), weights_only=True)
+
+
+def run_id(run) -> str:
+    return f"{run['pooling_mode']}-skip{int(run['skip_instruction'])}-ml{run['max_length']}"
+
+
+PARITY_PARAMS = [pytest.param(case, index, id=f"{case}-{run_id(run)}")
+                 for case in CASES for index, run in enumerate(reference(case)["runs"])]
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def write_checkpoint(case: str, folder: str) -> str:
+    """The fixture's config and tokenizer plus the regenerated weights, as a transformers 5 folder."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from llm2vec_fast.models import BI_MODELS
+    ref = reference(case)
+    os.makedirs(folder, exist_ok=True)
+    for name in CASE_FILES:
+        shutil.copy(os.path.join(FIXTURES, case, name), folder)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = BI_MODELS[config.model_type](config)
+    shapes = sorted((name, tuple(p.shape)) for name, p in model.state_dict().items())
+    assert shapes == [(name, tuple(shape)) for name, shape in ref["parameter_shapes"]], \
+        "transformers 5's state-dict keys differ from transformers 4.44's"
+    state = mk.generate_state_dict(shapes, ref["seed"], ref["family"])
+    assert mk.state_dict_sha256(state) == ref["weights_sha256"], "regenerated weights differ from the fixture's"
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm2vec_checkpoints")
+    made = {}
+
+    def get(case: str) -> str:
+        if case not in made:
+            made[case] = write_checkpoint(case, str(root / case))
+        return made[case]
+    return get
+
+
+@pytest.fixture(scope="session")
+def encoders(checkpoints):
+    from llm2vec_fast import LLM2Vec
+    made = {}
+
+    def get(case: str):
+        if case not in made:
+            enable = reference(case)["enable_bidirectional"]
+            made[case] = LLM2Vec.from_pretrained(checkpoints(case), enable_bidirectional=enable)
+        return made[case]
+    return get
+
+
+def configure(encoder, run) -> None:
+    encoder.pooling_mode, encoder.skip_instruction = run["pooling_mode"], run["skip_instruction"]
+    encoder.max_length, encoder.doc_max_length = run["max_length"], run["doc_max_length"]
+
+
+def as_items(inputs):
+    return [("", x) if isinstance(x, str) else (x[0], x[1]) for x in inputs]
+
+
+def assert_matches_reference(emb: torch.Tensor, run) -> float:
+    """Rows llm2vec pools without padding: its padded batch; rows it pools from padding: the input
+    encoded alone; rows without a token: zeros. Returns the largest error."""
+    worst = 0.0
+    for row in range(len(INPUTS)):
+        if row in run["unsupported"]:
+            assert torch.equal(emb[row], torch.zeros_like(emb[row])), f"row {row} has no token: expected zeros"
+            continue
+        expected = run["alone"][row] if row in run["padding_dependent"] else run["embeddings"][row]
+        error = float((emb[row] - expected).abs().max())
+        assert error <= PARITY_ATOL, f"row {row} ({INPUTS[row]!r:.60}): max abs error {error:.3g}"
+        worst = max(worst, error)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------- parity
+
+def test_fixtures_come_from_llm2vec_0_2_3():
+    for case in CASES + [mk.ADAPTER_CASE]:
+        versions = reference(case)["versions"]
+        assert versions["transformers"] == "4.44.2" and versions["llm2vec"] == "0.2.3", (case, versions)
+
+
+@pytest.mark.parametrize("case,index", PARITY_PARAMS)
+def test_tokenization_matches_llm2vec(encoders, case, index):
+    """Token ids (templates, EOS texts, word truncation, max_length) and embed counts, exactly."""
+    encoder = encoders(case)
+    run = reference(case)["runs"][index]
+    configure(encoder, run)
+    plan = encoder.plan(as_items(INPUTS))
+    assert plan.prepared == run["prepared"]
+    assert plan.input_ids == run["input_ids"]
+    assert plan.embed_counts == run["embed_counts"]
+
+
+@pytest.mark.parametrize("case,index", PARITY_PARAMS)
+def test_parity_with_llm2vec(encoders, case, index):
+    encoder = encoders(case)
+    run = reference(case)["runs"][index]
+    configure(encoder, run)
+    emb = encoder.encode(INPUTS, show_progress_bar=False)
+    assert emb.dtype == torch.float32 and emb.device.type == "cpu" and emb.shape == run["embeddings"].shape
+    assert_matches_reference(emb, run)
+
+
+def test_parity_checks_the_semantics(encoders):
+    """The tolerance is far below what any semantic slip costs: pooling one token fewer fails it."""
+    encoder = encoders("llama")
+    run = reference("llama")["runs"][0]
+    configure(encoder, run)
+    plan = encoder.plan(as_items(INPUTS))
+    emb = encoder._embed_batch(plan.input_ids[:1], [plan.embed_counts[0] - 1], False)
+    assert float((emb[0] - run["embeddings"][0]).abs().max()) > 100 * PARITY_ATOL
+
+
+def adapter_folders(root: str, checkpoints) -> tuple:
+    """Base (the llama weights), an MNTP folder (config, tokenizer, LoRA adapter -> base) and a second
+    adapter with llm2vec_config.json: the layout llm2vec's published MNTP + supervised models use."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm2vec_fast.models import LlamaBiModel
+    ref = reference(mk.ADAPTER_CASE)
+    base = checkpoints("llama")
+    shas = []
+    folders = []
+    for seed, name in ((mk.MNTP_SEED, "mntp"), (mk.SIMCSE_SEED, "simcse")):
+        folder = os.path.join(root, name)
+        peft_model = get_peft_model(LlamaBiModel.from_pretrained(base), LoraConfig(**mk.LORA))
+        named = {mk.lora_file_key(n): p for n, p in peft_model.named_parameters() if "lora_" in n}
+        state = mk.generate_state_dict([(k, tuple(p.shape)) for k, p in named.items()], seed, "llama")
+        with torch.no_grad():
+            for key, param in named.items():
+                param.copy_(state[key])
+        peft_model.save_pretrained(folder)
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            adapter_config = json.load(f)
+        adapter_config["base_model_name_or_path"] = base
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(adapter_config, f)
+        shas.append(mk.state_dict_sha256(state))
+        folders.append(folder)
+    assert shas == [ref["mntp_sha256"], ref["simcse_sha256"]], "regenerated LoRA weights differ from the fixture's"
+    mntp, simcse = folders
+    for name in CASE_FILES:
+        shutil.copy(os.path.join(FIXTURES, mk.ADAPTER_CASE, name), mntp)
+    with open(os.path.join(simcse, "llm2vec_config.json"), "w") as f:
+        json.dump(mk.SIMCSE_LLM2VEC_CONFIG, f)
+    return base, mntp, simcse
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, checkpoints):
+    return adapter_folders(str(tmp_path_factory.mktemp("adapters")), checkpoints)
+
+
+@pytest.mark.parametrize("index", range(len(mk.ADAPTER_RUNS)),
+                         ids=[f"merge_peft={m}" for m, _ in mk.ADAPTER_RUNS])
+def test_parity_mntp_and_second_adapter(adapters, index):
+    """llm2vec's MNTP flow: the adapter beside the base merged, a second adapter loaded (merged or not),
+    llm2vec_config.json from the second adapter, kwargs overriding it."""
+    from peft import PeftModel
+
+    from llm2vec_fast import LLM2Vec
+    _, mntp, simcse = adapters
+    run = reference(mk.ADAPTER_CASE)["runs"][index]
+    encoder = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=simcse, merge_peft=run["merge_peft"],
+                                      **run["kwargs"])
+    assert isinstance(encoder.model, PeftModel) == (not run["merge_peft"])
+    assert (encoder.pooling_mode, encoder.skip_instruction, encoder.max_length, encoder.doc_max_length) == (
+        run["pooling_mode"], run["skip_instruction"], run["max_length"], run["doc_max_length"])
+    assert_matches_reference(encoder.encode(INPUTS, show_progress_bar=False), run)
+
+
+def test_adapter_inside_a_full_checkpoint_is_merged_once(adapters, tmp_path):
+    """A folder holding full weights and an adapter: its own weights plus the adapter, merged once
+    (transformers 5 would also load the adapter itself)."""
+    from llm2vec_fast import LLM2Vec
+    base, mntp, _ = adapters
+    both = str(tmp_path / "both")
+    shutil.copytree(base, both)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(os.path.join(mntp, name), both)
+    expected = LLM2Vec.from_pretrained(mntp).encode(INPUTS[:6], show_progress_bar=False)
+    got = LLM2Vec.from_pretrained(both).encode(INPUTS[:6], show_progress_bar=False)
+    plain = LLM2Vec.from_pretrained(base).encode(INPUTS[:6], show_progress_bar=False)
+    assert torch.allclose(got, expected, atol=SAME_ATOL, rtol=0)
+    assert float((got - plain).abs().max()) > 1e-3  # the adapter did change the model
+
+
+# ------------------------------------------------------------------------------ our own invariants
+
+def _switch_attention(encoder, impl: str) -> None:
+    from llm2vec_fast.models import decoder_body
+    decoder_body(encoder.model).set_attn_implementation(impl)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "eos_token", "bos_token"])
+def test_packed_equals_padded(checkpoints, case, mode):
+    """The packed path (attn "llm2vec_fast") and the padded one (attn "sdpa", the model's own forward),
+    and llm2vec's tokenize -> forward, give the same embeddings."""
+    from llm2vec_fast import LLM2Vec
+    if mode == "bos_token" and case == "qwen2":
+        pytest.skip("Qwen2 tokenizers add no BOS")
+    packed = LLM2Vec.from_pretrained(checkpoints(case), pooling_mode=mode, max_length=64, doc_max_length=24)
+    padded = LLM2Vec.from_pretrained(checkpoints(case), pooling_mode=mode, max_length=64, doc_max_length=24,
+                                     attn_implementation="sdpa")
+    assert packed._packable() and not padded._packable()
+    a = packed.encode(INPUTS, show_progress_bar=False)
+    b = padded.encode(INPUTS, show_progress_bar=False)
+    assert torch.allclose(a, b, atol=SAME_ATOL, rtol=0)
+    # llm2vec's step-by-step API on one padded batch, both paths
+    prepared = [packed.prepare_for_tokenization(packed._convert_to_str(i, t)) for i, t in as_items(INPUTS[:8])]
+    features = packed.tokenize(prepared)
+    with torch.no_grad():
+        c = packed.forward(dict(features))
+        d = padded.forward(dict(features))
+    assert torch.allclose(c, a[:8], atol=SAME_ATOL, rtol=0)
+    assert torch.allclose(d, a[:8], atol=SAME_ATOL, rtol=0)
+
+
+def test_tokenize_is_llm2vecs_padded_batch(encoders):
+    """tokenize: left padding with pad = eos, embed_mask over the last n positions."""
+    encoder = encoders("mistral")
+    run = reference("mistral")["runs"][0]
+    configure(encoder, run)
+    features = encoder.tokenize(run["prepared"])
+    width = max(len(ids) for ids in run["input_ids"])
+    assert features["input_ids"].shape == (len(INPUTS), width)
+    pad = encoder.tokenizer.eos_token_id
+    assert encoder.tokenizer.pad_token_id == pad and encoder.tokenizer.padding_side == "left"
+    for row, (ids, n) in enumerate(zip(run["input_ids"], run["embed_counts"])):
+        assert features["input_ids"][row].tolist() == [pad] * (width - len(ids)) + ids
+        assert features["attention_mask"][row].tolist() == [0] * (width - len(ids)) + [1] * len(ids)
+        n = min(n, width)
+        assert features["embed_mask"][row].tolist() == [0] * (width - n) + [1] * n
+
+
+def test_get_pooling_mean_with_nothing_to_pool(encoders):
+    """mean + skip_instruction with an empty text part pools every real token (never NaN)."""
+    encoder = encoders("llama")
+    encoder.pooling_mode, encoder.skip_instruction = "mean", True
+    hidden = torch.randn(2, 4, 8)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    embed = torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1]])
+    out = encoder.get_pooling({"attention_mask": mask, "embed_mask": embed}, hidden)
+    assert torch.allclose(out[0], hidden[0, 1:].mean(0), atol=1e-6)
+    assert torch.allclose(out[1], hidden[1, 2:].mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [1, 30, 100, 100_000])
+def test_batch_size_invariance(encoders, budget):
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    expected = encoder.encode(INPUTS, batch_size=1, show_progress_bar=False)
+    got = encoder.encode(INPUTS, show_progress_bar=False, max_tokens_per_batch=budget)
+    assert torch.allclose(got, expected, atol=SAME_ATOL, rtol=0)
+    assert torch.allclose(encoder.encode(INPUTS, batch_size=64, show_progress_bar=False), expected,
+                          atol=SAME_ATOL, rtol=0)
+
+
+def test_benchmark_baseline_is_llm2vecs_algorithm(encoders):
+    """benchmarks/bench_encode.py's baseline (llm2vec 0.2.3's encode re-implemented on transformers 5)
+    gives llm2vec's embeddings (rows pooled from padding aside: transformers 5 computes padding positions
+    differently from 4.44)."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from benchmarks.bench_encode import llm2vec_reference_encode
+    from llm2vec_fast.models import decoder_body
+    encoder = encoders("llama")
+    body = decoder_body(encoder.model)
+    for run in reference("llama")["runs"]:
+        if run["pooling_mode"] not in ("mean", "weighted_mean"):
+            continue
+        try:
+            body.set_attn_implementation("sdpa")
+            emb = llm2vec_reference_encode(encoder.model, encoder.tokenizer, INPUTS, "cpu",
+                                           pooling_mode=run["pooling_mode"], max_length=run["max_length"],
+                                           doc_max_length=run["doc_max_length"],
+                                           skip_instruction=run["skip_instruction"], batch_size=mk.BATCH_SIZE)
+        finally:
+            body.set_attn_implementation("llm2vec_fast")
+        keep = [r for r in range(len(INPUTS)) if r not in run["padding_dependent"]]
+        assert torch.allclose(emb[keep], run["embeddings"][keep], atol=PARITY_ATOL, rtol=0), run_id(run)
+
+
+def test_cpu_token_budget_default(encoders, monkeypatch):
+    """On the CPU the default pack holds at most CPU_TOKEN_BUDGET tokens (batch_size * max_length else)."""
+    from llm2vec_fast.encoder import llm2vec as module
+    seen = []
+    original = module.token_batches
+
+    def spy(order, lengths, budget, padded=False):
+        seen.append(budget)
+        return original(order, lengths, budget, padded)
+    monkeypatch.setattr(module, "token_batches", spy)
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    encoder.encode(INPUTS[:3], show_progress_bar=False)
+    encoder.encode(INPUTS[:3], batch_size=2, show_progress_bar=False)
+    encoder.encode(INPUTS[:3], max_tokens_per_batch=99_999, show_progress_bar=False)
+    assert seen == [module.CPU_TOKEN_BUDGET, 2 * encoder.max_length, 99_999]
+
+
+def test_token_batches_respect_the_budget():
+    from llm2vec_fast.encoder import token_batches
+    lengths = [9, 7, 7, 5, 3, 3, 2, 1, 30]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = token_batches(order, lengths, 12)
+    assert [i for b in batches for i in b] == order
+    assert batches[0] == [8]  # longer than the budget: alone
+    assert all(sum(lengths[i] for i in b) <= 12 for b in batches[1:])
+    padded = token_batches(order, lengths, 21, padded=True)
+    assert all(len(b) * max(lengths[i] for i in b) <= 21 for b in padded[1:])
+
+
+def test_input_order_is_preserved(encoders):
+    encoder = encoders("qwen2")
+    configure(encoder, reference("qwen2")["runs"][0])
+    expected = encoder.encode(INPUTS, show_progress_bar=False)
+    permutation = torch.randperm(len(INPUTS), generator=torch.Generator().manual_seed(3)).tolist()
+    shuffled = encoder.encode([INPUTS[i] for i in permutation], show_progress_bar=False)
+    assert torch.allclose(shuffled, expected[permutation], atol=SAME_ATOL, rtol=0)
+    doubled = encoder.encode(INPUTS + INPUTS[::-1], show_progress_bar=False)
+    assert torch.allclose(doubled, torch.cat([expected, expected.flip(0)]), atol=SAME_ATOL, rtol=0)
+
+
+def test_input_edge_cases(encoders):
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    hidden = encoder.model.config.hidden_size
+    text, pair = INPUTS[0], INPUTS[1]
+    one = encoder.encode(text, show_progress_bar=False)  # a single string is one text
+    assert one.shape == (1, hidden)
+    assert torch.allclose(one, encoder.encode([text], show_progress_bar=False), atol=SAME_ATOL, rtol=0)
+    empty = encoder.encode([], show_progress_bar=False)
+    assert isinstance(empty, torch.Tensor) and empty.shape == (0, hidden) and empty.dtype == torch.float32
+    empty_np = encoder.encode([], convert_to_numpy=True, show_progress_bar=False)
+    assert isinstance(empty_np, np.ndarray) and empty_np.shape == (0, hidden) and empty_np.dtype == np.float32
+    mixed = encoder.encode([text, tuple(pair), pair + [7]], show_progress_bar=False)
+    separate = encoder.encode([text, pair, pair], show_progress_bar=False)
+    assert torch.allclose(mixed, separate, atol=SAME_ATOL, rtol=0)
+    medi = encoder.encode(pair + [0], show_progress_bar=False)  # llm2vec's single [instruction, text, int]
+    assert torch.allclose(medi, separate[1:2], atol=SAME_ATOL, rtol=0)
+    generated = encoder.encode((t for t in [text, text]), show_progress_bar=False)
+    assert generated.shape == (2, hidden)
+    as_numpy = encoder.encode([text, pair], convert_to_numpy=True, show_progress_bar=False)
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.float32
+    assert isinstance(encoder.encode([text], convert_to_numpy=True, convert_to_tensor=True,
+                                     show_progress_bar=False), torch.Tensor)
+    normalized = encoder.encode([text, pair], normalize_embeddings=True, show_progress_bar=False)
+    assert torch.allclose(normalized.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(normalized, torch.nn.functional.normalize(separate[:2], dim=1), atol=1e-5)
+
+
+def test_text_without_tokens_embeds_to_zeros(encoders):
+    """Qwen2 adds no BOS: an empty text has no token; it embeds to zeros, normalised or not (no NaN)."""
+    encoder = encoders("qwen2")
+    configure(encoder, reference("qwen2")["runs"][0])
+    name = encoder.model.config._name_or_path
+    try:
+        encoder.model.config._name_or_path = "tiny-random/qwen2"  # no chat template around the text
+        assert encoder.plan([("", "")]).input_ids == [[]]
+        emb = encoder.encode(["", "x", ""], normalize_embeddings=True, show_progress_bar=False)
+    finally:
+        encoder.model.config._name_or_path = name
+    assert torch.equal(emb[0], torch.zeros_like(emb[0])) and torch.equal(emb[2], emb[0])
+    assert torch.isfinite(emb).all() and abs(float(emb[1].norm()) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("bad,index", [
+    (["ok", 3], 1), (["ok", None], 1), ([b"bytes"], 0), (["ok", "fine", {"text": "x"}], 2),
+    ([["instruction", 5]], 0), ([["only one"]], 0), (["a", ["instruction", None]], 1)])
+def test_bad_items_raise_type_error_naming_the_index(encoders, bad, index):
+    encoder = encoders("llama")
+    with pytest.raises(TypeError, match=rf"sentences\[{index}\]"):
+        encoder.encode(bad, show_progress_bar=False)
+
+
+def test_bad_arguments(encoders):
+    encoder = encoders("llama")
+    for bad in (None, 5, b"text", {"a": "b"}):
+        with pytest.raises(TypeError):
+            encoder.encode(bad, show_progress_bar=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode(["a"], batch_size=0, show_progress_bar=False)
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        encoder.encode(["a"], max_tokens_per_batch=0, show_progress_bar=False)
+    mode = encoder.pooling_mode
+    try:
+        encoder.pooling_mode = "cls"
+        with pytest.raises(ValueError, match="cls is not implemented"):
+            encoder.encode(["a"], show_progress_bar=False)
+    finally:
+        encoder.pooling_mode = mode
+
+
+def test_progress_bar_shows_texts_and_tokens_per_second(encoders, capsys):
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    encoder.encode(INPUTS, show_progress_bar=True)
+    err = capsys.readouterr().err
+    assert "16/16" in err and "text/s" in err and "tok/s" in err
+    encoder.encode(INPUTS[:2], show_progress_bar=False)
+    assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------------- tokenisation
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records every string it tokenises."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.seen = []
+
+    def __call__(self, text, *args, **kwargs):
+        self.seen.extend([text] if isinstance(text, str) else list(text))
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_each_text_is_tokenised_once(encoders):
+    from llm2vec_fast.encoder.tokenization import SpecialTokens, plan_inputs
+    from llm2vec_fast.encoder.text import prepare_for_tokenization
+    encoder = encoders("llama")
+    specials = SpecialTokens.detect(encoder.tokenizer)
+    texts = [f"text number {i} about tides and embeddings" for i in range(20)]
+    counting = CountingTokenizer(encoder.tokenizer)
+    plain = lambda s: prepare_for_tokenization(s, "tiny", "llama", "mean")  # noqa: E731
+    plan = plan_inputs(as_items(texts), counting, plain, 64, 400, specials=specials)
+    assert sorted(counting.seen) == sorted(texts)
+    assert plan.input_ids == encoder.plan(as_items(texts), direct=True).input_ids
+    # with instructions: the text and the joined string, once each
+    counting.seen.clear()
+    plan_inputs([("Instruct:", t) for t in texts], counting, plain, 64, 400, specials=specials)
+    assert len(counting.seen) == 2 * len(texts) and len(set(counting.seen)) == len(counting.seen)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama3_instruct", "gemma", "qwen2"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("max_length", [3, 12, 512])
+def test_special_token_shortcut_equals_the_tokenizer(encoders, case, side, max_length):
+    """Plain ids + detected special tokens, truncated, == tokenizer(..., add_special_tokens=True)."""
+    encoder = encoders(case)
+    saved = (encoder.tokenizer.truncation_side, encoder.max_length, encoder.doc_max_length, encoder.pooling_mode)
+    try:
+        encoder.tokenizer.truncation_side = side
+        encoder.max_length, encoder.doc_max_length, encoder.pooling_mode = max_length, 1000, "eos_token"
+        items = as_items(INPUTS) + [("", mk.LONG_1 + " " + mk.LONG_2)]
+        assert encoder._specials() is not None
+        fast, direct = encoder.plan(items), encoder.plan(items, direct=True)
+        assert fast.input_ids == direct.input_ids and fast.embed_counts == direct.embed_counts
+    finally:
+        encoder.tokenizer.truncation_side, encoder.max_length, encoder.doc_max_length, encoder.pooling_mode = saved
+
+
+def test_templates_and_eos_texts():
+    from llm2vec_fast.encoder.text import join_instruction, prepare_for_tokenization, split_separator
+    joined = join_instruction("  Instruct: ", "a text ")
+    assert joined == "Instruct: !@#$%^&*()a text "
+    assert prepare_for_tokenization(joined, "x", "mistral", "mean") == joined
+    assert prepare_for_tokenization(joined, "x", "mistral", "eos_token") == "Instruct: !@#$%^&*()a text </s>"
+    assert prepare_for_tokenization(joined, "x", "gemma", "eos_token").endswith("a text<eos>")
+    assert prepare_for_tokenization(joined, "x", "qwen2", "eos_token").endswith("a text<|endoftext|>")
+    for family in ("gemma2", "qwen3"):  # llm2vec 0.2.3 appends nothing for families it does not know
+        assert prepare_for_tokenization(joined, "x", family, "eos_token") == joined
+    assert prepare_for_tokenization(joined, "meta-llama/Meta-Llama-3-8B-Instruct", "llama", "eos_token") == (
+        "<|start_header_id|>user<|end_header_id|>\n\nInstruct: !@#$%^&*()a text<|eot_id|>")
+    assert prepare_for_tokenization(joined, "meta-llama/Llama-2-7b-chat-hf", "llama", "eos_token") == (
+        "[INST] Instruct: !@#$%^&*()a text [/INST] </s>")
+    assert prepare_for_tokenization(joined, "Qwen/Qwen2-7B-Instruct", "qwen2", "mean") == (
+        "<|im_start|>user\nInstruct: !@#$%^&*()a text<|im_end|>")
+    assert split_separator("a !@#$%^&*()b !@#$%^&*() c") == ("a b  c", "b ")
+    assert split_separator("no separator") == ("no separator", "")
+
+
+def test_word_truncation_loop():
+    from llm2vec_fast.encoder.text import truncate_by_words
+    count = lambda texts: [len(t.replace(" ", "")) for t in texts]  # noqa: E731  one token per character
+    texts, lengths = truncate_by_words(["aa bb cc dd ee", "short", "  x  "], count, 512, 6)
+    # 10 > 6: int(5 * 6 / 10) = 3 words -> "aa bb cc" (6); untouched texts keep their spacing
+    assert texts == ["aa bb cc", "short", "  x  "] and lengths == [6, 5, 1]
+    texts, lengths = truncate_by_words(["abcdefghij"], count, 8, 7)  # capped at max_length 8 > 7: cut to 0 words
+    assert texts == [""] and lengths == [0]
+
+
+# ------------------------------------------------------------------------------------ round trips
+
+def test_config_round_trip(checkpoints, tmp_path):
+    from llm2vec_fast import LLM2Vec
+    encoder = LLM2Vec.from_pretrained(checkpoints("mistral"), pooling_mode="weighted_mean", max_length=48,
+                                      doc_max_length=20, skip_instruction=False)
+    assert (encoder.pooling_mode, encoder.max_length, encoder.doc_max_length, encoder.skip_instruction) == (
+        "weighted_mean", 48, 20, False)
+    expected = encoder.encode(INPUTS, show_progress_bar=False)
+    out = tmp_path / "saved"
+    encoder.save(str(out))
+    with open(out / "llm2vec_config.json") as f:
+        assert json.load(f) == {"pooling_mode": "weighted_mean", "max_length": 48, "doc_max_length": 20,
+                                "skip_instruction": False}
+    with open(out / "config.json") as f:  # the template key survives transformers 5's save
+        assert json.load(f)["_name_or_path"] == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert os.path.isfile(out / "model.safetensors")
+    reloaded = LLM2Vec.from_pretrained(str(out))
+    assert (reloaded.pooling_mode, reloaded.max_length, reloaded.doc_max_length, reloaded.skip_instruction) == (
+        "weighted_mean", 48, 20, False)
+    assert reloaded._name_or_path() == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert torch.allclose(reloaded.encode(INPUTS, show_progress_bar=False), expected, atol=SAME_ATOL, rtol=0)
+    overridden = LLM2Vec.from_pretrained(str(out), pooling_mode="mean", skip_instruction=None)
+    assert overridden.pooling_mode == "mean" and overridden.skip_instruction is False
+    encoder.save(str(tmp_path / "no_config"), save_config=False)
+    assert not os.path.exists(tmp_path / "no_config" / "llm2vec_config.json")
+    assert LLM2Vec.from_pretrained(str(tmp_path / "no_config")).pooling_mode == "mean"  # llm2vec's defaults
+
+
+def test_adapter_round_trip(adapters, tmp_path):
+    """An unmerged second adapter: save merged (a full checkpoint) and unmerged (adapter files only)."""
+    from peft import PeftModel
+
+    from llm2vec_fast import LLM2Vec
+    _, mntp, simcse = adapters
+    encoder = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=simcse)
+    assert isinstance(encoder.model, PeftModel)
+    expected = encoder.encode(INPUTS, show_progress_bar=False)
+    encoder.save(str(tmp_path / "unmerged"))
+    assert os.path.isfile(tmp_path / "unmerged" / "adapter_model.safetensors")
+    assert not os.path.exists(tmp_path / "unmerged" / "model.safetensors")
+    encoder.save(str(tmp_path / "merged"), merge_before_save=True)
+    assert not isinstance(encoder.model, PeftModel)
+    assert os.path.isfile(tmp_path / "merged" / "model.safetensors")
+    reloaded = LLM2Vec.from_pretrained(str(tmp_path / "merged"))
+    assert reloaded.pooling_mode == mk.SIMCSE_LLM2VEC_CONFIG["pooling_mode"]
+    assert torch.allclose(reloaded.encode(INPUTS, show_progress_bar=False), expected, atol=SAME_ATOL, rtol=0)
+
+
+def test_pickled_weights_are_refused(checkpoints, adapters, tmp_path):
+    from llm2vec_fast import LLM2Vec
+    folder = tmp_path / "pickled"
+    shutil.copytree(checkpoints("llama"), folder)
+    from safetensors.torch import load_file
+    torch.save(load_file(str(folder / "model.safetensors")), str(folder / "pytorch_model.bin"))
+    os.remove(folder / "model.safetensors")
+    with pytest.raises(Exception):
+        LLM2Vec.from_pretrained(str(folder))
+    with pytest.raises(ValueError, match="use_safetensors"):
+        LLM2Vec.from_pretrained(checkpoints("llama"), use_safetensors=False)
+    _, _, simcse = adapters
+    adapter = tmp_path / "pickled_adapter"
+    shutil.copytree(simcse, adapter)
+    torch.save(load_file(str(adapter / "adapter_model.safetensors")), str(adapter / "adapter_model.bin"))
+    os.remove(adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM2Vec.from_pretrained(checkpoints("llama"), peft_model_name_or_path=str(adapter))
+
+
+def test_unsupported_family_needs_enable_bidirectional_false(tmp_path):
+    from transformers import GPT2Config
+
+    from llm2vec_fast import LLM2Vec
+    with pytest.raises(ValueError, match="not supported yet with bidirectional models"):
+        LLM2Vec._get_model_class(GPT2Config(), enable_bidirectional=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_families_beyond_llm2vec(tmp_path, family, checkpoints):
+    """Qwen3 and Gemma2 (which llm2vec 0.2.3 cannot make bidirectional): packed == padded."""
+    from transformers import Gemma2Config, Qwen3Config
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.models import BI_MODELS
+    common = dict(vocab_size=704, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=2)
+    config = Qwen3Config(**common) if family == "qwen3" else Gemma2Config(
+        query_pre_attn_scalar=64, attn_logit_softcapping=2.0, sliding_window=4096, **common)
+    torch.manual_seed(0)
+    folder = str(tmp_path / family)
+    BI_MODELS[family](config).save_pretrained(folder)
+    for name in CASE_FILES[1:]:  # the Llama-2 style tokenizer
+        shutil.copy(os.path.join(FIXTURES, "llama", name), folder)
+    packed = LLM2Vec.from_pretrained(folder, pooling_mode="eos_token")
+    padded = LLM2Vec.from_pretrained(folder, pooling_mode="eos_token", attn_implementation="eager")
+    assert packed.prepare_for_tokenization("!@#$%^&*()x") == "!@#$%^&*()x"  # no EOS text, as llm2vec
+    a = packed.encode(INPUTS, show_progress_bar=False)
+    b = padded.encode(INPUTS, show_progress_bar=False)
+    assert torch.allclose(a, b, atol=SAME_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ offline
+
+OFFLINE_SCRIPT = textwrap.dedent("""
+    import socket, sys
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("network access attempted")
+
+    socket.socket.connect = refuse
+    socket.socket.connect_ex = refuse
+    socket.create_connection = refuse
+    socket.getaddrinfo = refuse
+    import llm2vec_fast
+    assert "transformers" not in sys.modules  # the package import stays light
+    encoder = llm2vec_fast.LLM2Vec.from_pretrained(sys.argv[1], peft_model_name_or_path=sys.argv[2])
+    emb = encoder.encode(["offline", ["an instruction", "a text"]], show_progress_bar=False)
+    assert emb.shape == (2, 128), emb.shape
+    print("ok")
+""")
+
+
+def test_loading_never_touches_the_network(adapters):
+    _, mntp, simcse = adapters
+    path = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
+    done = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, mntp, simcse], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_loading_in_process_opens_no_socket(checkpoints, monkeypatch):
+    from llm2vec_fast import LLM2Vec
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    encoder = LLM2Vec.from_pretrained(checkpoints("gemma"))
+    assert encoder.encode("offline", show_progress_bar=False).shape == (1, 128)
+
+
+# -------------------------------------------------------------------- files -> resumable shards
+
+def write_jsonl(path, items) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            row = {"text": item} if isinstance(item, str) else {"instruction": item[0], "text": item[1]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def test_encode_file_writes_shards_in_input_order(encoders, tmp_path):
+    from llm2vec_fast.encoder.files import encode_file, load_embeddings
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    items = INPUTS + INPUTS[::-1]
+    source = str(tmp_path / "input.jsonl")
+    write_jsonl(source, items)
+    out = str(tmp_path / "out")
+    index = encode_file(encoder, source, out, shard_size=10, log=lambda message: None)
+    assert [s["rows"] for s in index["shards"]] == [10, 10, 10, 2] and index["rows"] == 32 and index["complete"]
+    expected = encoder.encode(items, show_progress_bar=False)
+    assert np.allclose(load_embeddings(out), expected.numpy(), atol=SAME_ATOL, rtol=0)
+    stamps = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out) if name.endswith(".npy")}
+    messages = []
+    encode_file(encoder, source, out, shard_size=10, log=messages.append)  # finished: nothing recomputed
+    assert messages == ["done: 32 rows in 4 shards (0 encoded now, 4 from before)"]
+    assert stamps == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.endswith(".npy")}
+    with pytest.raises(ValueError, match="other settings"):
+        encode_file(encoder, source, out, shard_size=8, log=lambda message: None)
+    texts = [t for t in INPUTS if isinstance(t, str) and "\n" not in t]
+    with open(tmp_path / "input.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(texts) + "\n")
+    encode_file(encoder, str(tmp_path / "input.txt"), str(tmp_path / "txt"), shard_size=5, output_dtype="float16",
+                log=lambda message: None)
+    half = load_embeddings(str(tmp_path / "txt"))
+    assert half.dtype == np.float16 and half.shape == (len(texts), 128)
+    assert np.allclose(half.astype(np.float32), encoder.encode(texts, show_progress_bar=False).numpy(), atol=1e-2)
+
+
+def test_encode_file_bad_records(encoders, tmp_path):
+    from llm2vec_fast.encoder.files import encode_file
+    encoder = encoders("llama")
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'text' must be a string"):
+        encode_file(encoder, str(source), str(tmp_path / "out"), shard_size=1, log=lambda message: None)
+    (tmp_path / "x.csv").write_text("a\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown input format"):
+        encode_file(encoder, str(tmp_path / "x.csv"), str(tmp_path / "out2"), log=lambda message: None)
+
+
+KILLABLE_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.encoder import files
+
+    original = LLM2Vec.encode
+
+    def slow(self, *args, **kwargs):  # room to kill the run between shards
+        time.sleep(0.5)
+        return original(self, *args, **kwargs)
+
+    LLM2Vec.encode = slow
+    sys.exit(files.main(sys.argv[1:]))
+""")
+
+
+def test_encode_file_resumes_after_being_killed(checkpoints, tmp_path):
+    """Kill the CLI midway (SIGKILL), start it again: finished shards are kept as they were, the rest is
+    encoded, every row is there once, in order."""
+    import signal
+    import time
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.encoder import files
+    items = (INPUTS * 3)[:40]
+    source = str(tmp_path / "input.jsonl")
+    write_jsonl(source, items)
+    out = str(tmp_path / "out")
+    args = ["--model", checkpoints("llama"), "--input", source, "--output", out, "--shard-size", "4",
+            "--dtype", "float32", "--max-length", "64", "--doc-max-length", "24", "--device", "cpu"]
+    path = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_SCRIPT] + args, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1"))
+    index_path = os.path.join(out, files.INDEX)
+    deadline = time.monotonic() + 240
+    recorded = []
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if os.path.exists(index_path):
+                with open(index_path) as f:
+                    recorded = json.load(f)["shards"]
+                if len(recorded) >= 2:
+                    break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    with open(index_path) as f:
+        index = json.load(f)
+    assert not index["complete"] and 2 <= len(index["shards"]) < 10
+    before = {s["file"]: os.stat(os.path.join(out, s["file"])) for s in index["shards"]}
+    assert files.main(args) == 0
+    with open(index_path) as f:
+        index = json.load(f)
+    assert index["complete"] and index["rows"] == len(items)
+    assert [s["start"] for s in index["shards"]] == list(range(0, 40, 4))
+    for name, stat in before.items():  # not recomputed
+        now = os.stat(os.path.join(out, name))
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    encoder = LLM2Vec.from_pretrained(checkpoints("llama"), max_length=64, doc_max_length=24)
+    expected = encoder.encode(items, show_progress_bar=False).numpy()
+    assert np.allclose(files.load_embeddings(out), expected, atol=SAME_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------ sentence-transformers
+
+def test_sentence_transformers_adapter(encoders):
+    """What the adapter supports (see llm2vec_fast/encoder/st_adapter.py): a real SentenceTransformer whose
+    encode is LLM2Vec.encode, prompts as llm2vec instructions."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from llm2vec_fast.encoder.st_adapter import to_sentence_transformer
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    instruction = "Given a web search query, retrieve relevant passages that answer the query:"
+    model = to_sentence_transformer(encoder, prompts={"query": instruction, "document": ""})
+    assert isinstance(model, sentence_transformers.SentenceTransformer)
+    texts = [t for t in INPUTS if isinstance(t, str)][:5]
+    expected = encoder.encode(texts, show_progress_bar=False)
+    got = model.encode(texts)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and np.allclose(got, expected.numpy(), atol=1e-6)
+    assert np.allclose(model.encode_document(texts), expected.numpy(), atol=1e-6)
+    query = model.encode_query(["how do tides work"], convert_to_tensor=True)
+    assert torch.allclose(query, encoder.encode([[instruction, "how do tides work"]], show_progress_bar=False),
+                          atol=1e-6)
+    assert model.encode(texts[0], convert_to_tensor=True).shape == (128,)
+    normalized = model.encode(texts, normalize_embeddings=True, truncate_dim=64, convert_to_tensor=True)
+    assert normalized.shape == (5, 64) and torch.allclose(normalized.norm(dim=1), torch.ones(5), atol=1e-5)
+    scores = model.similarity(got, got)
+    assert scores.shape == (5, 5) and torch.allclose(scores.diagonal(), torch.ones(5), atol=1e-5)
+    features = model[0].tokenize(texts[:2])
+    with torch.no_grad():
+        out = model[0](features)["sentence_embedding"]
+    assert torch.allclose(out, expected[:2], atol=SAME_ATOL)
+    with pytest.raises(ValueError, match="token_embeddings"):
+        model.encode(texts, output_value="token_embeddings")
+    with pytest.raises(ValueError, match="precision"):
+        model.encode(texts, precision="int8")
+    with pytest.raises(NotImplementedError):
+        model.save("anywhere")
