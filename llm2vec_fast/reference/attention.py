@@ -1,5 +1,8 @@
 """Reference attention on the packed (varlen) layout, vectorised over sequences.
 
+``attention`` is the oracle. The torch backend's forward on the CPU (no softcap, no dropout) runs
+ATen's fused CPU flash kernel per sequence instead (``_cpu_flash_forward``): the CPU production path.
+
 Tokens are scattered into a zero-padded (B, S, H, D) block, attention runs as batched matmuls with a
 key-padding mask, and the valid rows are gathered back. GQA stacks the G = Hq/Hkv query heads of one
 KV head along the row axis, (B, Hkv, G*S, D), so K and V are read per KV head and never repeated.
@@ -104,8 +107,35 @@ def attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale:
     return layout.unpad(out, layout.hq).to(q.dtype), lse.float().contiguous()
 
 
+def _cpu_flash_forward(q, k, v, cu_seqlens, causal: bool, softmax_scale: float):
+    """The torch backend's CPU production path: ATen's fused CPU flash kernel, one sequence at a time
+    (no padding, no materialised scores, fp32 accumulation), returning the lse as well. K/V heads are
+    expanded per sequence for GQA (a temporary copy the size of one sequence's K/V)."""
+    total, hq, _ = q.shape
+    group = hq // k.shape[1]
+    out = q.new_empty(q.shape)
+    lse = torch.empty((hq, total), device=q.device, dtype=torch.float32)
+    bounds = cu_seqlens.tolist()
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop == start:
+            continue
+        heads_first = [x[start:stop].transpose(0, 1) for x in (q, k, v)]  # (H, L, D)
+        query = heads_first[0].unsqueeze(0)
+        key, value = (x.repeat_interleave(group, dim=0).unsqueeze(0) if group > 1 else x.unsqueeze(0)
+                      for x in heads_first[1:])
+        seq_out, seq_lse = _CPU_FLASH(query, key, value, 0.0, causal, scale=softmax_scale)
+        out[start:stop] = seq_out[0].transpose(0, 1)
+        lse[:, start:stop] = seq_lse[0]
+    return out, lse
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
     with torch.no_grad():
+        if q.device.type == "cpu" and softcap == 0 and dropout_p == 0 and _CPU_FLASH is not None:
+            return _cpu_flash_forward(q, k, v, cu_seqlens, causal, softmax_scale)
         return attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
 
 
