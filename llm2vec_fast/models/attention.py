@@ -43,6 +43,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from .. import dispatch
 from ..ops import flash_attention
+from ..reference.attention import uses_cpu_flash
 
 ATTN_IMPLEMENTATION = "llm2vec_fast"
 BACKEND_ATTRIBUTE = "llm2vec_fast_backend"  # set on attention modules by set_attention_backend
@@ -133,9 +134,11 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seql
         return windowed_attention(q, k, v, cu_seqlens, window, causal=causal, softmax_scale=scale,
                                   softcap=softcap, dropout_p=dropout_p)
     options = dict(causal=causal, softmax_scale=scale, softcap=softcap, dropout_p=dropout_p, backend=backend)
-    if cu_seqlens.numel() > 2 and dispatch.resolve("flash_attention", backend, q.device) == "torch":
+    if (cu_seqlens.numel() > 2 and dispatch.resolve("flash_attention", backend, q.device) == "torch"
+            and not uses_cpu_flash(q.device, softcap, dropout_p)):
         # The reference pads every sequence to max_seqlen, and its reductions' rounding depends on that
         # padded length; one sequence at a time keeps each result independent of the rest of the batch.
+        # (Its CPU flash path already runs sequence by sequence.)
         bounds = cu_seqlens.tolist()
         pieces = [flash_attention(q[s:e], k[s:e], v[s:e], cu_seqlens.new_tensor([0, e - s]), e - s, **options)
                   for s, e in zip(bounds[:-1], bounds[1:]) if e > s]

@@ -132,9 +132,14 @@ def _cpu_flash_forward(q, k, v, cu_seqlens, causal: bool, softmax_scale: float):
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def uses_cpu_flash(device: torch.device, softcap: float, dropout_p: float) -> bool:
+    """Whether the torch backend's forward takes the per-sequence CPU flash path (batch invariant)."""
+    return device.type == "cpu" and softcap == 0 and dropout_p == 0 and _CPU_FLASH is not None
+
+
 def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
     with torch.no_grad():
-        if q.device.type == "cpu" and softcap == 0 and dropout_p == 0 and _CPU_FLASH is not None:
+        if uses_cpu_flash(q.device, softcap, dropout_p):
             return _cpu_flash_forward(q, k, v, cu_seqlens, causal, softmax_scale)
         return attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
 
