@@ -4,7 +4,8 @@ Each provides ``forward``/``backward`` with the same contract as the reference
 (``llm2vec_fast.reference``); ``dispatch`` decides per call whether its runtime can run.
 - triton: ``llm2vec_fast.kernels`` (the repo's ``kernels/`` folder), when triton is importable;
 - flash_attn: ``llm2vec_fast.flash_attn_backend``, when the optional flash-attn package is importable;
-- cuda: not yet (the extension ``llm2vec_fast._C``).
+- cuda: ``llm2vec_fast.cuda_backend`` (the extension ``llm2vec_fast._C``, imported on first use); always
+  registered, and offered by ``dispatch`` only on CUDA devices where ``llm2vec_fast._C`` exists.
 """
 import importlib.util
 
@@ -23,3 +24,7 @@ if importlib.util.find_spec("flash_attn") is not None:
     from . import flash_attn_backend as _flash_attn
 
     dispatch.register("flash_attention", "flash_attn", _flash_attn.forward, _flash_attn.backward)
+
+from . import cuda_backend as _cuda  # noqa: E402
+
+_cuda.register()

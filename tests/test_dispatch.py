@@ -108,9 +108,16 @@ def test_triton_on_cpu_hint_and_interpreter(registry, monkeypatch):
         dispatch.resolve("contrastive_loss", "triton", CPU)
 
 
-def test_cuda_backend_not_built_hint(registry):
+def _extension_not_built(monkeypatch):
+    """Simulates a checkout without llm2vec_fast._C (a developer may have built it in place)."""
+    importable = dispatch._importable
+    monkeypatch.setattr(dispatch, "_importable", lambda module: module != "llm2vec_fast._C" and importable(module))
+
+
+def test_cuda_backend_not_built_hint(registry, monkeypatch):
     """A registered cuda backend on a CUDA device whose extension is not built: the hint says so."""
-    assert not dispatch._backend_runs_on("cuda", CUDA)  # llm2vec_fast._C is not built here
+    _extension_not_built(monkeypatch)
+    assert not dispatch._backend_runs_on("cuda", CUDA)
     dispatch.register("contrastive_loss", "cuda", lambda *a: None, lambda *a: None)
     with pytest.raises(ValueError, match=r"llm2vec_fast\._C is not built.*on cuda: \['auto', 'torch'\]"):
         dispatch.resolve("contrastive_loss", "cuda", CUDA)
@@ -149,6 +156,7 @@ def test_auto_on_cuda_falls_back_to_triton(registry, monkeypatch):
 def test_real_registry_auto_on_cuda(monkeypatch):
     """With the package's own registrations: "auto" on a CUDA device takes the AUTO_TABLE entry, else
     triton where a Triton kernel is registered, else torch; on the CPU always torch."""
+    _extension_not_built(monkeypatch)
     monkeypatch.setattr(dispatch, "AUTO_TABLE", {})
     dispatch._load_backends()
     for op in dispatch.OPS:

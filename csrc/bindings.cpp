@@ -1,0 +1,381 @@
+// torch bindings of llm2vec_fast._C: the only translation unit that includes torch headers.
+//
+// Each function validates its tensors (clear TypeError / ValueError / RuntimeError messages, before any
+// CUDA work), allocates outputs and workspace with torch (caching allocator, so CUDA graphs can
+// capture it), and calls the plain-C++ launchers of the .cu files on torch's current stream, checking
+// every CUDA error. The functions are plain pybind11 functions: llm2vec_fast.cuda_backend registers them
+// as the "cuda" backend of the public custom ops (llm2vec_fast::pool_forward / pool_backward), which
+// carry the schema, the fake (meta) implementations and the autograd formula.
+#include <torch/extension.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "contrastive.h"
+#include "pooling.h"
+
+namespace {
+
+using l2vf::DType;
+
+DType dtype_of(const at::Tensor& t, const char* fn, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, fn, ": ", name, " must have dtype float32, float16 or bfloat16, got ", t.scalar_type());
+  return DType::kFloat32;  // unreachable
+}
+
+int mode_of(const std::string& mode, const char* fn) {
+  if (mode == "mean") return l2vf::kPoolMean;
+  if (mode == "weighted_mean") return l2vf::kPoolWeightedMean;
+  if (mode == "last_token" || mode == "eos_token") return l2vf::kPoolLastToken;
+  if (mode == "bos_token") return l2vf::kPoolBosToken;
+  TORCH_CHECK_VALUE(false, fn, ": mode must be one of ['mean', 'weighted_mean', 'last_token', 'eos_token', ",
+                    "'bos_token'], got '", mode, "'");
+  return 0;
+}
+
+void check_same_cuda_device(const char* fn, const at::Tensor& ref, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), fn, ": ", name, " must be on ", ref.device(),
+                    " like hidden, got ", t.device());
+}
+
+// A 0/1 mask as contiguous bytes (bool/uint8 are used as they are; other dtypes become `mask != 0`).
+at::Tensor mask_bytes(const std::optional<at::Tensor>& mask, const char* fn, const char* name,
+                      at::IntArrayRef shape) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  const at::Tensor& m = *mask;
+  TORCH_CHECK_VALUE(m.sizes() == shape, fn, ": ", name, " must have shape ", shape, ", got ", m.sizes());
+  TORCH_CHECK_TYPE(!m.is_complex(), fn, ": ", name, " must be bool or integer (0/1), got ", m.scalar_type());
+  if (m.scalar_type() == at::kBool || m.scalar_type() == at::kByte) return m.contiguous();
+  return m.ne(0).contiguous();
+}
+
+// Validated inputs and the launcher's view of them. Holds the tensors the raw pointers point into.
+struct Prepared {
+  l2vf::PoolProblem problem;
+  at::Tensor hidden, cu_seqlens, attention_mask, embed_mask;
+};
+
+Prepared prepare(const char* fn, const at::Tensor& hidden_in, const std::optional<at::Tensor>& cu_seqlens,
+                 const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& embed_mask,
+                 const std::string& mode, bool normalize) {
+  Prepared r;
+  l2vf::PoolProblem& p = r.problem;
+  TORCH_CHECK_VALUE(hidden_in.defined(), fn, ": hidden is undefined");
+  p.dtype = dtype_of(hidden_in, fn, "hidden");
+  p.mode = mode_of(mode, fn);
+  p.normalize = normalize;
+  const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
+  if (packed) {
+    TORCH_CHECK_VALUE(hidden_in.dim() == 2, fn, ": hidden must be packed (T, D) with cu_seqlens, got shape ",
+                      hidden_in.sizes());
+    TORCH_CHECK_VALUE(!(attention_mask.has_value() && attention_mask->defined()), fn,
+                      ": attention_mask goes with the padded (B, S, D) layout; pass None with cu_seqlens");
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, fn, ": cu_seqlens must have dtype int32, got ", cu.scalar_type());
+    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 2, fn, ": cu_seqlens must be 1-D with B+1 >= 2 entries, got shape ",
+                      cu.sizes());
+    r.cu_seqlens = cu.contiguous();
+  } else {
+    TORCH_CHECK_VALUE(hidden_in.dim() == 3, fn, ": hidden must be padded (B, S, D) without cu_seqlens, got shape ",
+                      hidden_in.sizes());
+  }
+  r.hidden = hidden_in.stride(-1) == 1 ? hidden_in : hidden_in.contiguous();
+  const at::Tensor& h = r.hidden;
+  const int64_t tokens = packed ? h.size(0) : h.size(0) * h.size(1);
+  TORCH_CHECK_VALUE(tokens < (int64_t{1} << 31), fn, ": at most 2^31 - 1 tokens are supported, got ", tokens);
+  if (!packed) r.attention_mask = mask_bytes(attention_mask, fn, "attention_mask", h.sizes().slice(0, 2));
+  r.embed_mask = mask_bytes(embed_mask, fn, "embed_mask", h.sizes().slice(0, h.dim() - 1));
+
+
+  p.hidden = h.data_ptr();
+  p.dim = h.size(-1);
+  p.stride_tok = packed ? h.stride(0) : h.stride(1);
+  p.stride_seq = packed ? 0 : h.stride(0);
+  p.cu_seqlens = packed ? r.cu_seqlens.data_ptr<int32_t>() : nullptr;
+  p.batch = packed ? r.cu_seqlens.numel() - 1 : h.size(0);
+  p.padded_len = packed ? 0 : h.size(1);
+  p.total_tokens = tokens;
+  p.attention_mask = r.attention_mask.defined() ? static_cast<const uint8_t*>(r.attention_mask.data_ptr()) : nullptr;
+  p.embed_mask = r.embed_mask.defined() ? static_cast<const uint8_t*>(r.embed_mask.data_ptr()) : nullptr;
+  return r;
+}
+
+// After the shape and dtype checks (so that those are testable on CPU tensors): everything on one GPU.
+void check_devices(const char* fn, const Prepared& r, const at::Tensor* grad_out = nullptr) {
+  const at::Tensor& h = r.hidden;
+  TORCH_CHECK_VALUE(h.is_cuda(), fn, ": hidden must be a CUDA tensor, got device ", h.device(),
+                    " (the cuda backend runs on CUDA devices only)");
+  if (r.cu_seqlens.defined()) check_same_cuda_device(fn, h, "cu_seqlens", r.cu_seqlens);
+  if (r.attention_mask.defined()) check_same_cuda_device(fn, h, "attention_mask", r.attention_mask);
+  if (r.embed_mask.defined()) check_same_cuda_device(fn, h, "embed_mask", r.embed_mask);
+  if (grad_out != nullptr) check_same_cuda_device(fn, h, "grad_out", *grad_out);
+}
+
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// The un-normalised or normalised (B, D) float32 output for a prepared problem.
+at::Tensor run_forward(const l2vf::PoolProblem& p, const at::Tensor& like) {
+  const auto f32 = like.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({p.batch, p.dim}, f32);
+  if (p.batch == 0 || p.dim == 0) return out;
+  const l2vf::PoolPlan plan = l2vf::pool_plan(p, num_sms(), /*backward=*/false);
+  at::Tensor counters, partials;
+  if (plan.counter_ints > 0) counters = at::zeros({plan.counter_ints}, like.options().dtype(at::kInt));
+  if (plan.partial_floats > 0) partials = at::empty({plan.partial_floats}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(l2vf::pool_forward(p, plan, out.data_ptr<float>(),
+                                    counters.defined() ? counters.data_ptr<int32_t>() : nullptr,
+                                    partials.defined() ? partials.data_ptr<float>() : nullptr, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+at::Tensor pool_forward(const at::Tensor& hidden, const std::optional<at::Tensor>& cu_seqlens,
+                        const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& embed_mask,
+                        const std::string& mode, bool normalize) {
+  const char* fn = "llm2vec_fast._C.pool_forward";
+  const Prepared r = prepare(fn, hidden, cu_seqlens, attention_mask, embed_mask, mode, normalize);
+  check_devices(fn, r);
+  const c10::cuda::CUDAGuard guard(r.hidden.device());
+  return run_forward(r.problem, r.hidden);
+}
+
+at::Tensor pool_backward(const at::Tensor& grad_out, const at::Tensor& hidden, const std::optional<at::Tensor>& cu_seqlens,
+                         const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& embed_mask,
+                         const std::string& mode, bool normalize) {
+  const char* fn = "llm2vec_fast._C.pool_backward";
+  Prepared r = prepare(fn, hidden, cu_seqlens, attention_mask, embed_mask, mode, normalize);
+  l2vf::PoolProblem& p = r.problem;
+  TORCH_CHECK_VALUE(grad_out.defined(), fn, ": grad_out is undefined");
+  dtype_of(grad_out, fn, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == p.batch && grad_out.size(1) == p.dim, fn,
+                    ": grad_out must have shape (", p.batch, ", ", p.dim, "), got ", grad_out.sizes());
+  check_devices(fn, r, &grad_out);
+  const c10::cuda::CUDAGuard guard(r.hidden.device());
+
+  at::Tensor grad_hidden = at::empty(r.hidden.sizes(), r.hidden.options().memory_format(at::MemoryFormat::Contiguous));
+  if (p.batch == 0 || p.dim == 0 || grad_hidden.numel() == 0) return grad_hidden.zero_();
+  const at::Tensor grad = grad_out.to(at::kFloat).contiguous();
+  at::Tensor pooled, scratch;
+  if (normalize) {  // the gradient through the normalisation needs the un-normalised rows: recompute them
+    p.normalize = false;
+    pooled = run_forward(p, r.hidden);
+    p.normalize = true;
+  }
+  const l2vf::PoolPlan plan = l2vf::pool_plan(p, num_sms(), /*backward=*/true);
+  if (plan.grad_floats > 0) scratch = at::empty({plan.grad_floats}, grad.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(l2vf::pool_backward(p, plan, grad.data_ptr<float>(), pooled.defined() ? pooled.data_ptr<float>() : nullptr,
+                                     scratch.defined() ? scratch.data_ptr<float>() : nullptr, grad_hidden.data_ptr(),
+                                     stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_hidden;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// contrastive loss, one direction: contract of llm2vec_fast.reference.contrastive.infonce_forward/backward
+// ---------------------------------------------------------------------------------------------------
+namespace {
+
+// E chunk of the backward, in elements (as kernels/contrastive.py: 64 Mi elements, 128 MiB in bf16).
+constexpr int64_t kChunkElements = int64_t{1} << 26;
+
+struct NceInputs {
+  at::Tensor a, c;
+  l2vf::InfoNCEProblem p;
+};
+
+// Validates anchors / candidates (shapes and dtypes first, then devices) and prepares the problem,
+// without the inverse norms.
+NceInputs prepare_nce(const char* fn, const at::Tensor& anchors, const at::Tensor& candidates, int64_t label_offset,
+                      double scale) {
+  TORCH_CHECK_VALUE(anchors.defined() && candidates.defined(), fn, ": anchors and candidates must be defined");
+  const DType dt = dtype_of(anchors, fn, "anchors");
+  dtype_of(candidates, fn, "candidates");
+  TORCH_CHECK_TYPE(anchors.scalar_type() == candidates.scalar_type(), fn,
+                   ": candidates must have the dtype of anchors (", anchors.scalar_type(), "), got ",
+                   candidates.scalar_type());
+  TORCH_CHECK_VALUE(anchors.dim() == 2 && candidates.dim() == 2, fn, ": anchors and candidates must be 2-D (rows, D), ",
+                    "got shapes ", anchors.sizes(), " and ", candidates.sizes());
+  TORCH_CHECK_VALUE(anchors.size(1) == candidates.size(1), fn, ": anchors and candidates must have the same D, got ",
+                    anchors.size(1), " and ", candidates.size(1));
+  TORCH_CHECK_VALUE(label_offset >= 0 && label_offset + anchors.size(0) <= candidates.size(0), fn,
+                    ": the labels label_offset + i must index candidates: label_offset=", label_offset, ", ",
+                    anchors.size(0), " anchors, ", candidates.size(0), " candidates");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, fn, ": scale must be a finite number > 0, got ", scale);
+  TORCH_CHECK_VALUE(anchors.is_cuda(), fn, ": anchors must be a CUDA tensor, got device ", anchors.device(),
+                    " (the cuda backend runs on CUDA devices only)");
+  check_same_cuda_device(fn, anchors, "candidates", candidates);
+  NceInputs r;
+  r.a = anchors.stride(-1) == 1 ? anchors : anchors.contiguous();
+  r.c = candidates.stride(-1) == 1 ? candidates : candidates.contiguous();
+  l2vf::InfoNCEProblem& p = r.p;
+  p.anchors = r.a.data_ptr();
+  p.candidates = r.c.data_ptr();
+  p.dtype = dt;
+  p.n_anchors = r.a.size(0);
+  p.n_candidates = r.c.size(0);
+  p.dim = r.a.size(1);
+  p.stride_a = r.a.stride(0);
+  p.stride_c = r.c.stride(0);
+  p.label_offset = label_offset;
+  p.scale = static_cast<float>(scale);
+  return r;
+}
+
+at::Tensor inverse_norms(const at::Tensor& x, DType dt, cudaStream_t stream) {
+  at::Tensor inv = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(l2vf::row_inverse_norms(x.data_ptr(), dt, x.size(0), x.size(1), x.stride(0), inv.data_ptr<float>(),
+                                         stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return inv;
+}
+
+at::Tensor through_norm(const at::Tensor& x, const at::Tensor& grad_unit, const at::Tensor& inv, DType dt,
+                        cudaStream_t stream) {
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  C10_CUDA_CHECK(l2vf::normalize_backward_rows(x.data_ptr(), grad_unit.data_ptr(), inv.data_ptr<float>(),
+                                               out.data_ptr(), dt, x.size(0), x.size(1), x.stride(0),
+                                               grad_unit.stride(0), out.stride(0), stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> infonce_forward(const at::Tensor& anchors, const at::Tensor& candidates,
+                                                   int64_t label_offset, double scale) {
+  const char* fn = "llm2vec_fast._C.infonce_forward";
+  NceInputs r = prepare_nce(fn, anchors, candidates, label_offset, scale);
+  const c10::cuda::CUDAGuard guard(r.a.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor loss = at::empty({r.p.n_anchors}, r.a.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty_like(loss);
+  if (r.p.n_anchors == 0) return {loss, lse};
+  const at::Tensor inv_a = inverse_norms(r.a, r.p.dtype, stream);
+  const at::Tensor inv_c = inverse_norms(r.c, r.p.dtype, stream);
+  r.p.inv_a = inv_a.data_ptr<float>();
+  r.p.inv_c = inv_c.data_ptr<float>();
+  r.p.num_sms = num_sms();
+  const int64_t workspace_floats = l2vf::infonce_forward_workspace_floats(r.p);
+  at::Tensor workspace;
+  if (workspace_floats > 0) workspace = at::empty({workspace_floats}, loss.options());
+  C10_CUDA_CHECK(l2vf::infonce_forward(r.p, loss.data_ptr<float>(), lse.data_ptr<float>(),
+                                       workspace.defined() ? workspace.data_ptr<float>() : nullptr, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_rows, const at::Tensor& anchors,
+                                                    const at::Tensor& candidates, const at::Tensor& lse,
+                                                    int64_t label_offset, double scale) {
+  const char* fn = "llm2vec_fast._C.infonce_backward";
+  NceInputs r = prepare_nce(fn, anchors, candidates, label_offset, scale);
+  const int64_t rows = r.p.n_anchors, cols = r.p.n_candidates;
+  TORCH_CHECK_VALUE(grad_rows.defined() && grad_rows.dim() == 1 && grad_rows.size(0) == rows, fn,
+                    ": grad_rows must have shape (", rows, ",), got ", grad_rows.defined() ? grad_rows.sizes() : at::IntArrayRef{});
+  dtype_of(grad_rows, fn, "grad_rows");
+  TORCH_CHECK_VALUE(lse.defined() && lse.dim() == 1 && lse.size(0) == rows, fn, ": lse must have shape (", rows,
+                    ",), got ", lse.defined() ? lse.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, fn, ": lse must be float32 (from infonce_forward), got ",
+                   lse.scalar_type());
+  check_same_cuda_device(fn, r.a, "grad_rows", grad_rows);
+  check_same_cuda_device(fn, r.a, "lse", lse);
+  const c10::cuda::CUDAGuard guard(r.a.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor g = grad_rows.to(at::kFloat).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor inv_a = inverse_norms(r.a, r.p.dtype, stream);
+  const at::Tensor inv_c = inverse_norms(r.c, r.p.dtype, stream);
+  r.p.inv_a = inv_a.data_ptr<float>();
+  r.p.inv_c = inv_c.data_ptr<float>();
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  at::Tensor grad_unit_a = at::empty(r.a.sizes(), r.a.options().memory_format(contiguous));
+  at::Tensor grad_unit_c = at::empty(r.c.sizes(), r.c.options().memory_format(contiguous));
+  // Pass 1, row-parallel: dU[rows] = (E * inv_c) @ C for a chunk of anchor rows at a time.
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(cols, 1));
+  for (int64_t r0 = 0; r0 < rows; r0 += rows_per_chunk) {
+    const int64_t r1 = std::min(r0 + rows_per_chunk, rows);
+    at::Tensor e = at::empty({r1 - r0, cols}, r.a.options().memory_format(contiguous));
+    C10_CUDA_CHECK(l2vf::infonce_grad_scores(r.p, lse_c.data_ptr<float>(), g.data_ptr<float>(), r0, r1, 0, cols,
+                                             false, e.data_ptr(), e.stride(0), stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor out = grad_unit_a.narrow(0, r0, r1 - r0);
+    at::mm_out(out, e, r.c);
+  }
+  // Pass 2, column-parallel: dW[cols] = (E * inv_a)^T @ A for a chunk of candidates at a time.
+  const int64_t cols_per_chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(rows, 1));
+  for (int64_t c0 = 0; c0 < cols; c0 += cols_per_chunk) {
+    const int64_t c1 = std::min(c0 + cols_per_chunk, cols);
+    at::Tensor e = at::empty({c1 - c0, rows}, r.a.options().memory_format(contiguous));
+    C10_CUDA_CHECK(l2vf::infonce_grad_scores(r.p, lse_c.data_ptr<float>(), g.data_ptr<float>(), 0, rows, c0, c1,
+                                             true, e.data_ptr(), e.stride(0), stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor out = grad_unit_c.narrow(0, c0, c1 - c0);
+    at::mm_out(out, e, r.a);
+  }
+  return {through_norm(r.a, grad_unit_a, inv_a, r.p.dtype, stream),
+          through_norm(r.c, grad_unit_c, inv_c, r.p.dtype, stream)};
+}
+
+// The launch plan for these inputs, without launching anything (works on CPU tensors: for tests and
+// for the resource report). num_sms defaults to an H100 SXM's 132.
+pybind11::dict pool_plan(const at::Tensor& hidden, const std::optional<at::Tensor>& cu_seqlens,
+                         const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& embed_mask,
+                         const std::string& mode, bool normalize, bool backward, int64_t num_sms) {
+  const Prepared r = prepare("llm2vec_fast._C.pool_plan", hidden, cu_seqlens, attention_mask, embed_mask, mode,
+                             normalize);
+  const l2vf::PoolPlan plan = l2vf::pool_plan(r.problem, static_cast<int>(num_sms), backward);
+  pybind11::dict d;
+  d["vec"] = plan.vec;
+  d["slices"] = plan.slices;
+  d["nsplit"] = plan.nsplit;
+  d["counter_ints"] = plan.counter_ints;
+  d["partial_floats"] = plan.partial_floats;
+  d["grad_floats"] = plan.grad_floats;
+  d["threads"] = 256;
+  return d;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "llm2vec-fast CUDA kernels (sm_90a): pooling and the contrastive loss. Used through "
+            "llm2vec_fast.cuda_backend.";
+  m.def("pool_forward", &pool_forward,
+        "(B, D) float32 pooled (and optionally L2-normalised) embeddings; same contract as "
+        "llm2vec_fast.reference.pooling.pool_forward",
+        py::arg("hidden"), py::arg("cu_seqlens"), py::arg("attention_mask"), py::arg("embed_mask"), py::arg("mode"),
+        py::arg("normalize"));
+  m.def("pool_backward", &pool_backward,
+        "Gradient of pool_forward w.r.t. hidden: contiguous, hidden's shape and dtype",
+        py::arg("grad_out"), py::arg("hidden"), py::arg("cu_seqlens"), py::arg("attention_mask"),
+        py::arg("embed_mask"), py::arg("mode"), py::arg("normalize"));
+  m.def("pool_plan", &pool_plan, "The launch plan (vector width, blocks, workspace) for these inputs; launches nothing",
+        py::arg("hidden"), py::arg("cu_seqlens") = py::none(), py::arg("attention_mask") = py::none(),
+        py::arg("embed_mask") = py::none(), py::arg("mode") = "mean", py::arg("normalize") = false,
+        py::arg("backward") = false, py::arg("num_sms") = 132);
+  m.def("infonce_forward", &infonce_forward,
+        "(row_loss (A,), lse (A,)) float32 of one InfoNCE direction; same contract as "
+        "llm2vec_fast.reference.contrastive.infonce_forward",
+        py::arg("anchors"), py::arg("candidates"), py::arg("label_offset"), py::arg("scale"));
+  m.def("infonce_backward", &infonce_backward,
+        "(grad_anchors, grad_candidates) in the inputs' dtypes, contiguous; same contract as "
+        "llm2vec_fast.reference.contrastive.infonce_backward",
+        py::arg("grad_rows"), py::arg("anchors"), py::arg("candidates"), py::arg("lse"), py::arg("label_offset"),
+        py::arg("scale"));
+}
