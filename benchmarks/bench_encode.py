@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.bench_model import forward_flops  # noqa: E402
 from benchmarks.harness import Case  # noqa: E402
 
 OP = "encode"
@@ -250,11 +251,7 @@ class Workload:
 
     @property
     def flops(self) -> float:
-        s = self.setting
-        attn_params = s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim * s.hidden
-        layer_params = attn_params + 3 * s.hidden * s.intermediate
-        scores = 4 * sum(n * n for n in self.lengths) * s.heads * s.head_dim
-        return s.layers * (2 * self.tokens * layer_params + scores)
+        return forward_flops(self.setting, self.lengths)
 
     def record(self, impl: str, embeddings: torch.Tensor) -> None:
         """Keeps each impl's result once and notes how far ours is from the baseline."""

@@ -43,6 +43,16 @@ IMPLS = ("llm2vec_fast_packed", "llm2vec_fast_padded", "hf_sdpa_padded")
 
 
 @dataclass(frozen=True)
+
+def forward_flops(setting, lengths) -> float:
+    """Useful FLOPs of a decoder forward over sequences of ``lengths`` (real tokens only): the linear
+    layers (2 * tokens * parameters) plus the attention scores and values (4 * sum(n^2) * Hq * D)."""
+    s = setting
+    attn_params = s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim * s.hidden
+    layer_params = attn_params + 3 * s.hidden * s.intermediate
+    scores = 4 * sum(n * n for n in lengths) * s.heads * s.head_dim
+    return s.layers * (2 * sum(lengths) * layer_params + scores)
+
 class Setting:
     layers: int
     hidden: int
@@ -108,11 +118,7 @@ class Workload:
 
     @property
     def flops(self) -> float:
-        s = self.setting
-        attn_params = s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim * s.hidden
-        layer_params = attn_params + 3 * s.hidden * s.intermediate
-        scores = 4 * sum(n * n for n in self.lengths) * s.heads * s.head_dim
-        return s.layers * (2 * self.tokens * layer_params + scores)
+        return forward_flops(self.setting, self.lengths)
 
     def model(self, attn_implementation: str):
         if self._model is None:
