@@ -42,8 +42,6 @@ OP = "model_forward"
 IMPLS = ("llm2vec_fast_packed", "llm2vec_fast_padded", "hf_sdpa_padded")
 
 
-@dataclass(frozen=True)
-
 def forward_flops(setting, lengths) -> float:
     """Useful FLOPs of a decoder forward over sequences of ``lengths`` (real tokens only): the linear
     layers (2 * tokens * parameters) plus the attention scores and values (4 * sum(n^2) * Hq * D)."""
@@ -53,6 +51,8 @@ def forward_flops(setting, lengths) -> float:
     scores = 4 * sum(n * n for n in lengths) * s.heads * s.head_dim
     return s.layers * (2 * sum(lengths) * layer_params + scores)
 
+
+@dataclass(frozen=True)
 class Setting:
     layers: int
     hidden: int
