@@ -29,7 +29,6 @@ tokens/s = N / (ms / 1000); ``tflops`` counts useful model FLOPs on real tokens 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -334,29 +333,9 @@ def throughput(rows: Sequence[harness.Row]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="End-to-end LLM2Vec.encode, ours vs llm2vec 0.2.3's algorithm")
-    parser.add_argument("--quick", action="store_true", help="tiny float32 model, 48 texts: a dry run")
-    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/encode)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if visible), cpu or cuda")
-    args = parser.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cpu":  # as benchmarks/run.py: CPU numbers are a smoke test, one thread is steadier
-        torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", 1)))
-    rows: List[harness.Row] = []
-    skips = []
-    NOTES.clear()
-    for case in cases(args.quick, device):
-        case_rows, case_skips = harness.run_case(case, device)
-        rows.extend(case_rows)
-        skips.extend(case_skips)
-    notes = METHOD_NOTES + NOTES + throughput(rows) + harness.skip_notes(skips)
-    for note in notes[len(METHOD_NOTES):]:
-        print(note)
-    out = args.out or os.environ.get("OUT") or os.path.join(harness.REPO_ROOT, "benchmarks", "results", "encode")
-    paths = harness.write_results(harness.environment(device), rows, out, quick=args.quick, notes=notes)
-    for kind, path in paths.items():
-        print(f"wrote {kind}: {path}")
-    return 0 if rows else 1
+    return harness.standalone_main(argv, description="End-to-end LLM2Vec.encode, ours vs llm2vec 0.2.3's algorithm", cases=cases,
+                                   method_notes=METHOD_NOTES, run_notes=NOTES, summary=throughput,
+                                   results_subdir="encode")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ layers * (2 * T * P_layer + 4 * sum(s_i^2) * Hq * D), P_layer the layer's matrix
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -232,29 +231,9 @@ def tokens_per_second(rows: Sequence[harness.Row]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="End-to-end bidirectional model forward, tokens/s")
-    parser.add_argument("--quick", action="store_true", help="tiny float32 model, CPU-friendly, same code paths")
-    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/model)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if visible), cpu or cuda")
-    args = parser.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cpu":  # as benchmarks/run.py: CPU numbers are a smoke test, one thread is steadier
-        torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", 1)))
-    rows: List[harness.Row] = []
-    skips = []
-    for case in cases(args.quick, device):
-        case_rows, case_skips = harness.run_case(case, device)
-        rows.extend(case_rows)
-        skips.extend(case_skips)
-    skip_notes = harness.skip_notes(skips) if hasattr(harness, "skip_notes") else [str(s) for s in skips]
-    notes = METHOD_NOTES + NOTES + tokens_per_second(rows) + skip_notes
-    for note in notes[len(METHOD_NOTES):]:
-        print(note)
-    out = args.out or os.environ.get("OUT") or os.path.join(harness.REPO_ROOT, "benchmarks", "results", "model")
-    paths = harness.write_results(harness.environment(device), rows, out, quick=args.quick, notes=notes)
-    for kind, path in paths.items():
-        print(f"wrote {kind}: {path}")
-    return 0 if rows else 1
+    return harness.standalone_main(argv, description="End-to-end bidirectional model forward, tokens/s", cases=cases,
+                                   method_notes=METHOD_NOTES, run_notes=NOTES, summary=tokens_per_second,
+                                   results_subdir="model")
 
 
 if __name__ == "__main__":

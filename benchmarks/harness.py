@@ -498,3 +498,37 @@ def write_results(meta: Dict[str, Any], rows: Sequence[Row], out_dir: str, *, qu
     if plot and rows and plot_rows(meta, rows, stem + ".png"):
         paths["png"] = stem + ".png"
     return paths
+
+
+def standalone_main(argv, *, description: str, cases, method_notes: List[str], run_notes: List[str], summary,
+                    results_subdir: str) -> int:
+    """The command line of a benchmark module run on its own (``python -m benchmarks.bench_model``):
+    its cases on one device, its notes printed, results written under $OUT or benchmarks/results/<subdir>.
+    ``cases(quick, device)`` yields Cases; ``summary(rows)`` returns extra note lines; ``run_notes`` is
+    the module's list of notes collected while running (cleared first)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny float32 model, CPU-friendly, same code paths")
+    parser.add_argument("--out", default=None, help=f"output folder (default: $OUT, else benchmarks/results/"
+                                                    f"{results_subdir})")
+    parser.add_argument("--device", default="auto", help="auto (cuda if visible), cpu or cuda")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cpu":  # as benchmarks/run.py: CPU numbers are a smoke test, one thread is steadier
+        torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", 1)))
+    rows: List[Row] = []
+    skips = []
+    run_notes.clear()
+    for case in cases(args.quick, device):
+        case_rows, case_skips = run_case(case, device)
+        rows.extend(case_rows)
+        skips.extend(case_skips)
+    notes = method_notes + run_notes + summary(rows) + skip_notes(skips)
+    for note in notes[len(method_notes):]:
+        print(note)
+    out = args.out or os.environ.get("OUT") or os.path.join(REPO_ROOT, "benchmarks", "results", results_subdir)
+    paths = write_results(environment(device), rows, out, quick=args.quick, notes=notes)
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0 if rows else 1
