@@ -217,19 +217,24 @@ def default_kernels_dir() -> Optional[Path]:
     return d if d.is_dir() else None
 
 
+def _exec_module(spec):
+    """Runs a module from its spec under its name in sys.modules, leaving no half-made module behind."""
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(spec.name, None)
+        raise
+    return mod
+
+
 def _register_package(pkg_name: str, directory: Path):
     if pkg_name in sys.modules:
         return sys.modules[pkg_name]
     init = directory / "__init__.py"
-    spec = importlib.util.spec_from_file_location(pkg_name, init, submodule_search_locations=[str(directory)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[pkg_name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        sys.modules.pop(pkg_name, None)
-        raise
-    return mod
+    return _exec_module(importlib.util.spec_from_file_location(pkg_name, init,
+                                                               submodule_search_locations=[str(directory)]))
 
 
 def _import_file(path: Path):
@@ -250,15 +255,7 @@ def _import_file(path: Path):
         name = "_aot_check_mod_" + hashlib.sha1(str(path).encode()).hexdigest()[:12] + "_" + stem
         if name in sys.modules:
             return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-        return mod
+        return _exec_module(importlib.util.spec_from_file_location(name, path))
     return importlib.import_module(pkg if stem == "__init__" else f"{pkg}.{stem}")
 
 
