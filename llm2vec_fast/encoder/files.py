@@ -25,6 +25,8 @@ import numpy as np
 INDEX = "index.json"
 FORMAT = "llm2vec_fast.shards/1"
 SHARD_NAME = "shard-{:06d}.npy"
+PROGRESS_PREFIX = "progress-rank"
+PROGRESS_NAME = PROGRESS_PREFIX + "{}.json"
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -174,22 +176,20 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
     recorded = json.loads(json.dumps(recorded))  # as it reads back from index.json
     identity = input_identity(input_path)
     dim = encoder._hidden_size()
-    index = _load_index(output)
-    if index is not None:
-        if index["settings"] != recorded or index["input"]["size"] != identity["size"] or \
-                index["input"]["sha256_first_mib"] != identity["sha256_first_mib"] or index["dim"] != dim:
-            raise ValueError(f"{output} holds a run with another input or other settings; use a new output folder "
-                             f"(recorded: {index['settings']}, input {index['input']})")
-    else:
-        index = {"format": FORMAT, "input": identity, "settings": recorded, "dim": dim, "shards": [],
-                 "complete": False, "rows": None}
-        _write_json_atomic(os.path.join(output, INDEX), index)
-    done = {s["start"]: s for s in index["shards"] if _shard_ok(output, s, dim)}
-    if len(done) != len(index["shards"]):  # a recorded shard that is missing or damaged is encoded again
-        index["shards"] = sorted(done.values(), key=lambda s: s["start"])
-    for name in os.listdir(output):  # leftovers of a write that was interrupted
-        if name.endswith(".tmp") and name != INDEX + ".tmp":
-            os.remove(os.path.join(output, name))
+    rank, world = _rank_and_world()
+    if rank == 0:
+        index = _open_index(output, identity, recorded, dim)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # rank 0 has created or checked index.json
+        if rank != 0:
+            index = _open_index(output, identity, recorded, dim)
+    done = {s["start"]: s for s in _recorded_shards(output, index) if _shard_ok(output, s, dim)}
+    # Progress goes to index.json in a single process; with several ranks each records its own shards in a
+    # progress file (no two processes write one file) and rank 0 merges them at the end.
+    progress_path = os.path.join(output, INDEX if world == 1 else PROGRESS_NAME.format(rank))
+    progress = index if world == 1 else {"format": FORMAT, "shards": []}
+    mine: Dict[int, Dict[str, Any]] = {}
     encode_kwargs.setdefault("show_progress_bar", False)
     rows = 0
     encoded = skipped = 0
@@ -198,6 +198,8 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
         rows = start + len(chunk)
         if start in done and done[start]["rows"] == len(chunk):
             skipped += 1
+            continue
+        if number % world != rank:  # another rank's shard
             continue
         embeddings = encoder.encode([[i, t] for i, t in chunk], convert_to_numpy=True, **encode_kwargs)
         name = SHARD_NAME.format(number)
@@ -208,16 +210,82 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
         shard = {"file": name, "start": start, "rows": len(chunk)}
-        done[start] = shard
-        index["shards"] = sorted(done.values(), key=lambda s: s["start"])
-        _write_json_atomic(os.path.join(output, INDEX), index)
+        mine[start] = shard
+        progress["shards"] = sorted(({**done, **mine} if world == 1 else mine).values(), key=lambda s: s["start"])
+        _write_json_atomic(progress_path, progress)
         encoded += 1
-        log(f"shard {number}: rows {start}..{rows - 1} written")
+        log(f"shard {number}: rows {start}..{rows - 1} written" + (f" (rank {rank})" if world > 1 else ""))
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # every rank's shards are written and recorded
+        if rank != 0:
+            dist.barrier()  # rank 0 writes the final index
+            return _load_index(output)
+        done.update({s["start"]: s for s in _recorded_shards(output, index) if _shard_ok(output, s, dim)})
+    done.update(mine)
     index["shards"] = sorted((s for s in done.values() if s["start"] < rows), key=lambda s: s["start"])
+    missing = _missing_rows(index["shards"], rows)
+    if missing:
+        raise RuntimeError(f"{output}: rows {missing} have no shard after encoding; resume the run")
     index["complete"], index["rows"] = True, rows
     _write_json_atomic(os.path.join(output, INDEX), index)
-    log(f"done: {rows} rows in {len(index['shards'])} shards ({encoded} encoded now, {skipped} from before)")
+    for name in os.listdir(output):  # merged progress files, leftovers of writes that were interrupted
+        if name.startswith(PROGRESS_PREFIX) or (name.endswith(".tmp") and name != INDEX + ".tmp"):
+            os.remove(os.path.join(output, name))
+    log(f"done: {rows} rows in {len(index['shards'])} shards ({encoded} encoded now"
+        f"{' by rank 0' if world > 1 else ''}, {skipped} from before)")
+    if world > 1:
+        dist.barrier()
     return index
+
+
+def _open_index(output: str, identity: Dict[str, Any], recorded: Dict[str, Any], dim: int) -> Dict[str, Any]:
+    """The run's index: the recorded one when input and settings match (else ValueError), or a new one."""
+    index = _load_index(output)
+    if index is not None:
+        if index["settings"] != recorded or index["input"]["size"] != identity["size"] or \
+                index["input"]["sha256_first_mib"] != identity["sha256_first_mib"] or index["dim"] != dim:
+            raise ValueError(f"{output} holds a run with another input or other settings; use a new output folder "
+                             f"(recorded: {index['settings']}, input {index['input']})")
+        return index
+    index = {"format": FORMAT, "input": identity, "settings": recorded, "dim": dim, "shards": [],
+             "complete": False, "rows": None}
+    _write_json_atomic(os.path.join(output, INDEX), index)
+    return index
+
+
+def _rank_and_world() -> Tuple[int, int]:
+    """This process's rank and the world size under an initialised torch.distributed group, else (0, 1)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _recorded_shards(output: str, index: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The shards index.json records plus those in the ranks' progress files (a multi-rank run that
+    stopped before its final merge)."""
+    shards = list(index["shards"])
+    for name in sorted(os.listdir(output)):
+        if name.startswith(PROGRESS_PREFIX) and name.endswith(".json"):
+            try:
+                with open(os.path.join(output, name), encoding="utf-8") as f:
+                    shards.extend(json.load(f).get("shards", []))
+            except (OSError, ValueError):
+                continue  # a progress file cut short: its shards are encoded again
+    return shards
+
+
+def _missing_rows(shards: List[Dict[str, Any]], rows: int) -> Optional[str]:
+    covered = 0
+    for shard in shards:
+        if shard["start"] != covered:
+            return f"{covered}..{shard['start'] - 1}"
+        covered += shard["rows"]
+    return None if covered == rows else f"{covered}..{rows - 1}"
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -251,22 +319,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``llm2vec-fast encode``. Under ``torchrun`` (WORLD_SIZE > 1) every rank loads the model once, onto
+    its LOCAL_RANK GPU (or the CPU with gloo), and encodes every world_size-th shard."""
     import torch
 
     from .llm2vec import LLM2Vec
-    model_kwargs: Dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
-    if args.attn_implementation:
-        model_kwargs["attn_implementation"] = args.attn_implementation
-    encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=args.merge_peft,
-                                      pooling_mode=args.pooling_mode, max_length=args.max_length,
-                                      doc_max_length=args.doc_max_length, skip_instruction=args.skip_instruction,
-                                      **model_kwargs)
-    settings = {"model": args.model, "peft": args.peft, "merge_peft": args.merge_peft, "dtype": args.dtype}
-    encode_file(encoder, args.input, args.output, settings=settings, shard_size=args.shard_size,
-                output_dtype=args.output_dtype, text_field=args.text_field, instruction_field=args.instruction_field,
-                batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch, device=args.device,
-                normalize_embeddings=args.normalize, show_progress_bar=args.progress)
+    started_group = _init_process_group_from_env()
+    device = args.device
+    if started_group and device is None and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    try:
+        model_kwargs: Dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
+        if args.attn_implementation:
+            model_kwargs["attn_implementation"] = args.attn_implementation
+        encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=args.merge_peft,
+                                          pooling_mode=args.pooling_mode, max_length=args.max_length,
+                                          doc_max_length=args.doc_max_length, skip_instruction=args.skip_instruction,
+                                          **model_kwargs)
+        settings = {"model": args.model, "peft": args.peft, "merge_peft": args.merge_peft, "dtype": args.dtype}
+        encode_file(encoder, args.input, args.output, settings=settings, shard_size=args.shard_size,
+                    output_dtype=args.output_dtype, text_field=args.text_field,
+                    instruction_field=args.instruction_field, batch_size=args.batch_size,
+                    max_tokens_per_batch=args.max_tokens_per_batch, device=device,
+                    normalize_embeddings=args.normalize, show_progress_bar=args.progress)
+    finally:
+        if started_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     return 0
+
+
+def _init_process_group_from_env() -> bool:
+    """Joins the torchrun group named by the environment (NCCL on GPUs, gloo on CPUs); True if it did."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,6 +38,7 @@ from ..models.classes import BI_MODELS
 from ..models.packing import pack, pack_sequences
 from ..ops.pooling import pool
 from . import loading
+from .parallel import EncodePool, encode_over_ranks
 from .text import InputItem, join_instruction, normalize_inputs, prepare_for_tokenization, split_separator, \
     truncate_by_words
 from .tokenization import Plan, SpecialTokens, TokenCache, left_padded, plan_inputs, tokenize_with_specials
@@ -108,6 +109,8 @@ class LLM2Vec(nn.Module):
         from peft import PeftModel
         from transformers import AutoConfig, AutoTokenizer
 
+        load_spec = {"args": (base_model_name_or_path, peft_model_name_or_path, merge_peft, enable_bidirectional),
+                     "kwargs": dict(kwargs)}  # how a pool worker loads the same encoder (parallel.py)
         encoder_args = {}
         for key in ENCODER_ARGS:
             value = kwargs.pop(key, None)
@@ -157,7 +160,9 @@ class LLM2Vec(nn.Module):
 
         settings = loading.llm2vec_config(peft_model_name_or_path if peft_model_name_or_path is not None else base)
         settings.update(encoder_args)
-        return cls(model=model, tokenizer=tokenizer, **settings)
+        encoder = cls(model=model, tokenizer=tokenizer, **settings)
+        encoder._load_spec = load_spec
+        return encoder
 
     def save(self, output_path, merge_before_save: bool = False, save_config: bool = True) -> None:
         """Saves model (safetensors), tokenizer and ``llm2vec_config.json``, as llm2vec does; also keeps
@@ -317,15 +322,22 @@ class LLM2Vec(nn.Module):
 
     def encode(self, sentences: Union[str, Sequence], batch_size: int = 32, show_progress_bar: bool = True,
                convert_to_numpy: bool = False, convert_to_tensor: bool = False, device: Optional[str] = None, *,
-               normalize_embeddings: bool = False, max_tokens_per_batch: Optional[int] = None):
+               normalize_embeddings: bool = False, max_tokens_per_batch: Optional[int] = None,
+               devices: Optional[Sequence[str]] = None, pool: Optional[EncodePool] = None,
+               distributed: bool = False):
         """Embeds texts and [instruction, text] pairs: (N, hidden) float32 on the CPU, in input order
         (a numpy array with ``convert_to_numpy=True`` and ``convert_to_tensor=False``).
 
         Batches hold at most ``max_tokens_per_batch`` real tokens (default ``batch_size * max_length``, the
         most a padded batch of ``batch_size`` could hold; at most 2048 on the CPU, where larger packs run
-        slower). ``normalize_embeddings=True`` L2-normalises
-        each row. ``device`` defaults to CUDA when available; the model is moved there (unless it was
-        dispatched with a device_map). The progress bar counts texts and shows tokens per second.
+        slower). ``normalize_embeddings=True`` L2-normalises each row. ``device`` defaults to CUDA when
+        available; the model is moved there (unless it was dispatched with a device_map). The progress bar
+        counts texts and shows tokens per second.
+
+        Several processes (see ``parallel.py``): ``devices=['cuda:0', 'cuda:1', ...]`` starts one process per
+        device for this call (``pool=`` reuses a pool from :meth:`start_multi_process_pool` across calls);
+        ``distributed=True``, called on every ``torchrun`` rank with the same inputs, encodes each rank's
+        share and returns all rows on every rank.
         """
         from tqdm.auto import tqdm
 
@@ -333,6 +345,37 @@ class LLM2Vec(nn.Module):
         self._check_mode()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or
+                                                 isinstance(max_tokens_per_batch, bool) or max_tokens_per_batch < 1):
+            raise ValueError(f"max_tokens_per_batch must be a positive int, got {max_tokens_per_batch!r}")
+        if sum(x is not None and x is not False for x in (devices, pool, distributed)) > 1:
+            raise ValueError(f"give at most one of devices=, pool= and distributed=True, got devices={devices!r}, "
+                             f"pool={pool!r}, distributed={distributed!r}")
+        options = {"batch_size": batch_size, "normalize_embeddings": normalize_embeddings,
+                   "max_tokens_per_batch": max_tokens_per_batch}
+        with tqdm(total=len(items), unit="text", desc="Encoding", disable=not show_progress_bar) as bar:
+            if devices is not None or pool is not None:
+                own_pool = pool is None
+                if own_pool:
+                    pool = self.start_multi_process_pool(devices)
+                try:
+                    out = torch.from_numpy(pool.encode(items, self._hidden_size(), progress=bar.update,
+                                                       settings=self._settings(), **options))
+                finally:
+                    if own_pool:
+                        pool.close()
+            elif distributed:
+                out = encode_over_ranks(lambda part: self._encode_items(part, device, bar, **options), items,
+                                        self._hidden_size())
+            else:
+                out = self._encode_items(items, device, bar, **options)
+        if convert_to_tensor:
+            convert_to_numpy = False
+        return out.numpy() if convert_to_numpy else out
+
+    def _encode_items(self, items: Sequence[InputItem], device: Optional[str], bar, *, batch_size: int,
+                      normalize_embeddings: bool, max_tokens_per_batch: Optional[int]) -> Tensor:
+        """The single-process encode of normalised items (see :meth:`encode`); ``bar`` counts texts."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         budget = max_tokens_per_batch
@@ -340,16 +383,13 @@ class LLM2Vec(nn.Module):
             budget = batch_size * self.max_length
             if _target_device(self.model, device).type == "cpu":
                 budget = min(budget, CPU_TOKEN_BUDGET)
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise ValueError(f"max_tokens_per_batch must be a positive int, got {max_tokens_per_batch!r}")
         self.eval()
         if getattr(_unwrap(self.model), "hf_device_map", None) is None:
             self.to(device)
         packable = self._packable()
         out = torch.zeros((len(items), self._hidden_size()), dtype=torch.float32)
         tokens_done, started = 0, time.perf_counter()
-        with tqdm(total=len(items), unit="text", desc="Encoding", disable=not show_progress_bar) as bar, \
-                torch.no_grad():
+        with torch.no_grad():
             for start in range(0, len(items), PLAN_CHUNK):
                 plan = self.plan(items[start:start + PLAN_CHUNK])
                 lengths = [len(ids) for ids in plan.input_ids]
@@ -363,9 +403,28 @@ class LLM2Vec(nn.Module):
                     bar.update(len(batch))
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     bar.set_postfix_str(f"{tokens_done / elapsed:,.0f} tok/s", refresh=False)
-        if convert_to_tensor:
-            convert_to_numpy = False
-        return out.numpy() if convert_to_numpy else out
+        return out
+
+    def _settings(self) -> Dict[str, object]:
+        """The encoder settings a pool worker applies to its copy before each job."""
+        return {"pooling_mode": self.pooling_mode, "max_length": self.max_length,
+                "doc_max_length": self.doc_max_length, "skip_instruction": self.skip_instruction}
+
+    def start_multi_process_pool(self, devices: Sequence[str], load_in_workers: Optional[bool] = None) -> EncodePool:
+        """One encoding process per device (``['cuda:0', 'cuda:1']``; ``'cpu'`` entries work too), for
+        ``encode(..., pool=pool)`` across calls; close it with ``pool.close()`` (or use ``with``).
+
+        Each worker holds one copy of the model. By default a model on the CPU is shared with the workers
+        once, as it is now, and a model elsewhere is loaded again by each worker from the ``from_pretrained``
+        arguments (``load_in_workers=True`` forces that), so changes made to its weights after loading are
+        not seen there (move it to the CPU first to share it).
+        """
+        return EncodePool(self, devices, load_in_workers=load_in_workers)
+
+    @staticmethod
+    def stop_multi_process_pool(pool: EncodePool) -> None:
+        """Closes a pool from :meth:`start_multi_process_pool` (sentence-transformers' name)."""
+        pool.close()
 
     def _hidden_size(self) -> int:
         config = self.model.config

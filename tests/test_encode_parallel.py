@@ -1,0 +1,228 @@
+"""Encoding with several processes: a pool of one process per device, torchrun ranks (gloo on the CPU),
+and the file CLI under torchrun. Every path must give the single-process embeddings, in input order."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from test_encoder import INPUTS, REPO, SAME_ATOL, write_checkpoint, write_jsonl
+
+from llm2vec_fast.encoder.parallel import balanced_shards
+
+
+def _items():
+    texts = [f"sentence {i}: " + "more words here " * (i % 9) for i in range(29)]
+    return texts + [["Retrieve the passage", "what is packing?"], "", "x"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint("llama", str(tmp_path_factory.mktemp("parallel") / "llama"))
+
+
+@pytest.fixture(scope="module")
+def encoder(checkpoint):
+    from llm2vec_fast import LLM2Vec
+    return LLM2Vec.from_pretrained(checkpoint, max_length=64, doc_max_length=48)
+
+
+# ---------------------------------------------------------------------------------------- the split
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 40])
+def test_balanced_shards_cover_every_input_once(parts):
+    generator = np.random.default_rng(parts)
+    items = [("", "w" * int(n)) for n in generator.lognormal(3, 1, size=33)]
+    shards = balanced_shards(items, parts)
+    assert len(shards) == parts
+    assert sorted(i for shard in shards for i in shard) == list(range(len(items)))
+    load = [sum(len(items[i][1]) + 1 for i in shard) for shard in shards]
+    longest = max(len(t) for _, t in items) + 1
+    assert max(load) - min(load) <= longest  # greedy longest-first: within one item of each other
+    for shard in shards:
+        assert [len(items[i][1]) for i in shard] == sorted((len(items[i][1]) for i in shard), reverse=True)
+    assert balanced_shards(items, parts) == shards
+
+
+def test_balanced_shards_bad_parts():
+    with pytest.raises(ValueError, match="parts must be a positive int, got 0"):
+        balanced_shards([("", "a")], 0)
+
+
+# ---------------------------------------------------------------------------------------- the pool
+
+def test_devices_equal_one_process(encoder):
+    items = _items()
+    expected = encoder.encode(items, show_progress_bar=False)
+    out = encoder.encode(items, devices=["cpu", "cpu"], show_progress_bar=False)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=SAME_ATOL, rtol=0)
+    assert encoder.encode([], devices=["cpu"], show_progress_bar=False).shape == (0, expected.shape[1])
+
+
+@pytest.mark.parametrize("load_in_workers", [False, True])
+def test_pool_loads_once_per_worker_and_is_reused(encoder, load_in_workers):
+    """Two workers, two jobs with different settings: each worker started (loaded the model) once, and
+    both jobs equal the single-process result with the parent's current settings."""
+    items = _items()
+    with encoder.start_multi_process_pool(["cpu", "cpu"], load_in_workers=load_in_workers) as pool:
+        assert pool.loads_in_workers is load_in_workers
+        pids = list(pool.worker_pids)
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        first = encoder.encode(items, pool=pool, show_progress_bar=False, convert_to_numpy=True)
+        encoder.pooling_mode = "last_token"
+        try:
+            second = encoder.encode(items, pool=pool, show_progress_bar=False, normalize_embeddings=True)
+            expected_second = encoder.encode(items, show_progress_bar=False, normalize_embeddings=True)
+        finally:
+            encoder.pooling_mode = "mean"
+        assert pool.worker_pids == pids and all(p.is_alive() for p in pool._processes)
+    assert pool._processes is None
+    assert isinstance(first, np.ndarray)
+    assert np.allclose(first, encoder.encode(items, show_progress_bar=False).numpy(), atol=SAME_ATOL, rtol=0)
+    assert torch.allclose(second, expected_second, atol=SAME_ATOL, rtol=0)
+    assert torch.allclose(second.norm(dim=1), torch.ones(len(items)), atol=1e-5)
+
+
+def test_pool_of_an_encoder_built_by_hand(encoder):
+    """No from_pretrained arguments to reload from: the CPU model is shared; loading in workers is refused."""
+    from llm2vec_fast import LLM2Vec
+    by_hand = LLM2Vec(encoder.model, encoder.tokenizer, max_length=64, doc_max_length=48)
+    items = _items()[:9]
+    out = by_hand.encode(items, devices=["cpu"], show_progress_bar=False)
+    assert torch.allclose(out, encoder.encode(items, show_progress_bar=False), atol=SAME_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="LLM2Vec.from_pretrained"):
+        by_hand.start_multi_process_pool(["cpu"], load_in_workers=True)
+
+
+def test_bad_devices(encoder):
+    with pytest.raises(ValueError, match=r"devices must be a non-empty list"):
+        encoder.encode(["a"], devices="cpu", show_progress_bar=False)
+    with pytest.raises(ValueError, match=r"devices must be a non-empty list"):
+        encoder.encode(["a"], devices=[], show_progress_bar=False)
+    with pytest.raises(ValueError, match=r"devices\[1\] must name a device"):
+        encoder.encode(["a"], devices=["cpu", "gpu7"], show_progress_bar=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"devices\[0\] is 'cuda:0' but CUDA is not available"):
+            encoder.encode(["a"], devices=["cuda:0"], show_progress_bar=False)
+    with pytest.raises(ValueError, match="at most one of devices=, pool= and distributed=True"):
+        encoder.encode(["a"], devices=["cpu"], distributed=True, show_progress_bar=False)
+    with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed process group"):
+        encoder.encode(["a"], distributed=True, show_progress_bar=False)
+
+
+def test_worker_failure_is_raised_with_its_traceback(encoder):
+    with encoder.start_multi_process_pool(["cpu"]) as pool:
+        with pytest.raises(RuntimeError, match=r"encoding worker 0 \(cpu\) failed:(.|\n)*unexpected keyword"):
+            pool.encode([("", "a")], 128, settings={}, no_such_option=1)
+        assert pool._processes is None  # a failed job closes the pool
+
+
+# ------------------------------------------------------------------------------------- torchrun ranks
+
+def _rank_main(rank: int, world: int, rendezvous: str, checkpoint: str, items, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from llm2vec_fast import LLM2Vec
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        encoder = LLM2Vec.from_pretrained(checkpoint, max_length=64, doc_max_length=48)
+        seen = []
+        original = encoder._encode_items
+
+        def counting(part, *args, **kwargs):
+            seen.extend(part)
+            return original(part, *args, **kwargs)
+        encoder._encode_items = counting
+        out = encoder.encode(items, distributed=True, show_progress_bar=False)
+        torch.save({"out": out, "seen": seen}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_share_the_work_and_all_get_every_row(checkpoint, encoder, tmp_path):
+    from llm2vec_fast.encoder.text import normalize_inputs
+    items = _items()
+    world = 2
+    mp.spawn(_rank_main, args=(world, str(tmp_path / "rendezvous"), checkpoint, items, str(tmp_path)),
+             nprocs=world, join=True)
+    expected = encoder.encode(items, show_progress_bar=False)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for result in results:
+        assert torch.allclose(result["out"], expected, atol=SAME_ATOL, rtol=0)
+    seen = [[tuple(x) for x in result["seen"]] for result in results]
+    assert all(0 < len(s) < len(items) for s in seen)  # each rank encoded only its share
+    assert sorted(seen[0] + seen[1]) == sorted(normalize_inputs(items))
+
+
+# ------------------------------------------------------------------------------- CLI under torchrun
+
+def test_cli_under_torchrun_splits_the_shards(checkpoint, encoder, tmp_path):
+    from llm2vec_fast.encoder import files
+    items = (INPUTS * 3)[:23]
+    source = str(tmp_path / "input.jsonl")
+    write_jsonl(source, items)
+    out = str(tmp_path / "out")
+    args = ["--model", checkpoint, "--input", source, "--output", out, "--shard-size", "4", "--dtype", "float32",
+            "--max-length", "64", "--doc-max-length", "48"]
+    path = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), "-m", "llm2vec_fast.cli", "encode"] + args,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "(rank 0)" in result.stdout and "(rank 1)" in result.stdout
+    with open(os.path.join(out, files.INDEX)) as f:
+        index = json.load(f)
+    assert index["complete"] and index["rows"] == len(items)
+    assert [s["start"] for s in index["shards"]] == list(range(0, len(items), 4))
+    assert not [n for n in os.listdir(out) if n.startswith(files.PROGRESS_PREFIX) or n.endswith(".tmp")]
+    expected = encoder.encode(items, show_progress_bar=False).numpy()
+    assert np.allclose(files.load_embeddings(out), expected, atol=SAME_ATOL, rtol=0)
+    messages = []  # a single process resumes the finished multi-rank run: nothing to encode
+    files.encode_file(encoder, source, out, settings={"model": checkpoint, "peft": None, "merge_peft": False,
+                                                      "dtype": "float32"},
+                      shard_size=4, log=messages.append)
+    assert messages == ["done: 23 rows in 6 shards (0 encoded now, 6 from before)"]
+
+
+def test_resume_reads_the_progress_files_of_an_interrupted_multi_rank_run(encoder, tmp_path):
+    """A multi-rank run killed before its final merge left shards recorded only in progress files; a
+    resumed run (any world size) keeps them."""
+    from llm2vec_fast.encoder import files
+    items = [t for t in INPUTS if isinstance(t, str)][:10]
+    source = str(tmp_path / "input.jsonl")
+    write_jsonl(source, items)
+    out = str(tmp_path / "out")
+    files.encode_file(encoder, source, out, shard_size=3, log=lambda message: None)
+    with open(os.path.join(out, files.INDEX)) as f:
+        index = json.load(f)
+    # Rewind to the state of a killed 2-rank run: index.json without shards, two progress files.
+    shards = index["shards"]
+    stamps = {s["file"]: os.stat(os.path.join(out, s["file"])).st_mtime_ns for s in shards[:3]}
+    os.remove(os.path.join(out, shards[3]["file"]))  # this one was never written
+    for rank in range(2):
+        with open(os.path.join(out, files.PROGRESS_NAME.format(rank)), "w") as f:
+            json.dump({"format": files.FORMAT, "shards": shards[rank:3:2]}, f)
+    index.update(shards=[], complete=False, rows=None)
+    with open(os.path.join(out, files.INDEX), "w") as f:
+        json.dump(index, f)
+    messages = []
+    files.encode_file(encoder, source, out, shard_size=3, log=messages.append)
+    assert messages[-1] == "done: 10 rows in 4 shards (1 encoded now, 3 from before)"
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in stamps} == stamps
+    assert not [n for n in os.listdir(out) if n.startswith(files.PROGRESS_PREFIX)]
+    expected = encoder.encode(items, show_progress_bar=False).numpy()
+    assert np.allclose(files.load_embeddings(out), expected, atol=SAME_ATOL, rtol=0)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
