@@ -62,8 +62,10 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ninja"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ninja", "sentence-transformers>=5",
+                 "mteb>=2,<3"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
+        "mteb": ["mteb>=2,<3", "sentence-transformers>=5"],
         "flash": ["flash-attn>=2.6"],
         "liger": ["liger-kernel>=0.5"],
     },
