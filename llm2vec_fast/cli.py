@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     encode_parser = commands.add_parser("encode", help="encode a text file into resumable embedding shards")
     files.add_arguments(encode_parser)
     encode_parser.set_defaults(run=files.run)
+    from .training.cli import add_train_parser  # light: torch/transformers load when the command runs
+    add_train_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,280 @@
+"""Training configuration: one dataclass per recipe, read from llm2vec-style ``train_configs`` JSON.
+
+``TrainConfig`` holds the fields every recipe shares (llm2vec's key names); recipes subclass it and add
+their own fields, each with a default. ``from_dict``/``from_json`` check everything that can be checked
+without loading a model (unknown keys, types, required fields, the model folder's family, data paths), so
+a bad config fails in a second rather than after minutes of loading weights.
+
+    cfg = MNTPConfig.from_json("train_configs/mntp/Mistral.json")
+    cfg = MNTPConfig.from_dict({"model_name_or_path": "/models/mistral", "output_dir": "out", ...})
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TORCH_DTYPES = ("bfloat16", "float16", "float32", "auto")
+# attn_implementation values a config may name. llm2vec's configs say "flash_attention_2": that maps to ours
+# (which itself dispatches to flash-attn when installed), so those configs run without the flash_attn package.
+ATTN_IMPLEMENTATIONS = (None, "llm2vec_fast", "flash_attention_2", "sdpa", "eager")
+
+# Keys found in llm2vec's train_configs (HF TrainingArguments / DataTrainingArguments) that have no meaning
+# here: accepted so those files load unchanged, and reported once in the log.
+IGNORED_LLM2VEC_KEYS = frozenset({
+    "do_train", "do_eval", "do_predict", "overwrite_output_dir", "evaluation_strategy", "eval_strategy",
+    "eval_steps", "per_device_eval_batch_size", "remove_unused_columns", "save_only_model", "report_to",
+    "run_name", "experiment_id", "logging_dir", "logging_first_step", "save_total_limit", "save_strategy",
+    "dataloader_num_workers", "dataloader_drop_last", "preprocessing_num_workers", "overwrite_cache",
+    "validation_split_percentage", "max_eval_samples", "streaming", "cache_dir", "use_fast_tokenizer",
+    "model_revision", "token", "use_auth_token", "trust_remote_code", "low_cpu_mem_usage", "ddp_find_unused_parameters",
+    "fp16", "bf16", "tf32", "optim", "lr_scheduler_type", "load_best_model_at_end", "metric_for_best_model",
+    "greater_is_better", "push_to_hub", "hub_model_id", "config_name", "tokenizer_name", "model_type",
+    "config_overrides", "dataset_name", "dataset_config_name", "train_file", "validation_file", "line_by_line",
+    "pad_to_max_length", "pad_to_multiple_of_8", "local_rank", "deepspeed",
+})
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every recipe. ``model_name_or_path`` and ``output_dir`` are required."""
+
+    model_name_or_path: Optional[str] = None
+    output_dir: Optional[str] = None
+    peft_model_name_or_path: Optional[str] = None
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    seed: int = 42
+    max_seq_length: int = 512
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    gradient_checkpointing: bool = True
+    torch_dtype: str = "bfloat16"
+    attn_implementation: Optional[str] = None
+    bidirectional: bool = True
+    logging_steps: int = 10
+    save_steps: int = 500
+    max_grad_norm: float = 1.0
+    resume_from_checkpoint: Optional[str] = None
+    device: Optional[str] = None
+    disable_tqdm: bool = False
+    grad_cache_chunk_size: Optional[int] = None
+
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("model_name_or_path", "output_dir")
+    ALIASES: ClassVar[Dict[str, str]] = {"stop_after_n_steps": "max_steps"}
+    IGNORED_KEYS: ClassVar[FrozenSet[str]] = IGNORED_LLM2VEC_KEYS
+
+    # ----------------------------------------------------------------------------------------------- build
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+        """A validated config from a dict of llm2vec-style keys (aliases mapped, ignored keys dropped)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a training config must be a JSON object (dict), got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: Dict[str, Any] = {}
+        ignored = []
+        for key, value in data.items():
+            target = key if key in names else cls.ALIASES.get(key)
+            if target is None or target not in names:
+                if key in cls.IGNORED_KEYS:
+                    ignored.append(key)
+                    continue
+                raise ValueError(f"unknown config key {key!r} for {cls.__name__}; valid keys: "
+                                 f"{', '.join(sorted(names | set(cls.ALIASES)))}")
+            if target in values:
+                raise ValueError(f"config key {key!r} sets {target!r}, which is already set by another key")
+            values[target] = value
+        if ignored:
+            logger.info("ignoring llm2vec config keys with no meaning here: %s", ", ".join(sorted(ignored)))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_json(cls, path: str) -> "TrainConfig":
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config file {path!r} is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -------------------------------------------------------------------------------------------- validate
+    def validate(self) -> None:
+        """Checks that need no model. Subclasses extend it (call ``super().validate()`` first)."""
+        for name in self.REQUIRED:
+            if getattr(self, name) in (None, ""):
+                raise ValueError(f"config key {name!r} is required (got {getattr(self, name)!r})")
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_type(f.name, getattr(self, f.name), hints[f.name])
+        # ints where floats are expected are fine; store floats so the loop never sees a mix.
+        for f in dataclasses.fields(self):
+            if hints[f.name] is float and isinstance(getattr(self, f.name), int):
+                setattr(self, f.name, float(getattr(self, f.name)))
+
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r",
+                    "logging_steps", "save_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        for name in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "num_train_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config key {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"config key 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set 'max_steps' (> 0) or 'num_train_epochs' (> 0); got "
+                             f"max_steps={self.max_steps!r}, num_train_epochs={self.num_train_epochs!r}")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"config key 'torch_dtype' must be one of {TORCH_DTYPES}, got {self.torch_dtype!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"config key 'attn_implementation' must be one of {ATTN_IMPLEMENTATIONS}, "
+                             f"got {self.attn_implementation!r}")
+        if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size <= 0:
+            raise ValueError(f"config key 'grad_cache_chunk_size' must be > 0 or null, "
+                             f"got {self.grad_cache_chunk_size!r}")
+        self.model_type  # noqa: B018  (raises for a missing folder or an unsupported family)
+        if self.peft_model_name_or_path is not None and not os.path.isdir(self.peft_model_name_or_path):
+            raise ValueError(f"config key 'peft_model_name_or_path' must be a local adapter folder; "
+                             f"{self.peft_model_name_or_path!r} does not exist")
+        if (self.resume_from_checkpoint not in (None, "latest")
+                and not os.path.isdir(self.resume_from_checkpoint)):
+            raise ValueError(f"config key 'resume_from_checkpoint' must be 'latest' or a checkpoint folder; "
+                             f"{self.resume_from_checkpoint!r} does not exist")
+
+    @property
+    def model_type(self) -> str:
+        """``model_type`` from the model folder's config.json; raises unless it is a supported family."""
+        from ..models.bidirectional import SUPPORTED_MODEL_TYPES
+        folder = self.model_name_or_path
+        config_file = os.path.join(folder, "config.json")
+        if not os.path.isdir(folder):
+            raise ValueError(f"config key 'model_name_or_path' must be a local model folder (training never "
+                             f"downloads); {folder!r} does not exist")
+        if not os.path.isfile(config_file):
+            raise ValueError(f"config key 'model_name_or_path': {folder!r} holds no config.json")
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config key 'model_name_or_path': model family {model_type!r} of {folder!r} is not "
+                             f"supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        return model_type
+
+    @property
+    def attention(self) -> str:
+        """The attn_implementation to load with (None and "flash_attention_2" mean ours)."""
+        if self.attn_implementation in (None, "flash_attention_2"):
+            return "llm2vec_fast"
+        return self.attn_implementation
+
+
+@dataclass
+class MNTPConfig(TrainConfig):
+    """Masked next-token prediction (llm2vec's ``run_mntp.py`` keys)."""
+
+    dataset_file_path: Optional[str] = None
+    mask_token_type: str = "blank"
+    data_collator_type: str = "default"
+    mlm_probability: float = 0.2
+    max_train_samples: Optional[int] = None
+
+    MASK_TOKEN_TYPES: ClassVar[Tuple[str, ...]] = ("blank", "eos", "mask")
+    COLLATOR_TYPES: ClassVar[Tuple[str, ...]] = ("default", "all_mask")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mask_token_type not in self.MASK_TOKEN_TYPES:
+            raise ValueError(f"config key 'mask_token_type' must be one of {self.MASK_TOKEN_TYPES}, "
+                             f"got {self.mask_token_type!r}")
+        if self.data_collator_type not in self.COLLATOR_TYPES:
+            raise ValueError(f"config key 'data_collator_type' must be one of {self.COLLATOR_TYPES}, "
+                             f"got {self.data_collator_type!r}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"config key 'mlm_probability' must be in (0, 1), got {self.mlm_probability!r}")
+        if self.max_train_samples is not None and self.max_train_samples <= 0:
+            raise ValueError(f"config key 'max_train_samples' must be > 0 or null, got {self.max_train_samples!r}")
+        if not self.bidirectional:
+            raise ValueError("config key 'bidirectional' must be true for MNTP (it trains the bidirectional model)")
+        if self.peft_model_name_or_path is not None:
+            raise ValueError(f"config key 'peft_model_name_or_path' is not used by MNTP (it trains a fresh LoRA on "
+                             f"the base); got {self.peft_model_name_or_path!r}")
+        if self.dataset_file_path is None:
+            raise ValueError("config key 'dataset_file_path' is required for MNTP (a .txt/.jsonl file or a folder "
+                             "of them; hub datasets such as 'dataset_name' are not downloaded)")
+        data_files(self.dataset_file_path)  # raises when missing or empty
+
+
+DATA_SUFFIXES = (".txt", ".jsonl")
+
+
+def data_files(path: str) -> List[str]:
+    """The .txt/.jsonl files at ``path`` (a file, or a folder searched recursively), sorted."""
+    if os.path.isfile(path):
+        if not path.endswith(DATA_SUFFIXES):
+            raise ValueError(f"config key 'dataset_file_path': {path!r} must end in one of {DATA_SUFFIXES}")
+        return [path]
+    if not os.path.isdir(path):
+        raise ValueError(f"config key 'dataset_file_path': {path!r} does not exist")
+    found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                   if name.endswith(DATA_SUFFIXES))
+    if not found:
+        raise ValueError(f"config key 'dataset_file_path': folder {path!r} holds no {DATA_SUFFIXES} files")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ type checks
+def check_type(name: str, value: Any, hint: Any) -> None:
+    """Raises TypeError unless ``value`` matches the annotation ``hint`` (bool is not an int here)."""
+    if not _matches(value, hint):
+        raise TypeError(f"config key {name!r} expects {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, List):
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin in (list, List):
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))

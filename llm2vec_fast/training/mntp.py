@@ -1,0 +1,266 @@
+"""Masked next-token prediction (MNTP), llm2vec's first training stage.
+
+A fraction ``mlm_probability`` of the tokens is selected (never special tokens); selected inputs are
+replaced (80% mask token, 10% a random token, 10% kept: ``data_collator_type="default"``; all mask
+token: ``"all_mask"``) and the bidirectional model predicts each selected token i from its output at
+position i - 1, as llm2vec does (its causal-LM head shifts the labels). Labels are stored already
+shifted: ``labels[:, i - 1]`` holds original token i where i was selected, -100 elsewhere.
+
+The LM head runs only on the labelled rows, and never forms the (rows, vocab) logits of the whole batch
+in float32: liger-kernel's fused linear cross-entropy on a GPU when installed, else
+:func:`chunked_cross_entropy` (row chunks, each recomputed in the backward).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .config import MNTPConfig, data_files
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CE_CHUNK_ROWS = 2048  # rows of logits formed at once: 2048 x 128k vocab x 4 bytes = 1 GiB
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def _chunk_ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: Optional[float]) -> Tensor:
+    logits = (hidden @ weight.t()).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: Optional[float] = None,
+                          chunk_rows: int = CE_CHUNK_ROWS) -> Tensor:
+    """Sum over rows of cross_entropy(softcap(hidden @ weight.T), targets), in float32.
+
+    ``hidden`` (N, H), ``weight`` (V, H), ``targets`` (N,) (no ignore index: gather labelled rows first).
+    Each chunk of rows runs under ``torch.utils.checkpoint``, so at most one (chunk_rows, V) logits block
+    exists at a time, in the forward and in the backward.
+    """
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
+    total = hidden.new_zeros((), dtype=torch.float32)
+    if hidden.shape[0] == 0:
+        return total + 0.0 * hidden.sum() + 0.0 * weight.sum()  # keeps the graph for a rank with no labels
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_chunk_ce_sum, h, weight, t, softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(h, weight, t, softcap)
+    return total
+
+
+def _liger_loss():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def lm_head_loss_sum(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: Optional[float] = None) -> Tensor:
+    """Summed CE of the LM head on labelled rows: liger's fused kernel on a GPU when available (and able to
+    softcap if needed), else :func:`chunked_cross_entropy`."""
+    liger = _liger_loss() if hidden.is_cuda else None
+    if liger is not None and hidden.shape[0] > 0:
+        accepts_softcap = "softcap" in inspect.signature(liger).parameters
+        if not softcap or accepts_softcap:
+            kwargs = {"softcap": softcap} if softcap else {}
+            out = liger(hidden, weight, targets, reduction="sum", **kwargs)
+            return (out[0] if isinstance(out, tuple) else out).float()
+    return chunked_cross_entropy(hidden, weight, targets, softcap)
+
+
+# ------------------------------------------------------------------------------------------------ masking
+@dataclass
+class MaskedBatch:
+    input_ids: Tensor   # (B, L) with the selected tokens replaced
+    labels: Tensor      # (B, L) shifted: labels[:, i - 1] = original token i where selected, else -100
+    selected: Tensor    # (B, L) bool, the selected positions (for tests and statistics)
+
+
+def mask_tokens(input_ids: Tensor, *, special_ids: Sequence[int], mask_token_id: int, vocab_size: int,
+                mlm_probability: float, collator_type: str = "default",
+                generator: Optional[torch.Generator] = None) -> MaskedBatch:
+    """llm2vec's MNTP masking of a (B, L) batch, drawn from ``generator`` (see the module docstring)."""
+    if collator_type not in ("default", "all_mask"):
+        raise ValueError(f"collator_type must be 'default' or 'all_mask', got {collator_type!r}")
+    special = torch.isin(input_ids, torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype))
+    probability = torch.full(input_ids.shape, float(mlm_probability)).masked_fill_(special, 0.0)
+    selected = torch.bernoulli(probability, generator=generator).bool()
+    masked = input_ids.clone()
+    if collator_type == "all_mask":
+        masked[selected] = mask_token_id
+    else:
+        replace = torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=generator).bool() & selected
+        randomise = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool() & selected & ~replace
+        random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)
+        masked[replace] = mask_token_id
+        masked[randomise] = random_ids[randomise]
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = torch.where(selected[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
+    return MaskedBatch(masked, labels, selected)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def read_documents(path: str) -> List[str]:
+    """Documents of a .txt (one per line) or .jsonl (``text`` field) file, or a folder of them; blank
+    documents skipped."""
+    docs: List[str] = []
+    for file in data_files(path):
+        with open(file, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if file.endswith(".jsonl"):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{file}:{number}: not valid JSON ({err})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ValueError(f"{file}:{number}: expected an object with a string 'text' field")
+                    text = record["text"]
+                else:
+                    text = line.rstrip("\n")
+                if text.strip():
+                    docs.append(text)
+    return docs
+
+
+def group_into_chunks(docs: Sequence[str], tokenizer, length: int, batch_docs: int = 1000) -> Tensor:
+    """(N, length) token ids: each document tokenised (with the tokenizer's specials, e.g. BOS), all
+    concatenated, cut into ``length`` tokens, the remainder dropped (run_mlm's ``group_texts``)."""
+    ids: List[int] = []
+    for start in range(0, len(docs), batch_docs):
+        for row in tokenizer(list(docs[start:start + batch_docs]))["input_ids"]:
+            ids.extend(row)
+    usable = (len(ids) // length) * length
+    if usable == 0:
+        raise ValueError(f"the dataset has {len(ids)} tokens, fewer than max_seq_length={length}: no training "
+                         f"chunk can be formed")
+    return torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, length)
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+class MNTPRecipe:
+    """MNTP on a ``XxxBiForMNTP`` with LoRA on its body (see the Recipe protocol in loop.py)."""
+
+    def __init__(self, config: MNTPConfig, model=None, tokenizer=None):
+        from .model_setup import load_mntp_model, load_tokenizer, setup_device
+        self.config = config
+        self.device = setup_device(config)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+        self.mask_token_id = self._mask_token_id()
+        self.vocab_size = len(self.tokenizer) + (1 if self.mask_token_id == len(self.tokenizer) else 0)
+        self.model = model if model is not None else load_mntp_model(config, self.device, self.vocab_size)
+        self.special_ids = sorted(set(self.tokenizer.all_special_ids))
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        chunks = group_into_chunks(read_documents(config.dataset_file_path), self.tokenizer, config.max_seq_length)
+        if config.max_train_samples is not None:
+            chunks = chunks[:config.max_train_samples]
+        self.chunks = chunks
+
+    def _mask_token_id(self) -> int:
+        """llm2vec's rule: the tokenizer's own mask token if it has one; else "_" (blank), EOS, or a new
+        "<mask>" token (id ``len(tokenizer)``; the embeddings grow when that is past their end)."""
+        tok = self.tokenizer
+        if tok.mask_token_id is not None:
+            if self.config.mask_token_type != "mask":
+                logger.info("the tokenizer has a mask token %r: it is used (mask_token_type=%r ignored, as llm2vec)",
+                            tok.mask_token, self.config.mask_token_type)
+            return int(tok.mask_token_id)
+        kind = self.config.mask_token_type
+        if kind == "blank":
+            return int(tok.convert_tokens_to_ids("_"))
+        if kind == "eos":
+            return int(tok.eos_token_id)
+        existing = tok.convert_tokens_to_ids("<mask>")
+        if existing is not None and existing != tok.unk_token_id:
+            return int(existing)
+        return len(tok)
+
+    # -------------------------------------------------------------------------------------- batches
+    def _world(self):
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def num_batches(self) -> int:
+        """Global batches per epoch (the last one kept when every rank gets at least one sample)."""
+        _, world = self._world()
+        size = self.config.per_device_train_batch_size * world
+        full, rest = divmod(len(self.chunks), size)
+        return full + (1 if rest >= world else 0)
+
+    def batches(self, epoch: int) -> Iterator[Dict[str, Tensor]]:
+        """This rank's share of each global batch. Order and masks depend on (seed, epoch, batch index)
+        only, so any world size sees the same union batches and a resumed run the same masks."""
+        rank, world = self._world()
+        size = self.config.per_device_train_batch_size * world
+        order = torch.randperm(len(self.chunks), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        for index in range(self.num_batches()):
+            rows = order[index * size:(index + 1) * size]
+            # hash of an int tuple is the same in every process (PYTHONHASHSEED only salts str/bytes)
+            generator = torch.Generator().manual_seed(hash((self.config.seed, epoch, index)) % (2 ** 63))
+            masked = mask_tokens(self.chunks[rows], special_ids=self.special_ids, mask_token_id=self.mask_token_id,
+                                 vocab_size=self.vocab_size, mlm_probability=self.config.mlm_probability,
+                                 collator_type=self.config.data_collator_type, generator=generator)
+            share = math.ceil(len(rows) / world)
+            part = slice(rank * share, (rank + 1) * share)
+            yield {"input_ids": masked.input_ids[part], "labels": masked.labels[part]}
+
+    def num_samples(self, batch) -> int:
+        return int(batch["input_ids"].shape[0])
+
+    # -------------------------------------------------------------------------------------- step
+    def loss_parts(self, input_ids: Tensor, labels: Tensor):
+        """(summed CE over this rank's labelled tokens, their count), with the body run packed."""
+        from ..models import forward_packed
+        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        hidden = forward_packed(self.model.model, input_ids).hidden   # (B*L, H), row-major like labels
+        flat = labels.reshape(-1)
+        rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        weight = self.model.get_output_embeddings().weight
+        loss_sum = lm_head_loss_sum(hidden.index_select(0, rows), weight, flat.index_select(0, rows), self.softcap)
+        return loss_sum, rows.numel()
+
+    def train_step(self, batch, grad_scale: float) -> Tensor:
+        """Backward of (this rank's CE sum / the union batch's label count) * grad_scale; returns the
+        union batch's mean CE."""
+        from ..distributed import global_value, is_distributed
+        loss_sum, count = self.loss_parts(batch["input_ids"], batch["labels"])
+        count = torch.tensor(float(count), device=loss_sum.device)
+        if is_distributed():
+            import torch.distributed as dist
+            dist.all_reduce(count)
+        loss = loss_sum / count.clamp(min=1.0)
+        (loss * grad_scale).backward()
+        return global_value(loss.detach()).float()
+
+    # -------------------------------------------------------------------------------------- save
+    def save(self, folder: str) -> None:
+        """llm2vec's MNTP layout: the body's adapter (naming the base by absolute path), the base's
+        config.json and the tokenizer, so ``LLM2Vec.from_pretrained(folder)`` merges it into the base."""
+        os.makedirs(folder, exist_ok=True)
+        body = self.model.model
+        base = os.path.abspath(self.config.model_name_or_path)
+        for peft_config in body.peft_config.values():
+            peft_config.base_model_name_or_path = base
+        body.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        shutil.copy(os.path.join(base, "config.json"), os.path.join(folder, "config.json"))

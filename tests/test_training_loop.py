@@ -1,0 +1,246 @@
+"""The training loop and CLI: exact resumption, logging and checkpoint layout, step counting and the
+schedule, and bad configs rejected (naming the key) before any model loads."""
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_training_mntp import make_base, mntp_config, write_corpus  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ resume
+class Crash(RuntimeError):
+    pass
+
+
+def _crash_after(recipe, calls: int):
+    """Makes recipe.train_step raise on its ``calls + 1``-th call (a run killed mid-step)."""
+    step = recipe.train_step
+    seen = []
+
+    def train_step(batch, grad_scale):
+        if len(seen) == calls:
+            raise Crash()
+        seen.append(1)
+        return step(batch, grad_scale)
+    recipe.train_step = train_step
+
+
+def _trainable(recipe):
+    return {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    """6 steps straight vs. a run killed in step 4 then resumed from checkpoint-3 (accumulation 2, 5
+    micro-batches per epoch: the resume point is inside epoch 1; LoRA dropout exercises the RNGs)."""
+    from llm2vec_fast.training.loop import Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    root = str(tmp_path)
+    settings = dict(max_steps=6, save_steps=3, gradient_accumulation_steps=2, max_train_samples=20,
+                    lora_dropout=0.1, warmup_steps=2, logging_steps=2)
+    straight = MNTPRecipe(mntp_config(root, output_dir=f"{root}/a", **settings))
+    expected = Trainer(straight).train()
+
+    killed = MNTPRecipe(mntp_config(root, output_dir=f"{root}/b", **settings))
+    _crash_after(killed, 7)
+    with pytest.raises(Crash):
+        Trainer(killed).train()
+    assert sorted(os.listdir(f"{root}/b")) == ["checkpoint-3", "log.jsonl"]
+    with open(f"{root}/b/checkpoint-3/trainer_state.json") as f:
+        state = json.load(f)
+    assert (state["step"], state["epoch"], state["batch_index"]) == (3, 1, 1)
+
+    resumed = MNTPRecipe(mntp_config(root, output_dir=f"{root}/b", resume_from_checkpoint="latest", **settings))
+    trainer = Trainer(resumed)
+    losses = trainer.train()
+    assert trainer.step == 6 and len(losses) == 3
+    assert losses == expected[3:]
+    with open(f"{root}/a/log.jsonl") as a, open(f"{root}/b/log.jsonl") as b:
+        assert [json.loads(line) for line in b][-1]["loss"] == [json.loads(line) for line in a][-1]["loss"]
+    want, got = _trainable(straight), _trainable(resumed)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+    # layout of a finished run
+    folder = f"{root}/a/checkpoint-6"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.json", "tokenizer.json",
+                 "trainable.safetensors", "optimizer.pt", "rng_state_0.json", "trainer_state.json"):
+        assert os.path.isfile(os.path.join(folder, name)), name
+    with open(f"{root}/a/log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for record in records:
+        assert set(record) == {"step", "loss", "lr", "samples_per_s", "peak_mem_mb", "elapsed"}
+        assert record["samples_per_s"] > 0 and record["peak_mem_mb"] > 0
+    assert records[0]["loss"] == pytest.approx(sum(expected[:2]) / 2)
+    assert records[0]["lr"] == pytest.approx(1e-2 * 4 / 4)   # warmup 2 of 6, after step 2: peak, then decay
+    assert records[-1]["lr"] == pytest.approx(0.0)
+
+
+def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
+    from llm2vec_fast.training.loop import latest_checkpoint
+    assert latest_checkpoint(str(tmp_path / "missing")) is None
+    for step, complete in ((5, True), (20, True), (100, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-20")
+
+
+# ------------------------------------------------------------------------------------------ loop on a toy recipe
+class ToyRecipe:
+    """Linear regression: 5 micro-batches of 3 samples per epoch."""
+
+    def __init__(self, config):
+        torch.manual_seed(0)
+        self.config = config
+        self.model = torch.nn.Linear(4, 1)
+        self.tokenizer = None
+        self.seen = []
+
+    def batches(self, epoch):
+        g = torch.Generator().manual_seed(epoch)
+        for index in range(5):
+            self.seen.append((epoch, index))
+            yield torch.randn(3, 4, generator=g)
+
+    def train_step(self, batch, grad_scale):
+        loss = self.model(batch).pow(2).mean()
+        (loss * grad_scale).backward()
+        return loss.detach().float()
+
+    def num_samples(self, batch):
+        return batch.shape[0]
+
+    def save(self, folder):
+        torch.save(self.model.state_dict(), os.path.join(folder, "toy.pt"))
+
+
+def test_epochs_set_the_step_count(tmp_path):
+    from llm2vec_fast.training import TrainConfig
+    from llm2vec_fast.training.loop import Trainer
+    base = make_base(str(tmp_path / "base"))
+    config = TrainConfig.from_dict(dict(model_name_or_path=base, output_dir=str(tmp_path / "out"),
+                                        num_train_epochs=2, gradient_accumulation_steps=2, disable_tqdm=True,
+                                        learning_rate=0.1, warmup_steps=1))
+    recipe = ToyRecipe(config)
+    trainer = Trainer(recipe)
+    assert trainer.total_steps == 4  # 5 batches // 2 per step = 2 steps per epoch, 2 epochs
+    recipe.seen.clear()  # (counted by iterating epoch 0: the toy has no num_batches)
+    losses = trainer.train()
+    assert len(losses) == 4 and all(loss > 0 for loss in losses)
+    assert recipe.seen[:8] == [(0, i) for i in range(5)] + [(1, i) for i in range(3)]
+    assert os.listdir(tmp_path / "out" / "checkpoint-4") != []
+
+
+# ------------------------------------------------------------------------------------------ config + CLI
+def _parser():
+    import argparse
+
+    from llm2vec_fast.training.cli import add_train_parser
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory):
+    """A complete llm2vec-style MNTP config (with llm2vec's ignored keys and its step alias) on disk."""
+    root = tmp_path_factory.mktemp("cli")
+    base = make_base(str(root / "base"))
+    data = write_corpus(str(root / "data.txt"))
+    config = {"model_name_or_path": base, "dataset_file_path": data, "output_dir": str(root / "out"),
+              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "do_train": True,
+              "do_eval": True, "max_seq_length": 32, "mask_token_type": "blank", "data_collator_type": "default",
+              "mlm_probability": 0.2, "overwrite_output_dir": True, "evaluation_strategy": "steps",
+              "eval_steps": 100, "save_steps": 200, "stop_after_n_steps": 2, "lora_r": 16,
+              "gradient_checkpointing": True, "torch_dtype": "float32", "attn_implementation": "flash_attention_2",
+              "dataset_name": "wikitext", "disable_tqdm": True}
+    path = root / "mntp.json"
+    path.write_text(json.dumps(config))
+    return str(path), config, root
+
+
+def test_llm2vec_config_keys_are_accepted(valid):
+    from llm2vec_fast.training.cli import load_config
+    path, _, _ = valid
+    config = load_config(_parser().parse_args(["train", "mntp", "--config", path, "--set", "learning_rate=3e-4",
+                                               "--set", "lora_target_modules=[\"q_proj\"]"]))
+    assert config.max_steps == 2 and config.learning_rate == 3e-4 and config.lora_target_modules == ["q_proj"]
+    assert config.attention == "llm2vec_fast"  # llm2vec's flash_attention_2 runs on our kernels
+
+
+def test_cli_trains_mntp(valid):
+    from llm2vec_fast.cli import main
+    path, config, root = valid
+    assert main(["train", "mntp", "--config", path, "--set", f"output_dir=\"{root / 'run'}\""]) == 0
+    assert os.path.isfile(root / "run" / "checkpoint-2" / "adapter_model.safetensors")
+
+
+def _gpt2_folder(root):
+    folder = root / "gpt2"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    ({"model_name_or_path": None}, ValueError, ["'model_name_or_path'", "required"]),
+    ({"learning_rate": "fast"}, TypeError, ["'learning_rate'", "float", "'fast'"]),
+    ({"lora_r": 1.5}, TypeError, ["'lora_r'", "int", "1.5"]),
+    ({"gradient_checkpointing": "yes"}, TypeError, ["'gradient_checkpointing'", "bool"]),
+    ({"learning_rat": 1e-4}, ValueError, ["'learning_rat'", "valid keys", "learning_rate"]),
+    ({"model_name_or_path": "GPT2"}, ValueError, ["'gpt2'", "not supported", "mistral"]),
+    ({"model_name_or_path": "/nonexistent/model"}, ValueError, ["'model_name_or_path'", "does not exist"]),
+    ({"dataset_file_path": "/nonexistent/data.txt"}, ValueError, ["'dataset_file_path'", "does not exist"]),
+    ({"dataset_file_path": None}, ValueError, ["'dataset_file_path'", "required"]),
+    ({"mask_token_type": "star"}, ValueError, ["'mask_token_type'", "'star'"]),
+    ({"torch_dtype": "float8"}, ValueError, ["'torch_dtype'", "'float8'"]),
+    ({"mlm_probability": 1.5}, ValueError, ["'mlm_probability'", "1.5"]),
+])
+def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, words):
+    from llm2vec_fast.training import cli, mntp
+    _, config, root = valid
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+    monkeypatch.setattr(mntp.MNTPRecipe, "__init__", never)
+    data = dict(config)
+    for key, value in change.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = _gpt2_folder(root) if value == "GPT2" else value
+    path = root / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(error) as info:
+        cli.run(_parser().parse_args(["train", "mntp", "--config", str(path)]))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_cli_argument_errors(valid, tmp_path, monkeypatch):
+    from llm2vec_fast.training import cli
+    path, _, _ = valid
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cli.run(_parser().parse_args(["train", "mntp", "--config", path, "--set", "novalue"]))
+    with pytest.raises(ValueError, match="no such file"):
+        cli.run(_parser().parse_args(["train", "mntp", "--config", str(tmp_path / "none.json")]))
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(TypeError, match="JSON object"):
+        cli.run(_parser().parse_args(["train", "mntp", "--config", str(tmp_path / "list.json")]))
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "bogus", "--config", path])
+    # the contrastive recipes come from training.contrastive: a clear error when it lacks them
+    import llm2vec_fast.training as training
+    monkeypatch.delattr(training, "contrastive", raising=False)
+    monkeypatch.setitem(sys.modules, "llm2vec_fast.training.contrastive", types.ModuleType("contrastive"))
+    with pytest.raises(ImportError, match="SimCSEConfig"):
+        cli.recipe_classes("simcse")

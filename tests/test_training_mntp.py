@@ -1,0 +1,298 @@
+"""MNTP recipe: masking statistics and the label shift, the LM-head loss (chunked == full logits, the
+llm2vec causal-LM loss), training that lowers the loss, checkpoints that ``LLM2Vec.from_pretrained``
+loads, and a 2-process gloo step equal to one process on the union batch.
+
+Models are tiny random-weight checkpoints of the real architectures with the Mistral fixture's
+tokenizer (tests/fixtures/llm2vec/mistral, 679 tokens), all on the CPU in float32.
+"""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(REPO, "tests", "fixtures", "llm2vec", "mistral")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CORPUS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
+          "all that glitters is not gold", "", "where there is smoke there is fire"]
+
+
+def make_base(folder: str, family: str = "mistral", seed: int = 0, **overrides) -> str:
+    """A tiny random ``XxxBiForMNTP`` checkpoint (hidden 64, 2 layers, 4 heads, 2 KV heads, head dim 64
+    (the kernels' smallest), the fixture tokenizer's 704-row vocabulary), safetensors."""
+    from transformers import AutoConfig
+
+    from llm2vec_fast.models import BI_FOR_MNTP
+    common = dict(vocab_size=704, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, bos_token_id=1, eos_token_id=2, max_position_embeddings=512,
+                  initializer_range=0.1)  # logits of a useful size: the frozen LM head bounds them
+    if family == "gemma2":
+        common.update(query_pre_attn_scalar=64, final_logit_softcapping=5.0, sliding_window=4096)
+    common.update(overrides)
+    config = AutoConfig.for_model(family, **common)
+    torch.manual_seed(seed)
+    BI_FOR_MNTP[family](config).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(TOKENIZER, name), folder)
+    return folder
+
+
+def write_corpus(path: str, repeats: int = 12) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(repeats):
+            for line in CORPUS:
+                f.write(line + "\n")
+    return path
+
+
+def mntp_config(root: str, **overrides):
+    from llm2vec_fast.training import MNTPConfig
+    base = os.path.join(root, "base")
+    if not os.path.isdir(base):
+        make_base(base)
+    data = os.path.join(root, "data.txt")
+    if not os.path.isfile(data):
+        write_corpus(data)
+    values = dict(model_name_or_path=base, output_dir=os.path.join(root, "out"), dataset_file_path=data,
+                  max_seq_length=32, per_device_train_batch_size=4, learning_rate=1e-2, max_steps=4,
+                  torch_dtype="float32", lora_dropout=0.0, logging_steps=1, save_steps=100, disable_tqdm=True)
+    values.update(overrides)
+    return MNTPConfig.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("mntp"))
+
+
+# ------------------------------------------------------------------------------------------ masking
+def _batch(rows=64, length=512, seed=0):
+    """Ids in [3, 700) with BOS (1) first and a few EOS (2) inside; 700 is kept free for the mask id."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 700, (rows, length), generator=g)
+    ids[:, 0] = 1
+    ids[torch.rand(rows, length, generator=g) < 0.05] = 2
+    return ids
+
+
+def _within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+def test_masking_statistics_and_label_shift():
+    from llm2vec_fast.training.mntp import IGNORE_INDEX, mask_tokens
+    ids = _batch()
+    g = torch.Generator().manual_seed(1)
+    out = mask_tokens(ids, special_ids=[0, 1, 2], mask_token_id=700, vocab_size=704, mlm_probability=0.2,
+                      generator=g)
+    special = ids <= 2
+    assert not out.selected[special].any(), "special tokens were selected"
+    assert torch.equal(out.input_ids[~out.selected], ids[~out.selected])
+    eligible = int((~special).sum())
+    chosen = int(out.selected.sum())
+    assert _within(chosen, eligible, 0.2)
+    new, old = out.input_ids[out.selected], ids[out.selected]
+    masked, kept = int((new == 700).sum()), int((new == old).sum())
+    randomised = chosen - masked - kept
+    assert _within(masked, chosen, 0.8)
+    assert _within(kept, chosen, 0.1 + 0.1 / 704)   # a random draw may hit the original token
+    assert _within(randomised, chosen, 0.1 - 0.1 / 704)
+    # labels[:, i - 1] = original token i where i was selected, -100 elsewhere (llm2vec's shifted CE)
+    expected = torch.full_like(ids, IGNORE_INDEX)
+    expected[:, :-1] = torch.where(out.selected[:, 1:], ids[:, 1:], IGNORE_INDEX)
+    assert torch.equal(out.labels, expected)
+    assert (out.labels[:, -1] == IGNORE_INDEX).all()
+
+
+def test_all_mask_collator_masks_every_selected_token():
+    from llm2vec_fast.training.mntp import mask_tokens
+    ids = _batch(rows=16, length=256)
+    out = mask_tokens(ids, special_ids=[0, 1, 2], mask_token_id=700, vocab_size=704, mlm_probability=0.3,
+                      collator_type="all_mask", generator=torch.Generator().manual_seed(0))
+    assert (out.input_ids[out.selected] == 700).all()
+    assert torch.equal(out.input_ids[~out.selected], ids[~out.selected])
+    assert _within(int(out.selected.sum()), int((ids > 2).sum()), 0.3)
+    assert not out.selected[ids <= 2].any()
+
+
+# ------------------------------------------------------------------------------------------ loss
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_cross_entropy_equals_full_logits(softcap):
+    from llm2vec_fast.training.mntp import chunked_cross_entropy
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 24, requires_grad=True)
+    weight = torch.randn(101, 24, requires_grad=True)
+    targets = torch.randint(101, (37,))
+    loss = chunked_cross_entropy(hidden, weight, targets, softcap=softcap, chunk_rows=8)
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    logits = h64 @ w64.t()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    ref.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_cross_entropy_of_no_rows_is_zero_with_a_graph():
+    from llm2vec_fast.training.mntp import chunked_cross_entropy
+    weight = torch.randn(11, 4, requires_grad=True)
+    loss = chunked_cross_entropy(torch.zeros(0, 4, requires_grad=True), weight, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss) == 0.0 and torch.count_nonzero(weight.grad) == 0
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_mntp_loss_is_llm2vecs_causal_lm_loss(tmp_path, family):
+    """Our loss (packed body, labelled rows only, chunked head) == llm2vec's: the causal-LM head's
+    shifted CE over the full (B, L, V) logits, computed here in float64 (Gemma2: with its softcap)."""
+    from llm2vec_fast.training.mntp import IGNORE_INDEX, MNTPRecipe
+    if family == "gemma2":
+        make_base(str(tmp_path / "base"), "gemma2")
+    recipe = MNTPRecipe(mntp_config(str(tmp_path), gradient_checkpointing=False))
+    batch = next(recipe.batches(0))
+    loss_sum, count = recipe.loss_parts(batch["input_ids"], batch["labels"])
+    ours = loss_sum / count
+    # the llm2vec way: unshifted labels (original token where selected), model's padded forward,
+    # logits[:, :-1] against labels[:, 1:]
+    unshifted = torch.full_like(batch["labels"], IGNORE_INDEX)
+    unshifted[:, 1:] = batch["labels"][:, :-1]
+    with torch.no_grad():
+        hidden = recipe.model.model(input_ids=batch["input_ids"]).last_hidden_state.double()
+        logits = hidden @ recipe.model.lm_head.weight.double().t()
+        softcap = getattr(recipe.model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                unshifted[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert count == int((batch["labels"] != IGNORE_INDEX).sum()) > 0
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_documents_and_chunks(tmp_path):
+    from llm2vec_fast.training.mntp import group_into_chunks, read_documents
+    from llm2vec_fast.training.model_setup import load_tokenizer
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("first line\n\n  \nsecond line\n")
+    (folder / "sub" / "b.jsonl").write_text(json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": " "}) + "\n")
+    (folder / "ignored.csv").write_text("x\n")
+    docs = read_documents(str(folder))
+    assert docs == ["first line", "second line", "third"]
+    tokenizer = load_tokenizer(TOKENIZER)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    flat = [t for doc in docs for t in tokenizer(doc)["input_ids"]]
+    chunks = group_into_chunks(docs, tokenizer, 4)
+    assert chunks.shape == (len(flat) // 4, 4)
+    assert chunks.reshape(-1).tolist() == flat[:len(flat) // 4 * 4]
+    with pytest.raises(ValueError, match="fewer than max_seq_length"):
+        group_into_chunks(docs, tokenizer, 10_000)
+    (folder / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_documents(str(folder))
+
+
+def test_mask_token_types(tmp_path):
+    """blank -> "_" (here unknown, as llm2vec's convert_tokens_to_ids gives), eos -> EOS, mask -> a new id
+    len(tokenizer), the embeddings (and LM head) grown when the id is past their end."""
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    recipe = MNTPRecipe(mntp_config(str(tmp_path), mask_token_type="blank"))
+    assert recipe.mask_token_id == recipe.tokenizer.convert_tokens_to_ids("_")
+    assert MNTPRecipe(mntp_config(str(tmp_path), mask_token_type="eos")).mask_token_id == 2
+    small = make_base(str(tmp_path / "small"), vocab_size=len(recipe.tokenizer))
+    grown = MNTPRecipe(mntp_config(str(tmp_path), model_name_or_path=small, mask_token_type="mask"))
+    assert grown.mask_token_id == len(grown.tokenizer) == 679
+    assert grown.model.get_input_embeddings().weight.shape[0] == 680
+    assert grown.model.get_output_embeddings().weight.shape[0] == 680
+    batch = next(grown.batches(0))
+    assert (batch["input_ids"] == 679).any()
+    loss_sum, count = grown.loss_parts(batch["input_ids"], batch["labels"])
+    assert torch.isfinite(loss_sum) and count > 0
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_mntp_trains_and_the_checkpoint_loads_with_llm2vec(tmp_path):
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.training.loop import Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    config = mntp_config(str(tmp_path), max_steps=12, save_steps=6, learning_rate=2e-2)
+    recipe = MNTPRecipe(config)
+    losses = Trainer(recipe).train()
+    assert len(losses) == 12
+    assert sum(losses[-4:]) / 4 < sum(losses[:3]) / 3 - 0.5, losses
+    folder = os.path.join(config.output_dir, "checkpoint-12")
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.abspath(config.model_name_or_path)
+    texts = ["the lazy dog", "a stitch in time", "gold"]
+    loaded = LLM2Vec.from_pretrained(folder, dtype=torch.float32)
+    recipe.model.eval()
+    trained = LLM2Vec(recipe.model.model, recipe.tokenizer)
+    with torch.no_grad():
+        expected = trained.encode(texts, show_progress_bar=False)
+    got = loaded.encode(texts, show_progress_bar=False)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    base = LLM2Vec.from_pretrained(config.model_name_or_path, dtype=torch.float32)
+    assert not torch.allclose(base.encode(texts, show_progress_bar=False), got, atol=1e-3), "adapter not applied"
+
+    # the encoder recipes' start: MNTP merged (found in the base folder, or given as peft_model_name_or_path),
+    # then a fresh LoRA whose B = 0 leaves the embeddings unchanged
+    from llm2vec_fast.training import TrainConfig
+    from llm2vec_fast.training.model_setup import load_encoder_model
+    for base, adapter in ((folder, None), (config.model_name_or_path, folder)):
+        setup = TrainConfig.from_dict(dict(model_name_or_path=base, peft_model_name_or_path=adapter,
+                                           output_dir=str(tmp_path / "enc"), torch_dtype="float32"))
+        encoder = load_encoder_model(setup)
+        trainable = [n for n, p in encoder.model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+        assert encoder.model.training
+        encoder.model.eval()
+        torch.testing.assert_close(encoder.encode(texts, show_progress_bar=False), got, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+WORLD = 2
+
+
+def _grads(recipe):
+    return {n: p.grad.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+
+def _distributed_step(rank: int, root: str) -> None:
+    import torch.distributed as dist
+
+    from llm2vec_fast.training.loop import Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rdzv", rank=rank, world_size=WORLD)
+    try:
+        recipe = MNTPRecipe(mntp_config(root, per_device_train_batch_size=2))
+        trainer = Trainer(recipe)
+        loss = recipe.train_step(next(recipe.batches(0)), 1.0)
+        trainer._sum_gradients()
+        torch.save({"loss": loss, "grads": _grads(recipe)}, os.path.join(root, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_union_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    root = str(tmp_path)
+    single = MNTPRecipe(mntp_config(root, per_device_train_batch_size=2 * WORLD))
+    loss = single.train_step(next(single.batches(0)), 1.0)
+    grads = _grads(single)
+    mp.spawn(_distributed_step, args=(root,), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        got = torch.load(os.path.join(root, f"rank{rank}.pt"))
+        torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
+        assert got["grads"].keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
