@@ -30,8 +30,8 @@ import torch  # noqa: E402
 from benchmarks import harness  # noqa: E402
 
 SUITES = {"attention": "benchmarks.bench_attention", "pool": "benchmarks.bench_pool", "loss": "benchmarks.bench_loss",
-          "model": "benchmarks.bench_model", "encode": "benchmarks.bench_encode"}
-EXECUTION_ORDER = ("pool", "loss", "model", "encode", "attention")
+          "model": "benchmarks.bench_model", "encode": "benchmarks.bench_encode", "train": "benchmarks.bench_train"}
+EXECUTION_ORDER = ("pool", "loss", "model", "encode", "attention", "train")
 DEFAULT_OUT = os.path.join(harness.REPO_ROOT, "benchmarks", "results")
 
 
