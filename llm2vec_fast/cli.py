@@ -3,9 +3,11 @@
     llm2vec-fast demo      encode a few example texts with a tiny built-in random-weight Llama-architecture
                            model (no download) and print their embeddings' cosine similarities
     llm2vec-fast encode    encode a .txt/.jsonl/.parquet file with an LLM2Vec checkpoint into resumable
-                           .npy shards (see llm2vec_fast.encoder.files)
+                           .npy shards (see llm2vec_fast.encoder.files); under torchrun, split over ranks
+    llm2vec-fast check     print the installation's versions and check every op and backend on this
+                           device against float64 formulas (see llm2vec_fast.check)
+    llm2vec-fast train     mntp | simcse | supervised --config CONFIG.json (see llm2vec_fast.training)
 
-The training recipes add their subcommands here as they land.
 """
 from __future__ import annotations
 
@@ -84,6 +86,10 @@ def main(argv=None) -> int:
     encode_parser = commands.add_parser("encode", help="encode a text file into resumable embedding shards")
     files.add_arguments(encode_parser)
     encode_parser.set_defaults(run=files.run)
+    from . import check
+    check_parser = commands.add_parser("check", help="versions, and every op and backend against float64 formulas")
+    check.add_arguments(check_parser)
+    check_parser.set_defaults(run=check.run)
     from .training.cli import add_train_parser  # light: torch/transformers load when the command runs
     add_train_parser(commands)
     args = parser.parse_args(argv)

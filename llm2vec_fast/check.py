@@ -1,0 +1,270 @@
+"""``llm2vec-fast check``: is this installation right, on this machine?
+
+Made for an installed wheel on a GPU server, where the repository's tests are not at hand. It prints
+the versions that matter (the package, torch, triton, CUDA, the GPU, and what the CUDA extension was
+built against), then runs every public op with every backend that can run on the device, forward and
+backward, on fresh random inputs (odd varlen lengths, GQA, softcap, all pooling modes, hard negatives),
+and compares each with a float64 evaluation of the same formulas. The bound is flash-attention's: a
+backend may err at most 2x (forward) or 3x (gradients) as much as PyTorch's own evaluation in the same
+dtype, plus a small floor for results that PyTorch happens to get exactly. Exit status 0 when every
+check passes, 1 otherwise.
+
+    llm2vec-fast check [--device cuda] [--backend triton] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+FORWARD_FACTOR, BACKWARD_FACTOR = 2.0, 3.0
+# Floor of the bound, relative to the largest reference value, per dtype: below this, PyTorch's error
+# is luck (an exact result), not a measure of the dtype's rounding.
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@dataclass
+class Result:
+    op: str
+    backend: str
+    case: str
+    output: str
+    error: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound
+
+
+# ------------------------------------------------------------------------------------------- environment
+
+def environment(device: torch.device) -> List[Tuple[str, str]]:
+    """(name, value) lines describing the installation."""
+    import llm2vec_fast
+    from . import cuda_backend, dispatch
+    lines = [("llm2vec-fast", llm2vec_fast.__version__), ("python", platform.python_version()),
+             ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})")]
+    try:
+        import triton
+        lines.append(("triton", triton.__version__))
+    except ImportError:
+        lines.append(("triton", "not installed"))
+    try:
+        import transformers
+        lines.append(("transformers", transformers.__version__))
+    except ImportError:
+        lines.append(("transformers", "not installed"))
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        lines.append(("gpu", f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"))
+    else:
+        lines.append(("device", str(device)))
+    try:
+        extension = cuda_backend.extension()
+        info = getattr(extension, "build_info", None)
+        lines.append(("cuda extension", f"{extension.__file__}" + (f" (built with {info})" if info else "")))
+    except RuntimeError as error:
+        lines.append(("cuda extension", f"not available: {error}"))
+    for op in dispatch.OPS:
+        lines.append((f"backends for {op}", ", ".join(dispatch.available_backends(op, device))))
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- checking
+
+def _max_error(got: Tensor, exact: Tensor) -> float:
+    return float((got.double() - exact).abs().max()) if got.numel() else 0.0
+
+
+def _compare(op: str, backend: str, case: str, names: Sequence[str], got: Sequence[Tensor],
+             torch_same_dtype: Sequence[Tensor], exact: Sequence[Tensor], dtype: torch.dtype,
+             factors: Sequence[float]) -> Iterator[Result]:
+    for name, g, t, e, factor in zip(names, got, torch_same_dtype, exact, factors):
+        scale = float(e.abs().max()) if e.numel() else 0.0
+        floor = FLOOR.get(dtype, 1e-6) * max(scale, 1e-30)
+        yield Result(op, backend, case, name, _max_error(g, e), factor * max(_max_error(t, e), floor))
+
+
+def _run(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad_out_seed: int, **kwargs):
+    """fn's output and the gradients of <output, random weights> w.r.t. the inputs."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*leaves, **kwargs)
+    generator = torch.Generator(device="cpu").manual_seed(grad_out_seed)
+    weight = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, out.dtype)
+    (out * weight).sum().backward()
+    return out.detach(), [x.grad for x in leaves]
+
+
+def _check_op(op: str, backend: str, case: str, fn, exact_fn, inputs: Sequence[Tensor], names: Sequence[str],
+              dtype: torch.dtype, **kwargs) -> Iterator[Result]:
+    """Backend vs torch in the same dtype, both against ``exact_fn`` (the formula in float64, on the CPU)."""
+    exact_inputs = [x.detach().cpu().double() for x in inputs]
+    exact_out, exact_grads = _run(exact_fn, exact_inputs, 0)
+    torch_out, torch_grads = _run(fn, inputs, 0, backend="torch", **kwargs)
+    got_out, got_grads = _run(fn, inputs, 0, backend=backend, **kwargs)
+    outputs = ["out"] + [f"grad {n}" for n in names]
+    factors = [FORWARD_FACTOR] + [BACKWARD_FACTOR] * len(names)
+    yield from _compare(op, backend, case, outputs, [got_out] + got_grads, [torch_out] + torch_grads,
+                        [exact_out] + exact_grads, dtype, factors)
+
+
+def _varlen(lengths: Sequence[int], device) -> Tuple[Tensor, int]:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu.to(device), max(lengths)
+
+
+def attention_checks(device, dtype, backend: str, quick: bool, generator) -> Iterator[Result]:
+    from .ops.attention import flash_attention
+    from .reference.attention import attention
+    lengths = [1, 17, 113] if quick else [1, 17, 113, 130, 257]
+    cu, longest = _varlen(lengths, device)
+    total = int(cu[-1])
+    shapes = [(4, 1, 64)] if quick else [(4, 1, 64), (8, 2, 128), (6, 6, 96)]
+    for heads_q, heads_kv, dim in shapes:
+        for softcap in (0.0, 30.0):
+            q, k, v = (torch.randn((total, h, dim), generator=generator).to(device, dtype)
+                       for h in (heads_q, heads_kv, heads_kv))
+            case = f"lengths={lengths},Hq={heads_q},Hkv={heads_kv},D={dim},softcap={softcap:g}"
+
+            def exact(q, k, v):  # the padded softmax formula, differentiated by autograd, all in float64
+                return attention(q, k, v, cu.cpu(), longest, False, dim ** -0.5, softcap, 0.0, 0,
+                                 compute_dtype=torch.float64)[0]
+            yield from _check_op("flash_attention", backend, case, flash_attention, exact, [q, k, v], ["q", "k", "v"],
+                                 dtype, cu_seqlens=cu, max_seqlen=longest, softcap=softcap)
+
+
+def _exact_pool(hidden, lengths, embed, mode, normalize):
+    """Pooling by its definition, one sequence at a time."""
+    rows, start = [], 0
+    for n in lengths:
+        tokens, chosen = hidden[start:start + n], embed[start:start + n]
+        if mode in ("mean", "weighted_mean"):
+            picked = tokens[chosen]
+            weights = torch.ones(len(picked), dtype=hidden.dtype) if mode == "mean" else \
+                torch.arange(1, len(picked) + 1, dtype=hidden.dtype)
+            row = (weights[:, None] * picked).sum(0) / weights.sum() if len(picked) else hidden.new_zeros(hidden.shape[1])
+        elif n == 0:
+            row = hidden.new_zeros(hidden.shape[1])
+        else:
+            row = tokens[-1] if mode == "last_token" else tokens[0]
+        if normalize:
+            row = row / row.norm().clamp_min(1e-12)
+        rows.append(row)
+        start += n
+    return torch.stack(rows)
+
+
+def pool_checks(device, dtype, backend: str, quick: bool, generator) -> Iterator[Result]:
+    from .ops.pooling import pool
+    lengths = [1, 17, 113, 0, 40]
+    cu, _ = _varlen(lengths, device)
+    total, dim = int(cu[-1]), 200
+    hidden = torch.randn((total, dim), generator=generator).to(device, dtype)
+    embed = torch.rand(total, generator=generator) < 0.7
+    modes = ["mean", "last_token"] if quick else ["mean", "weighted_mean", "last_token", "bos_token"]
+    for mode in modes:
+        for normalize in (False, True):
+            case = f"lengths={lengths},D={dim},mode={mode},normalize={normalize}"
+            uses_embed = mode in ("mean", "weighted_mean")
+
+            def exact(hidden):
+                return _exact_pool(hidden, lengths, embed if uses_embed else torch.ones_like(embed), mode, normalize)
+            yield from _check_op("pool", backend, case, pool, exact, [hidden], ["hidden"], dtype, cu_seqlens=cu,
+                                 embed_mask=embed.to(device) if uses_embed else None, mode=mode, normalize=normalize)
+
+
+def _exact_infonce(q, d_pos, d_neg, scale: float, symmetric: bool):
+    unit = torch.nn.functional.normalize
+    labels = torch.arange(q.shape[0])
+    loss = torch.nn.functional.cross_entropy(scale * unit(q) @ unit(torch.cat([d_pos, d_neg])).t(), labels)
+    if symmetric:
+        loss = 0.5 * (loss + torch.nn.functional.cross_entropy(scale * unit(d_pos) @ unit(q).t(), labels))
+    return loss
+
+
+def contrastive_checks(device, dtype, backend: str, quick: bool, generator) -> Iterator[Result]:
+    from .ops.contrastive import contrastive_loss
+    batch, negatives, dim = (37, 20, 64) if quick else (131, 77, 384)
+    q, d_pos, d_neg = (torch.randn((n, dim), generator=generator).to(device, dtype) for n in (batch, batch, negatives))
+    for symmetric in (False, True):
+        case = f"B={batch},negatives={negatives},D={dim},symmetric={symmetric}"
+
+        def loss(q, d_pos, d_neg, **kwargs):
+            return contrastive_loss(q, d_pos, d_neg, scale=20.0, symmetric=symmetric, gather=False, **kwargs)
+
+        def exact(q, d_pos, d_neg):
+            return _exact_infonce(q, d_pos, d_neg, 20.0, symmetric)
+        yield from _check_op("contrastive_loss", backend, case, loss, exact, [q, d_pos, d_neg],
+                             ["q", "d_pos", "d_neg"], dtype)
+
+
+CHECKS: Dict[str, Callable] = {"flash_attention": attention_checks, "pool": pool_checks,
+                               "contrastive_loss": contrastive_checks}
+
+
+def run_checks(device: torch.device, backends: Optional[Sequence[str]] = None, dtypes: Optional[Sequence] = None,
+               quick: bool = False, seed: int = 0) -> List[Result]:
+    """Every op x backend (other than the torch reference, unless it is the only one) x dtype."""
+    from . import dispatch
+    if dtypes is None:
+        dtypes = (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    results: List[Result] = []
+    for op, check in CHECKS.items():
+        available = dispatch.available_backends(op, device)
+        chosen = [b for b in (backends or available) if b in available]
+        if backends is None and len(chosen) > 1:
+            chosen = [b for b in chosen if b != "torch"]
+        for backend in chosen:
+            for dtype in dtypes:
+                generator = torch.Generator().manual_seed(seed)
+                results.extend(check(device, dtype, backend, quick, generator))
+    return results
+
+
+def report(results: Sequence[Result], dtype_note: str = "") -> List[str]:
+    lines = []
+    width = max((len(r.case) for r in results), default=10)
+    for r in results:
+        verdict = "ok  " if r.ok else "FAIL"
+        lines.append(f"{verdict} {r.op:<16} {r.backend:<10} {r.output:<12} {r.case:<{width}}  "
+                     f"error {r.error:.3g} (bound {r.bound:.3g})")
+    failed = sum(not r.ok for r in results)
+    lines.append(f"{len(results) - failed} of {len(results)} checks passed{dtype_note}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--backend", action="append", default=None,
+                        help="check only this backend (repeatable); default: every accelerated backend")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--failures-only", action="store_true", help="print only failing checks")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: CUDA is not available here")
+    for name, value in environment(device):
+        print(f"{name:>28}: {value}")
+    print()
+    results = run_checks(device, backends=args.backend, quick=args.quick)
+    if not results:
+        print("no backend to check on this device")
+        return 1
+    lines = report(results)
+    for line, result in zip(lines, results):
+        if not (args.failures_only and result.ok):
+            print(line)
+    print(lines[-1])
+    return 0 if all(r.ok for r in results) else 1

@@ -1,0 +1,52 @@
+"""``llm2vec-fast check``: the installation self-test passes on a correct install and fails on a wrong kernel."""
+import pytest
+import torch
+
+from llm2vec_fast import check, dispatch
+from llm2vec_fast.cli import main
+
+
+def test_check_command_passes_here(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["check", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "backends for flash_attention" in out
+    assert out.rstrip().endswith("checks passed") and "FAIL" not in out
+    backends = dispatch.available_backends("pool", torch.device("cpu"))
+    checked = {line.split()[2] for line in out.splitlines() if line.startswith("ok ")}
+    assert checked == ({"triton"} if "triton" in backends else {"torch"})
+
+
+@pytest.mark.parametrize("op", ["pool", "contrastive_loss", "flash_attention"])
+def test_check_catches_a_wrong_backend(monkeypatch, op):
+    """A backend whose forward is off by 1e-3 relative fails (its gradients may too: attention's and the
+    loss's backward read the forward's outputs); pooling's correct backward still passes."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if "triton" not in dispatch.available_backends(op, torch.device("cpu")):
+        pytest.skip("triton is not importable")
+    real = dispatch.implementation(op, "triton")
+
+    def off(*args, **kwargs):
+        out = real.forward(*args, **kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        first.mul_(1.001)
+        return out
+    monkeypatch.setitem(dispatch._REGISTRY, (op, "triton"), dispatch.Implementation(off, real.backward))
+    results = [r for r in check.run_checks(torch.device("cpu"), backends=["triton"], quick=True) if r.op == op]
+    forward = [r for r in results if r.output == "out"]
+    assert forward and not any(r.ok for r in forward)
+    if op == "pool":
+        assert all(r.ok for r in results if r.output != "out")
+
+
+def test_exact_formulas_agree_with_the_reference():
+    """The check's float64 formulas and the torch backend agree (else every bound is meaningless)."""
+    results = check.run_checks(torch.device("cpu"), backends=["torch"], quick=True)
+    assert results and all(r.error < 1e-4 for r in results)
+
+
+@pytest.mark.gpu
+def test_every_gpu_backend_passes_the_check():
+    results = check.run_checks(torch.device("cuda"))
+    failed = [line for line, r in zip(check.report(results), results) if not r.ok]
+    assert results and not failed, "\n".join(failed)
