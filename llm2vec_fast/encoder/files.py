@@ -60,7 +60,8 @@ def _record(row: Dict[str, Any], where: str, text_field: str, instruction_field:
     return instruction, text
 
 
-def _read_jsonl(path: str, text_field: str, instruction_field: str) -> Iterator[Tuple[str, str]]:
+def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(line number, object) per non-blank line of a .jsonl file; ValueError naming file:line otherwise."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -71,7 +72,12 @@ def _read_jsonl(path: str, text_field: str, instruction_field: str) -> Iterator[
                 raise ValueError(f"{path}:{number}: not JSON ({error})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield _record(row, f"{path}:{number}", text_field, instruction_field)
+            yield number, row
+
+
+def _read_jsonl(path: str, text_field: str, instruction_field: str) -> Iterator[Tuple[str, str]]:
+    for number, row in iter_jsonl(path):
+        yield _record(row, f"{path}:{number}", text_field, instruction_field)
 
 
 def _read_parquet(path: str, text_field: str, instruction_field: str) -> Iterator[Tuple[str, str]]:

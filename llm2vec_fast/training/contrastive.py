@@ -21,7 +21,6 @@ equals that of the whole batch embedded at once with the same masks; memory is t
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -30,6 +29,7 @@ from typing import Callable, ClassVar, Dict, Iterator, List, Optional, Sequence,
 
 import torch
 
+from ..encoder.files import iter_jsonl, read_records
 from ..encoder.llm2vec import POOLING_MODES
 from .config import TrainConfig, data_files
 
@@ -134,20 +134,6 @@ class ContrastiveBatch:
         return self.queries + self.positives + self.negatives
 
 
-def _read_jsonl(path: str) -> Iterator[Tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not valid JSON: {err}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number} must be a JSON object, got {type(row).__name__}")
-            yield number, row
-
-
 def _string(row: dict, key: str, where: str, required: bool = True) -> Optional[str]:
     value = row.get(key)
     if value is None and not required:
@@ -160,12 +146,7 @@ def _string(row: dict, key: str, where: str, required: bool = True) -> Optional[
 def read_sentences(path: str) -> List[str]:
     """SimCSE sentences: the non-empty lines of a .txt file (stripped, as llm2vec's Wiki1M), or the ``text``
     of each row of a .jsonl file."""
-    if path.endswith(".jsonl"):
-        texts = [_string(row, "text", f"{path}:{n}") for n, row in _read_jsonl(path)]
-    else:
-        with open(path, encoding="utf-8") as f:
-            texts = [line.strip() for line in f]
-    texts = [t for t in texts if t.strip()]
+    texts = [text.strip() for _, text in read_records(path) if text.strip()]
     if not texts:
         raise ValueError(f"config key 'dataset_file_path': {path!r} holds no sentences")
     return texts
@@ -180,9 +161,9 @@ def read_supervised(path: str, instructions: Dict[str, str]) -> Dict[str, List[E
         for file in data_files(path):
             if file.endswith(".jsonl"):
                 name = os.path.splitext(os.path.basename(file))[0]
-                raw.setdefault(name, []).extend((f"{file}:{n}", row) for n, row in _read_jsonl(file))
+                raw.setdefault(name, []).extend((f"{file}:{n}", row) for n, row in iter_jsonl(file))
     else:
-        for n, row in _read_jsonl(path):
+        for n, row in iter_jsonl(path):
             where = f"{path}:{n}"
             raw.setdefault(_string(row, "dataset", where), []).append((where, row))
     data: Dict[str, List[Example]] = {}

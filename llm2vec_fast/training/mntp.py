@@ -13,7 +13,6 @@ in float32: liger-kernel's fused linear cross-entropy on a GPU when installed, e
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
@@ -120,25 +119,8 @@ def mask_tokens(input_ids: Tensor, *, special_ids: Sequence[int], mask_token_id:
 def read_documents(path: str) -> List[str]:
     """Documents of a .txt (one per line) or .jsonl (``text`` field) file, or a folder of them; blank
     documents skipped."""
-    docs: List[str] = []
-    for file in data_files(path):
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if file.endswith(".jsonl"):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{file}:{number}: not valid JSON ({err})") from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise ValueError(f"{file}:{number}: expected an object with a string 'text' field")
-                    text = record["text"]
-                else:
-                    text = line.rstrip("\n")
-                if text.strip():
-                    docs.append(text)
-    return docs
+    from ..encoder.files import read_records
+    return [text for file in data_files(path) for _, text in read_records(file) if text.strip()]
 
 
 def group_into_chunks(docs: Sequence[str], tokenizer, length: int, batch_docs: int = 1000) -> Tensor:
