@@ -177,6 +177,11 @@ def _ours(p: Problem, backend: str, backward: bool):
         if backend == "torch" and p.score_elements > SCORE_LIMIT:
             raise SkipImpl(f"the torch reference would materialise {p.score_elements:.2e} scores "
                            f"(> BENCH_SCORE_LIMIT={SCORE_LIMIT:.2e})")
+        if backend == "cuda":  # the Hopper kernel (csrc/attention.cu); elsewhere it would time Triton's fallback
+            from llm2vec_fast import cuda_backend
+            if not cuda_backend.attention_kernel_supported(p.q, p.k, p.v, p.cu_seqlens, False, 0.0):
+                raise SkipImpl("the cuda attention kernel needs sm_90 and bf16/fp16 with head dim 64/128 "
+                               "(it would run the Triton fallback)")
         cu, max_seqlen = p.cu_seqlens, p.max_seqlen
 
         def forward(q, k, v):

@@ -18,6 +18,7 @@
 #include <string>
 #include <tuple>
 
+#include "attention.h"
 #include "contrastive.h"
 #include "pooling.h"
 
@@ -333,6 +334,84 @@ std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_rows,
           through_norm(r.c, grad_unit_c, inv_c, r.p.dtype, stream)};
 }
 
+// Flash-attention forward (non-causal, no dropout): (out (T, Hq, D) in q's dtype, lse (Hq, T) float32),
+// the contract of llm2vec_fast.reference.attention.attention_forward. Shape / dtype / layout checks
+// first (testable on CPU tensors), then the device ones.
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                                     double softmax_scale, double softcap) {
+  const char* fn = "llm2vec_fast._C.attention_forward";
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    TORCH_CHECK_VALUE(t->defined(), fn, ": ", name, " is undefined");
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf, fn, ": ", name,
+                     " must have dtype bfloat16 or float16, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 3, fn, ": ", name, " must be packed (T, H, D), got shape ", t->sizes());
+    TORCH_CHECK_VALUE(t->size(-1) <= 1 || t->stride(-1) == 1, fn, ": ", name,
+                      " must have a contiguous last dim, got strides ", t->strides());
+  }
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), fn,
+                   ": k and v must have q's dtype (", q.scalar_type(), "), got ", k.scalar_type(), " and ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), fn, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), fn, ": k must have q's token count ", q.size(0), ", got ", k.size(0));
+  TORCH_CHECK_VALUE(k.size(2) == q.size(2), fn, ": k must have q's head dim ", q.size(2), ", got ", k.size(2));
+  TORCH_CHECK_VALUE(q.size(2) == 64 || q.size(2) == 128, fn, ": head dim must be 64 or 128, got ", q.size(2));
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, fn, ": the query head count ", q.size(1),
+                    " must be a multiple of the key/value head count ", k.size(1));
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt, fn, ": cu_seqlens must have dtype int32, got ",
+                   cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 2, fn,
+                    ": cu_seqlens must be 1-D with B+1 >= 2 entries, got shape ", cu_seqlens.sizes());
+  TORCH_CHECK_VALUE(max_seqlen >= 0, fn, ": max_seqlen must be >= 0, got ", max_seqlen);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, fn,
+                    ": softmax_scale must be a finite number > 0, got ", softmax_scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, fn, ": softcap must be a finite number >= 0, got ",
+                    softcap);
+  const at::Tensor cu = cu_seqlens.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  l2vf::AttentionProblem p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dtype = q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  p.total_tokens = q.size(0);
+  p.batch = cu.numel() - 1;
+  p.max_seqlen = max_seqlen;
+  p.heads_q = q.size(1);
+  p.heads_kv = k.size(1);
+  p.head_dim = q.size(2);
+  p.q_stride_tok = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.k_stride_tok = k.stride(0);
+  p.k_stride_head = k.stride(1);
+  p.v_stride_tok = v.stride(0);
+  p.v_stride_head = v.stride(1);
+  p.cu_seqlens = cu.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.out_stride_tok = out.stride(0);
+  p.out_stride_head = out.stride(1);
+  p.lse = lse.data_ptr<float>();
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softcap = static_cast<float>(softcap);
+  if (p.total_tokens > 0) {  // empty tensors may have any data pointer
+    const char* why = l2vf::attention_unsupported(p);
+    TORCH_CHECK_VALUE(why == nullptr, fn, ": ", why);
+  }
+  TORCH_CHECK_VALUE(q.is_cuda(), fn, ": q must be a CUDA tensor, got device ", q.device(),
+                    " (the cuda backend runs on CUDA devices only)");
+  check_same_cuda_device(fn, q, "k", k);
+  check_same_cuda_device(fn, q, "v", v);
+  check_same_cuda_device(fn, q, "cu_seqlens", cu);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const char* device_why = l2vf::attention_device_unsupported();
+  TORCH_CHECK(device_why == nullptr, fn, ": ", device_why);
+  if (p.total_tokens == 0 || max_seqlen == 0) return {out, lse};
+  C10_CUDA_CHECK(l2vf::attention_forward(p, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
 // The launch plan for these inputs, without launching anything (works on CPU tensors: for tests and
 // for the resource report). num_sms defaults to an H100 SXM's 132.
 pybind11::dict pool_plan(const at::Tensor& hidden, const std::optional<at::Tensor>& cu_seqlens,
@@ -354,7 +433,7 @@ pybind11::dict pool_plan(const at::Tensor& hidden, const std::optional<at::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "llm2vec-fast CUDA kernels (sm_90a): pooling and the contrastive loss. Used through "
+  m.doc() = "llm2vec-fast CUDA kernels (sm_90a): pooling, the contrastive loss and the attention forward. Used through "
             "llm2vec_fast.cuda_backend.";
   m.def("pool_forward", &pool_forward,
         "(B, D) float32 pooled (and optionally L2-normalised) embeddings; same contract as "
@@ -378,4 +457,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "llm2vec_fast.reference.contrastive.infonce_backward",
         py::arg("grad_rows"), py::arg("anchors"), py::arg("candidates"), py::arg("lse"), py::arg("label_offset"),
         py::arg("scale"));
+  m.def("attention_forward", &attention_forward,
+        "(out (T, Hq, D) in q's dtype, lse (Hq, T) float32) of non-causal attention without dropout on the "
+        "packed varlen layout (Hopper sm_90 only: TMA + wgmma); same contract as "
+        "llm2vec_fast.reference.attention.attention_forward",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens"), py::arg("max_seqlen"),
+        py::arg("softmax_scale"), py::arg("softcap"));
 }

@@ -5,7 +5,7 @@ Same contract as the reference (``llm2vec_fast.reference``): plain functions on 
 
 Registration. The extension's functions are plain pybind11 functions, not ``torch.library`` ops: the
 public ops (``llm2vec_fast::pool_forward`` / ``pool_backward``, ``llm2vec_fast::infonce_forward`` /
-``infonce_backward``) already are custom ops with schemas, fake
+``infonce_backward``, ``llm2vec_fast::flash_attention_forward`` / ``_backward``) already are custom ops with schemas, fake
 (meta) implementations and the autograd formula, and run the chosen backend inside, so
 ``torch.compile`` sees one opaque op whatever the backend. A second, inner registration would add
 nothing, and a ``TORCH_LIBRARY`` namespace can be defined once per process, which would forbid loading
@@ -22,6 +22,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 from typing import Optional
+
+import torch
 
 from . import dispatch
 
@@ -78,7 +80,71 @@ def infonce_backward(grad_rows, anchors, candidates, lse, label_offset, scale):
     return tuple(extension().infonce_backward(grad_rows, anchors, candidates, lse, int(label_offset), float(scale)))
 
 
+# ---------------------------------------------------------------------------------------------------
+# flash_attention: contract of llm2vec_fast.reference.attention.attention_forward / attention_backward
+# ---------------------------------------------------------------------------------------------------
+ATTENTION_OP = "flash_attention"
+_TMA_ALIGN = 16  # bytes: base pointers and token / head strides of q, k, v (tensor maps)
+
+
+def _tma_layout_ok(x) -> bool:
+    """Last dim contiguous, 16-byte aligned base and strides, nested strides (what the tensor maps need)."""
+    heads, dim = x.shape[1], x.shape[2]
+    if x.stride(2) != 1 or x.data_ptr() % _TMA_ALIGN:
+        return False
+    head_stride = dim if heads == 1 else x.stride(1)
+    size = x.element_size()
+    if (x.stride(0) * size) % _TMA_ALIGN or (head_stride * size) % _TMA_ALIGN:
+        return False
+    return head_stride >= dim and x.stride(0) >= heads * head_stride
+
+
+def attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p) -> bool:
+    """Whether the Hopper kernel (csrc/attention.cu) runs this call: non-causal, dropout_p == 0,
+    bfloat16/float16, head dim 64 or 128, a CUDA device of capability (9, 0), TMA-compatible layouts
+    (see ``_tma_layout_ok``), grid limits (at most 65535 query heads and sequences)."""
+    if causal or dropout_p != 0:
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128):
+        return False
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.shape[0] == 0 or q.shape[0] >= 2**31 or q.shape[1] > 65535 or cu_seqlens.numel() - 1 > 65535:
+        return False
+    return all(_tma_layout_ok(x) for x in (q, k, v))
+
+
+def _fallback(direction: str):
+    """The Triton implementation registered with dispatch (the torch reference where triton is missing)."""
+    dispatch._load_backends()
+    for backend in ("triton", "torch"):
+        if (ATTENTION_OP, backend) in dispatch._REGISTRY:
+            return getattr(dispatch.implementation(ATTENTION_OP, backend), direction)
+    raise RuntimeError("no fallback implementation of flash_attention is registered")
+
+
+def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+    """(out (T, Hq, D) like q, lse (Hq, T) float32).
+
+    The Hopper kernel of ``csrc/attention.cu`` (TMA + wgmma) when :func:`attention_kernel_supported`;
+    otherwise (causal, dropout, fp32, other head dims, a GPU other than sm_90, misaligned or
+    non-nested strides) the Triton forward registered with ``dispatch`` (the torch reference where
+    triton is not installed). The lse convention is the Triton kernel's, so either backward works."""
+    if attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p):
+        return tuple(extension().attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale),
+                                                   float(softcap)))
+    return _fallback("forward")(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
+
+
+def flash_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
+                             dropout_p, seed):
+    """(dq, dk, dv): the Triton backward registered with ``dispatch`` (no CUDA backward yet)."""
+    return _fallback("backward")(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
+                                 dropout_p, seed)
+
+
 def register() -> None:
     """Registers the ops this backend implements with ``dispatch``."""
     dispatch.register("pool", "cuda", pool_forward, pool_backward)
     dispatch.register("contrastive_loss", "cuda", infonce_forward, infonce_backward)
+    dispatch.register(ATTENTION_OP, "cuda", flash_attention_forward, flash_attention_backward)

@@ -81,12 +81,17 @@ inline void check_access(const void* p, size_t bytes, const char* what) {
 // reaches a barrier (__syncthreads, or a warp collective's exchange) or returns. When every fiber waits,
 // the scheduler releases each warp whose live lanes all wait at a warp barrier, and the block when all
 // its live threads wait at __syncthreads; otherwise the kernel has diverged around a barrier: abort.
-enum FiberState { kRunnable, kWaitBlock, kWaitWarp, kDone };
+// kSpin: the fiber polls something (an mbarrier) that another fiber or an emulated asynchronous unit
+// must change; it yields and runs again after the others. When every live fiber spins or waits and
+// nothing changed in a whole round (no barrier released, no mbarrier touched: see note_progress),
+// the kernel can never finish: the scheduler reports a deadlock.
+enum FiberState { kRunnable, kWaitBlock, kWaitWarp, kSpin, kDone };
 
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   FiberState state = kRunnable;
+  bool from_spin = false;   // resumed from kSpin (a poll that found nothing new is no progress)
   unsigned collectives = 0;  // warp collectives done: selects the exchange buffer (double buffering)
 };
 
@@ -110,6 +115,31 @@ inline Scheduler*& scheduler() {
 
 inline dim3 thread_idx, block_idx, block_dim, grid_dim;
 
+// Something a spinning fiber may be waiting for changed (an mbarrier arrival or transaction).
+inline uint64_t progress_events = 0;
+inline void note_progress() { ++progress_events; }
+
+// Dynamic shared memory: a window standing for the block's shared address space. The dynamic
+// allocation starts kDynamicSmemOffset bytes into it (16-byte aligned only, as the CUDA guarantee is:
+// kernels that need more alignment must round up themselves). Shared addresses (cvta) are offsets
+// into the window. Refilled with 0xff bytes (NaN in fp16 / bf16 / fp32) before every block.
+constexpr size_t kSmemWindowBytes = 256 * 1024;
+constexpr size_t kDynamicSmemOffset = 0x410;
+inline size_t dynamic_smem_bytes = 0;
+inline unsigned char* smem_window() {
+  alignas(4096) static unsigned char w[kSmemWindowBytes];
+  return w;
+}
+inline uint64_t block_serial = 0;  // incremented for every block run
+// cudaFuncAttributeMaxDynamicSharedMemorySize per kernel (hopper_emulator.h sets it): a launch with more
+// than 48 KB of dynamic shared memory needs it, as on the GPU.
+inline std::vector<std::pair<const void*, size_t>>& smem_limits() {
+  static std::vector<std::pair<const void*, size_t>> v;
+  return v;
+}
+// Hooks for extensions of the emulator (hopper_emulator.h): called before and after every block.
+inline std::function<void()> on_block_start, on_block_end;
+
 inline unsigned lane() { return thread_idx.x & 31u; }
 inline unsigned warp() { return thread_idx.x >> 5; }
 
@@ -126,6 +156,8 @@ inline uint64_t* exchange_row() {
   return s.exchange[parity][warp()];
 }
 
+inline void spin_yield() { wait_at(kSpin); }
+
 inline void fiber_entry() {
   Scheduler& s = *scheduler();
   s.body();
@@ -141,7 +173,17 @@ constexpr size_t kStackBytes = 128 * 1024;
 
 // Runs kernel(args...) over the grid: blocks one at a time in a shuffled order (seed: L2VF_EMU_SEED).
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, Args&&... args) {
+void launch_smem(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem_bytes, Args&&... args) {
+  if (smem_bytes + kDynamicSmemOffset > kSmemWindowBytes) fail("dynamic shared memory larger than the window");
+  if (smem_bytes > 48 * 1024) {
+    size_t limit = 48 * 1024;
+    for (const auto& [k, bytes] : smem_limits())
+      if (k == reinterpret_cast<const void*>(kernel)) limit = bytes;
+    if (smem_bytes > limit)
+      fail("launch with " + std::to_string(smem_bytes) + " bytes of dynamic shared memory, but the kernel's "
+           "cudaFuncAttributeMaxDynamicSharedMemorySize is " + std::to_string(limit));
+  }
+  dynamic_smem_bytes = smem_bytes;
   if (threads % 32 != 0 || threads > 1024) fail("block size must be a multiple of 32, at most 1024");
   std::tuple<std::decay_t<KArgs>...> targs(std::forward<Args>(args)...);
   const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
@@ -168,14 +210,22 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, Args&&... arg
       f.ctx.uc_link = &s.main;
       makecontext(&f.ctx, fiber_entry, 0);
       f.state = kRunnable;
+      f.from_spin = false;
       f.collectives = 0;
     }
+    ++block_serial;
+    std::memset(smem_window(), 0xff, kSmemWindowBytes);
+    if (on_block_start) on_block_start();
     for (;;) {
+      const uint64_t events_before = progress_events;
+      bool moved = false;  // a fiber ran code other than a fruitless poll
       for (unsigned t = 0; t < threads; ++t) {
         if (s.fibers[t].state != kRunnable) continue;
         s.current = t;
         thread_idx = dim3(t);
         swapcontext(&s.main, &s.fibers[t].ctx);
+        if (!(s.fibers[t].from_spin && s.fibers[t].state == kSpin)) moved = true;
+        s.fibers[t].from_spin = false;
       }
       // Everyone waits or is done: release what can be released.
       bool released = false, all_done = true, block_ready = true;
@@ -203,10 +253,29 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, Args&&... arg
           if (f.state == kWaitBlock) f.state = kRunnable;
         released = true;
       }
+      bool spinning = false;
+      for (const Fiber& f : s.fibers) spinning = spinning || f.state == kSpin;
+      if (spinning) {
+        if (!released && !moved && progress_events == events_before)
+          fail("deadlock: every live thread spins (on an mbarrier phase that can no longer complete) or waits at "
+               "a barrier that the spinning threads never reach");
+        for (Fiber& f : s.fibers)
+          if (f.state == kSpin) {
+            f.state = kRunnable;
+            f.from_spin = true;
+          }
+        continue;
+      }
       if (!released) fail("deadlock: threads wait at different barriers (a barrier or warp collective in divergent code)");
     }
+    if (on_block_end) on_block_end();
   }
   scheduler() = nullptr;
+}
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, Args&&... args) {
+  launch_smem(kernel, grid, threads, 0, std::forward<Args>(args)...);
 }
 
 }  // namespace emu
@@ -218,6 +287,9 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, Args&&... arg
 
 #undef L2VF_LAUNCH
 #define L2VF_LAUNCH(kernel, grid, block, stream, ...) emu::launch(kernel, (grid), (block), __VA_ARGS__)
+#undef L2VF_LAUNCH_SMEM
+#define L2VF_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
+  emu::launch_smem(kernel, (grid), (block), (smem), __VA_ARGS__)
 
 inline void __syncthreads() { emu::wait_at(emu::kWaitBlock); }
 inline void __threadfence() {}
