@@ -431,8 +431,18 @@ pybind11::dict pool_plan(const at::Tensor& hidden, const std::optional<at::Tenso
   return d;
 }
 
+// The torch and CUDA versions of the build (set by llm2vec_fast.tools.cuda_build.compile_flags).
+#define L2VF_STRING_(x) #x
+#define L2VF_STRING(x) L2VF_STRING_(x)
+#ifdef L2VF_TORCH_VERSION
+#define L2VF_BUILD_INFO "torch " L2VF_STRING(L2VF_TORCH_VERSION) ", CUDA " L2VF_STRING(L2VF_CUDA_VERSION)
+#else
+#define L2VF_BUILD_INFO "unknown (built without llm2vec_fast.tools.cuda_build's flags)"
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
+  m.attr("build_info") = L2VF_BUILD_INFO;
   m.doc() = "llm2vec-fast CUDA kernels (sm_90a): pooling, the contrastive loss and the attention forward. Used through "
             "llm2vec_fast.cuda_backend.";
   m.def("pool_forward", &pool_forward,

@@ -99,7 +99,7 @@ def test_extension_kwargs(monkeypatch):
     kw = cuda_build.extension_kwargs()
     cxx, nvcc = kw["extra_compile_args"]["cxx"], kw["extra_compile_args"]["nvcc"]
     std = f"-std={cuda_build.cxx_std()}"
-    assert cxx == ["-O3", std]
+    assert cxx == ["-O3", std, f"-DL2VF_TORCH_VERSION={torch.__version__}", f"-DL2VF_CUDA_VERSION={torch.version.cuda}"]
     for flag in ("-O3", std, "--use_fast_math", "-lineinfo"):
         assert flag in nvcc
     assert sum(f.startswith("-std=") for f in nvcc) == 1

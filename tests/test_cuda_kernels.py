@@ -215,6 +215,10 @@ def _parameters(fn):
     return params
 
 
+def test_extension_records_its_build_versions(ext):
+    assert ext.build_info == f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
 def test_extension_functions_and_signatures(ext):
     tensor, opt = "torch.tensor", "torch.tensor"
     assert _parameters(ext.pool_forward) == [

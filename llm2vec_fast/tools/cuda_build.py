@@ -75,9 +75,12 @@ def cxx_std() -> str:
 
 
 def compile_flags() -> Dict[str, List[str]]:
-    """``{"cxx": [...], "nvcc": [...]}``: -O3, the C++ standard of :func:`cxx_std`, fast math, line info."""
+    """``{"cxx": [...], "nvcc": [...]}``: -O3, the C++ standard of :func:`cxx_std`, fast math, line info;
+    the bindings also get the torch and CUDA versions they are built against (``_C.build_info``)."""
+    import torch
     std = f"-std={cxx_std()}"
-    return {"cxx": ["-O3", std], "nvcc": [NVCC_FLAGS_BASE[0], std, *NVCC_FLAGS_BASE[1:]]}
+    versions = [f"-DL2VF_TORCH_VERSION={torch.__version__}", f"-DL2VF_CUDA_VERSION={torch.version.cuda}"]
+    return {"cxx": ["-O3", std, *versions], "nvcc": [NVCC_FLAGS_BASE[0], std, *NVCC_FLAGS_BASE[1:]]}
 
 
 def find_cuda_home() -> Optional[str]:
@@ -282,7 +285,13 @@ def main(argv=None) -> int:
     if module is None:
         return 0
     print(f"cuda_build: built and imported {module.__name__} from {module.__file__} "
-          f"in {time.perf_counter() - t0:.0f} s")
+          f"in {time.perf_counter() - t0:.0f} s ({module.build_info})")
+    import torch
+    expected = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    if module.build_info != expected:
+        print(f"cuda_build: FAILED: the extension says it was built with {module.build_info!r}, expected "
+              f"{expected!r}", file=sys.stderr)
+        return 1
     return 0
 
 
