@@ -20,7 +20,8 @@ import torch
 from llm2vec_fast.encoder.text import SEPARATOR
 from llm2vec_fast.training import contrastive as ct
 from llm2vec_fast.training.contrastive import (ContrastiveBatch, SimCSEConfig, SimCSERecipe, SupervisedConfig,
-                                               SupervisedRecipe, dataset_batches, embed, shard)
+                                               SupervisedRecipe, dataset_batches, embed, read_supervised,
+                                               shard)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "llm2vec", "llama")
@@ -283,7 +284,7 @@ def test_supervised_batches_come_from_one_dataset(files, tmp_path):
         rows = {e.query[1]: e for e in recipe.data[batch.dataset]}
         assert len(batch.queries) == len(batch.positives) == 4
         for query, positive in zip(batch.queries, batch.positives):
-            assert query[1] in rows and query == (INSTRUCTIONS[batch.dataset], query[1])
+            assert query[1] in rows and query == (INSTRUCTIONS[batch.dataset] + ";", query[1])
             assert positive == rows[query[1]].positive and positive[0] == ""
         assert batch.negatives == [rows[q[1]].negative for q in batch.queries if rows[q[1]].negative is not None]
         assert all(instruction == "" for instruction, _ in batch.negatives)
@@ -304,16 +305,17 @@ def test_dataset_batches_sampler():
 
 
 def test_instruction_formatting_matches_llm2vec(files, tmp_path):
-    """Queries are llm2vec's [instruction, query] inputs, documents ["", text]: same strings, token ids and
-    embed counts as llm2vec's tokenize of "{instruction} !@#$%^&*(){query}" and "!@#$%^&*(){text}"."""
+    """Queries are [instruction + ";", query], documents ["", text]: the strings llm2vec's E5 loader writes,
+    "{instruction}; !@#$%^&*(){query}" and "!@#$%^&*(){text}", with the token ids and embed counts of
+    llm2vec's tokenize of those strings."""
     recipe = SupervisedRecipe(supervised_config(files, tmp_path, dataset_file_path=files["single"],
                                                 instructions={"alpha": INSTRUCTIONS["alpha"]}))
     assert sorted(recipe.data) == ["alpha", "gamma"]
-    assert recipe.data["gamma"][0].query[0] == "Own instruction"  # a row's own instruction
+    assert recipe.data["gamma"][0].query[0] == "Own instruction;"  # a row's own instruction
     batch = next(b for b in recipe.batches(0) if b.dataset == "alpha")
     query, document = batch.queries[0], batch.positives[0]
     plan = recipe.encoder.plan([query, document])
-    strings = [f"{INSTRUCTIONS['alpha']} {SEPARATOR}{query[1]}", f"{SEPARATOR}{document[1]}"]
+    strings = [f"{INSTRUCTIONS['alpha']}; {SEPARATOR}{query[1]}", f"{SEPARATOR}{document[1]}"]
     assert plan.prepared == strings
     features = recipe.encoder.tokenize(strings)  # llm2vec's padded features
     for row in range(2):
@@ -321,6 +323,27 @@ def test_instruction_formatting_matches_llm2vec(files, tmp_path):
         assert plan.input_ids[row] == features["input_ids"][row][real].tolist()
         assert plan.embed_counts[row] == int(features["embed_mask"][row].sum())
     assert plan.embed_counts[0] < len(plan.input_ids[0])  # the instruction is not pooled
+
+
+def test_e5_symmetric_datasets_and_merged_splits(tmp_path):
+    """llm2vec's E5 rules: documents of its symmetric datasets carry the instruction; <name>_split1/2 share
+    batches under <name>; instruction_suffix "" and merge_splits False turn both off."""
+    folder = tmp_path / "echo"
+    folder.mkdir()
+    for name, start in (("allnli_split1", 0), ("allnli_split2", 20), ("quora_duplicates_split1", 40), ("nq", 60)):
+        _write_jsonl(str(folder / f"{name}.jsonl"), _rows(name, 3, start))
+    instructions = {"allnli_split1": "Entail", "allnli_split2": "Similar", "quora_duplicates_split1": "Same",
+                    "nq": "Answer"}
+    symmetric = ["allnli_split2", "quora_duplicates_split1", "quora_duplicates_split2"]
+    data = read_supervised(str(folder), instructions, ";", symmetric, merge_splits=True)
+    assert sorted(data) == ["allnli", "nq", "quora_duplicates"] and len(data["allnli"]) == 6
+    first, second = data["allnli"][0], data["allnli"][3]  # split1 rows, then split2 rows
+    assert first.query[0] == "Entail;" and first.positive[0] == "" and first.negative[0] == ""
+    assert second.query[0] == "Similar;" and second.positive[0] == "Similar;" and second.negative[0] == "Similar;"
+    assert data["quora_duplicates"][0].positive[0] == "Same;" and data["nq"][0].positive[0] == ""
+    plain = read_supervised(str(folder), instructions)
+    assert sorted(plain) == ["allnli_split1", "allnli_split2", "nq", "quora_duplicates_split1"]
+    assert plain["allnli_split2"][0].query[0] == "Similar" and plain["allnli_split2"][0].positive[0] == ""
 
 
 # ----------------------------------------------------------------------------------------- configs

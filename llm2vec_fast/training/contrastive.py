@@ -6,8 +6,9 @@ Both recipes train a new LoRA on top of the merged MNTP adapter and implement th
 - **SimCSE**: each sentence of a .txt (one per line) or .jsonl (``text``) file is paired with itself;
   attention dropout (``simcse_dropout``, 0.3) is the only noise, so the two copies get different masks.
 - **Supervised**: E5-format rows (query, positive, negative) from a folder of ``<dataset>.jsonl`` files or one
-  .jsonl with a ``dataset`` field. Queries are ``[instruction, query]``, documents ``["", text]`` (llm2vec's
-  encoding of those inputs: separator, embed mask, skip_instruction). Every global batch comes from one dataset.
+  .jsonl with a ``dataset`` field. Queries are ``[instruction + ";", query]``, documents ``["", text]`` (the
+  strings of llm2vec's E5 loader, see :class:`SupervisedConfig`; tokenised by llm2vec's encoding of those
+  inputs: separator, embed mask, skip_instruction). Every global batch comes from one dataset.
 
 The work is the encoder's: :func:`embed` is ``LLM2Vec._embed_batch`` (packed forward, no compute on padding, our
 attention, ``llm2vec_fast.pool``) run with gradient, and the loss is ``llm2vec_fast.contrastive_loss`` with
@@ -90,13 +91,21 @@ class SupervisedConfig(ContrastiveConfig):
     """Supervised contrastive training on E5-format data: llm2vec's ``train_configs/supervised`` keys and
     defaults, plus ``instructions`` ({dataset name: query instruction}; a row's own ``instruction`` wins).
 
-    Queries are encoded as ``[instruction, query]``, i.e. ``"{instruction} !@#$%^&*(){query}"``. llm2vec's E5
-    loader writes ``"{instruction}; !@#$%^&*(){query}"``: end an instruction with ";" to get those strings.
+    The data follow llm2vec's E5 loader by default:
+    - ``instruction_suffix`` (";") ends each instruction, so a query reads
+      ``"{instruction}; !@#$%^&*(){query}"`` as llm2vec writes it ("" uses the instruction as given);
+    - documents are ``"!@#$%^&*(){text}"``, except in ``symmetric_datasets`` (llm2vec's three), whose
+      positives and negatives get the query's instruction too;
+    - with ``merge_splits``, ``<name>_split1`` and ``<name>_split2`` share batches as one dataset ``<name>``.
     """
 
     per_device_train_batch_size: int = 64
     loss_scale: float = 50.0
     instructions: Dict[str, str] = field(default_factory=dict)
+    instruction_suffix: str = ";"
+    symmetric_datasets: List[str] = field(
+        default_factory=lambda: ["allnli_split2", "quora_duplicates_split1", "quora_duplicates_split2"])
+    merge_splits: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -152,10 +161,13 @@ def read_sentences(path: str) -> List[str]:
     return texts
 
 
-def read_supervised(path: str, instructions: Dict[str, str]) -> Dict[str, List[Example]]:
+def read_supervised(path: str, instructions: Dict[str, str], instruction_suffix: str = "",
+                    symmetric: Sequence[str] = (), merge_splits: bool = False) -> Dict[str, List[Example]]:
     """E5-format rows by dataset, from a folder of ``<dataset>.jsonl`` files (llm2vec's echo-data layout) or a
     single .jsonl whose rows name their ``dataset``. Each query's instruction is the row's ``instruction`` or
-    ``instructions[dataset]``; a dataset without one is an error (before any model loads)."""
+    ``instructions[dataset]`` (a dataset without one is an error, before any model loads), followed by
+    ``instruction_suffix``; documents of the ``symmetric`` datasets get it too; ``merge_splits`` keys
+    ``<name>_split1`` / ``_split2`` rows under ``<name>`` (in that order)."""
     raw: Dict[str, List[Tuple[str, dict]]] = {}
     if os.path.isdir(path):
         for file in data_files(path):
@@ -168,21 +180,24 @@ def read_supervised(path: str, instructions: Dict[str, str]) -> Dict[str, List[E
             raw.setdefault(_string(row, "dataset", where), []).append((where, row))
     data: Dict[str, List[Example]] = {}
     missing = []
-    for name, rows in raw.items():
+    for name in sorted(raw):
         examples = []
-        for where, row in rows:
+        for where, row in raw[name]:
             instruction = _string(row, "instruction", where, required=False)
             if instruction is None:
                 instruction = instructions.get(name)
             if instruction is None:
                 missing.append(name)
                 break
+            instruction += instruction_suffix
+            document_instruction = instruction if name in symmetric else ""
             negative = _string(row, "negative", where, required=False)
             examples.append(Example(query=(instruction, _string(row, "query", where)),
-                                    positive=("", _string(row, "positive", where)),
-                                    negative=None if negative is None else ("", negative)))
+                                    positive=(document_instruction, _string(row, "positive", where)),
+                                    negative=None if negative is None else (document_instruction, negative)))
         if examples:
-            data[name] = examples
+            key = name.replace("_split1", "").replace("_split2", "") if merge_splits else name
+            data.setdefault(key, []).extend(examples)
     if missing:
         raise ValueError(f"no instruction for dataset(s) {sorted(set(missing))}: set config key 'instructions' "
                          f"({{dataset name: instruction}}) or give every row an 'instruction' field")
@@ -401,7 +416,9 @@ class SupervisedRecipe(ContrastiveRecipe):
     CONFIG = SupervisedConfig
 
     def _load_data(self) -> None:
-        self.data = read_supervised(self.config.dataset_file_path, self.config.instructions)
+        cfg = self.config
+        self.data = read_supervised(cfg.dataset_file_path, cfg.instructions, cfg.instruction_suffix,
+                                    cfg.symmetric_datasets, cfg.merge_splits)
         _, world = rank_and_world()
         size = self.config.per_device_train_batch_size * world
         small = [name for name, rows in self.data.items() if len(rows) < size]
