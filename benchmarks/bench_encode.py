@@ -29,7 +29,6 @@ tokens/s = N / (ms / 1000); ``tflops`` counts useful model FLOPs on real tokens 
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -42,8 +41,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.bench_model import forward_flops  # noqa: E402
 from benchmarks.harness import Case  # noqa: E402
+from benchmarks.shapes import (SMALL_CPU, ModelShape, build_bidirectional_mistral, forward_flops,  # noqa: E402
+                               lognormal_lengths, mistral_7b, set_attention, tiny)
 
 OP = "encode"
 IMPLS = ("llm2vec_fast_packed", "llm2vec_sdpa_padded")
@@ -63,27 +63,16 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
 
 @dataclass(frozen=True)
 class Setting:
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
+    model: ModelShape
     texts: int
     mean_words: float
     max_words: int
-    dtype: torch.dtype
 
 
-QUICK = Setting(layers=2, hidden=128, intermediate=256, heads=2, kv_heads=1, head_dim=64, vocab=1024, texts=48,
-                mean_words=24, max_words=200, dtype=torch.float32)
-CPU = Setting(layers=4, hidden=256, intermediate=1024, heads=4, kv_heads=2, head_dim=64, vocab=32000,
-              texts=int(os.environ.get("BENCH_ENCODE_TEXTS", 384)), mean_words=48, max_words=600,
-              dtype=torch.float32)
-GPU = Setting(layers=int(os.environ.get("BENCH_ENCODE_LAYERS", 8)), hidden=4096, intermediate=14336, heads=32,
-              kv_heads=8, head_dim=128, vocab=32000, texts=int(os.environ.get("BENCH_ENCODE_TEXTS", 384)),
-              mean_words=48, max_words=600, dtype=torch.bfloat16)
+QUICK = Setting(model=tiny(vocab=1024), texts=48, mean_words=24, max_words=200)
+CPU = Setting(model=SMALL_CPU, texts=int(os.environ.get("BENCH_ENCODE_TEXTS", 384)), mean_words=48, max_words=600)
+GPU = Setting(model=mistral_7b(int(os.environ.get("BENCH_ENCODE_LAYERS", 8))),
+              texts=int(os.environ.get("BENCH_ENCODE_TEXTS", 384)), mean_words=48, max_words=600)
 SIGMA = 0.8  # lognormal spread of the word counts; the median is set so that the mean is mean_words
 POOLING = dict(pooling_mode="mean", max_length=512, doc_max_length=400, skip_instruction=True)
 PADDED_BATCH = 32
@@ -101,36 +90,13 @@ NOTES: List[str] = []
 def make_texts(setting: Setting, seed: int = 0) -> List:
     """Texts with lognormal word counts (clipped to [1, max_words]); every fourth one with an instruction."""
     generator = torch.Generator().manual_seed(seed)
-    median = setting.mean_words / math.exp(SIGMA ** 2 / 2)
-    counts = torch.exp(math.log(median) + SIGMA * torch.randn(setting.texts, generator=generator))
+    counts = lognormal_lengths(setting.texts, setting.mean_words, SIGMA, 1, setting.max_words, generator=generator)
     items: List = []
-    for index, count in enumerate(counts.tolist()):
-        n = int(min(max(round(count), 1), setting.max_words))
+    for index, n in enumerate(counts):
         picks = torch.randint(0, len(WORDS), (n,), generator=generator).tolist()
         text = " ".join(WORDS[i] for i in picks).capitalize() + "."
         items.append([INSTRUCTION, text] if index % 4 == 3 else text)
     return items
-
-
-def build_model(setting: Setting, device: torch.device):
-    """A random-weight bidirectional Mistral of the given shape, made directly on ``device`` in its dtype."""
-    from transformers import MistralConfig
-
-    from llm2vec_fast.models import MistralBiModel
-    config = MistralConfig(vocab_size=setting.vocab, hidden_size=setting.hidden, intermediate_size=setting.intermediate,
-                           num_hidden_layers=setting.layers, num_attention_heads=setting.heads,
-                           num_key_value_heads=setting.kv_heads, head_dim=setting.head_dim, sliding_window=None,
-                           max_position_embeddings=4096, pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.manual_seed(0)
-    try:
-        torch.set_default_dtype(setting.dtype)
-        with torch.device(device):
-            model = MistralBiModel(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=setting.dtype).eval().requires_grad_(False)
 
 
 def load_tokenizer():
@@ -216,10 +182,8 @@ class Workload:
 
     def model(self, attn_implementation: str):
         if self._model is None:
-            self._model = build_model(self.setting, self.device)
-        self._model.set_attn_implementation(attn_implementation)
-        if self._model.config._attn_implementation != attn_implementation:
-            raise harness.SkipImpl(f"could not switch to attn_implementation={attn_implementation!r}")
+            self._model = build_bidirectional_mistral(self.setting.model, self.device)
+        set_attention(self._model, attn_implementation)
         return self._model
 
     def encoder(self):
@@ -245,12 +209,11 @@ class Workload:
     @property
     def shape(self) -> str:
         s = self.setting
-        return (f"L={s.layers},hidden={s.hidden},Hq={s.heads},Hkv={s.kv_heads},D={s.head_dim},texts={s.texts},"
-                f"tokens={self.tokens},words=lognormal-mean{s.mean_words:g}")
+        return f"{s.model.describe()},texts={s.texts},tokens={self.tokens},words=lognormal-mean{s.mean_words:g}"
 
     @property
     def flops(self) -> float:
-        return forward_flops(self.setting, self.lengths)
+        return forward_flops(self.setting.model, self.lengths)
 
     def record(self, impl: str, embeddings: torch.Tensor) -> None:
         """Keeps each impl's result once and notes how far ours is from the baseline."""
@@ -262,7 +225,7 @@ class Workload:
             error = float((ours - base).abs().max())
             scale = float(base.abs().max())
             NOTES.append(f"{OP}: max |llm2vec_fast_packed - llm2vec_sdpa_padded| = {error:.3g} (embeddings up to "
-                         f"{scale:.3g}, {harness.dtype_name(self.setting.dtype)})")
+                         f"{scale:.3g}, {harness.dtype_name(self.setting.model.dtype)})")
 
 
 class _PlanOnly:
@@ -313,8 +276,8 @@ def setting_for(quick: bool, device: torch.device) -> Setting:
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     setting = setting_for(quick, device)
     work = Workload(setting, device)
-    yield Case(OP, work.shape, setting.dtype, [("llm2vec_fast_packed", _ours(work)),
-                                               ("llm2vec_sdpa_padded", _baseline(work))], flops=work.flops)
+    impls = [("llm2vec_fast_packed", _ours(work)), ("llm2vec_sdpa_padded", _baseline(work))]
+    yield Case(OP, work.shape, setting.model.dtype, impls, flops=work.flops)
 
 
 def throughput(rows: Sequence[harness.Row]) -> List[str]:

@@ -23,7 +23,6 @@ layers * (2 * T * P_layer + 4 * sum(s_i^2) * Hq * D), P_layer the layer's matrix
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -36,44 +35,29 @@ import torch  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Case  # noqa: E402
+from benchmarks.shapes import (ModelShape, build_bidirectional_mistral, forward_flops,  # noqa: E402
+                               lognormal_lengths, mistral_7b, set_attention, tiny)
 
 OP = "model_forward"
 IMPLS = ("llm2vec_fast_packed", "llm2vec_fast_padded", "hf_sdpa_padded")
 
 
-def forward_flops(setting, lengths) -> float:
-    """Useful FLOPs of a decoder forward over sequences of ``lengths`` (real tokens only): the linear
-    layers (2 * tokens * parameters) plus the attention scores and values (4 * sum(n^2) * Hq * D)."""
-    s = setting
-    attn_params = s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim * s.hidden
-    layer_params = attn_params + 3 * s.hidden * s.intermediate
-    scores = 4 * sum(n * n for n in lengths) * s.heads * s.head_dim
-    return s.layers * (2 * sum(lengths) * layer_params + scores)
-
-
 @dataclass(frozen=True)
 class Setting:
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
+    model: ModelShape
     sequences: int
     mean_length: float
     max_length: int
     padded_batch: int
     token_budget: int
-    dtype: torch.dtype
 
 
-FULL = Setting(layers=int(os.environ.get("BENCH_MODEL_LAYERS", 8)), hidden=4096, intermediate=14336, heads=32,
-               kv_heads=8, head_dim=128, vocab=32000, sequences=int(os.environ.get("BENCH_MODEL_SEQUENCES", 128)),
-               mean_length=200, max_length=512, padded_batch=32,
-               token_budget=int(os.environ.get("BENCH_MODEL_TOKEN_BUDGET", 16384)), dtype=torch.bfloat16)
-QUICK = Setting(layers=2, hidden=128, intermediate=256, heads=4, kv_heads=2, head_dim=64, vocab=100, sequences=16,
-                mean_length=24, max_length=64, padded_batch=8, token_budget=256, dtype=torch.float32)
+FULL = Setting(model=mistral_7b(int(os.environ.get("BENCH_MODEL_LAYERS", 8))),
+               sequences=int(os.environ.get("BENCH_MODEL_SEQUENCES", 128)), mean_length=200, max_length=512,
+               padded_batch=32, token_budget=int(os.environ.get("BENCH_MODEL_TOKEN_BUDGET", 16384)))
+QUICK = Setting(model=tiny(vocab=100, heads=4, kv_heads=2), sequences=16, mean_length=24, max_length=64,
+                padded_batch=8, token_budget=256)
+PAD_TOKEN_ID = 0  # the padded batches' filler (its embedding row is zero)
 SIGMA = 0.6  # lognormal spread; the median is set so that the mean is mean_length
 
 METHOD_NOTES = [
@@ -86,14 +70,6 @@ METHOD_NOTES = [
 NOTES: List[str] = []
 
 
-def lognormal_lengths(count: int, mean: float, sigma: float, low: int, high: int, seed: int) -> List[int]:
-    """``count`` lengths from a lognormal with the given mean, rounded and clipped to [low, high]."""
-    generator = torch.Generator().manual_seed(seed)
-    median = mean / math.exp(sigma ** 2 / 2)
-    draws = torch.exp(math.log(median) + sigma * torch.randn(count, generator=generator))
-    return [int(min(max(round(float(x)), low), high)) for x in draws]
-
-
 class Workload:
     """The sequences and the model (built once, on first use, shared by every impl)."""
 
@@ -102,7 +78,7 @@ class Workload:
         low = 8 if setting.max_length >= 64 else 2
         self.lengths = lognormal_lengths(setting.sequences, setting.mean_length, SIGMA, low, setting.max_length, seed)
         generator = torch.Generator().manual_seed(seed + 1)
-        self.sequences = [torch.randint(1, setting.vocab, (n,), generator=generator) for n in self.lengths]
+        self.sequences = [torch.randint(1, setting.model.vocab, (n,), generator=generator) for n in self.lengths]
         self._model = None
 
     @property
@@ -112,16 +88,16 @@ class Workload:
     @property
     def shape(self) -> str:
         s = self.setting
-        return (f"L={s.layers},hidden={s.hidden},Hq={s.heads},Hkv={s.kv_heads},D={s.head_dim},seqs={s.sequences},"
-                f"tokens={self.tokens},len=lognormal-mean{s.mean_length:g}-max{s.max_length}")
+        return (f"{s.model.describe()},seqs={s.sequences},tokens={self.tokens},"
+                f"len=lognormal-mean{s.mean_length:g}-max{s.max_length}")
 
     @property
     def flops(self) -> float:
-        return forward_flops(self.setting, self.lengths)
+        return forward_flops(self.setting.model, self.lengths)
 
     def model(self, attn_implementation: str):
         if self._model is None:
-            self._model = build_model(self.setting, self.device)
+            self._model = build_bidirectional_mistral(self.setting.model, self.device, pad_token_id=PAD_TOKEN_ID)
         set_attention(self._model, attn_implementation)
         return self._model
 
@@ -132,7 +108,7 @@ class Workload:
         for start in range(0, len(order), self.setting.padded_batch):
             chunk = [self.sequences[i] for i in order[start:start + self.setting.padded_batch]]
             width = max(len(x) for x in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            ids = torch.full((len(chunk), width), PAD_TOKEN_ID, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, x in enumerate(chunk):
                 ids[row, :len(x)] = x
@@ -153,36 +129,6 @@ class Workload:
         if current:
             packs.append(current)
         return [pack_sequences(chunk).to(self.device) for chunk in packs]
-
-
-def build_model(setting: Setting, device: torch.device):
-    """A random-weight bidirectional Mistral of the given shape, made directly on ``device`` in its dtype."""
-    from transformers import MistralConfig
-
-    from llm2vec_fast.models import MistralBiModel
-    config = MistralConfig(vocab_size=setting.vocab, hidden_size=setting.hidden, intermediate_size=setting.intermediate,
-                           num_hidden_layers=setting.layers, num_attention_heads=setting.heads,
-                           num_key_value_heads=setting.kv_heads, head_dim=setting.head_dim, sliding_window=None,
-                           max_position_embeddings=4096, pad_token_id=0)
-    config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.manual_seed(0)
-    try:
-        torch.set_default_dtype(setting.dtype)
-        with torch.device(device):
-            model = MistralBiModel(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=setting.dtype).eval().requires_grad_(False)
-
-
-def set_attention(model, attn_implementation: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(attn_implementation)
-    else:
-        model.config._attn_implementation = attn_implementation
-    if model.config._attn_implementation != attn_implementation:
-        raise harness.SkipImpl(f"could not switch to attn_implementation={attn_implementation!r}")
 
 
 def _packed(work: Workload) -> Callable:
@@ -214,7 +160,7 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     work = Workload(setting, device)
     impls = [("llm2vec_fast_packed", _packed(work)), ("llm2vec_fast_padded", _padded(work, "llm2vec_fast")),
              ("hf_sdpa_padded", _padded(work, "sdpa"))]
-    yield Case(OP, work.shape, setting.dtype, impls, flops=work.flops)
+    yield Case(OP, work.shape, setting.model.dtype, impls, flops=work.flops)
 
 
 def tokens_per_second(rows: Sequence[harness.Row]) -> List[str]:

@@ -28,7 +28,6 @@ holds for its backward (autograd's saved tensors, counted once per storage) at t
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -42,8 +41,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.bench_model import forward_flops  # noqa: E402
 from benchmarks.harness import Case  # noqa: E402
+from benchmarks.shapes import (SMALL_CPU, ModelShape, build_bidirectional_mistral, forward_flops,  # noqa: E402
+                               lognormal_lengths, mistral_7b, set_attention, tiny)
 
 OP = "train_step"
 IMPLS = ("llm2vec_fast_packed", "hf_sdpa_padded")
@@ -55,27 +55,16 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
 
 @dataclass(frozen=True)
 class Setting:
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
+    model: ModelShape
     batch: int
     mean_length: float
     max_length: int
-    dtype: torch.dtype
 
 
-QUICK = Setting(layers=2, hidden=128, intermediate=256, heads=2, kv_heads=1, head_dim=64, vocab=256, batch=8,
-                mean_length=12, max_length=32, dtype=torch.float32)
-CPU = Setting(layers=4, hidden=256, intermediate=1024, heads=4, kv_heads=2, head_dim=64, vocab=32000,
-              batch=int(os.environ.get("BENCH_TRAIN_BATCH", 32)), mean_length=40, max_length=128,
-              dtype=torch.float32)
-GPU = Setting(layers=int(os.environ.get("BENCH_TRAIN_LAYERS", 8)), hidden=4096, intermediate=14336, heads=32,
-              kv_heads=8, head_dim=128, vocab=32000, batch=int(os.environ.get("BENCH_TRAIN_BATCH", 128)),
-              mean_length=40, max_length=128, dtype=torch.bfloat16)
+QUICK = Setting(model=tiny(vocab=256), batch=8, mean_length=12, max_length=32)
+CPU = Setting(model=SMALL_CPU, batch=int(os.environ.get("BENCH_TRAIN_BATCH", 32)), mean_length=40, max_length=128)
+GPU = Setting(model=mistral_7b(int(os.environ.get("BENCH_TRAIN_LAYERS", 8))),
+              batch=int(os.environ.get("BENCH_TRAIN_BATCH", 128)), mean_length=40, max_length=128)
 SIGMA = 0.6  # lognormal spread of the lengths; the median is set so that the mean is mean_length
 MIN_LENGTH = 4
 MEMORY_MB = float(os.environ.get("BENCH_TRAIN_MEMORY_MB", 16384))
@@ -93,40 +82,22 @@ NOTES: List[str] = []
 
 def lengths_for(setting: Setting, batch: int, seed: int = 0) -> List[int]:
     """Lognormal lengths (mean about ``mean_length``), clipped to [MIN_LENGTH, max_length]."""
-    generator = torch.Generator().manual_seed(seed)
-    median = setting.mean_length / math.exp(SIGMA ** 2 / 2)
-    draws = torch.exp(math.log(median) + SIGMA * torch.randn(batch, generator=generator))
-    return [int(min(max(round(x), MIN_LENGTH), setting.max_length)) for x in draws.tolist()]
+    return lognormal_lengths(batch, setting.mean_length, SIGMA, MIN_LENGTH, setting.max_length, seed)
 
 
 def sentences_for(setting: Setting, batch: int, seed: int = 0) -> List[List[int]]:
     generator = torch.Generator().manual_seed(seed + 1)
-    return [torch.randint(3, setting.vocab, (n,), generator=generator).tolist()
+    return [torch.randint(3, setting.model.vocab, (n,), generator=generator).tolist()
             for n in lengths_for(setting, batch, seed)]
 
 
 def build_model(setting: Setting, device: torch.device):
-    """A random-weight bidirectional Mistral in ``setting.dtype`` with a float32 LoRA, gradient checkpointing
-    and SimCSE's attention dropout, in training mode."""
+    """A random-weight bidirectional Mistral in ``setting.model.dtype`` with a float32 LoRA, gradient
+    checkpointing and SimCSE's attention dropout, in training mode."""
     from peft import LoraConfig, get_peft_model
-    from transformers import MistralConfig
 
-    from llm2vec_fast.models import MistralBiModel
     from llm2vec_fast.training.contrastive import set_attention_dropout
-    config = MistralConfig(vocab_size=setting.vocab, hidden_size=setting.hidden, intermediate_size=setting.intermediate,
-                           num_hidden_layers=setting.layers, num_attention_heads=setting.heads,
-                           num_key_value_heads=setting.kv_heads, head_dim=setting.head_dim, sliding_window=None,
-                           max_position_embeddings=4096, pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    config._attn_implementation = "llm2vec_fast"
-    previous = torch.get_default_dtype()
-    torch.manual_seed(0)
-    try:
-        torch.set_default_dtype(setting.dtype)
-        with torch.device(device):
-            base = MistralBiModel(config)
-    finally:
-        torch.set_default_dtype(previous)
-    base = base.to(device=device, dtype=setting.dtype).requires_grad_(False)
+    base = build_bidirectional_mistral(setting.model, device, attn_implementation="llm2vec_fast")
     base.config.use_cache = False
     model = get_peft_model(base, LoraConfig(**LORA))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -145,10 +116,7 @@ class Workload:
     def model(self, attn_implementation: str):
         if self._model is None:
             self._model = build_model(self.setting, self.device)
-        base = self._model.get_base_model()
-        base.set_attn_implementation(attn_implementation)
-        if base.config._attn_implementation != attn_implementation:
-            raise harness.SkipImpl(f"could not switch to attn_implementation={attn_implementation!r}")
+        set_attention(self._model.get_base_model(), attn_implementation)
         return self._model
 
     def encoder(self):
@@ -161,12 +129,12 @@ class Workload:
     def shape(self, batch: int) -> str:
         s = self.setting
         tokens = sum(lengths_for(s, batch))
-        return (f"L={s.layers},hidden={s.hidden},Hq={s.heads},Hkv={s.kv_heads},D={s.head_dim},B={batch},"
-                f"tokens={2 * tokens},len=lognormal-mean{s.mean_length:g}-max{s.max_length},lora=r16")
+        return (f"{s.model.describe()},B={batch},tokens={2 * tokens},"
+                f"len=lognormal-mean{s.mean_length:g}-max{s.max_length},lora=r16")
 
     def flops(self, batch: int) -> float:
         lengths = lengths_for(self.setting, batch)
-        return 3.0 * forward_flops(self.setting, lengths + lengths)
+        return 3.0 * forward_flops(self.setting.model, lengths + lengths)
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -334,7 +302,7 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     setting = setting_for(quick, device)
     work = Workload(setting, device)
     batch = setting.batch
-    yield Case(OP, work.shape(batch), setting.dtype, [(impl, _setup(work, impl, batch)) for impl in IMPLS],
+    yield Case(OP, work.shape(batch), setting.model.dtype, [(impl, _setup(work, impl, batch)) for impl in IMPLS],
                flops=work.flops(batch))
     try:  # after the timed case: the memory comparison (notes only)
         memory_notes(work)
