@@ -48,9 +48,10 @@ _POOL_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "la
               "last_token": "last_token", "bos_token": "bos_token"}
 ENCODER_ARGS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 PLAN_CHUNK = 16384  # inputs tokenised, sorted and batched together (bounds the memory of token lists)
-# Default token budget on the CPU: larger packs spill the caches (measured with benchmarks/bench_encode.py,
-# 4-layer hidden-256 model, one thread: 2048 tokens 4.9 s, 4096 5.0 s, 8192 5.6 s, 16384 6.3 s).
-CPU_TOKEN_BUDGET = 2048
+# Default token budget on the CPU: larger packs spill the caches (benchmarks/bench_encode.py workload, one
+# thread, seconds per encode of 384 texts; 4 layers, hidden 256: 512 tokens 3.6, 1024 3.4, 2048 4.0, 4096 4.3;
+# hidden 512 (192 texts): 512 5.8, 1024 5.7-6.0, 2048 6.0, 4096 6.0).
+CPU_TOKEN_BUDGET = 1024
 
 
 class LLM2Vec(nn.Module):
@@ -329,7 +330,7 @@ class LLM2Vec(nn.Module):
         (a numpy array with ``convert_to_numpy=True`` and ``convert_to_tensor=False``).
 
         Batches hold at most ``max_tokens_per_batch`` real tokens (default ``batch_size * max_length``, the
-        most a padded batch of ``batch_size`` could hold; at most 2048 on the CPU, where larger packs run
+        most a padded batch of ``batch_size`` could hold; at most 1024 on the CPU, where larger packs run
         slower). ``normalize_embeddings=True`` L2-normalises each row. ``device`` defaults to CUDA when
         available; the model is moved there (unless it was dispatched with a device_map). The progress bar
         counts texts and shows tokens per second.
