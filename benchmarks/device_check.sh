@@ -21,7 +21,7 @@
 # than its timeout, so it skips the impls it has no time for and still writes its results.
 #
 # Environment: PYTHON (default python3), OUT, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST, DRY_RUN,
-# DEVICE_CHECK_BUDGET_S, BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_OPS (default attention,pool,loss,model),
+# DEVICE_CHECK_BUDGET_S, BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_OPS (default attention,pool,loss,model,encode,train; run cheapest first, train last),
 # BENCH_EXTRA_ARGS (more benchmarks/run.py arguments, e.g. "--skip-impls flex,eager").
 set -euo pipefail
 
@@ -47,7 +47,7 @@ OUT_DIR=${OUT:-benchmarks/results}
 BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-150}
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
-BENCH_OPS=${BENCH_OPS:-attention,pool,loss,model}
+BENCH_OPS=${BENCH_OPS:-attention,pool,loss,model,encode,train}
 RESERVE_S=10            # kept back for the summary
 BENCH_MARGIN_S=60       # between the runner's --time-budget and its hard timeout
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
