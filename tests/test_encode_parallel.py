@@ -226,3 +226,26 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------ sentence-transformers adapter
+
+def test_sentence_transformers_adapter_uses_the_pool(encoder):
+    """start_multi_process_pool / encode(pool=) / encode(device=[...]) run LLM2Vec's pool, same embeddings."""
+    pytest.importorskip("sentence_transformers")
+    from llm2vec_fast.encoder.st_adapter import to_sentence_transformer
+    model = to_sentence_transformer(encoder, prompts={"query": "Retrieve the passage"})
+    texts = [t for t in _items() if isinstance(t, str)][:12]
+    expected = model.encode(texts)
+    pool = model.start_multi_process_pool(["cpu", "cpu"])
+    try:
+        assert len(pool.worker_pids) == 2
+        assert np.allclose(model.encode(texts, pool=pool), expected, atol=SAME_ATOL)
+        query = model.encode_query(texts[:3], pool=pool, convert_to_tensor=True)
+        assert torch.allclose(query, encoder.encode([["Retrieve the passage", t] for t in texts[:3]],
+                                                    show_progress_bar=False), atol=SAME_ATOL)
+    finally:
+        model.stop_multi_process_pool(pool)
+    assert np.allclose(model.encode(texts, device=["cpu", "cpu"]), expected, atol=SAME_ATOL)
+    with pytest.raises(TypeError, match="start_multi_process_pool"):
+        model.encode(texts, pool={"processes": []})

@@ -14,9 +14,12 @@ Supported: ``encode`` / ``encode_query`` / ``encode_document`` on a string or a 
 [instruction, text] pairs), with ``batch_size``, ``show_progress_bar``, ``convert_to_numpy``,
 ``convert_to_tensor``, ``normalize_embeddings``, ``device``, ``truncate_dim`` and ``precision="float32"``;
 ``similarity`` / ``similarity_pairwise`` (cosine by default); ``get_sentence_embedding_dimension``;
+several processes through ``start_multi_process_pool`` / ``encode(..., pool=pool)`` /
+``stop_multi_process_pool`` or ``encode(..., device=["cuda:0", "cuda:1"])`` (``LLM2Vec``'s pool: one model
+load per process);
 ``isinstance(model, SentenceTransformer)``; the module's ``tokenize``/``forward`` (llm2vec's padded
 features, differentiable). Not supported (raise ValueError or NotImplementedError):
-``output_value="token_embeddings"``, quantised precisions, multi-process ``pool``, ``chunk_size``,
+``output_value="token_embeddings"``, quantised precisions, ``chunk_size``,
 saving or loading through sentence-transformers (use ``LLM2Vec.save`` / ``from_pretrained``), training
 with ``fit``/the trainer.
 """
@@ -27,6 +30,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .parallel import EncodePool
 from .text import normalize_inputs
 
 
@@ -84,10 +88,16 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
                 raise ValueError(f"output_value={output_value!r} is not supported (only 'sentence_embedding')")
             if precision != "float32":
                 raise ValueError(f"precision={precision!r} is not supported (only 'float32')")
-            if pool is not None or chunk_size is not None:
-                raise NotImplementedError("multi-process pools are not supported: pass device= for one device")
-            if isinstance(device, (list, tuple)):
-                raise NotImplementedError("several devices are not supported yet: pass one device")
+            if chunk_size is not None:
+                raise NotImplementedError("chunk_size is not supported: the pool splits the inputs by length itself")
+            if pool is not None and not isinstance(pool, EncodePool):
+                raise TypeError(f"pool must come from this model's start_multi_process_pool (an EncodePool), got "
+                                f"{type(pool).__name__}")
+            several = {}
+            if pool is not None:
+                several["pool"] = pool
+            elif isinstance(device, (list, tuple)):
+                several["devices"] = list(device)  # one process per device for this call
             if prompt is None and prompt_name is None:
                 prompt_name = self.default_prompt_name
             if prompt is None and prompt_name is not None:
@@ -100,10 +110,11 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
                 items = [(prompt if not instruction else instruction, text) for instruction, text in items]
             if show_progress_bar is None:
                 show_progress_bar = False
-            target = device if device is not None else str(self.device)
+            target = None if several else (device if device is not None else str(self.device))
             embeddings = llm2vec.encode([[i, t] for i, t in items], batch_size=batch_size,
                                         show_progress_bar=show_progress_bar, device=target,
-                                        normalize_embeddings=normalize_embeddings and truncate_dim is None)
+                                        normalize_embeddings=normalize_embeddings and truncate_dim is None,
+                                        **several)
             if truncate_dim is not None:
                 embeddings = embeddings[:, :truncate_dim]
                 if normalize_embeddings:
@@ -115,6 +126,18 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
             if convert_to_numpy:
                 return embeddings.numpy()
             return list(embeddings)
+
+        def start_multi_process_pool(self, target_devices=None, **kwargs):
+            """One encoding process per device (default: every visible GPU, else 4 CPU processes), each
+            loading the model once: ``LLM2Vec.start_multi_process_pool``."""
+            if target_devices is None:
+                count = torch.cuda.device_count()
+                target_devices = [f"cuda:{i}" for i in range(count)] if count else ["cpu"] * 4
+            return llm2vec.start_multi_process_pool(list(target_devices))
+
+        @staticmethod
+        def stop_multi_process_pool(pool) -> None:
+            pool.close()
 
         def save(self, *args, **kwargs):
             raise NotImplementedError("save with LLM2Vec.save(path); load with LLM2Vec.from_pretrained(path) and "
@@ -139,7 +162,7 @@ def supported_features() -> List[str]:
     """What the adapter supports (for documentation and tests)."""
     return ["encode", "encode_query", "encode_document", "similarity", "similarity_pairwise",
             "get_sentence_embedding_dimension", "prompts", "normalize_embeddings", "truncate_dim",
-            "convert_to_numpy", "convert_to_tensor"]
+            "convert_to_numpy", "convert_to_tensor", "start_multi_process_pool", "pool", "device list"]
 
 
 __all__ = ["LLM2VecModule", "to_sentence_transformer", "supported_features"]
