@@ -87,15 +87,18 @@ def available_backends(op: str, device: torch.device) -> list:
     return [b for b in BACKENDS if (op, b) in _REGISTRY and _backend_runs_on(b, device)]
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
+def resolve(op: str, backend: str, device: torch.device, cannot: Tuple[str, ...] = ()) -> str:
     """Returns the concrete backend name for ``backend`` (which may be ``"auto"``) on ``device``.
 
-    Raises ValueError naming the backends that can run when ``backend`` is unknown or cannot run.
+    ``cannot`` names backends that cannot take this call's arguments (e.g. flash_attn with dropout):
+    ``"auto"`` passes over them. Raises ValueError naming the backends that can run when ``backend`` is
+    unknown or cannot run.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
     available = available_backends(op, device)
     if backend == "auto":
+        available = [b for b in available if b not in cannot]
         if device.type != "cuda":
             return "torch"
         measured: Optional[str] = AUTO_TABLE.get(op)

@@ -153,6 +153,26 @@ def test_auto_on_cuda_falls_back_to_triton(registry, monkeypatch):
         dispatch.resolve("pool", "cuda", CUDA)
 
 
+def test_auto_passes_over_backends_that_cannot_take_the_call(registry, monkeypatch):
+    """flash_attn cannot replay dropout: with dropout_p > 0, "auto" takes the next choice even where the
+    table names flash_attn; an explicit request is not redirected."""
+    monkeypatch.setattr(dispatch, "_backend_runs_on", lambda backend, device: True)
+    noop = lambda *a: None  # noqa: E731
+    for backend in ("triton", "flash_attn"):
+        dispatch.register("flash_attention", backend, noop, noop)
+    monkeypatch.setitem(dispatch.AUTO_TABLE, "flash_attention", "flash_attn")
+    assert dispatch.resolve("flash_attention", "auto", CUDA) == "flash_attn"
+    assert dispatch.resolve("flash_attention", "auto", CUDA, cannot=("flash_attn",)) == "triton"
+    assert dispatch.resolve("flash_attention", "flash_attn", CUDA, cannot=("flash_attn",)) == "flash_attn"
+    seen = []
+    monkeypatch.setattr(dispatch, "resolve", lambda op, backend, device, cannot=(): seen.append(cannot) or "torch")
+    import llm2vec_fast as lf
+    q = torch.randn(5, 2, 64)
+    lf.flash_attention(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5, dropout_p=0.1)
+    lf.flash_attention(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5)
+    assert seen == [("flash_attn",), ()]
+
+
 def test_real_registry_auto_on_cuda(monkeypatch):
     """With the package's own registrations: "auto" on a CUDA device takes the AUTO_TABLE entry, else
     triton where a Triton kernel is registered, else torch; on the CPU always torch."""

@@ -129,7 +129,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
     ``backend``: "auto", "torch", "triton", "cuda" or "flash_attn" (see ``llm2vec_fast.dispatch``).
     """
     longest = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p)
-    backend = dispatch.resolve(OP, backend, q.device)
+    # flash-attn's dropout cannot be replayed from our seed: "auto" never picks it for dropout.
+    backend = dispatch.resolve(OP, backend, q.device, cannot=("flash_attn",) if dropout_p > 0 else ())
     dense_shape = None
     if cu_seqlens is None:  # dense (B, S, H, D) is the packed layout with B equal lengths
         dense_shape = q.shape
