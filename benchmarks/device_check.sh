@@ -8,6 +8,9 @@
 #   (a) build the CUDA extension in place (ninja, MAX_JOBS=$(nproc), TORCH_CUDA_ARCH_LIST=9.0a,
 #       CUDA_HOME=/usr/local/cuda by default) when csrc/ has *.cu or *.cpp sources; a dry run only says
 #       what it would build;
+#   (a2) benchmarks/diagnose_cuda_attention.py: the CUDA attention forward with both orders of V's wgmma
+#       descriptor strides against float64 (the one layout the emulator cannot confirm); if the built-in
+#       order fails, (a3) reruns its small cases under compute-sanitizer (GPU runs only);
 #   (b) python -m pytest -m gpu -q tests   (exit status 5, "no tests collected", counts as success);
 #   (c) the benchmark suite (benchmarks/run.py; --quick --device cpu in a dry run), writing
 #       <device>-<date>-<sha>.{json,md,png} under ${OUT:-benchmarks/results};
@@ -128,6 +131,19 @@ else
   run_step "(a) build" "$(step_limit "$BUILD_TIMEOUT")" "0" "$PYTHON" setup.py build_ext --inplace
   "$PYTHON" -c "import llm2vec_fast._C as m; print('built:', m.__file__)" \
     || { STATUS+=("(a) build: llm2vec_fast._C does not import"); FAILED=1; }
+fi
+
+# (a2) first contact with the CUDA attention forward: both V-descriptor orders against float64; on a
+# failure, the small cases again under compute-sanitizer (memcheck) when the toolkit has it.
+if [[ "$DRY_RUN" == 0 ]]; then
+  DIAG_RC=0
+  run_step "(a2) diagnose cuda attention" "$(step_limit 60)" "0 1" "$PYTHON" benchmarks/diagnose_cuda_attention.py
+  [[ "${STATUS[-1]}" == *"exit 1"* ]] && DIAG_RC=1
+  SANITIZER=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
+  if [[ "$DIAG_RC" == 1 && -x "$SANITIZER" ]]; then
+    run_step "(a3) compute-sanitizer on the small cases" "$(step_limit 90)" "0 1" \
+      "$SANITIZER" --tool memcheck "$PYTHON" benchmarks/diagnose_cuda_attention.py --small
+  fi
 fi
 
 # (b) GPU tests (skipped, or deselected, on the CPU).

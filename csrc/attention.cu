@@ -40,6 +40,7 @@ constexpr uint32_t kKMajorLBO = 16;
 // between groups of 8 keys (CUTLASS make_gmma_desc<Major::MN>). UNCERTAIN until checked on the GPU: if
 // the output for head dim 128 is wrong in columns 64..127 only (or everywhere but the first 8 keys of
 // each 16), these two are swapped: swap them here (the emulator decodes the descriptor as written).
+// benchmarks/diagnose_cuda_attention.py runs both orders on the GPU (AttentionProblem::v_desc_lbo/sbo).
 constexpr uint32_t kMNMajorLBO = kPanelBytes;
 constexpr uint32_t kMNMajorSBO = 1024;
 
@@ -65,6 +66,7 @@ struct Params {
   float cap_in;        // softmax_scale / softcap          (softcap)
   float cap_out;       // softcap * log2(e)                (softcap)
   int softcap;
+  uint32_t v_lbo, v_sbo;  // V's descriptor strides (kMNMajorLBO / kMNMajorSBO unless overridden)
 };
 
 template <int D>
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     hopper::wgmma_fence();
 #pragma unroll
     for (int q = 0; q < kBlockN / 16; ++q) {
-      const uint64_t db = hopper::make_smem_desc_sw128(v_tile(s) + q * 16 * 128, kMNMajorLBO, kMNMajorSBO);
+      const uint64_t db = hopper::make_smem_desc_sw128(v_tile(s) + q * 16 * 128, p.v_lbo, p.v_sbo);
       hopper::wgmma_rs_tb<T, D>(o, pa[q], db, 1);
     }
     hopper::wgmma_commit();
@@ -261,6 +263,8 @@ cudaError_t launch(const AttentionProblem& pr, cudaStream_t stream) {
   p.scale_log2 = pr.softmax_scale * kLog2e;
   p.cap_in = p.softcap ? pr.softmax_scale / pr.softcap : 0.f;
   p.cap_out = pr.softcap * kLog2e;
+  p.v_lbo = pr.v_desc_lbo != 0 ? pr.v_desc_lbo : kMNMajorLBO;
+  p.v_sbo = pr.v_desc_sbo != 0 ? pr.v_desc_sbo : kMNMajorSBO;
   auto kernel = attention_fwd_kernel<T, D>;
   const int smem = static_cast<int>(Layout<D>::kAlloc);
   cudaError_t e = hopper::set_max_dynamic_smem(kernel, smem);
@@ -302,6 +306,9 @@ const char* attention_unsupported(const AttentionProblem& p) {
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || p.out_stride_tok % 2 != 0 || p.out_stride_head % 2 != 0)
     return "out must be 4-byte aligned with even strides";
   if (p.batch > 0 && p.cu_seqlens == nullptr) return "cu_seqlens is null";
+  for (const uint32_t stride : {p.v_desc_lbo, p.v_desc_sbo})
+    if (stride % 16 != 0 || stride >= (1u << 18))
+      return "v_desc_lbo and v_desc_sbo must be multiples of 16 below 2^18 (0: the built-in layout)";
   return nullptr;
 }
 

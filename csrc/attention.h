@@ -28,6 +28,10 @@ struct AttentionProblem {
   int64_t out_stride_tok = 0, out_stride_head = 0;
   float* lse = nullptr;                 // (heads_q, total_tokens) contiguous
   float softmax_scale = 1.f, softcap = 0.f;
+  // Byte strides of V's MN-major SWIZZLE_128B wgmma descriptor (LBO: between 64-column panels, SBO:
+  // between groups of 8 keys); 0 takes the built-in values. A diagnostic knob for the one layout the
+  // emulator cannot confirm: benchmarks/diagnose_cuda_attention.py tries both orders on the GPU.
+  uint32_t v_desc_lbo = 0, v_desc_sbo = 0;
 };
 
 // Why the kernel cannot run this problem (a message naming the argument), or nullptr when it can.

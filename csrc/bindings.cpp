@@ -339,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_rows,
 // first (testable on CPU tensors), then the device ones.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                                                     double softmax_scale, double softcap) {
+                                                     double softmax_scale, double softcap, int64_t v_desc_lbo,
+                                                     int64_t v_desc_sbo) {
   const char* fn = "llm2vec_fast._C.attention_forward";
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK_VALUE(t->defined(), fn, ": ", name, " is undefined");
@@ -394,6 +395,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   p.lse = lse.data_ptr<float>();
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.softcap = static_cast<float>(softcap);
+  TORCH_CHECK_VALUE(v_desc_lbo >= 0 && v_desc_lbo < (1 << 18) && v_desc_sbo >= 0 && v_desc_sbo < (1 << 18), fn,
+                    ": v_desc_lbo and v_desc_sbo must be in [0, 2^18), got ", v_desc_lbo, " and ", v_desc_sbo);
+  p.v_desc_lbo = static_cast<uint32_t>(v_desc_lbo);
+  p.v_desc_sbo = static_cast<uint32_t>(v_desc_sbo);
   if (p.total_tokens > 0) {  // empty tensors may have any data pointer
     const char* why = l2vf::attention_unsupported(p);
     TORCH_CHECK_VALUE(why == nullptr, fn, ": ", why);
@@ -472,5 +477,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "packed varlen layout (Hopper sm_90 only: TMA + wgmma); same contract as "
         "llm2vec_fast.reference.attention.attention_forward",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens"), py::arg("max_seqlen"),
-        py::arg("softmax_scale"), py::arg("softcap"));
+        py::arg("softmax_scale"), py::arg("softcap"), py::arg("v_desc_lbo") = 0, py::arg("v_desc_sbo") = 0);
 }

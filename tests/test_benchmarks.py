@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -126,3 +128,21 @@ def test_make_auto_table_picks_the_measured_winner(tmp_path):
             '"pool": "cuda"}') in text
     assert text.startswith("x = 1\n") and text.endswith("y = 2\n")
     assert make_auto_table.main([str(results), "--dispatch", str(dispatch_copy), "--check"]) == 0
+
+
+def test_cuda_attention_diagnosis_without_a_gpu(capsys):
+    """The device check's first-contact diagnosis runs anywhere: without an sm_90 GPU it has nothing to do."""
+    import torch
+    from benchmarks import diagnose_cuda_attention
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_cuda_attention_diagnosis_on_the_gpu covers it")
+    assert diagnose_cuda_attention.main([]) == 0
+    assert "nothing to diagnose" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_attention_diagnosis_on_the_gpu(capsys):
+    from benchmarks import diagnose_cuda_attention
+    code = diagnose_cuda_attention.main(["--small"])
+    out = capsys.readouterr().out
+    assert code == 0, out

@@ -1093,7 +1093,7 @@ def test_extension_rejects_bad_attention_input(ext, case):
 
 def test_extension_attention_signature(ext):
     assert [p[0] for p in _parameters(ext.attention_forward)] == [
-        "q", "k", "v", "cu_seqlens", "max_seqlen", "softmax_scale", "softcap"]
+        "q", "k", "v", "cu_seqlens", "max_seqlen", "softmax_scale", "softcap", "v_desc_lbo", "v_desc_sbo"]
     assert _signature(ext.attention_forward).endswith("-> tuple[torch.Tensor, torch.Tensor]")
 
 
@@ -1155,14 +1155,14 @@ class AttnEmulator:
         self.lib = ctypes.CDLL(str(path))
         f = self.lib.l2vf_emu_attention_forward
         f.argtypes = [PTR, I64, PTR, I64, PTR, I64, I32, *[I64] * 12, PTR, PTR, I64, I64, I64, PTR, ctypes.c_float,
-                      ctypes.c_float, ctypes.POINTER(ctypes.c_char_p)]
+                      ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_char_p)]
         f.restype = I32
 
     @staticmethod
     def _bytes(t):
         return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
 
-    def run(self, q, k, v, cu_seqlens, max_seqlen, scale, softcap):
+    def run(self, q, k, v, cu_seqlens, max_seqlen, scale, softcap, v_desc=(0, 0)):
         total, hq, d = q.shape
         out = torch.full(q.shape, float("nan"), dtype=q.dtype)  # every valid row must be written
         lse = torch.full((hq, total), float("nan"))
@@ -1172,7 +1172,7 @@ class AttnEmulator:
             _ATTN_DTYPES.get(q.dtype, 0), total, cu_seqlens.numel() - 1, max_seqlen, hq, k.shape[1], d,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cu_seqlens.data_ptr(),
             out.data_ptr(), self._bytes(out), out.stride(0), out.stride(1), lse.data_ptr(), scale, softcap,
-            ctypes.byref(why))
+            v_desc[0], v_desc[1], ctypes.byref(why))
         return err, (why.value or b"").decode(), out, lse
 
 
@@ -1263,6 +1263,22 @@ def test_emulated_attention_edges_and_rejections(attn_emulator, monkeypatch):
     monkeypatch.setenv("L2VF_EMU_CC", "80")
     err, why, *_ = attn_emulator.run(q, k, v, cu, 9, 0.125, 0.0)
     assert err == CUDA_ERROR_NOT_SUPPORTED and "sm_90" in why
+
+
+@needs_emulator
+def test_emulated_attention_v_descriptor_knob(attn_emulator):
+    """The diagnostic override of V's descriptor strides reaches the kernel: the built-in values given
+    explicitly change nothing, the swapped order breaks hd128's output (what the GPU diagnosis looks for),
+    and a stride that is not a multiple of 16 is refused."""
+    q, k, v, cu = make_attention_case((17, 130), 2, 1, 128, torch.bfloat16, seed=21)
+    err, _, out, lse = attn_emulator.run(q, k, v, cu, 130, 128 ** -0.5, 0.0)
+    assert err == 0
+    err, _, same, _ = attn_emulator.run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(16384, 1024))
+    assert err == 0 and torch.equal(same, out)
+    err, _, swapped, _ = attn_emulator.run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(1024, 16384))
+    assert err == 0 and (swapped.float() - out.float()).abs().max() > 0.1
+    err, why, *_ = attn_emulator.run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(1000, 0))
+    assert err == CUDA_ERROR_INVALID_VALUE and "v_desc_lbo" in why
 
 
 @needs_emulator

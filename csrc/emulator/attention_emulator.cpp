@@ -67,7 +67,8 @@ int l2vf_emu_attention_forward(const void* q, int64_t q_bytes, const void* k, in
                                int64_t heads_q, int64_t heads_kv, int64_t head_dim, int64_t q_st, int64_t q_sh,
                                int64_t k_st, int64_t k_sh, int64_t v_st, int64_t v_sh, const int32_t* cu_seqlens,
                                void* out, int64_t out_bytes, int64_t out_st, int64_t out_sh, float* lse,
-                               float softmax_scale, float softcap, const char** why) {
+                               float softmax_scale, float softcap, uint32_t v_desc_lbo, uint32_t v_desc_sbo,
+                               const char** why) {
   l2vf::AttentionProblem p;
   p.q = q;
   p.k = k;
@@ -92,6 +93,8 @@ int l2vf_emu_attention_forward(const void* q, int64_t q_bytes, const void* k, in
   p.lse = lse;
   p.softmax_scale = softmax_scale;
   p.softcap = softcap;
+  p.v_desc_lbo = v_desc_lbo;
+  p.v_desc_sbo = v_desc_sbo;
   const char* msg = l2vf::attention_unsupported(p);
   if (msg == nullptr) msg = l2vf::attention_device_unsupported();
   if (why != nullptr) *why = msg;
