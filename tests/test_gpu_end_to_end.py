@@ -1,0 +1,80 @@
+"""End to end on a CUDA GPU (every test is marked ``gpu``): the encoder with each attention backend, and each
+training recipe in bf16 through the GPU kernels (Triton attention with dropout, the loss, liger's fused
+LM-head loss when installed). The CPU suite proves the semantics; these prove the same paths run on the GPU."""
+import os
+
+import pytest
+import torch
+
+from test_encoder import INPUTS, write_checkpoint
+from test_training_contrastive import files, simcse_config, supervised_config  # noqa: F401  (files: a fixture)
+from test_training_mntp import mntp_config
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint("llama", str(tmp_path_factory.mktemp("gpu_e2e") / "llama"))
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_encode_on_the_gpu_matches_the_cpu(checkpoint, backend):
+    """bf16 on the GPU against float32 on the CPU: every row's cosine above 0.995 (bf16 rounding over a few
+    layers), with the attention of each backend (cuda falls back to Triton where its kernel does not apply)."""
+    from llm2vec_fast import LLM2Vec, dispatch
+    from llm2vec_fast.models import set_attention_backend
+    if backend not in dispatch.available_backends("flash_attention", torch.device("cuda")):
+        pytest.skip(f"{backend} cannot run here")
+    texts = [t for t in INPUTS if isinstance(t, str)] + [["Retrieve the passage", "what is packing"]]
+    expected = LLM2Vec.from_pretrained(checkpoint).encode(texts, show_progress_bar=False, device="cpu")
+    encoder = LLM2Vec.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    set_attention_backend(encoder.model, backend)
+    got = encoder.encode(texts, show_progress_bar=False, device="cuda")
+    assert got.device.type == "cpu" and got.dtype == torch.float32 and torch.isfinite(got).all()
+    nonzero = expected.norm(dim=1) > 0
+    assert (_cosines(got[nonzero], expected[nonzero]) > 0.995).all()
+    with encoder.start_multi_process_pool(["cuda:0"]) as pool:  # one GPU: one worker, loaded once
+        pooled = encoder.encode(texts, pool=pool, show_progress_bar=False)
+    assert (_cosines(pooled[nonzero], got[nonzero]) > 0.999).all()
+
+
+def test_mntp_trains_on_the_gpu_in_bf16(tmp_path):
+    from llm2vec_fast.training.loop import Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    config = mntp_config(str(tmp_path), torch_dtype="bfloat16", max_steps=10, learning_rate=2e-2, device="cuda")
+    recipe = MNTPRecipe(config)
+    assert next(recipe.model.parameters()).device.type == "cuda"
+    losses = Trainer(recipe).train()
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < sum(losses[:3]), losses
+    assert os.path.isfile(os.path.join(config.output_dir, "checkpoint-10", "adapter_config.json"))
+
+
+def test_lm_head_loss_on_the_gpu_equals_full_logits():
+    """liger's fused linear cross-entropy when installed, else the chunked torch loss, against full logits."""
+    from llm2vec_fast.training.mntp import lm_head_loss_sum
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(300, 256, generator=g).to("cuda", torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(1000, 256, generator=g) * 0.05).to("cuda", torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, 1000, (300,), generator=g).cuda()
+    got = lm_head_loss_sum(hidden, weight, targets)
+    got.backward()
+    exact = torch.nn.functional.cross_entropy((hidden.double() @ weight.double().t()), targets, reduction="sum")
+    assert abs(got.item() - exact.item()) <= 1e-2 * abs(exact.item())
+
+
+@pytest.mark.parametrize("grad_cache", [None, 3])
+def test_contrastive_recipes_train_on_the_gpu_in_bf16(files, tmp_path, grad_cache):  # noqa: F811
+    from llm2vec_fast.training.contrastive import SimCSERecipe, SupervisedRecipe
+    from llm2vec_fast.training.loop import Trainer
+    for recipe in (SimCSERecipe(simcse_config(files, tmp_path / "simcse", torch_dtype="bfloat16", simcse_dropout=0.3,
+                                              max_steps=6, device="cuda", grad_cache_chunk_size=grad_cache)),
+                   SupervisedRecipe(supervised_config(files, tmp_path / "supervised", torch_dtype="bfloat16",
+                                                      max_steps=6, device="cuda", grad_cache_chunk_size=grad_cache))):
+        assert next(recipe.model.parameters()).device.type == "cuda"
+        losses = Trainer(recipe).train()
+        assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses))), losses
