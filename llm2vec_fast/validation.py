@@ -68,10 +68,59 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-# id(cu_seqlens) -> (version, total, longest): a model calls attention once per layer with the same
-# cu_seqlens, and reading its values costs a host sync each time, so a checked tensor is remembered
-# until it is modified in place (its version changes) or freed.
+# id(cu_seqlens) -> (version, total, longest, values): a model calls attention once per layer with the
+# same cu_seqlens, and reading its values costs a host sync each time, so a checked tensor is remembered
+# (with its values, see :func:`cu_seqlens_values`) until it is modified in place (its version changes) or
+# freed. :func:`register_cu_seqlens` fills it from values known on the host, so that a batch prepared on
+# the host is never read back from the device.
 _CHECKED_CU_SEQLENS = {}
+
+
+def _version(cu_seqlens: torch.Tensor):
+    # Inference tensors have no version counter (and cannot be modified outside inference mode).
+    return None if cu_seqlens.is_inference() else cu_seqlens._version
+
+
+def _remember(cu_seqlens: torch.Tensor, version, total: int, longest: int, values) -> None:
+    key = id(cu_seqlens)
+    if key not in _CHECKED_CU_SEQLENS:
+        weakref.finalize(cu_seqlens, _CHECKED_CU_SEQLENS.pop, key, None)
+    _CHECKED_CU_SEQLENS[key] = (version, total, longest, tuple(values))
+
+
+def _cached(cu_seqlens: torch.Tensor):
+    cached = _CHECKED_CU_SEQLENS.get(id(cu_seqlens))
+    if cached is not None and cached[0] == _version(cu_seqlens):
+        return cached
+    return None
+
+
+def register_cu_seqlens(cu_seqlens: torch.Tensor, values: Sequence[int]) -> bool:
+    """Records that ``cu_seqlens`` holds ``values`` (known on the host, e.g. the CPU tensor it was copied
+    from), so that :func:`check_cu_seqlens` and :func:`cu_seqlens_values` need not read it back from its
+    device (a host sync). Only valid values (from 0, non-decreasing, at least 2 entries) are recorded;
+    anything else is left to the check, which then reads the tensor and raises. Returns whether recorded.
+    The caller guarantees that the tensor holds these values (it must not be modified by other means than
+    in-place ops, which change its version and so drop the record)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        return False
+    values = [int(v) for v in values]
+    if len(values) < 2 or len(values) != cu_seqlens.numel() or values[0] != 0:
+        return False
+    steps = [b - a for a, b in zip(values[:-1], values[1:])]
+    if min(steps) < 0:
+        return False
+    _remember(cu_seqlens, _version(cu_seqlens), values[-1], max(steps), values)
+    return True
+
+
+def cu_seqlens_values(cu_seqlens: torch.Tensor) -> list:
+    """``cu_seqlens.tolist()``, from the record of a checked or registered tensor when there is one (no
+    host sync), else read from the tensor."""
+    cached = _cached(cu_seqlens) if not _tracing() else None
+    if cached is not None:
+        return list(cached[3])
+    return cu_seqlens.tolist()
 
 
 def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: torch.Tensor):
@@ -89,11 +138,9 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: 
         raise ValueError(f"{name} must be on the same device as the inputs ({like.device}), got {cu_seqlens.device}")
     if _tracing():
         return None
-    key = id(cu_seqlens)
-    # Inference tensors have no version counter (and cannot be modified outside inference mode).
-    version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    cached = _CHECKED_CU_SEQLENS.get(key)
-    if cached is not None and cached[:2] == (version, total):
+    version = _version(cu_seqlens)
+    cached = _cached(cu_seqlens)
+    if cached is not None and cached[1] == total:
         return cached[2]
     values = cu_seqlens.tolist()
     if values[0] != 0:
@@ -104,9 +151,7 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: 
     if min(steps) < 0:
         i = steps.index(min(steps))
         raise ValueError(f"{name} must be non-decreasing, got {name}[{i}]={values[i]} > {name}[{i + 1}]={values[i + 1]}")
-    if cached is None:
-        weakref.finalize(cu_seqlens, _CHECKED_CU_SEQLENS.pop, key, None)
-    _CHECKED_CU_SEQLENS[key] = (version, total, max(steps))
+    _remember(cu_seqlens, version, total, max(steps), values)
     return max(steps)
 
 

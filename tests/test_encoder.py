@@ -843,3 +843,97 @@ def test_sentence_transformers_adapter(encoders):
         model.encode(texts, precision="int8")
     with pytest.raises(NotImplementedError):
         model.save("anywhere")
+
+
+# ---------------------------------------------------------- the encode loop: chunks, progress, host batches
+
+class RecordingBar:
+    """Stands in for tqdm: records the updates and the postfix text."""
+
+    def __init__(self):
+        self.updates, self.postfix = [], None
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix = text
+
+
+ENCODE_ITEMS = INPUTS + ["", ["Retrieve the passage", "what is packing?"], "x", INPUTS[0]]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_accumulation_gives_the_same_embeddings(encoders, monkeypatch, chunk):
+    """Embeddings gathered per PLAN_CHUNK (index_copy_ by input index) are those of one chunk, in input order,
+    rows without tokens zeros, with and without normalisation."""
+    from llm2vec_fast.encoder import llm2vec as module
+    encoder = encoders("llama")
+    for run in (reference("llama")["runs"][0], reference("llama")["runs"][2], reference("llama")["runs"][4]):
+        configure(encoder, run)
+        for normalize in (False, True):
+            expected = encoder.encode(ENCODE_ITEMS, show_progress_bar=False, normalize_embeddings=normalize)
+            monkeypatch.setattr(module, "PLAN_CHUNK", chunk)
+            got = encoder.encode(ENCODE_ITEMS, show_progress_bar=False, normalize_embeddings=normalize)
+            monkeypatch.undo()
+            assert got.dtype == torch.float32 and got.device.type == "cpu" and got.shape == expected.shape
+            assert torch.allclose(got, expected, atol=SAME_ATOL, rtol=0), (run_id(run), normalize)
+            zeros = expected.abs().sum(dim=1) == 0
+            assert torch.equal(got[zeros], expected[zeros])
+            assert torch.equal(got[len(INPUTS) + 3], got[0])  # a repeated input: the same row
+
+
+def test_progress_bar_counts_every_text_once(encoders, monkeypatch):
+    from llm2vec_fast.encoder import llm2vec as module
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    monkeypatch.setattr(module, "PLAN_CHUNK", 4)
+    bar = RecordingBar()
+    items = [("", x) if isinstance(x, str) else (x[0], x[1]) for x in ENCODE_ITEMS]
+    encoder._encode_items(items, "cpu", bar, batch_size=2, normalize_embeddings=False, max_tokens_per_batch=16)
+    assert sum(bar.updates) == len(items) and bar.postfix.endswith("tok/s")
+
+
+def test_a_prepared_batch_runs_without_reading_values(encoders):
+    """One encode batch (prepared on the host) runs its forward and pooling without reading a value back
+    (what would be a host sync on a GPU), in every pooling mode; and gives _embed_batch's result."""
+    from test_models import ValueReads
+    encoder = encoders("llama")
+    for run in reference("llama")["runs"][:10:2] + reference("llama")["runs"][1:2]:
+        configure(encoder, run)
+        plan = encoder.plan(as_items(INPUTS))
+        rows = [i for i, ids in enumerate(plan.input_ids) if ids][:6]
+        ids, counts = [plan.input_ids[i] for i in rows], [plan.embed_counts[i] for i in rows]
+        with torch.no_grad():
+            prepared = encoder._prepare_batch(ids, counts)
+            with ValueReads() as reads:
+                emb = encoder._run_batch(prepared, True)
+            assert not reads.seen, (run_id(run), dict(reads.seen))
+            assert torch.equal(emb, encoder._embed_batch(ids, counts, True))
+
+
+def test_in_flight_batches_complete_in_order():
+    """The bookkeeping of batches enqueued on a device (events with query/synchronize): completed ones are
+    counted without waiting, the oldest are waited for until at most ``keep`` remain."""
+    from llm2vec_fast.encoder.llm2vec import _InFlight, _Progress
+
+    class Event:
+        def __init__(self, done):
+            self.done, self.waited = done, False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited, self.done = True, True
+
+    bar = RecordingBar()
+    progress = _Progress(bar)
+    events = [Event(True), Event(False), Event(True), Event(False)]
+    in_flight = [_InFlight(e, texts=i + 1, tokens=10, keep=None) for i, e in enumerate(events)]
+    progress.settle(in_flight, keep=3)  # the first has completed: counted, no wait
+    assert bar.updates == [1] and not events[0].waited and len(in_flight) == 3
+    progress.settle(in_flight, keep=1)  # waits for the second; the third has completed
+    assert bar.updates == [1, 2, 3] and events[1].waited and [e.event for e in in_flight] == [events[3]]
+    progress.settle(in_flight, keep=0)
+    assert bar.updates == [1, 2, 3, 4] and not in_flight and progress.tokens == 40

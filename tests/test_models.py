@@ -528,3 +528,134 @@ def test_triton_backend_under_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rel_err"] <= TOL, result
+
+
+# ------------------------------------------------------------------- batches prepared on the host
+
+class ValueReads:
+    """Counts the tensor operations that read values back to the host (on a CUDA tensor: a host sync):
+    ``.tolist()``, ``.item()``, ``bool()``/``int()``/``float()`` of a tensor, ``nonzero``, boolean-mask
+    indexing, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``. On the CPU this
+    proves that a code path reads nothing from its tensors (what would sync on a GPU) where
+    ``torch.cuda.set_sync_debug_mode`` cannot run. Code inside custom ops (the kernels) is not seen."""
+
+    METHODS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
+               "masked_select", "unique", "unique_consecutive"}
+    ATEN = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_dim", "unique_consecutive")
+
+    def __init__(self):
+        from collections import Counter
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+        self.seen = Counter()
+        outer = self
+
+        class Functions(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", str(func))
+                if name in ValueReads.METHODS:
+                    outer.seen[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        class Aten(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = str(func)
+                if any(part in name for part in ValueReads.ATEN):
+                    outer.seen[name] += 1
+                elif "repeat_interleave" in name and kwargs.get("output_size") is None and (
+                        len(args) < 3 or args[-1] is None):
+                    outer.seen[name] += 1
+                elif name.startswith("aten.index") and any(
+                        isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                        for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())):
+                    outer.seen[name + " (bool mask)"] += 1
+                return func(*args, **kwargs)
+
+        self._modes = (Functions(), Aten())
+
+    def __enter__(self):
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        return False
+
+
+def test_value_reads_sees_what_would_sync():
+    x = torch.tensor([1, 0, 2])
+    with ValueReads() as reads:
+        x.tolist(), bool(x[0]), x[x > 0], torch.repeat_interleave(x, x), torch.repeat_interleave(x, x, output_size=3)
+    assert reads.seen["tolist"] == 1 and reads.seen["__bool__"] == 1
+    assert sum(n for name, n in reads.seen.items() if "repeat_interleave" in name) == 1
+    assert any("bool mask" in name for name in reads.seen)
+
+
+def test_pack_sequences_is_built_on_the_host():
+    """pack_sequences equals pack() of the right-padded mask, field by field, from lists or tensors, and records
+    cu_seqlens' values (the attention and pooling checks then never read them back)."""
+    from llm2vec_fast.validation import _cached, cu_seqlens_values
+    g = torch.Generator().manual_seed(7)
+    for lengths in [(3, 1, 4), (0, 2), (5,), (), (2, 0, 0, 3)]:
+        sequences = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+        mask = torch.zeros((len(lengths), max(lengths, default=0)), dtype=torch.bool)
+        for row, n in enumerate(lengths):
+            mask[row, :n] = True
+        expected = pack(attention_mask=mask)
+        for given in (sequences, [torch.tensor(s, dtype=torch.long) for s in sequences]):
+            got = pack_sequences(given)
+            for name in ("position_ids", "cu_seqlens", "indices"):
+                assert getattr(got, name).dtype == getattr(expected, name).dtype
+                assert torch.equal(getattr(got, name), getattr(expected, name)), (lengths, name)
+            assert (got.max_seqlen, got.batch_size, got.seqlen) == \
+                (expected.max_seqlen, expected.batch_size, expected.seqlen)
+            assert got.input_ids.tolist() == [t for s in sequences for t in s]
+            if lengths:
+                assert _cached(got.cu_seqlens) is not None
+                assert cu_seqlens_values(got.cu_seqlens) == got.cu_seqlens.tolist()
+                moved = got.to("cpu")
+                assert moved.cu_seqlens is got.cu_seqlens
+    with pytest.raises(ValueError, match="flat list of token ids"):
+        pack_sequences([[1, 2], [[3, 4]]])
+
+
+def test_registered_cu_seqlens_are_still_checked():
+    """A record only spares reading values known to be right: other totals, in-place changes and invalid
+    values are checked (and rejected) as before."""
+    from llm2vec_fast.validation import _cached, check_cu_seqlens, register_cu_seqlens
+    like = torch.zeros(5, 1)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert register_cu_seqlens(cu, [0, 2, 5])
+    with ValueReads() as reads:
+        assert check_cu_seqlens(cu, 5, like=like) == 3
+    assert not reads.seen
+    with pytest.raises(ValueError, match="must end at the total token count T=4"):
+        check_cu_seqlens(cu, 4, like=like)
+    cu[2] = 1  # in place: the version changes and the record no longer applies
+    with pytest.raises(ValueError, match="non-decreasing"):
+        check_cu_seqlens(cu, 1, like=like)
+    for values in ([1, 2, 5], [0, 3, 2], [0]):
+        bad = torch.tensor(values, dtype=torch.int32)
+        assert not register_cu_seqlens(bad, values) and _cached(bad) is None
+    assert not register_cu_seqlens(torch.tensor([0, 2], dtype=torch.int64), [0, 2])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_host_packed_forward_reads_nothing_back(family):
+    """forward_packed + pool of a batch from pack_sequences reads no value from its tensors (on a GPU each
+    read would be a host sync): lengths, max_seqlen and cu_seqlens' values come from the host. Mistral runs
+    with a window shorter than the batch's longest sequence (the windowed attention path)."""
+    config = tiny_config(family, sliding_window=4) if family == "mistral" else None
+    model = bi_model(family, config=config)
+    g = torch.Generator().manual_seed(5)
+    sequences = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (6, 1, 3, 9)]
+    with torch.no_grad():
+        batch = pack_sequences(sequences)
+        with ValueReads() as reads:
+            out = forward_packed(model, batch=batch)
+            for mode in ("mean", "weighted_mean", "last_token", "bos_token"):
+                lf.pool(out.hidden, cu_seqlens=out.cu_seqlens, mode=mode, normalize=True)
+    assert not reads.seen, dict(reads.seen)

@@ -7,7 +7,9 @@ separator, word truncation, chat templates, EOS texts and ``embed_mask`` are rep
 tokenised once, the texts are sorted by length and packed into batches of at most
 ``max_tokens_per_batch`` real tokens, the bidirectional model runs on the packed tokens
 (``forward_packed``: no compute on padding) and the embeddings are pooled straight from the packed
-layout (``llm2vec_fast.pool``, float32).
+layout (``llm2vec_fast.pool``, float32). On a CUDA device each batch is built on the host in pinned memory,
+copied asynchronously and only enqueued (no host sync inside a batch), the host preparing the next batch
+meanwhile; the embeddings gather on the device and come to the CPU once per ``PLAN_CHUNK`` inputs.
 
 Behaviour that deliberately differs from llm2vec 0.2.3 (each a bug or an input llm2vec cannot take):
 - a single string is one text (llm2vec encodes each of its characters); an empty list gives a
@@ -52,6 +54,10 @@ PLAN_CHUNK = 16384  # inputs tokenised, sorted and batched together (bounds the 
 # thread, seconds per encode of 384 texts; 4 layers, hidden 256: 512 tokens 3.6, 1024 3.4, 2048 4.0, 4096 4.3;
 # hidden 512 (192 texts): 512 5.8, 1024 5.7-6.0, 2048 6.0, 4096 6.0).
 CPU_TOKEN_BUDGET = 1024
+# Batches enqueued on a CUDA device beyond the oldest one still running: with 1, the host prepares and enqueues
+# batch i+1 while the device runs batch i, then waits (a CUDA event) for batch i-1 at most. 0 waits for each
+# batch before preparing the next (no overlap). Results are the same either way.
+GPU_LOOKAHEAD = 1
 
 
 class LLM2Vec(nn.Module):
@@ -269,7 +275,9 @@ class LLM2Vec(nn.Module):
                     embed = torch.where(empty, real, embed)
             elif mode == "mean":
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-                seq_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths)
+                # output_size: the packed token count, so that the device is not asked for it (a host sync)
+                seq_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths,
+                                                 output_size=hidden.shape[0])
                 counts = torch.zeros(lengths.numel(), device=hidden.device).index_add_(0, seq_id, embed.float())
                 embed = embed | (counts == 0)[seq_id]
         return pool(hidden, cu_seqlens=cu_seqlens, attention_mask=attention_mask if cu_seqlens is None else None,
@@ -298,16 +306,25 @@ class LLM2Vec(nn.Module):
         return self.get_pooling(features, reps.last_hidden_state)
 
     def _embed_batch(self, input_ids: List[List[int]], embed_counts: List[int], normalize: bool) -> Tensor:
-        """(B, H) float32 embeddings of token-id lists (each non-empty)."""
+        """(B, H) float32 embeddings of token-id lists (each non-empty), on the model's output device."""
+        return self._run_batch(self._prepare_batch(input_ids, embed_counts), normalize)
+
+    def _prepare_batch(self, input_ids: List[List[int]], embed_counts: List[int]) -> "_PreparedBatch":
+        """The host side of one batch: every tensor built on the CPU from the lists (lengths, max_seqlen,
+        cu_seqlens, embed mask), in pinned memory and copied with ``non_blocking=True`` when the model is on a
+        CUDA device, so that preparing a batch never waits for the device."""
+        device = _input_device(self.model)
+        pin = device.type == "cuda"
         lengths = torch.tensor([len(ids) for ids in input_ids], dtype=torch.long)
         counts = torch.minimum(torch.tensor(embed_counts, dtype=torch.long), lengths)
-        device = _input_device(self.model)
         if self._packable():
-            batch = pack_sequences(input_ids)
-            out = forward_packed(self.model, batch=batch)
-            seq_id = torch.repeat_interleave(torch.arange(len(input_ids)), lengths)
-            embed = (batch.position_ids >= (lengths - counts)[seq_id]).to(out.hidden.device)
-            return self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=embed, normalize=normalize)
+            host = pack_sequences(input_ids)
+            seq_id = torch.repeat_interleave(torch.arange(len(input_ids)), lengths, output_size=host.num_tokens)
+            embed = host.position_ids >= (lengths - counts)[seq_id]
+            if pin:
+                host, embed = host.pin_memory(), embed.pin_memory()
+            return _PreparedBatch(packed=host.to(device, non_blocking=pin), embed=_to(embed, device, pin),
+                                  keep=(host, embed))
         width = int(lengths.max())
         ids = torch.full((len(input_ids), width), self._pad_id(), dtype=torch.long)
         mask = torch.zeros((len(input_ids), width), dtype=torch.long)
@@ -316,8 +333,21 @@ class LLM2Vec(nn.Module):
             mask[row, :len(seq)] = 1
         positions = torch.arange(width)[None, :]
         embed = (positions >= (lengths - counts)[:, None]) & (mask != 0)
-        hidden = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        return self._pool(hidden, attention_mask=mask.to(hidden.device), embed_mask=embed, normalize=normalize)
+        if pin:
+            ids, mask, embed = ids.pin_memory(), mask.pin_memory(), embed.pin_memory()
+        return _PreparedBatch(ids=_to(ids, device, pin), mask=_to(mask, device, pin), embed=_to(embed, device, pin),
+                              keep=(ids, mask, embed))
+
+    def _run_batch(self, prepared: "_PreparedBatch", normalize: bool) -> Tensor:
+        """The device side of one batch: the forward and the pooling, only enqueued on a CUDA device (no host
+        sync on the packed path with the llm2vec_fast attention). (B, H) float32 on the output device."""
+        if prepared.packed is not None:
+            out = forward_packed(self.model, batch=prepared.packed)
+            embed = prepared.embed.to(out.hidden.device)
+            return self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=embed, normalize=normalize)
+        hidden = self.model(input_ids=prepared.ids, attention_mask=prepared.mask).last_hidden_state
+        return self._pool(hidden, attention_mask=prepared.mask.to(hidden.device),
+                          embed_mask=prepared.embed.to(hidden.device), normalize=normalize)
 
     # ------------------------------------------------------------------------------------------ encode
 
@@ -376,7 +406,16 @@ class LLM2Vec(nn.Module):
 
     def _encode_items(self, items: Sequence[InputItem], device: Optional[str], bar, *, batch_size: int,
                       normalize_embeddings: bool, max_tokens_per_batch: Optional[int]) -> Tensor:
-        """The single-process encode of normalised items (see :meth:`encode`); ``bar`` counts texts."""
+        """The single-process encode of normalised items (see :meth:`encode`); ``bar`` counts texts.
+
+        Per PLAN_CHUNK inputs: tokenise, sort, batch; each batch's embeddings are written (``index_copy_``,
+        by input index) into one float32 buffer on the output device, which goes to the CPU once per chunk.
+        On a CUDA device each batch is prepared in pinned memory and only enqueued (no host sync inside a
+        batch), so the host prepares the next batch while the device runs this one; at most
+        ``GPU_LOOKAHEAD + 1`` batches are in flight (their pinned buffers stay referenced until their CUDA
+        event has completed). The progress bar counts a batch (texts and tokens/s) once it has completed on
+        the device. On the CPU every batch completes before the next is prepared (no pinned memory).
+        """
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         budget = max_tokens_per_batch
@@ -388,22 +427,42 @@ class LLM2Vec(nn.Module):
         if getattr(_unwrap(self.model), "hf_device_map", None) is None:
             self.to(device)
         packable = self._packable()
-        out = torch.zeros((len(items), self._hidden_size()), dtype=torch.float32)
-        tokens_done, started = 0, time.perf_counter()
+        hidden_size = self._hidden_size()
+        out = torch.zeros((len(items), hidden_size), dtype=torch.float32)
+        progress = _Progress(bar)
         with torch.no_grad():
             for start in range(0, len(items), PLAN_CHUNK):
                 plan = self.plan(items[start:start + PLAN_CHUNK])
                 lengths = [len(ids) for ids in plan.input_ids]
                 order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
                 bar.update(len(lengths) - len(order))  # inputs without tokens embed to zeros
+                target = out.narrow(0, start, len(lengths))
+                chunk: Optional[Tensor] = None  # the chunk's rows on the output device (target itself on the CPU)
+                in_flight: List[_InFlight] = []
                 for batch in token_batches(order, lengths, budget, padded=not packable):
-                    emb = self._embed_batch([plan.input_ids[i] for i in batch], [plan.embed_counts[i] for i in batch],
-                                            normalize_embeddings)
-                    out[torch.tensor(batch, dtype=torch.long) + start] = emb.float().cpu()
-                    tokens_done += sum(lengths[i] for i in batch)
-                    bar.update(len(batch))
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix_str(f"{tokens_done / elapsed:,.0f} tok/s", refresh=False)
+                    prepared = self._prepare_batch([plan.input_ids[i] for i in batch],
+                                                   [plan.embed_counts[i] for i in batch])
+                    emb = self._run_batch(prepared, normalize_embeddings)
+                    if chunk is None:
+                        chunk = target if emb.device.type == "cpu" else \
+                            torch.zeros((len(lengths), hidden_size), dtype=torch.float32, device=emb.device)
+                    rows = torch.tensor(batch, dtype=torch.long)
+                    cuda = emb.device.type == "cuda"
+                    if cuda:
+                        rows = rows.pin_memory()
+                    chunk.index_copy_(0, _to(rows, emb.device, cuda), emb.float())
+                    texts, tokens = len(batch), sum(lengths[i] for i in batch)
+                    if not cuda:  # done: the CPU ran it
+                        progress.done(texts, tokens)
+                        continue
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(emb.device))
+                    in_flight.append(_InFlight(event, texts, tokens, (prepared, rows)))
+                    progress.settle(in_flight, keep=max(GPU_LOOKAHEAD, 0))
+                if chunk is not None and chunk is not target:
+                    target.copy_(chunk)  # the chunk's one host sync: everything enqueued so far has run
+                    del chunk
+                progress.settle(in_flight, keep=0)
         return out
 
     def _settings(self) -> Dict[str, object]:
@@ -453,6 +512,56 @@ class LLM2Vec(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+
+class _PreparedBatch:
+    """One batch on the model's input device (copies possibly still in flight), with ``keep``: the host
+    tensors they are copied from, referenced until the batch has completed (pinned buffers are not reused
+    before their copy has run)."""
+    __slots__ = ("packed", "ids", "mask", "embed", "keep")
+
+    def __init__(self, *, packed=None, ids=None, mask=None, embed=None, keep=()):
+        self.packed, self.ids, self.mask, self.embed, self.keep = packed, ids, mask, embed, keep
+
+
+class _InFlight:
+    """A batch enqueued on a CUDA device: its completion event, its counts for the progress bar and the
+    host buffers its copies read."""
+    __slots__ = ("event", "texts", "tokens", "keep")
+
+    def __init__(self, event, texts: int, tokens: int, keep):
+        self.event, self.texts, self.tokens, self.keep = event, texts, tokens, keep
+
+
+class _Progress:
+    """The progress bar's counts of completed work: texts, and tokens per second since the start."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def done(self, texts: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(texts)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+
+    def settle(self, in_flight: List["_InFlight"], keep: int) -> None:
+        """Counts the batches that have completed, oldest first, waiting for the oldest ones until at most
+        ``keep`` remain in flight; completed batches release their host buffers."""
+        while in_flight:
+            entry = in_flight[0]
+            if not entry.event.query():
+                if len(in_flight) <= keep:
+                    break
+                entry.event.synchronize()  # waits for this batch only: later ones stay queued on the device
+            in_flight.pop(0)
+            self.done(entry.texts, entry.tokens)
+
+
+def _to(x: Tensor, device, non_blocking: bool) -> Tensor:
+    return x.to(device, non_blocking=non_blocking)
 
 
 def token_batches(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool = False) -> List[List[int]]:

@@ -44,6 +44,7 @@ from transformers.modeling_utils import AttentionInterface
 from .. import dispatch
 from ..ops import flash_attention
 from ..reference.attention import uses_cpu_flash
+from ..validation import cu_seqlens_values, register_cu_seqlens
 
 ATTN_IMPLEMENTATION = "llm2vec_fast"
 BACKEND_ATTRIBUTE = "llm2vec_fast_backend"  # set on attention modules by set_attention_backend
@@ -100,7 +101,7 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, wind
     total, hq, head_dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens_values(cu_seqlens)  # no device read for a batch packed on the host
     pieces: List[Tensor] = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         for q_start in range(start, end, WINDOW_QUERY_BLOCK):
@@ -139,10 +140,21 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seql
         # The reference pads every sequence to max_seqlen, and its reductions' rounding depends on that
         # padded length; one sequence at a time keeps each result independent of the rest of the batch.
         # (Its CPU flash path already runs sequence by sequence.)
-        bounds = cu_seqlens.tolist()
-        pieces = [flash_attention(q[s:e], k[s:e], v[s:e], cu_seqlens.new_tensor([0, e - s]), e - s, **options)
-                  for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-        return torch.cat(pieces) if pieces else q.new_zeros(q.shape)
+        bounds = cu_seqlens_values(cu_seqlens)  # no device read for a batch packed on the host
+        spans = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        if not spans:
+            return q.new_zeros(q.shape)
+        # Every sequence's own cu_seqlens [0, n], copied in one go and registered (their values are known
+        # here), so that neither the copy nor flash_attention's check waits for the device.
+        host = torch.tensor([[0, e - s] for s, e in spans], dtype=torch.int32)
+        each = host.pin_memory() if q.device.type == "cuda" else host
+        each = each.to(q.device, non_blocking=True)
+        pieces = []
+        for row, (s, e) in enumerate(spans):
+            own = each[row]  # one view object: the check finds it by identity
+            register_cu_seqlens(own, (0, e - s))
+            pieces.append(flash_attention(q[s:e], k[s:e], v[s:e], own, e - s, **options))
+        return torch.cat(pieces)
     return flash_attention(q, k, v, cu_seqlens, max_seqlen, **options)
 
 

@@ -226,6 +226,10 @@ def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
 
     Give a padded ``input_ids`` (B, S) with its ``attention_mask`` (left or right padding), or a
     ``batch`` from ``packing.pack``/``pack_sequences``. Extra kwargs go to the model's forward.
+    A batch built on the host (``pack_sequences``, with ``pin_memory=True`` for a CUDA model) is only enqueued
+    on the device: its copies are asynchronous and its lengths are known on the host, so the llm2vec_fast
+    attention never reads the device (checked under ``torch.cuda.set_sync_debug_mode("error")`` in
+    tests/test_encode_gpu.py). A padded ``input_ids`` is packed on its device, which reads the longest length.
     """
     body = decoder_body(model)
     _check_family(body)
@@ -237,7 +241,10 @@ def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
             raise ValueError("forward_packed needs input_ids (B, S) (with attention_mask) or batch=")
         batch = pack(input_ids, attention_mask)
     device = body.get_input_embeddings().weight.device
-    batch = batch.to(device)
+    # Host -> device copies never make the host wait (from pinned memory, see PackedBatch.pin_memory, they
+    # run asynchronously; pageable memory is staged by the driver first), and the batch's lengths
+    # (max_seqlen, cu_seqlens' values) come from the host: nothing here reads the device.
+    batch = batch.to(device, non_blocking=True)
     if batch.input_ids is None:
         raise ValueError("batch has no input_ids (it was packed from a mask alone)")
     total = batch.num_tokens

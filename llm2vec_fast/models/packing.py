@@ -9,10 +9,13 @@ so :func:`repad` puts results back in the caller's layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from ..validation import register_cu_seqlens
 
 
 @dataclass
@@ -40,10 +43,24 @@ class PackedBatch:
         """(T,) long: the sequence each token belongs to."""
         return torch.div(self.indices, max(self.seqlen, 1), rounding_mode="floor")
 
-    def to(self, device) -> "PackedBatch":
-        move = (lambda x: None if x is None else x.to(device))
-        return replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
-                       cu_seqlens=move(self.cu_seqlens), indices=move(self.indices))
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        """The batch on ``device``. ``non_blocking=True`` copies without waiting (asynchronous from pinned
+        memory, see :meth:`pin_memory`; the pinned tensors must then stay unmodified until the copy has run).
+        Moving from the CPU records cu_seqlens' values (read on the host) with the new tensor, so that the
+        attention and pooling checks never read them back from the device (``validation.register_cu_seqlens``).
+        """
+        move = (lambda x: None if x is None else x.to(device, non_blocking=non_blocking))
+        moved = replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
+                        cu_seqlens=move(self.cu_seqlens), indices=move(self.indices))
+        if moved.cu_seqlens is not self.cu_seqlens and self.cu_seqlens.device.type == "cpu":
+            register_cu_seqlens(moved.cu_seqlens, self.cu_seqlens.tolist())
+        return moved
+
+    def pin_memory(self) -> "PackedBatch":
+        """The batch in pinned (page-locked) host memory, for asynchronous copies to a CUDA device."""
+        pin = (lambda x: None if x is None else x.pin_memory())
+        return replace(self, input_ids=pin(self.input_ids), position_ids=pin(self.position_ids),
+                       cu_seqlens=pin(self.cu_seqlens), indices=pin(self.indices))
 
 
 def _check_mask(attention_mask: Tensor, shape) -> Tensor:
@@ -97,17 +114,42 @@ def pack(input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = 
     return PackedBatch(packed_ids, position_ids, cu_seqlens, max_seqlen, indices, batch_size, seqlen)
 
 
-def pack_sequences(sequences: Sequence[Union[Sequence[int], Tensor]], device=None) -> PackedBatch:
-    """Packs token-id lists (no padding anywhere); their padded layout is right-padded to the longest."""
+def pack_sequences(sequences: Sequence[Union[Sequence[int], Tensor]], device=None,
+                   pin_memory: bool = False) -> PackedBatch:
+    """Packs token-id lists (no padding anywhere); their padded layout is right-padded to the longest.
+
+    Built on the host from the lists' lengths (no value is read from a device); ``device`` moves the
+    result there, and ``pin_memory=True`` builds it in pinned memory (then moved with ``non_blocking``).
+    """
     lengths = [len(s) for s in sequences]
-    seqlen = max(lengths, default=0)
-    mask = torch.zeros((len(sequences), seqlen), dtype=torch.bool, device=device)
-    for row, n in enumerate(lengths):
-        mask[row, :n] = True
-    flat = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences]
-    ids = torch.cat(flat).to(device) if flat else torch.zeros(0, dtype=torch.long, device=device)
-    batch = pack(attention_mask=mask)
-    batch.input_ids = ids
+    batch_size, seqlen = len(lengths), max(lengths, default=0)
+    ids = None
+    if all(isinstance(s, (list, tuple)) for s in sequences):
+        try:  # the fast path: one tensor from all the ids
+            ids = torch.tensor(list(chain.from_iterable(sequences)), dtype=torch.long)
+        except (TypeError, ValueError):
+            ids = None  # not flat lists of ints: the general path below
+    if ids is None:
+        flat = [torch.as_tensor(s, dtype=torch.long).reshape(-1).cpu() for s in sequences]
+        ids = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.long)
+    total = sum(lengths)
+    if ids.numel() != total:
+        raise ValueError(f"each sequence must be a flat list of token ids: {ids.numel()} ids for lengths {lengths}")
+    count = torch.tensor(lengths, dtype=torch.long)
+    cu_seqlens = torch.zeros(batch_size + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(count, dim=0)
+    seq_id = torch.repeat_interleave(torch.arange(batch_size), count, output_size=total)
+    position_ids = torch.arange(total) - cu_seqlens[:-1].long()[seq_id]
+    indices = seq_id * seqlen + position_ids
+    batch = PackedBatch(ids, position_ids, cu_seqlens, seqlen, indices, batch_size, seqlen)
+    if pin_memory:
+        batch = batch.pin_memory()
+    if device is not None:
+        batch = batch.to(device, non_blocking=pin_memory)
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    register_cu_seqlens(batch.cu_seqlens, bounds)  # known here: the checks need not read them (from a device)
     return batch
 
 
