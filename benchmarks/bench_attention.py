@@ -4,6 +4,9 @@ Impls, all measured in the same run on the same random inputs:
 - ours: ``lf.flash_attention(q, k, v, cu_seqlens, max_seqlen, backend=b)`` for every backend in
   ``dispatch.available_backends("flash_attention", device)`` (named "triton", "cuda", "torch"; our
   "flash_attn" backend is skipped, the raw flash-attn function below is the same kernel);
+- ``cuda_v2``: the "cuda" backend with the v2 (warp-specialised, FA3-style) Hopper kernel
+  (``cuda_backend.use_attention_variant(2)``; "cuda" runs the variant LLM2VEC_FAST_CUDA_ATTENTION selects,
+  v1 by default); skipped wherever "cuda" is;
 - ``sdpa_cudnn`` / ``sdpa_flash`` / ``sdpa_efficient`` / ``eager``: torch SDPA with one backend forced
   by ``torch.nn.attention.sdpa_kernel`` (CUDNN_ATTENTION / FLASH_ATTENTION / EFFICIENT_ATTENTION / MATH),
   on (B, H, S, D) views of (B, S, H, D) tensors;
@@ -172,7 +175,11 @@ def _timed(name: str, p: Problem, forward: Callable, inputs: Tuple[torch.Tensor,
 
 # ------------------------------------------------------------------------------------------ impls
 
-def _ours(p: Problem, backend: str, backward: bool):
+def _ours(p: Problem, backend: str, backward: bool, variant: int = 0):
+    """Our backend; variant (the "cuda" backend only): 0 = the kernel the environment selects
+    (LLM2VEC_FAST_CUDA_ATTENTION, default v1), 2 = the v2 (warp-specialised) kernel: row "cuda_v2"."""
+    name = "cuda_v2" if variant == 2 else backend
+
     def setup():
         if backend == "torch" and p.score_elements > SCORE_LIMIT:
             raise SkipImpl(f"the torch reference would materialise {p.score_elements:.2e} scores "
@@ -184,10 +191,20 @@ def _ours(p: Problem, backend: str, backward: bool):
                                "(it would run the Triton fallback)")
         cu, max_seqlen = p.cu_seqlens, p.max_seqlen
 
-        def forward(q, k, v):
-            return lf.flash_attention(q, k, v, cu, max_seqlen, backend=backend)
+        if variant:
+            from llm2vec_fast import cuda_backend
 
-        return _timed(backend, p, forward, (p.q, p.k, p.v), backward)
+            def forward(q, k, v):
+                previous = cuda_backend.use_attention_variant(variant)
+                try:
+                    return lf.flash_attention(q, k, v, cu, max_seqlen, backend=backend)
+                finally:
+                    cuda_backend.use_attention_variant(previous)
+        else:
+            def forward(q, k, v):
+                return lf.flash_attention(q, k, v, cu, max_seqlen, backend=backend)
+
+        return _timed(name, p, forward, (p.q, p.k, p.v), backward)
     return setup
 
 
@@ -304,6 +321,8 @@ def _flash_attn(p: Problem, backward: bool):
 def impls(p: Problem, backward: bool) -> List[Tuple[str, Callable]]:
     ours = [b for b in ("triton", "cuda", "torch") if b in dispatch.available_backends(OP, p.device)]
     result = [(b, _ours(p, b, backward)) for b in ours]
+    if "cuda" in ours:  # the v2 Hopper kernel next to the default one (skipped where "cuda" is)
+        result.insert(ours.index("cuda") + 1, ("cuda_v2", _ours(p, "cuda", backward, variant=2)))
     result += [("sdpa_cudnn", _sdpa(p, "sdpa_cudnn", "CUDNN_ATTENTION", backward)),
                ("sdpa_flash", _sdpa(p, "sdpa_flash", "FLASH_ATTENTION", backward)),
                ("sdpa_efficient", _sdpa(p, "sdpa_efficient", "EFFICIENT_ATTENTION", backward)),

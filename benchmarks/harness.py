@@ -31,12 +31,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUR_IMPLS = ("triton", "cuda", "torch", "llm2vec_fast_packed", "llm2vec_fast_padded")  # llm2vec_fast's own backends; every other impl is a baseline
+# cuda_v2: the "cuda" backend with the v2 (warp-specialised) Hopper attention kernel (bench_attention.py)
+OUR_IMPLS = ("triton", "cuda", "cuda_v2", "torch", "llm2vec_fast_packed", "llm2vec_fast_padded")  # llm2vec_fast's own backends; every other impl is a baseline
 # Plot order and colours: ours first, then the baselines.
-IMPL_ORDER = ("triton", "cuda", "torch", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "flash_attn", "eager",
-              "torch_naive", "naive")
-IMPL_COLORS = {"triton": "#1f77b4", "cuda": "#ff7f0e", "torch": "#2ca02c", "sdpa_cudnn": "#d62728",
-               "sdpa_flash": "#9467bd", "sdpa_efficient": "#8c564b", "flex": "#e377c2", "flash_attn": "#17becf",
+IMPL_ORDER = ("triton", "cuda", "cuda_v2", "torch", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "flash_attn",
+              "eager", "torch_naive", "naive")
+IMPL_COLORS = {"triton": "#1f77b4", "cuda": "#ff7f0e", "cuda_v2": "#ffbb78", "torch": "#2ca02c",
+               "sdpa_cudnn": "#d62728", "sdpa_flash": "#9467bd", "sdpa_efficient": "#8c564b", "flex": "#e377c2", "flash_attn": "#17becf",
                "eager": "#7f7f7f", "torch_naive": "#bcbd22", "naive": "#bcbd22"}
 OP_ORDER = ("attention_fwd", "attention_bwd", "pool", "contrastive_loss_fwd", "contrastive_loss_fwd_bwd",
             "model_forward")

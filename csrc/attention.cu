@@ -231,6 +231,262 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Kernel v2: FA3-style warp specialisation (see README.md, "Kernel v2").
+// Block: 384 threads = producer warpgroup 0 + consumer warpgroups 1, 2 (consumer c = wg - 1 owns query
+// rows 64c .. 64c+63). The producer drops to kProducerRegs registers (setmaxnreg.dec) and one thread
+// issues every TMA; the consumers raise theirs to kConsumerRegs (setmaxnreg.inc). K and V go through a
+// ring of kStages stages, each with a full mbarrier (1 arrival + tx bytes, TMA) and an empty mbarrier
+// (kConsumerThreads arrivals: every consumer thread arrives once its wgmma reading the stage has been
+// waited). The producer waits on empty before refilling a stage: no __syncthreads after the set-up.
+// Consumer iteration j (FA3's intra-warpgroup overlap): issue S_j = Q K_j^T, issue O += P_{j-1} V_{j-1}
+// (P from registers), wait_group 1 (S_j done, PV still running), release K_j, softmax of S_j in place
+// (max, exp, sum: only S registers and scalars), wait_group 0, release V_{j-1}, rescale O, pack P_j.
+// Nothing written by ordinary code is read by an in-flight wgmma and vice versa: S is free while PV
+// runs, O and the P fragments are only touched after wait_group 0.
+// ---------------------------------------------------------------------------------------------------
+constexpr int kThreadsV2 = 384;
+constexpr int kConsumerThreads = 256;
+constexpr int kProducerRegs = 24;   // 128 x 24 + 256 x 240 = 64512 <= 65536 registers per SM
+constexpr int kConsumerRegs = 240;
+
+template <int D>
+struct LayoutV2 {
+  static constexpr int kStages = D == 128 ? 2 : 4;         // hd128: 160 KB of tiles; hd64: 144 KB
+  static constexpr uint32_t kTileBytes = kBlockM * D * 2;
+  static constexpr uint32_t kQ = 0;
+  static constexpr uint32_t kK = kTileBytes;
+  static constexpr uint32_t kV = (1 + kStages) * kTileBytes;
+  static constexpr uint32_t kBars = (1 + 2 * kStages) * kTileBytes;
+  static constexpr int kNumBars = 1 + 4 * kStages;         // q_full, k_full[], v_full[], k_empty[], v_empty[]
+  static constexpr uint32_t kBytes = kBars + kNumBars * 8;
+  static constexpr uint32_t kAlloc = kBytes + 1024;
+};
+
+// The online-softmax step on a fresh S tile, in place: sc becomes exp2(s - m) (masked keys 0), m_run the
+// new row maxima, alpha the factor that rescales what was accumulated before, sum the row sums of sc.
+template <int D>
+__device__ __forceinline__ void softmax_tile(float (&sc)[64], float (&m_run)[2], float (&alpha)[2], float (&sum)[2],
+                                             int valid, int lane, const Params& p) {
+  float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+  for (int e = 0; e < 64; ++e) {
+    const int col = 8 * (e / 4) + 2 * (lane % 4) + (e % 2);
+    float x = p.softcap ? hopper::tanh_approx(sc[e] * p.cap_in) * p.cap_out : sc[e] * p.scale_log2;
+    x = col < valid ? x : -INFINITY;
+    sc[e] = x;
+    mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], x);
+  }
+  float m_use[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    m_use[i] = mx[i] == -INFINITY ? 0.f : mx[i];
+    alpha[i] = hopper::ex2(m_run[i] - m_use[i]);
+    m_run[i] = mx[i];
+    sum[i] = 0.f;
+  }
+#pragma unroll
+  for (int e = 0; e < 64; ++e) {
+    sc[e] = hopper::ex2(sc[e] - m_use[(e / 2) % 2]);
+    sum[(e / 2) % 2] += sc[e];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void pack_p(const float (&sc)[64], uint32_t (&pa)[kBlockN / 16][4]) {
+#pragma unroll
+  for (int q = 0; q < kBlockN / 16; ++q) {
+    pa[q][0] = hopper::pack2<T>(sc[8 * q + 0], sc[8 * q + 1]);
+    pa[q][1] = hopper::pack2<T>(sc[8 * q + 2], sc[8 * q + 3]);
+    pa[q][2] = hopper::pack2<T>(sc[8 * q + 4], sc[8 * q + 5]);
+    pa[q][3] = hopper::pack2<T>(sc[8 * q + 6], sc[8 * q + 7]);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreadsV2, 1)
+    attention_fwd_ws_kernel(const L2VF_GRID_CONSTANT CUtensorMap tm_q, const L2VF_GRID_CONSTANT CUtensorMap tm_k,
+                            const L2VF_GRID_CONSTANT CUtensorMap tm_v, const Params p) {
+  using L = LayoutV2<D>;
+  constexpr int S = L::kStages;
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int start = __ldg(p.cu_seqlens + seq);
+  const int seqlen = __ldg(p.cu_seqlens + seq + 1) - start;
+  const int m0 = static_cast<int>(blockIdx.x) * kBlockM;
+  if (m0 >= seqlen) return;
+  const int kv_head = head / p.group;
+  const int n_tiles = (seqlen + kBlockN - 1) / kBlockN;
+
+  const uint32_t base = (hopper::smem_addr(hopper::dynamic_smem()) + 1023u) & ~1023u;
+  const uint32_t q_tile = base + L::kQ;
+  const uint32_t q_full = base + L::kBars;
+  auto k_tile = [&](int s) { return base + L::kK + s * L::kTileBytes; };
+  auto v_tile = [&](int s) { return base + L::kV + s * L::kTileBytes; };
+  auto k_full = [&](int s) { return base + L::kBars + 8 * (1 + s); };
+  auto v_full = [&](int s) { return base + L::kBars + 8 * (1 + S + s); };
+  auto k_empty = [&](int s) { return base + L::kBars + 8 * (1 + 2 * S + s); };
+  auto v_empty = [&](int s) { return base + L::kBars + 8 * (1 + 3 * S + s); };
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    hopper::prefetch_tensor_map(&tm_q);
+    hopper::prefetch_tensor_map(&tm_k);
+    hopper::prefetch_tensor_map(&tm_v);
+    hopper::mbarrier_init(q_full, 1);
+    for (int s = 0; s < S; ++s) {
+      hopper::mbarrier_init(k_full(s), 1);
+      hopper::mbarrier_init(v_full(s), 1);
+      hopper::mbarrier_init(k_empty(s), kConsumerThreads);
+      hopper::mbarrier_init(v_empty(s), kConsumerThreads);
+    }
+    hopper::fence_barrier_init();
+  }
+  __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
+
+  const int wg = tid / 128;
+  if (wg == 0) {  // ---- producer ----
+    hopper::setmaxnreg_dec<kProducerRegs>();
+    if (tid == 0) {
+      issue_tile<D>(&tm_q, q_tile, q_full, head, start + m0);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int s = j % S;
+        const uint32_t parity = ((j / S) + 1) & 1;  // use n = j / S >= 1 of stage s waits phase n - 1
+        if (j >= S) hopper::mbarrier_wait(k_empty(s), parity);
+        issue_tile<D>(&tm_k, k_tile(s), k_full(s), kv_head, start + j * kBlockN);
+        if (j >= S) hopper::mbarrier_wait(v_empty(s), parity);
+        issue_tile<D>(&tm_v, v_tile(s), v_full(s), kv_head, start + j * kBlockN);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  hopper::setmaxnreg_inc<kConsumerRegs>();
+  const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32;
+  const uint32_t q_rows = q_tile + c * 64 * 128;  // this warpgroup's 64 rows (8 KB into each panel)
+
+  auto issue_s = [&](float (&sc)[64], int s) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk / 4) * kPanelBytes + (kk % 4) * 32;
+      const uint64_t da = hopper::make_smem_desc_sw128(q_rows + off, kKMajorLBO, kKMajorSBO);
+      const uint64_t db = hopper::make_smem_desc_sw128(k_tile(s) + off, kKMajorLBO, kKMajorSBO);
+      hopper::wgmma_ss_m64n128k16<T>(sc, da, db, kk > 0 ? 1 : 0);
+    }
+    hopper::wgmma_commit();
+  };
+  auto issue_pv = [&](float (&o)[D / 2], uint32_t (&pa)[kBlockN / 16][4], int s) {
+#pragma unroll
+    for (int q = 0; q < kBlockN / 16; ++q) {
+      const uint64_t db = hopper::make_smem_desc_sw128(v_tile(s) + q * 16 * 128, p.v_lbo, p.v_sbo);
+      hopper::wgmma_rs_tb<T, D>(o, pa[q], db, 1);
+    }
+    hopper::wgmma_commit();
+  };
+
+  float o[D / 2];
+#pragma unroll
+  for (int e = 0; e < D / 2; ++e) o[e] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2], sum[2];
+  float sc[64];
+  uint32_t pa[kBlockN / 16][4];
+
+  // Tile 0: S_0, softmax, P_0 (O is still zero: nothing to rescale).
+  hopper::mbarrier_wait(q_full, 0);
+  hopper::mbarrier_wait(k_full(0), 0);
+  hopper::wgmma_fence();
+  issue_s(sc, 0);
+  hopper::wgmma_wait<0>();
+#pragma unroll
+  for (int e = 0; e < 64; ++e) hopper::fence_operand(sc[e]);
+  hopper::mbarrier_arrive(k_empty(0));
+  softmax_tile<D>(sc, m_run, alpha, sum, seqlen, lane, p);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) l_run[i] = sum[i];
+  pack_p<T>(sc, pa);
+
+  for (int j = 1; j < n_tiles; ++j) {
+    const int s = j % S, sp = (j - 1) % S;
+    hopper::mbarrier_wait(k_full(s), (j / S) & 1);
+#pragma unroll
+    for (int e = 0; e < 64; ++e) hopper::fence_operand(sc[e]);
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
+#pragma unroll
+    for (int q = 0; q < kBlockN / 16; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) hopper::fence_operand(pa[q][i]);
+    hopper::wgmma_fence();
+    issue_s(sc, s);        // S_j = Q K_j^T
+    hopper::mbarrier_wait(v_full(sp), ((j - 1) / S) & 1);
+    issue_pv(o, pa, sp);   // O += P_{j-1} V_{j-1}
+    hopper::wgmma_wait<1>();  // S_j retired; the PV group may still run
+#pragma unroll
+    for (int e = 0; e < 64; ++e) hopper::fence_operand(sc[e]);
+    hopper::mbarrier_arrive(k_empty(s));
+    softmax_tile<D>(sc, m_run, alpha, sum, seqlen - j * kBlockN, lane, p);
+    hopper::wgmma_wait<0>();  // PV retired: O and the P fragments are free
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
+#pragma unroll
+    for (int q = 0; q < kBlockN / 16; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) hopper::fence_operand(pa[q][i]);
+    hopper::mbarrier_arrive(v_empty(sp));
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + sum[i];
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e / 2) % 2];
+    pack_p<T>(sc, pa);
+  }
+
+  // The last tile's PV.
+  {
+    const int sp = (n_tiles - 1) % S;
+    hopper::mbarrier_wait(v_full(sp), ((n_tiles - 1) / S) & 1);
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
+#pragma unroll
+    for (int q = 0; q < kBlockN / 16; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) hopper::fence_operand(pa[q][i]);
+    hopper::wgmma_fence();
+    issue_pv(o, pa, sp);
+    hopper::wgmma_wait<0>();
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
+  }
+
+  // Epilogue (as v1's): O / l, lse = (m + log2 l) ln 2; a quad holds a row.
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+    const int row = m0 + c * 64 + warp * 16 + lane / 4 + 8 * i;
+    if (row >= seqlen) continue;
+    const int64_t token = start + row;
+    const float inv = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
+    T* dst = out + token * p.out_stride_tok + head * p.out_stride_head + 2 * (lane % 4);
+#pragma unroll
+    for (int cc = 0; cc < D / 8; ++cc) {
+      const uint32_t pair = hopper::pack2<T>(o[4 * cc + 2 * i] * inv, o[4 * cc + 2 * i + 1] * inv);
+      __stwb(reinterpret_cast<unsigned int*>(dst + 8 * cc), pair);
+    }
+    if (lane % 4 == 0) {
+      const float lse = l_run[i] > 0.f ? (m_run[i] + log2f(l_run[i])) * kLn2 : -INFINITY;
+      __stwb(p.lse + head * p.total_tokens + token, lse);
+    }
+  }
+}
+
+// Variant 0 (the default) is v1 until a GPU measures v2 faster (and correct) at the encoder's shapes;
+// then change this one line (and csrc/README.md).
+constexpr int kDefaultVariant = 1;
+int resolve_variant(int variant) { return variant == 0 ? kDefaultVariant : variant; }
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <typename T, int D>
@@ -265,12 +521,20 @@ cudaError_t launch(const AttentionProblem& pr, cudaStream_t stream) {
   p.cap_out = pr.softcap * kLog2e;
   p.v_lbo = pr.v_desc_lbo != 0 ? pr.v_desc_lbo : kMNMajorLBO;
   p.v_sbo = pr.v_desc_sbo != 0 ? pr.v_desc_sbo : kMNMajorSBO;
+  const dim3 grid(static_cast<unsigned>((pr.max_seqlen + kBlockM - 1) / kBlockM), static_cast<unsigned>(pr.heads_q),
+                  static_cast<unsigned>(pr.batch));
+  if (resolve_variant(pr.variant) == 2) {
+    auto kernel = attention_fwd_ws_kernel<T, D>;
+    const int smem = static_cast<int>(LayoutV2<D>::kAlloc);
+    cudaError_t e = hopper::set_max_dynamic_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    L2VF_LAUNCH_SMEM(kernel, grid, kThreadsV2, smem, stream, maps[0], maps[1], maps[2], p);
+    return cudaGetLastError();
+  }
   auto kernel = attention_fwd_kernel<T, D>;
   const int smem = static_cast<int>(Layout<D>::kAlloc);
   cudaError_t e = hopper::set_max_dynamic_smem(kernel, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>((pr.max_seqlen + kBlockM - 1) / kBlockM), static_cast<unsigned>(pr.heads_q),
-                  static_cast<unsigned>(pr.batch));
   L2VF_LAUNCH_SMEM(kernel, grid, kThreads, smem, stream, maps[0], maps[1], maps[2], p);
   return cudaGetLastError();
 }
@@ -306,6 +570,7 @@ const char* attention_unsupported(const AttentionProblem& p) {
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || p.out_stride_tok % 2 != 0 || p.out_stride_head % 2 != 0)
     return "out must be 4-byte aligned with even strides";
   if (p.batch > 0 && p.cu_seqlens == nullptr) return "cu_seqlens is null";
+  if (p.variant < 0 || p.variant > 2) return "variant must be 0 (default), 1 (v1) or 2 (v2, warp-specialised)";
   for (const uint32_t stride : {p.v_desc_lbo, p.v_desc_sbo})
     if (stride % 16 != 0 || stride >= (1u << 18))
       return "v_desc_lbo and v_desc_sbo must be multiples of 16 below 2^18 (0: the built-in layout)";
@@ -319,7 +584,9 @@ const char* attention_device_unsupported() {
   return nullptr;
 }
 
-int attention_smem_bytes(int64_t head_dim) {
+int attention_smem_bytes(int64_t head_dim, int variant) {
+  if (resolve_variant(variant) == 2)
+    return head_dim == 64 ? static_cast<int>(LayoutV2<64>::kAlloc) : static_cast<int>(LayoutV2<128>::kAlloc);
   return head_dim == 64 ? static_cast<int>(Layout<64>::kAlloc) : static_cast<int>(Layout<128>::kAlloc);
 }
 

@@ -32,6 +32,10 @@ struct AttentionProblem {
   // between groups of 8 keys); 0 takes the built-in values. A diagnostic knob for the one layout the
   // emulator cannot confirm: benchmarks/diagnose_cuda_attention.py tries both orders on the GPU.
   uint32_t v_desc_lbo = 0, v_desc_sbo = 0;
+  // Which kernel: 0 = the default, 1 = v1 (2 warpgroups, __syncthreads per tile), 2 = v2 (FA3-style warp
+  // specialisation: a TMA producer warpgroup, full / empty mbarriers, S of tile j+1 overlapping the
+  // softmax of tile j). The default is v1 until a GPU has measured v2 (csrc/attention.cu, kDefaultVariant).
+  int variant = 0;
 };
 
 // Why the kernel cannot run this problem (a message naming the argument), or nullptr when it can.
@@ -44,7 +48,7 @@ const char* attention_unsupported(const AttentionProblem& p);
 const char* attention_device_unsupported();
 
 // Dynamic shared memory of one block (bytes, including 1 KB of alignment slack).
-int attention_smem_bytes(int64_t head_dim);
+int attention_smem_bytes(int64_t head_dim, int variant = 0);
 
 // Launches the forward on stream. cudaErrorInvalidValue when attention_unsupported(p) is not null,
 // cudaErrorNotSupported when attention_device_unsupported() is not null (check those first for the

@@ -340,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_rows,
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& cu_seqlens, int64_t max_seqlen,
                                                      double softmax_scale, double softcap, int64_t v_desc_lbo,
-                                                     int64_t v_desc_sbo) {
+                                                     int64_t v_desc_sbo, int64_t variant) {
   const char* fn = "llm2vec_fast._C.attention_forward";
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK_VALUE(t->defined(), fn, ": ", name, " is undefined");
@@ -399,6 +399,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                     ": v_desc_lbo and v_desc_sbo must be in [0, 2^18), got ", v_desc_lbo, " and ", v_desc_sbo);
   p.v_desc_lbo = static_cast<uint32_t>(v_desc_lbo);
   p.v_desc_sbo = static_cast<uint32_t>(v_desc_sbo);
+  TORCH_CHECK_VALUE(variant >= 0 && variant <= 2, fn,
+                    ": variant must be 0 (default), 1 (v1) or 2 (v2, warp-specialised), got ", variant);
+  p.variant = static_cast<int>(variant);
   if (p.total_tokens > 0) {  // empty tensors may have any data pointer
     const char* why = l2vf::attention_unsupported(p);
     TORCH_CHECK_VALUE(why == nullptr, fn, ": ", why);
@@ -474,8 +477,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"));
   m.def("attention_forward", &attention_forward,
         "(out (T, Hq, D) in q's dtype, lse (Hq, T) float32) of non-causal attention without dropout on the "
-        "packed varlen layout (Hopper sm_90 only: TMA + wgmma); same contract as "
+        "packed varlen layout (Hopper sm_90 only: TMA + wgmma); variant 0 = default (v1), 1 = v1, 2 = v2 "
+        "(warp-specialised); same contract as "
         "llm2vec_fast.reference.attention.attention_forward",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens"), py::arg("max_seqlen"),
-        py::arg("softmax_scale"), py::arg("softcap"), py::arg("v_desc_lbo") = 0, py::arg("v_desc_sbo") = 0);
+        py::arg("softmax_scale"), py::arg("softcap"), py::arg("v_desc_lbo") = 0, py::arg("v_desc_sbo") = 0,
+        py::arg("variant") = 0);
 }

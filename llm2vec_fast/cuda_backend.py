@@ -20,6 +20,7 @@ extension is imported on first use.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Optional
 
@@ -114,6 +115,36 @@ def attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p) -> bool:
     return all(_tma_layout_ok(x) for x in (q, k, v))
 
 
+# Which Hopper kernel runs (csrc/attention.h, AttentionProblem::variant): 0 = the extension's default
+# (v1 until a GPU has measured v2), 1 = v1, 2 = v2 (warp-specialised, FA3-style).
+ATTENTION_VARIANT_ENV = "LLM2VEC_FAST_CUDA_ATTENTION"
+_ATTENTION_VARIANTS = {"": 0, "default": 0, "v1": 1, "v2": 2}
+_attention_variant: Optional[int] = None
+
+
+def attention_variant() -> int:
+    """The kernel variant the ``"cuda"`` attention forward asks for: ``LLM2VEC_FAST_CUDA_ATTENTION``
+    (``v1`` or ``v2``; unset or ``default``: the extension's default), read once on first use, unless
+    :func:`use_attention_variant` set one. Raises ValueError on any other value."""
+    global _attention_variant
+    if _attention_variant is None:
+        raw = os.environ.get(ATTENTION_VARIANT_ENV, "").strip().lower()
+        if raw not in _ATTENTION_VARIANTS:
+            raise ValueError(f"{ATTENTION_VARIANT_ENV}={raw!r}: expected v1, v2 or default (unset)")
+        _attention_variant = _ATTENTION_VARIANTS[raw]
+    return _attention_variant
+
+
+def use_attention_variant(variant: Optional[int]) -> Optional[int]:
+    """Use kernel ``variant`` (0 default, 1 v1, 2 v2) from now on; None re-reads the environment variable
+    on next use. Returns the variant set before (None if none was). For benchmarks and tests."""
+    global _attention_variant
+    if variant is not None and variant not in (0, 1, 2):
+        raise ValueError(f"variant must be 0, 1 or 2, got {variant!r}")
+    previous, _attention_variant = _attention_variant, variant
+    return previous
+
+
 def _fallback(direction: str):
     """The Triton implementation registered with dispatch (the torch reference where triton is missing)."""
     dispatch._load_backends()
@@ -129,10 +160,15 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
     The Hopper kernel of ``csrc/attention.cu`` (TMA + wgmma) when :func:`attention_kernel_supported`;
     otherwise (causal, dropout, fp32, other head dims, a GPU other than sm_90, misaligned or
     non-nested strides) the Triton forward registered with ``dispatch`` (the torch reference where
-    triton is not installed). The lse convention is the Triton kernel's, so either backward works."""
+    triton is not installed). The lse convention is the Triton kernel's, so either backward works.
+    The kernel variant (v1 / v2) is :func:`attention_variant`'s."""
     if attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p):
+        variant = attention_variant()
+        if variant == 0:  # the extension's own default (and builds that predate the argument)
+            return tuple(extension().attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale),
+                                                       float(softcap)))
         return tuple(extension().attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale),
-                                                   float(softcap)))
+                                                   float(softcap), variant=variant))
     return _fallback("forward")(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
 
 

@@ -26,6 +26,7 @@ candidates, chunked backward, ties, zero vectors, huge scales) and GPU parity.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -370,7 +372,7 @@ def _cuobjdump():
 
 
 def _demangled_kernel(name: str) -> str:
-    m = re.search(r"(attention_fwd_kernel)I(13__nv_bfloat16|6__half)Li(\d+)E", name)
+    m = re.search(r"(attention_fwd(?:_ws)?_kernel)I(13__nv_bfloat16|6__half)Li(\d+)E", name)
     if m:
         return f"{m.group(1)}<{'bf16' if m.group(2) == '13__nv_bfloat16' else 'fp16'},{m.group(3)}>"
     m = re.search(r"(infonce_\w+?_kernel)I(13__nv_bfloat16|6__half|f)Lb([01])E", name)
@@ -1049,6 +1051,36 @@ def test_attention_falls_back_to_triton(monkeypatch):
     assert calls == [("fwd", True, 0.0), ("bwd",)]
 
 
+def test_attention_variant_from_the_environment(monkeypatch):
+    """LLM2VEC_FAST_CUDA_ATTENTION (v1 / v2 / unset) is read once and reaches the extension as
+    ``variant``; unset passes nothing (the extension's default, v1); a bad value names the choices."""
+    calls = []
+    fake = types.SimpleNamespace(attention_forward=lambda *a, **kw: calls.append(kw) or ("out", "lse"))
+    monkeypatch.setattr(cuda_backend, "attention_kernel_supported", lambda *a: True)
+    previous_ext = cuda_backend.use_extension(fake)
+    previous = cuda_backend.use_attention_variant(None)
+    try:
+        q = torch.zeros(5, 2, 64, dtype=torch.bfloat16)
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        for value, want in (("", {}), ("v2", {"variant": 2}), ("V1", {"variant": 1}), ("default", {})):
+            monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, value)
+            cuda_backend.use_attention_variant(None)
+            assert cuda_backend.flash_attention_forward(q, q, q, cu, 5, False, 0.125, 0.0, 0.0, 0) == ("out", "lse")
+            assert calls.pop() == want, value
+        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v1")  # read once: no effect until reset
+        assert cuda_backend.attention_variant() == 0
+        assert cuda_backend.use_attention_variant(2) == 0 and cuda_backend.attention_variant() == 2
+        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v3")
+        cuda_backend.use_attention_variant(None)
+        with pytest.raises(ValueError, match=r"LLM2VEC_FAST_CUDA_ATTENTION='v3': expected v1, v2"):
+            cuda_backend.attention_variant()
+        with pytest.raises(ValueError, match=r"variant must be 0, 1 or 2"):
+            cuda_backend.use_attention_variant(5)
+    finally:
+        cuda_backend.use_extension(previous_ext)
+        cuda_backend.use_attention_variant(previous)
+
+
 def test_fake_shapes_attention_with_cuda_backend():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -1081,6 +1113,7 @@ ATTN_BAD_INPUTS = {
     "misaligned q": (lambda a: [torch.zeros(10 * 4 * 64 + 1).bfloat16()[1:].view(10, 4, 64), *a[1:]], ValueError,
                      r"16-byte aligned addresses \(TMA\)"),
     "cpu tensors": (lambda a: a, ValueError, r"q must be a CUDA tensor, got device cpu"),
+    "variant": (lambda a: [*a, 0, 0, 3], ValueError, r"variant must be 0 \(default\), 1 \(v1\) or 2"),
 }
 
 
@@ -1093,17 +1126,18 @@ def test_extension_rejects_bad_attention_input(ext, case):
 
 def test_extension_attention_signature(ext):
     assert [p[0] for p in _parameters(ext.attention_forward)] == [
-        "q", "k", "v", "cu_seqlens", "max_seqlen", "softmax_scale", "softcap", "v_desc_lbo", "v_desc_sbo"]
+        "q", "k", "v", "cu_seqlens", "max_seqlen", "softmax_scale", "softcap", "v_desc_lbo", "v_desc_sbo", "variant"]
     assert _signature(ext.attention_forward).endswith("-> tuple[torch.Tensor, torch.Tensor]")
 
 
 def test_cubin_attention_uses_wgmma_and_tma(cubin_report):
-    """Every instantiation runs its matrix products on wgmma (HGMMA: 64x128 for S = Q K^T, 64xD for
-    O += P V) and loads its tiles with TMA (UTMALDG), synchronised on mbarriers; no stack (no spills)."""
+    """Every instantiation (v1 attention_fwd_kernel, v2 attention_fwd_ws_kernel) runs its matrix products
+    on wgmma (HGMMA: 64x128 for S = Q K^T, 64xD for O += P V) and loads its tiles with TMA (UTMALDG),
+    synchronised on mbarriers; no stack (no spills). v2 reallocates registers (USETMAXREG, both ways)."""
     seen = {}
     for name, k in cubin_report["kernels"].items():
         short = _demangled_kernel(name)
-        if not short.startswith("attention_fwd_kernel"):
+        if not short.startswith(("attention_fwd_kernel", "attention_fwd_ws_kernel")):
             continue
         assert k.get("stack", 0) == 0, f"{short} uses a stack frame (spills?): {k}"
         if "sass" not in k:
@@ -1113,8 +1147,11 @@ def test_cubin_attention_uses_wgmma_and_tma(cubin_report):
         assert re.search(rf"HGMMA\.64x{d}x16\.F32", sass), short
         assert "UTMALDG.3D" in sass and "SYNCS.PHASECHK" in sass, short
         assert ("BF16" in re.search(r"HGMMA[^\n]*", sass).group(0)) == ("bf16" in short), short
+        if short.startswith("attention_fwd_ws_kernel"):
+            assert "USETMAXREG.TRY_ALLOC" in sass and "USETMAXREG.DEALLOC" in sass, short
+            assert "BAR.SYNC" not in sass.split("USETMAXREG")[-1], f"{short}: a block barrier after the split"
         seen[short] = k.get("regs")
-    assert len(seen) == 4, seen
+    assert len(seen) == 8, seen
     print(seen)
 
 
@@ -1132,7 +1169,11 @@ def test_nvcc_compiles_attention_for_sm90a_without_spills(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    assert log.count("Compiling entry function") == 4, log
+    assert log.count("Compiling entry function") == 8, log  # v1 and v2 x bf16 / fp16 x hd 64 / 128
+    # v2 (384 threads, __launch_bounds__(384, 1)): ptxas allocates 65536 / 384 -> 168 registers at launch;
+    # the consumers' setmaxnreg.inc raises theirs to 240 (the producer's .dec gives 168 - 24 back).
+    ws_regs = re.findall(r"attention_fwd_ws_kernel\S+\s+0 bytes stack frame[^\n]*\n[^\n]*Used (\d+) registers", log)
+    assert len(ws_regs) == 4 and all(int(r) == 168 for r in ws_regs), (ws_regs, log)
     regs, stores, loads = aot_check.parse_ptxas_log(log)
     assert stores == 0 and loads == 0, log
     assert regs <= 255 and "0 bytes stack frame" in log, log
@@ -1141,10 +1182,15 @@ def test_nvcc_compiles_attention_for_sm90a_without_spills(tmp_path):
     if tool is None:
         pytest.skip("no cuobjdump")
     sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    # per dtype: hd128 8 (S) + 8 (PV), hd64 4 (S) + 8 (PV); more only if the compiler duplicates a loop body
-    assert len(re.findall(r"HGMMA\.64x128x16\.F32", sass)) >= 2 * (16 + 4), sass.count("HGMMA")
-    assert len(re.findall(r"HGMMA\.64x64x16\.F32", sass)) >= 2 * 8, sass.count("HGMMA")
+    # per dtype, v1: hd128 8 (S) + 8 (PV), hd64 4 (S) + 8 (PV); v2 has the first tile's S and the last
+    # tile's PV outside the loop: twice as many. More only if the compiler duplicates a loop body.
+    assert len(re.findall(r"HGMMA\.64x128x16\.F32", sass)) >= 2 * (16 + 4) * 3, sass.count("HGMMA")
+    assert len(re.findall(r"HGMMA\.64x64x16\.F32", sass)) >= 2 * 8 * 3, sass.count("HGMMA")
     assert len(re.findall(r"UTMALDG\.3D", sass)) > 0
+    assert len(re.findall(r"USETMAXREG\.TRY_ALLOC\.CTAPOOL[^\n]*0xf0", sass)) == 4  # consumers: 240
+    assert len(re.findall(r"USETMAXREG\.DEALLOC\.CTAPOOL 0x18", sass)) == 4         # producer: 24
+    # v2's overlap survives compilation: a wait for "all but one" wgmma group (S retired, PV running)
+    assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) >= 4
 
 
 class AttnEmulator:
@@ -1155,14 +1201,14 @@ class AttnEmulator:
         self.lib = ctypes.CDLL(str(path))
         f = self.lib.l2vf_emu_attention_forward
         f.argtypes = [PTR, I64, PTR, I64, PTR, I64, I32, *[I64] * 12, PTR, PTR, I64, I64, I64, PTR, ctypes.c_float,
-                      ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_char_p)]
+                      ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32, I32, ctypes.POINTER(ctypes.c_char_p)]
         f.restype = I32
 
     @staticmethod
     def _bytes(t):
         return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
 
-    def run(self, q, k, v, cu_seqlens, max_seqlen, scale, softcap, v_desc=(0, 0)):
+    def run(self, q, k, v, cu_seqlens, max_seqlen, scale, softcap, v_desc=(0, 0), variant=0):
         total, hq, d = q.shape
         out = torch.full(q.shape, float("nan"), dtype=q.dtype)  # every valid row must be written
         lse = torch.full((hq, total), float("nan"))
@@ -1172,7 +1218,7 @@ class AttnEmulator:
             _ATTN_DTYPES.get(q.dtype, 0), total, cu_seqlens.numel() - 1, max_seqlen, hq, k.shape[1], d,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cu_seqlens.data_ptr(),
             out.data_ptr(), self._bytes(out), out.stride(0), out.stride(1), lse.data_ptr(), scale, softcap,
-            v_desc[0], v_desc[1], ctypes.byref(why))
+            v_desc[0], v_desc[1], variant, ctypes.byref(why))
         return err, (why.value or b"").decode(), out, lse
 
 
@@ -1220,22 +1266,46 @@ def check_attention_against_reference(impl_out, impl_lse, q, k, v, cu, max_seqle
     return ours, base
 
 
+ATTN_VARIANTS = {"v1": 1, "v2": 2}  # AttentionProblem::variant (0 = the default: v1 until a GPU measures v2)
+
+
 @needs_emulator
+@pytest.mark.parametrize("variant", list(ATTN_VARIANTS))
 @pytest.mark.parametrize("d", (64, 128))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-def test_emulated_attention_matches_reference(attn_emulator, dtype, d):
+def test_emulated_attention_matches_reference(attn_emulator, dtype, d, variant):
     """GQA ratios 1, 2, 4 (8 once), softcap off / on, separate tensors and slices of a packed qkv
-    projection (token stride (Hq + 2 Hkv) D), odd varlen lengths; out and lse."""
+    projection (token stride (Hq + 2 Hkv) D), odd varlen lengths; out and lse; v1 and v2 kernels."""
     cases = [(2, 2, 0.0, False), (2, 1, 30.0, False), (4, 1, 0.0, True)]
     if dtype == torch.bfloat16 and d == 64:
         cases.append((8, 1, 5.0, True))
     for i, (hq, hkv, softcap, packed) in enumerate(cases):
         q, k, v, cu = make_attention_case(ATTN_LENGTHS, hq, hkv, d, dtype, seed=100 + i, packed_qkv=packed)
         scale = d ** -0.5
-        err, why, out, lse = attn_emulator.run(q, k, v, cu, max(ATTN_LENGTHS), scale, softcap)
+        err, why, out, lse = attn_emulator.run(q, k, v, cu, max(ATTN_LENGTHS), scale, softcap,
+                                               variant=ATTN_VARIANTS[variant])
         assert err == 0, (err, why)
         check_attention_against_reference(out, lse, q, k, v, cu, max(ATTN_LENGTHS), scale, softcap,
-                                          where=f"{dtype} d={d} hq={hq} hkv={hkv} softcap={softcap} packed={packed}")
+                                          where=f"{variant} {dtype} d={d} hq={hq} hkv={hkv} softcap={softcap} "
+                                                f"packed={packed}")
+
+
+@needs_emulator
+@pytest.mark.parametrize("d", (64, 128))
+def test_emulated_attention_v2_wraps_the_stage_ring(attn_emulator, d):
+    """v2 on sequences long enough to wrap its K/V stage ring several times (hd128: 2 stages, hd64: 4;
+    1030 keys = 9 tiles), next to short ones, GQA 2, fp16 with softcap: matches float64 and equals v1
+    bit for bit (the same operations in the same order; only the scheduling differs)."""
+    for lengths, dtype, softcap in (((1030, 1, 130), torch.bfloat16, 0.0), ((17, 700), torch.float16, 20.0)):
+        q, k, v, cu = make_attention_case(lengths, 2, 1, d, dtype, seed=150 + d)
+        outs = {}
+        for variant in (1, 2):
+            err, why, out, lse = attn_emulator.run(q, k, v, cu, max(lengths), d ** -0.5, softcap, variant=variant)
+            assert err == 0, (variant, why)
+            outs[variant] = out, lse
+        check_attention_against_reference(*outs[2], q, k, v, cu, max(lengths), d ** -0.5, softcap,
+                                          where=f"v2 {dtype} d={d} {lengths}")
+        assert torch.equal(outs[2][0], outs[1][0]) and torch.equal(outs[2][1], outs[1][1]), (dtype, d)
 
 
 @needs_emulator
@@ -1260,24 +1330,33 @@ def test_emulated_attention_edges_and_rejections(attn_emulator, monkeypatch):
     assert err == CUDA_ERROR_INVALID_VALUE and "multiples of 16 bytes" in why
     err, why, *_ = attn_emulator.run(q.float(), k.float(), v.float(), cu, 9, 0.125, 0.0)
     assert err == CUDA_ERROR_INVALID_VALUE and "bfloat16 or float16" in why
+    # The default variant (0) is v1 (kDefaultVariant in attention.cu) until a GPU measures v2
+    outs = [attn_emulator.run(q, k, v, cu, 9, 0.125, 0.0, variant=variant)[2] for variant in (0, 1)]
+    assert torch.equal(outs[0], outs[1])
+    err, why, *_ = attn_emulator.run(q, k, v, cu, 9, 0.125, 0.0, variant=3)
+    assert err == CUDA_ERROR_INVALID_VALUE and "variant" in why
     monkeypatch.setenv("L2VF_EMU_CC", "80")
     err, why, *_ = attn_emulator.run(q, k, v, cu, 9, 0.125, 0.0)
     assert err == CUDA_ERROR_NOT_SUPPORTED and "sm_90" in why
 
 
 @needs_emulator
-def test_emulated_attention_v_descriptor_knob(attn_emulator):
-    """The diagnostic override of V's descriptor strides reaches the kernel: the built-in values given
-    explicitly change nothing, the swapped order breaks hd128's output (what the GPU diagnosis looks for),
-    and a stride that is not a multiple of 16 is refused."""
+@pytest.mark.parametrize("variant", list(ATTN_VARIANTS))
+def test_emulated_attention_v_descriptor_knob(attn_emulator, variant):
+    """The diagnostic override of V's descriptor strides reaches the kernel (v1 and v2): the built-in
+    values given explicitly change nothing, the swapped order breaks hd128's output (what the GPU
+    diagnosis looks for), and a stride that is not a multiple of 16 is refused. (At most 2 tiles: every
+    load is issued before the first wgmma, so v2's swapped descriptor, which reads past its stage,
+    cannot overlap a TMA refill.)"""
+    run = functools.partial(attn_emulator.run, variant=ATTN_VARIANTS[variant])
     q, k, v, cu = make_attention_case((17, 130), 2, 1, 128, torch.bfloat16, seed=21)
-    err, _, out, lse = attn_emulator.run(q, k, v, cu, 130, 128 ** -0.5, 0.0)
+    err, _, out, lse = run(q, k, v, cu, 130, 128 ** -0.5, 0.0)
     assert err == 0
-    err, _, same, _ = attn_emulator.run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(16384, 1024))
+    err, _, same, _ = run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(16384, 1024))
     assert err == 0 and torch.equal(same, out)
-    err, _, swapped, _ = attn_emulator.run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(1024, 16384))
+    err, _, swapped, _ = run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(1024, 16384))
     assert err == 0 and (swapped.float() - out.float()).abs().max() > 0.1
-    err, why, *_ = attn_emulator.run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(1000, 0))
+    err, why, *_ = run(q, k, v, cu, 130, 128 ** -0.5, 0.0, v_desc=(1000, 0))
     assert err == CUDA_ERROR_INVALID_VALUE and "v_desc_lbo" in why
 
 
@@ -1285,14 +1364,66 @@ def test_emulated_attention_v_descriptor_knob(attn_emulator):
 @pytest.mark.parametrize("which, message", [
     (1, r"deadlock: every live thread spins"), (2, r"deadlock: every live thread spins"),
     (3, r"issued without a wgmma.fence"), (4, r"never retired by wgmma.wait_group"),
-    (5, r"only SWIZZLE_128B \(layout type 1\) is emulated, got 0"), (6, r"destination not 1024-byte aligned")])
+    (5, r"only SWIZZLE_128B \(layout type 1\) is emulated, got 0"), (6, r"destination not 1024-byte aligned"),
+    (7, r"deadlock: every live thread spins"), (8, r"that an unretired wgmma of warpgroup 0 still reads"),
+    (9, r"accumulator registers written by ordinary code while an async wgmma"),
+    (10, r"setmaxnreg: not executed uniformly by the warpgroup"),
+    (11, r"A fragment registers overwritten before the wgmma reading them was retired")])
 def test_emulator_catches_broken_hopper_code(which, message):
     """The emulator aborts, naming the rule, on an mbarrier phase that can never complete, expect_tx bytes
-    that never arrive, a wgmma without wgmma.fence or never waited for, a non-SWIZZLE_128B descriptor, and
-    a misaligned TMA destination (csrc/emulator/attention_emulator.cpp's self-test kernels)."""
+    that never arrive, a wgmma without wgmma.fence or never waited for, a non-SWIZZLE_128B descriptor, a
+    misaligned TMA destination, and the warp-specialisation bugs: consumers that never release a stage
+    (the producer deadlocks), a TMA refill of smem an unretired wgmma reads, registers an in-flight wgmma
+    owns (accumulators, RS A fragments) touched by ordinary code, a setmaxnreg not warpgroup-uniform
+    (csrc/emulator/attention_emulator.cpp's self-test kernels)."""
     lib = _build_emulator()
     script = f"import ctypes; ctypes.CDLL({str(lib)!r}).l2vf_emu_attention_selftest({which}); print('NO-ABORT')"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "NO-ABORT" not in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+
+
+# Mutations of the v2 kernel (csrc/attention.cu, attention_fwd_ws_kernel) that break its protocol, and
+# the emulator's message for each: a consumer that never releases V stages, O rescaled while the PV
+# wgmma still accumulates into it, the next P packed into the fragments the PV wgmma still reads.
+_V2_SOFTMAX = "    softmax_tile<D>(sc, m_run, alpha, sum, seqlen - j * kBlockN, lane, p);\n"
+V2_MUTATIONS = {
+    "no_v_empty_arrive": ("    hopper::mbarrier_arrive(v_empty(sp));\n", "", r"deadlock: every live thread spins"),
+    "rescale_before_pv_wait": (_V2_SOFTMAX,
+                               _V2_SOFTMAX + "    for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e / 2) % 2];\n",
+                               r"accumulator registers written by ordinary code"),
+    "pack_before_pv_wait": (_V2_SOFTMAX, _V2_SOFTMAX + "    pack_p<T>(sc, pa);\n",
+                            r"A fragment registers overwritten before the wgmma"),
+}
+
+
+@needs_emulator
+@pytest.mark.parametrize("mutation", list(V2_MUTATIONS))
+def test_emulator_catches_v2_protocol_mutations(tmp_path, mutation):
+    """The real v2 kernel with one protocol bug injected (a copy of csrc/ built for the emulator, about
+    10 s each) aborts with the rule it breaks, on a 700-key sequence that wraps the stage ring."""
+    old, new, message = V2_MUTATIONS[mutation]
+    src = (CSRC / "attention.cu").read_text()
+    cut = src.index("attention_fwd_ws_kernel(")
+    assert old in src[cut:], f"the v2 kernel changed: update V2_MUTATIONS[{mutation!r}]"
+    copy = tmp_path / "csrc"
+    shutil.copytree(CSRC, copy, ignore=shutil.ignore_patterns("*.so", "*.o", "__pycache__"))
+    (copy / "attention.cu").write_text(src[:cut] + src[cut:].replace(old, new, 1))
+    lib = tmp_path / "attention_emulator.so"
+    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-w", f"-I{CUDA_INCLUDE}",
+                           str(copy / "emulator" / "attention_emulator.cpp"), "-o", str(lib)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_cuda_kernels as t
+q, k, v, cu = t.make_attention_case((700, 17), 2, 1, 128, torch.bfloat16, seed=5)
+err, why, out, lse = t.AttnEmulator({str(lib)!r}).run(q, k, v, cu, 700, 128 ** -0.5, 0.0, variant=2)
+print('NO-ABORT', err, why)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode != 0 and "NO-ABORT" not in proc.stdout, (proc.stdout, proc.stderr[-2000:])
     assert re.search(message, proc.stderr), proc.stderr[-2000:]
 
@@ -1591,12 +1722,22 @@ def _needs_sm90():
         pytest.skip("the attention kernel runs on sm_90 (H100 / H200) only")
 
 
+@pytest.fixture
+def attention_variant(request):
+    """Runs the test with cuda_backend's attention kernel variant set to request.param (1 = v1, 2 = v2)."""
+    previous = cuda_backend.use_attention_variant(request.param)
+    yield request.param
+    cuda_backend.use_attention_variant(previous)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("attention_variant", [1, 2], ids=["v1", "v2"], indirect=True)
 @pytest.mark.parametrize("d", (64, 128))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-def test_gpu_attention_matches_reference(cuda_ext, dtype, d):
-    """The Hopper kernel through the public op (backend="cuda"): odd varlen lengths, GQA 1/4/8, softcap,
-    packed-qkv slices; out within 2x torch's own error, lse to float32 rounding (reference on the GPU)."""
+def test_gpu_attention_matches_reference(cuda_ext, dtype, d, attention_variant):
+    """The Hopper kernel (v1 and v2) through the public op (backend="cuda"): odd varlen lengths (up to
+    1000 keys: v2's stage ring wraps), GQA 1/4/8, softcap, packed-qkv slices; out within 2x torch's own
+    error, lse to float32 rounding (reference on the GPU)."""
     _needs_sm90()
     lengths = (1, 17, 0, 113, 130, 257, 128, 1000, 384)
     for i, (hq, hkv, softcap, packed) in enumerate(((4, 4, 0.0, False), (8, 2, 30.0, True), (16, 2, 0.0, True),
@@ -1651,13 +1792,17 @@ def test_gpu_attention_gradients_fallbacks_and_graphs(cuda_ext):
 
 @pytest.mark.gpu
 def test_gpu_attention_speed_report(cuda_ext):
-    """Not a bound: prints the kernel's and Triton's forward time at a real size (bf16, hd128, 32 x 1024
-    tokens, Hq 32, Hkv 8) so the device check records them."""
+    """Not a bound: prints the kernels' (v1, v2) and Triton's forward time at a real size (bf16, hd128,
+    32 x 1024 tokens, Hq 32, Hkv 8) so the device check records them."""
     _needs_sm90()
     q, k, v, cu = (x.to(CUDA) for x in make_attention_case([1024] * 32, 32, 8, 128, torch.bfloat16, seed=400))
     report = []
-    for backend in ("cuda", "triton"):
-        f = lambda: lf.flash_attention(q, k, v, cu, 1024, backend=backend)  # noqa: E731
+    for backend, variant in (("cuda", 1), ("cuda", 2), ("triton", None)):
+        previous = cuda_backend.use_attention_variant(variant or 0)
+
+        def f():
+            return lf.flash_attention(q, k, v, cu, 1024, backend=backend)
+
         for _ in range(3):
             f()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -1667,5 +1812,7 @@ def test_gpu_attention_speed_report(cuda_ext):
         stop.record()
         torch.cuda.synchronize()
         ms = start.elapsed_time(stop) / 20
-        report.append(f"{backend}: {ms:.3f} ms, {4 * 32 * 1024 ** 2 * 32 * 128 / ms / 1e9:.0f} TFLOP/s")
+        cuda_backend.use_attention_variant(previous)
+        label = backend if variant is None else f"{backend} v{variant}"
+        report.append(f"{label}: {ms:.3f} ms, {4 * 32 * 1024 ** 2 * 32 * 128 / ms / 1e9:.0f} TFLOP/s")
     print("; ".join(report))

@@ -12,6 +12,10 @@ using namespace l2vf::hopper;
 // subprocess by the tests). 1: a phase nobody completes (deadlock); 2: expect_tx bytes that never
 // arrive (deadlock); 3: a wgmma without wgmma.fence; 4: a wgmma never waited for; 5: a descriptor with
 // a layout type other than SWIZZLE_128B; 6: a TMA destination that is not 1024-byte aligned.
+// Warp-specialisation protocol bugs (kernel v2): 7: consumers that never arrive on the empty barriers
+// (the producer waits forever: deadlock); 8: a TMA refilling shared memory that an unretired wgmma still
+// reads; 9: accumulators written while their wgmma is in flight; 10: setmaxnreg executed by one warp of
+// a warpgroup only; 11: RS A-fragment registers overwritten before their wgmma retired.
 __global__ void broken_kernel(int which, const CUtensorMap map) {
   const uint32_t base = (smem_addr(dynamic_smem()) + 1023u) & ~1023u;
   const uint32_t bar = base + 32768;
@@ -41,6 +45,55 @@ __global__ void broken_kernel(int which, const CUtensorMap map) {
         tma_load_3d(base + 128, &map, bar, 0, 0, 0);
       }
       break;
+    case 7: {  // thread 0 produces 4 tiles into 2 stages, warps 1-3 consume and never release
+      const uint32_t full = bar, empty = bar + 16;
+      if (threadIdx.x == 0) {
+        for (int s = 0; s < 2; ++s) {
+          mbarrier_init(full + 8 * s, 1);
+          mbarrier_init(empty + 8 * s, 96);
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        for (int j = 0; j < 4; ++j) {
+          if (j >= 2) mbarrier_wait(empty + 8 * (j % 2), ((j / 2) + 1) & 1);
+          mbarrier_arrive_expect_tx(full + 8 * (j % 2), 128 * 128);
+          tma_load_3d(base + 16384 * (j % 2), &map, full + 8 * (j % 2), 0, 0, 0);
+        }
+      } else if (threadIdx.x >= 32) {
+        for (int j = 0; j < 4; ++j) mbarrier_wait(full + 8 * (j % 2), (j / 2) & 1);  // no mbarrier_arrive(empty)
+      }
+      break;
+    }
+    case 8:
+      wgmma_fence();
+      wgmma_ss_m64n128k16<__nv_bfloat16>(d, desc, desc, 0);
+      wgmma_commit();
+      if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_tx(bar, 128 * 128);
+        tma_load_3d(base, &map, bar, 0, 0, 0);
+      }
+      wgmma_wait<0>();
+      break;
+    case 9:
+      wgmma_fence();
+      wgmma_ss_m64n128k16<__nv_bfloat16>(d, desc, desc, 0);
+      wgmma_commit();
+      d[5] += 1.f;
+      wgmma_wait<0>();
+      break;
+    case 10:
+      if (threadIdx.x < 32) setmaxnreg_inc<240>();
+      break;
+    case 11: {
+      uint32_t a[4] = {1, 2, 3, 4};
+      wgmma_fence();
+      wgmma_rs_tb<__nv_bfloat16, 128>(d, a, desc, 1);
+      wgmma_commit();
+      a[2] = 7;
+      wgmma_wait<0>();
+      break;
+    }
     default: break;
   }
 }
@@ -68,7 +121,7 @@ int l2vf_emu_attention_forward(const void* q, int64_t q_bytes, const void* k, in
                                int64_t k_st, int64_t k_sh, int64_t v_st, int64_t v_sh, const int32_t* cu_seqlens,
                                void* out, int64_t out_bytes, int64_t out_st, int64_t out_sh, float* lse,
                                float softmax_scale, float softcap, uint32_t v_desc_lbo, uint32_t v_desc_sbo,
-                               const char** why) {
+                               int variant, const char** why) {
   l2vf::AttentionProblem p;
   p.q = q;
   p.k = k;
@@ -95,6 +148,7 @@ int l2vf_emu_attention_forward(const void* q, int64_t q_bytes, const void* k, in
   p.softcap = softcap;
   p.v_desc_lbo = v_desc_lbo;
   p.v_desc_sbo = v_desc_sbo;
+  p.variant = variant;
   const char* msg = l2vf::attention_unsupported(p);
   if (msg == nullptr) msg = l2vf::attention_device_unsupported();
   if (why != nullptr) *why = msg;

@@ -23,6 +23,7 @@
 
 #include <cuda.h>
 
+#include <array>
 #include <deque>
 #include <map>
 
@@ -54,11 +55,22 @@ struct ThreadState {
   std::vector<std::function<void()>> uncommitted;
   std::deque<std::vector<std::function<void()>>> committed;
   bool fenced = false;
+  std::map<const float*, int> pending_acc;  // accumulator arrays with issued, unretired wgmma
+  std::vector<uint32_t> maxnreg;            // setmaxnreg values, in order
+};
+
+// Shared-memory bytes [lo, hi) that an issued, unretired wgmma of warpgroup wg reads (recorded by the
+// warpgroup's first thread): a TMA write into them is a pipeline bug (a stage refilled too early).
+struct InFlightRead {
+  uint64_t id;
+  uint32_t lo, hi, wg;
 };
 
 struct BlockState {
   std::map<uint32_t, Mbarrier> bars;
   std::vector<ThreadState> threads;
+  std::vector<InFlightRead> inflight;
+  uint64_t next_id = 0;
 };
 
 inline BlockState& block() {
@@ -76,11 +88,27 @@ inline bool install_hooks() {
   emu::on_block_start = [] {
     block().bars.clear();
     block().threads.assign(emu::block_dim.x, ThreadState{});
+    block().inflight.clear();
   };
   emu::on_block_end = [] {
     for (const ThreadState& t : block().threads)
       if (!t.uncommitted.empty() || !t.committed.empty())
         emu::fail("wgmma: the block ended with wgmma operations never retired by wgmma.wait_group");
+    // setmaxnreg: every thread of a warpgroup executes the same sequence; the final counts fit the SM's
+    // 64K registers when every warpgroup set one.
+    const auto& th = block().threads;
+    uint64_t total = 0;
+    bool all_set = true;
+    for (size_t g = 0; g + 128 <= th.size(); g += 128) {
+      for (size_t t = g; t < g + 128; ++t)
+        if (th[t].maxnreg != th[g].maxnreg)
+          emu::fail("setmaxnreg: not executed uniformly by the warpgroup of thread " + std::to_string(g) +
+                    " (thread " + std::to_string(t) + " differs)");
+      if (th[g].maxnreg.empty()) all_set = false;
+      else total += 128u * th[g].maxnreg.back();
+    }
+    if (all_set && total > 65536)
+      emu::fail("setmaxnreg: the warpgroups' register counts add up to " + std::to_string(total) + " > 65536");
   };
   return true;
 }
@@ -141,6 +169,67 @@ inline uint32_t operand_addr(const Desc& d, uint32_t mn, uint32_t k, bool k_majo
     a = d.start + (mn / 64) * d.lbo + (mn % 64) * 2 + (k / 8) * d.sbo + (k % 8) * 128;
   }
   return swizzle128(a);
+}
+
+// The 1024-byte blocks of 8 rows of 128 bytes an operand reads: K-major (rows mn, 8-row groups SBO
+// apart) or MN-major (64-column panels LBO apart, two 8-deep k groups SBO apart).
+inline void operand_rows(const Desc& d, uint32_t mn_extent, bool k_major, std::vector<std::pair<uint32_t, uint32_t>>* out) {
+  if (k_major) {
+    for (uint32_t g = 0; g < mn_extent / 8; ++g) {
+      const uint32_t lo = (d.start + g * d.sbo) & ~127u;
+      out->push_back({lo, lo + 1024});
+    }
+  } else {
+    for (uint32_t p = 0; p < (mn_extent + 63) / 64; ++p)
+      for (uint32_t kg = 0; kg < 2; ++kg) {
+        const uint32_t lo = (d.start + p * d.lbo + kg * d.sbo) & ~127u;
+        out->push_back({lo, lo + 1024});
+      }
+  }
+}
+
+// Records the reads of a wgmma being issued (first thread of the warpgroup only); returns its id.
+inline uint64_t record_reads(const std::vector<std::pair<uint32_t, uint32_t>>& rows) {
+  BlockState& b = block();
+  const uint64_t id = ++b.next_id;
+  if (emu::thread_idx.x % 128 == 0)
+    for (const auto& [lo, hi] : rows) b.inflight.push_back({id, lo, hi, emu::thread_idx.x / 128});
+  return id;
+}
+
+inline void retire_reads(uint64_t id) {
+  auto& v = block().inflight;
+  v.erase(std::remove_if(v.begin(), v.end(), [id](const InFlightRead& r) { return r.id == id; }), v.end());
+}
+
+inline void check_tma_write(uint32_t lo, uint32_t hi) {
+  for (const InFlightRead& r : block().inflight)
+    if (r.lo < hi && lo < r.hi)
+      emu::fail("cp.async.bulk.tensor: writes shared memory [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                ") that an unretired wgmma of warpgroup " + std::to_string(r.wg) + " still reads ([" +
+                std::to_string(r.lo) + ", " + std::to_string(r.hi) + ")): a stage refilled before its consumers "
+                "released it");
+}
+
+// Accumulator registers must not be touched by ordinary code between a wgmma's issue and its retirement:
+// the first pending wgmma on an accumulator array snapshots it and compares at retirement.
+struct AccGuard {
+  const float* d = nullptr;
+  std::vector<float> snapshot;  // empty: not the first pending wgmma on d
+};
+
+inline AccGuard guard_acc(const float* d, int n) {
+  AccGuard g;
+  g.d = d;
+  if (thread().pending_acc[d]++ == 0) g.snapshot.assign(d, d + n);
+  return g;
+}
+
+inline void check_acc(const AccGuard& g, int n) {
+  if (!g.snapshot.empty() && std::memcmp(g.snapshot.data(), g.d, n * sizeof(float)) != 0)
+    emu::fail("wgmma: accumulator registers written by ordinary code while an async wgmma on them was in flight "
+              "(before the wgmma.wait_group that retires it)");
+  if (--thread().pending_acc[g.d] == 0) thread().pending_acc.erase(g.d);
 }
 
 template <typename T>
@@ -213,6 +302,31 @@ inline void mbarrier_init(uint32_t bar, uint32_t arrivals) {
 
 inline void fence_barrier_init() {}
 
+inline void mbarrier_arrive(uint32_t bar) {
+  emu_detail::Mbarrier& b = emu_detail::bar_at(bar, "mbarrier.arrive");
+  if (b.pending == 0) emu::fail("mbarrier.arrive: more arrivals than expected in this phase");
+  --b.pending;
+  emu_detail::maybe_complete(b);
+  emu::note_progress();
+}
+
+// setmaxnreg: no register file to resize; checks the count, the warp's convergence (.sync.aligned) and,
+// at the block's end, that each warpgroup executed the same sequence (emu_detail::install_hooks).
+inline void setmaxnreg_record(uint32_t n) {
+  emu_detail::thread().maxnreg.push_back(n);
+  emu::wait_at(emu::kWaitWarp);
+}
+template <int N>
+inline void setmaxnreg_inc() {
+  static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24..256, a multiple of 8");
+  setmaxnreg_record(N);
+}
+template <int N>
+inline void setmaxnreg_dec() {
+  static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24..256, a multiple of 8");
+  setmaxnreg_record(N);
+}
+
 inline void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t tx_bytes) {
   emu_detail::Mbarrier& b = emu_detail::bar_at(bar, "mbarrier.arrive.expect_tx");
   if (b.pending == 0) emu::fail("mbarrier.arrive: more arrivals than expected in this phase");
@@ -243,6 +357,7 @@ inline void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int 
   const uint32_t bytes = row_bytes * m.box[1] * m.box[2];
   unsigned char* smem = emu_detail::smem_ptr(dst, bytes, "cp.async.bulk.tensor destination");
   (void)smem;
+  emu_detail::check_tma_write(dst, dst + bytes);
   for (uint32_t z = 0; z < m.box[2]; ++z)
     for (uint32_t y = 0; y < m.box[1]; ++y)
       for (uint32_t x = 0; x < m.box[0]; ++x) {
@@ -288,7 +403,14 @@ inline void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b
   emu_detail::issue_checks("wgmma.mma_async (SS)");
   const emu_detail::Desc da = emu_detail::decode_desc(desc_a), db = emu_detail::decode_desc(desc_b);
   const uint32_t t = emu::thread_idx.x % 128, w = t / 32, l = t % 32;
-  emu_detail::thread().uncommitted.push_back([&d, da, db, scale_d, w, l] {
+  std::vector<std::pair<uint32_t, uint32_t>> rows;
+  emu_detail::operand_rows(da, 64, true, &rows);
+  emu_detail::operand_rows(db, 128, true, &rows);
+  const uint64_t id = emu_detail::record_reads(rows);
+  const emu_detail::AccGuard guard = emu_detail::guard_acc(d, 64);
+  emu_detail::thread().uncommitted.push_back([&d, da, db, scale_d, w, l, id, guard] {
+    emu_detail::check_acc(guard, 64);
+    emu_detail::retire_reads(id);
     float a[2][16];
     for (int i = 0; i < 2; ++i)
       for (uint32_t k = 0; k < 16; ++k)
@@ -301,17 +423,22 @@ template <typename T, int N>
 inline void wgmma_rs_tb(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
   static_assert(N == 64 || N == 128, "m64n64k16 / m64n128k16");
   emu_detail::issue_checks("wgmma.mma_async (RS)");
-  // The warp's A fragments: two exchanges of 64 bits per lane (registers 0,1 then 2,3).
-  uint64_t* row01 = emu::exchange_row();
-  row01[emu::lane()] = uint64_t{a[0]} | (uint64_t{a[1]} << 32);
-  emu::wait_at(emu::kWaitWarp);
-  uint64_t* row23 = emu::exchange_row();
-  row23[emu::lane()] = uint64_t{a[2]} | (uint64_t{a[3]} << 32);
-  emu::wait_at(emu::kWaitWarp);
+  // The warp's A fragments: two exchanges of 64 bits per lane (registers 0,1 then 2,3). Each exchange
+  // row is read right after its own barrier: the double buffering only protects a row until the lane's
+  // next collective but one (a shuffle right after this issue would overwrite row01 otherwise).
   const uint32_t l = emu::lane(), g = l / 4;
+  uint64_t quad01[4], quad23[4];
+  uint64_t* row01 = emu::exchange_row();
+  row01[l] = uint64_t{a[0]} | (uint64_t{a[1]} << 32);
+  emu::wait_at(emu::kWaitWarp);
+  for (uint32_t q = 0; q < 4; ++q) quad01[q] = row01[4 * g + q];
+  uint64_t* row23 = emu::exchange_row();
+  row23[l] = uint64_t{a[2]} | (uint64_t{a[3]} << 32);
+  emu::wait_at(emu::kWaitWarp);
+  for (uint32_t q = 0; q < 4; ++q) quad23[q] = row23[4 * g + q];
   float av[2][16];
   for (uint32_t q = 0; q < 4; ++q) {  // lane 4g + q holds k = 2q, 2q+1 (regs 0/1) and 8 + 2q, 8 + 2q + 1 (regs 2/3)
-    const uint64_t lo = row01[4 * g + q], hi = row23[4 * g + q];
+    const uint64_t lo = quad01[q], hi = quad23[q];
     const uint32_t r0 = static_cast<uint32_t>(lo), r1 = static_cast<uint32_t>(lo >> 32);
     const uint32_t r2 = static_cast<uint32_t>(hi), r3 = static_cast<uint32_t>(hi >> 32);
     for (int e = 0; e < 2; ++e) {
@@ -322,7 +449,18 @@ inline void wgmma_rs_tb(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc
     }
   }
   const emu_detail::Desc db = emu_detail::decode_desc(desc_b);
-  emu_detail::thread().uncommitted.push_back([&d, av, db, scale_d] {
+  std::vector<std::pair<uint32_t, uint32_t>> rows;
+  emu_detail::operand_rows(db, N, false, &rows);
+  const uint64_t id = emu_detail::record_reads(rows);
+  const emu_detail::AccGuard guard = emu_detail::guard_acc(d, N / 2);
+  // The A fragment registers are read asynchronously too: they must hold the same values at retirement.
+  const uint32_t* a_regs = a;
+  const std::array<uint32_t, 4> a_issued = {a[0], a[1], a[2], a[3]};
+  emu_detail::thread().uncommitted.push_back([&d, av, db, scale_d, id, guard, a_regs, a_issued] {
+    emu_detail::check_acc(guard, N / 2);
+    if (std::memcmp(a_regs, a_issued.data(), sizeof(a_issued)) != 0)
+      emu::fail("wgmma (RS): A fragment registers overwritten before the wgmma reading them was retired");
+    emu_detail::retire_reads(id);
     emu_detail::mma_rows<N>(d, av, db, false, scale_d, &emu_detail::load_elem<T>);
   });
 }
