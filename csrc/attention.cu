@@ -76,192 +76,59 @@ __device__ __forceinline__ void issue_tile(const CUtensorMap* map, uint32_t dst,
   for (int p = 0; p < Layout<D>::kPanels; ++p) hopper::tma_load_3d(dst + p * kPanelBytes, map, bar, p * kPanelCols, head, token);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1)
-    attention_fwd_kernel(const L2VF_GRID_CONSTANT CUtensorMap tm_q, const L2VF_GRID_CONSTANT CUtensorMap tm_k,
-                         const L2VF_GRID_CONSTANT CUtensorMap tm_v, const Params p) {
-  using L = Layout<D>;
-  const int seq = blockIdx.z, head = blockIdx.y;
-  const int start = __ldg(p.cu_seqlens + seq);
-  const int seqlen = __ldg(p.cu_seqlens + seq + 1) - start;
-  const int m0 = static_cast<int>(blockIdx.x) * kBlockM;
-  if (m0 >= seqlen) return;
-  const int kv_head = head / p.group;
-  const int n_tiles = (seqlen + kBlockN - 1) / kBlockN;
+// The (sequence, query head, 128-row block) of this block; false when the block starts past its sequence.
+struct BlockWork {
+  int start, seqlen, m0, head, kv_head, n_tiles;
+};
 
-  const uint32_t base = (hopper::smem_addr(hopper::dynamic_smem()) + 1023u) & ~1023u;
-  const uint32_t q_tile = base + L::kQ;
-  const uint32_t q_full = base + L::kBars;
-  auto k_tile = [&](int s) { return base + L::kK + s * L::kTileBytes; };
-  auto v_tile = [&](int s) { return base + L::kV + s * L::kTileBytes; };
-  auto k_full = [&](int s) { return base + L::kBars + 8 + 8 * s; };
-  auto v_full = [&](int s) { return base + L::kBars + 24 + 8 * s; };
-
-  const int tid = threadIdx.x;
-  if (tid == 0) {
-    hopper::prefetch_tensor_map(&tm_q);
-    hopper::prefetch_tensor_map(&tm_k);
-    hopper::prefetch_tensor_map(&tm_v);
-    for (int i = 0; i < 5; ++i) hopper::mbarrier_init(base + L::kBars + 8 * i, 1);
-    hopper::fence_barrier_init();
-  }
-  __syncthreads();
-  if (tid == 0) {
-    issue_tile<D>(&tm_q, q_tile, q_full, head, start + m0);
-    for (int s = 0; s < 2 && s < n_tiles; ++s) {
-      issue_tile<D>(&tm_k, k_tile(s), k_full(s), kv_head, start + s * kBlockN);
-      issue_tile<D>(&tm_v, v_tile(s), v_full(s), kv_head, start + s * kBlockN);
-    }
-  }
-
-  const int wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  const uint32_t q_rows = q_tile + wg * 64 * 128;  // this warpgroup's 64 rows (8 KB into each panel)
-
-  float o[D / 2];
-#pragma unroll
-  for (int e = 0; e < D / 2; ++e) o[e] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-
-  hopper::mbarrier_wait(q_full, 0);
-  for (int j = 0; j < n_tiles; ++j) {
-    const int s = j & 1;
-    const uint32_t parity = (j >> 1) & 1;
-    hopper::mbarrier_wait(k_full(s), parity);
-
-    // S = Q K^T: D/16 k-steps of m64n128k16, 32 bytes apart inside a panel, next panel after 4.
-    float sc[64];
-    hopper::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t off = (kk / 4) * kPanelBytes + (kk % 4) * 32;
-      const uint64_t da = hopper::make_smem_desc_sw128(q_rows + off, kKMajorLBO, kKMajorSBO);
-      const uint64_t db = hopper::make_smem_desc_sw128(k_tile(s) + off, kKMajorLBO, kKMajorSBO);
-      hopper::wgmma_ss_m64n128k16<T>(sc, da, db, kk > 0 ? 1 : 0);
-    }
-    hopper::wgmma_commit();
-    hopper::wgmma_wait<0>();
-#pragma unroll
-    for (int e = 0; e < 64; ++e) hopper::fence_operand(sc[e]);
-
-    // Online softmax in base 2. sc[4c + r]: row 16*warp + lane/4 + 8*(r/2), key 8c + 2*(lane%4) + r%2.
-    const int valid = seqlen - j * kBlockN;  // keys >= valid belong to the next sequence or are zero fill
-    float mx[2] = {m_run[0], m_run[1]};
-#pragma unroll
-    for (int e = 0; e < 64; ++e) {
-      const int col = 8 * (e / 4) + 2 * (lane % 4) + (e % 2);
-      float x = p.softcap ? hopper::tanh_approx(sc[e] * p.cap_in) * p.cap_out : sc[e] * p.scale_log2;
-      x = col < valid ? x : -INFINITY;
-      sc[e] = x;
-      mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], x);
-    }
-    float alpha[2], m_use[2], sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      m_use[i] = mx[i] == -INFINITY ? 0.f : mx[i];
-      alpha[i] = hopper::ex2(m_run[i] - m_use[i]);
-      m_run[i] = mx[i];
-    }
-    uint32_t pa[kBlockN / 16][4];
-#pragma unroll
-    for (int q = 0; q < kBlockN / 16; ++q) {
-      float pr[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        pr[i] = hopper::ex2(sc[8 * q + i] - m_use[(i / 2) % 2]);
-        sum[(i / 2) % 2] += pr[i];
-      }
-      pa[q][0] = hopper::pack2<T>(pr[0], pr[1]);  // row r0,     keys 16q + 2(lane%4) + 0/1
-      pa[q][1] = hopper::pack2<T>(pr[2], pr[3]);  // row r0 + 8, same keys
-      pa[q][2] = hopper::pack2<T>(pr[4], pr[5]);  // row r0,     keys 16q + 8 + 2(lane%4) + 0/1
-      pa[q][3] = hopper::pack2<T>(pr[6], pr[7]);  // row r0 + 8
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + sum[i];
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e / 2) % 2];
-
-    // O += P V: 8 k-steps of 16 keys (2 KB of V rows apart), V MN-major.
-    hopper::mbarrier_wait(v_full(s), parity);
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
-#pragma unroll
-    for (int q = 0; q < kBlockN / 16; ++q)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) hopper::fence_operand(pa[q][i]);
-    hopper::wgmma_fence();
-#pragma unroll
-    for (int q = 0; q < kBlockN / 16; ++q) {
-      const uint64_t db = hopper::make_smem_desc_sw128(v_tile(s) + q * 16 * 128, p.v_lbo, p.v_sbo);
-      hopper::wgmma_rs_tb<T, D>(o, pa[q], db, 1);
-    }
-    hopper::wgmma_commit();
-    hopper::wgmma_wait<0>();
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
-
-    __syncthreads();  // both warpgroups are done with stage s
-    if (tid == 0 && j + 2 < n_tiles) {
-      issue_tile<D>(&tm_k, k_tile(s), k_full(s), kv_head, start + (j + 2) * kBlockN);
-      issue_tile<D>(&tm_v, v_tile(s), v_full(s), kv_head, start + (j + 2) * kBlockN);
-    }
-  }
-
-  // Epilogue: O / l, lse = (m + log2 l) ln 2. A quad holds a row: reduce l over it.
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-    const int row = m0 + wg * 64 + warp * 16 + lane / 4 + 8 * i;
-    if (row >= seqlen) continue;
-    const int64_t token = start + row;
-    const float inv = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
-    T* dst = out + token * p.out_stride_tok + head * p.out_stride_head + 2 * (lane % 4);
-#pragma unroll
-    for (int c = 0; c < D / 8; ++c) {
-      const uint32_t pair = hopper::pack2<T>(o[4 * c + 2 * i] * inv, o[4 * c + 2 * i + 1] * inv);
-      __stwb(reinterpret_cast<unsigned int*>(dst + 8 * c), pair);
-    }
-    if (lane % 4 == 0) {
-      const float lse = l_run[i] > 0.f ? (m_run[i] + log2f(l_run[i])) * kLn2 : -INFINITY;
-      __stwb(p.lse + head * p.total_tokens + token, lse);
-    }
-  }
+__device__ __forceinline__ bool block_work(const Params& p, BlockWork& w) {
+  w.head = blockIdx.y;
+  w.start = __ldg(p.cu_seqlens + blockIdx.z);
+  w.seqlen = __ldg(p.cu_seqlens + blockIdx.z + 1) - w.start;
+  w.m0 = static_cast<int>(blockIdx.x) * kBlockM;
+  w.kv_head = w.head / p.group;
+  w.n_tiles = (w.seqlen + kBlockN - 1) / kBlockN;
+  return w.m0 < w.seqlen;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Kernel v2: FA3-style warp specialisation (see README.md, "Kernel v2").
-// Block: 384 threads = producer warpgroup 0 + consumer warpgroups 1, 2 (consumer c = wg - 1 owns query
-// rows 64c .. 64c+63). The producer drops to kProducerRegs registers (setmaxnreg.dec) and one thread
-// issues every TMA; the consumers raise theirs to kConsumerRegs (setmaxnreg.inc). K and V go through a
-// ring of kStages stages, each with a full mbarrier (1 arrival + tx bytes, TMA) and an empty mbarrier
-// (kConsumerThreads arrivals: every consumer thread arrives once its wgmma reading the stage has been
-// waited). The producer waits on empty before refilling a stage: no __syncthreads after the set-up.
-// Consumer iteration j (FA3's intra-warpgroup overlap): issue S_j = Q K_j^T, issue O += P_{j-1} V_{j-1}
-// (P from registers), wait_group 1 (S_j done, PV still running), release K_j, softmax of S_j in place
-// (max, exp, sum: only S registers and scalars), wait_group 0, release V_{j-1}, rescale O, pack P_j.
-// Nothing written by ordinary code is read by an in-flight wgmma and vice versa: S is free while PV
-// runs, O and the P fragments are only touched after wait_group 0.
-// ---------------------------------------------------------------------------------------------------
-constexpr int kThreadsV2 = 384;
-constexpr int kConsumerThreads = 256;
-constexpr int kProducerRegs = 24;   // 128 x 24 + 256 x 240 = 64512 <= 65536 registers per SM
-constexpr int kConsumerRegs = 240;
+// Issues S = Q K^T for one warpgroup's 64 rows (one commit group): D/16 k-steps of m64n128k16, 32 bytes
+// apart inside a 64-column panel, the next panel after 4.
+template <typename T, int D>
+__device__ __forceinline__ void issue_qk(float (&sc)[64], uint32_t q_rows, uint32_t k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t off = (kk / 4) * kPanelBytes + (kk % 4) * 32;
+    const uint64_t da = hopper::make_smem_desc_sw128(q_rows + off, kKMajorLBO, kKMajorSBO);
+    const uint64_t db = hopper::make_smem_desc_sw128(k_tile + off, kKMajorLBO, kKMajorSBO);
+    hopper::wgmma_ss_m64n128k16<T>(sc, da, db, kk > 0 ? 1 : 0);
+  }
+  hopper::wgmma_commit();
+}
 
-template <int D>
-struct LayoutV2 {
-  static constexpr int kStages = D == 128 ? 2 : 4;         // hd128: 160 KB of tiles; hd64: 144 KB
-  static constexpr uint32_t kTileBytes = kBlockM * D * 2;
-  static constexpr uint32_t kQ = 0;
-  static constexpr uint32_t kK = kTileBytes;
-  static constexpr uint32_t kV = (1 + kStages) * kTileBytes;
-  static constexpr uint32_t kBars = (1 + 2 * kStages) * kTileBytes;
-  static constexpr int kNumBars = 1 + 4 * kStages;         // q_full, k_full[], v_full[], k_empty[], v_empty[]
-  static constexpr uint32_t kBytes = kBars + kNumBars * 8;
-  static constexpr uint32_t kAlloc = kBytes + 1024;
-};
+// Issues O += P V (one commit group): 8 k-steps of 16 keys (2 KB of V rows apart), V MN-major.
+template <typename T, int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pa)[kBlockN / 16][4], uint32_t v_tile,
+                                         const Params& p) {
+#pragma unroll
+  for (int q = 0; q < kBlockN / 16; ++q) {
+    const uint64_t db = hopper::make_smem_desc_sw128(v_tile + q * 16 * 128, p.v_lbo, p.v_sbo);
+    hopper::wgmma_rs_tb<T, D>(o, pa[q], db, 1);
+  }
+  hopper::wgmma_commit();
+}
+
+// Compiler fences on the registers an async wgmma reads or writes (CUTLASS's warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void fence_all(float (&r)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) hopper::fence_operand(r[e]);
+}
+__device__ __forceinline__ void fence_all(uint32_t (&pa)[kBlockN / 16][4]) {
+#pragma unroll
+  for (int q = 0; q < kBlockN / 16; ++q)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) hopper::fence_operand(pa[q][i]);
+}
 
 // The online-softmax step on a fresh S tile, in place: sc becomes exp2(s - m) (masked keys 0), m_run the
 // new row maxima, alpha the factor that rescales what was accumulated before, sum the row sums of sc.
@@ -305,19 +172,151 @@ __device__ __forceinline__ void pack_p(const float (&sc)[64], uint32_t (&pa)[kBl
   }
 }
 
+// Epilogue: O / l and lse = (m + log2 l) ln 2 for this thread's two rows (row0 + lane/4 and + 8); a quad
+// holds a row, so l is reduced over it first. Rows past the sequence are not stored.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&o)[D / 2], float (&l_run)[2], const float (&m_run)[2],
+                                           const BlockWork& w, int row0, int lane, const Params& p) {
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+    const int row = row0 + lane / 4 + 8 * i;
+    if (row >= w.seqlen) continue;
+    const int64_t token = w.start + row;
+    const float inv = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
+    T* dst = out + token * p.out_stride_tok + w.head * p.out_stride_head + 2 * (lane % 4);
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+      const uint32_t pair = hopper::pack2<T>(o[4 * c + 2 * i] * inv, o[4 * c + 2 * i + 1] * inv);
+      __stwb(reinterpret_cast<unsigned int*>(dst + 8 * c), pair);
+    }
+    if (lane % 4 == 0) {
+      const float lse = l_run[i] > 0.f ? (m_run[i] + log2f(l_run[i])) * kLn2 : -INFINITY;
+      __stwb(p.lse + w.head * p.total_tokens + token, lse);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_fwd_kernel(const L2VF_GRID_CONSTANT CUtensorMap tm_q, const L2VF_GRID_CONSTANT CUtensorMap tm_k,
+                         const L2VF_GRID_CONSTANT CUtensorMap tm_v, const Params p) {
+  using L = Layout<D>;
+  BlockWork w;
+  if (!block_work(p, w)) return;
+
+  const uint32_t base = (hopper::smem_addr(hopper::dynamic_smem()) + 1023u) & ~1023u;
+  const uint32_t q_tile = base + L::kQ;
+  const uint32_t q_full = base + L::kBars;
+  auto k_tile = [&](int s) { return base + L::kK + s * L::kTileBytes; };
+  auto v_tile = [&](int s) { return base + L::kV + s * L::kTileBytes; };
+  auto k_full = [&](int s) { return base + L::kBars + 8 + 8 * s; };
+  auto v_full = [&](int s) { return base + L::kBars + 24 + 8 * s; };
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    hopper::prefetch_tensor_map(&tm_q);
+    hopper::prefetch_tensor_map(&tm_k);
+    hopper::prefetch_tensor_map(&tm_v);
+    for (int i = 0; i < 5; ++i) hopper::mbarrier_init(base + L::kBars + 8 * i, 1);
+    hopper::fence_barrier_init();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    issue_tile<D>(&tm_q, q_tile, q_full, w.head, w.start + w.m0);
+    for (int s = 0; s < 2 && s < w.n_tiles; ++s) {
+      issue_tile<D>(&tm_k, k_tile(s), k_full(s), w.kv_head, w.start + s * kBlockN);
+      issue_tile<D>(&tm_v, v_tile(s), v_full(s), w.kv_head, w.start + s * kBlockN);
+    }
+  }
+
+  const int wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const uint32_t q_rows = q_tile + wg * 64 * 128;  // this warpgroup's 64 rows (8 KB into each panel)
+
+  float o[D / 2];
+#pragma unroll
+  for (int e = 0; e < D / 2; ++e) o[e] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2], sum[2];
+  float sc[64];
+  uint32_t pa[kBlockN / 16][4];
+
+  hopper::mbarrier_wait(q_full, 0);
+  for (int j = 0; j < w.n_tiles; ++j) {
+    const int s = j & 1;
+    const uint32_t parity = (j >> 1) & 1;
+    hopper::mbarrier_wait(k_full(s), parity);
+    hopper::wgmma_fence();
+    issue_qk<T, D>(sc, q_rows, k_tile(s));
+    hopper::wgmma_wait<0>();
+    fence_all(sc);
+
+    // Online softmax in base 2; keys past the sequence (the next sequence's or zero fill) are masked.
+    softmax_tile<D>(sc, m_run, alpha, sum, w.seqlen - j * kBlockN, lane, p);
+    pack_p<T>(sc, pa);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + sum[i];
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e / 2) % 2];
+
+    hopper::mbarrier_wait(v_full(s), parity);
+    fence_all(o);
+    fence_all(pa);
+    hopper::wgmma_fence();
+    issue_pv<T, D>(o, pa, v_tile(s), p);
+    hopper::wgmma_wait<0>();
+    fence_all(o);
+
+    __syncthreads();  // both warpgroups are done with stage s
+    if (tid == 0 && j + 2 < w.n_tiles) {
+      issue_tile<D>(&tm_k, k_tile(s), k_full(s), w.kv_head, w.start + (j + 2) * kBlockN);
+      issue_tile<D>(&tm_v, v_tile(s), v_full(s), w.kv_head, w.start + (j + 2) * kBlockN);
+    }
+  }
+  store_rows<T, D>(o, l_run, m_run, w, w.m0 + wg * 64 + warp * 16, lane, p);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Kernel v2: FA3-style warp specialisation (see README.md, "Kernel v2").
+// Block: 384 threads = producer warpgroup 0 + consumer warpgroups 1, 2 (consumer c = wg - 1 owns query
+// rows 64c .. 64c+63). The producer drops to kProducerRegs registers (setmaxnreg.dec) and one thread
+// issues every TMA; the consumers raise theirs to kConsumerRegs (setmaxnreg.inc). K and V go through a
+// ring of kStages stages, each with a full mbarrier (1 arrival + tx bytes, TMA) and an empty mbarrier
+// (kConsumerThreads arrivals: every consumer thread arrives once its wgmma reading the stage has been
+// waited). The producer waits on empty before refilling a stage: no __syncthreads after the set-up.
+// Consumer iteration j (FA3's intra-warpgroup overlap): issue S_j = Q K_j^T, issue O += P_{j-1} V_{j-1}
+// (P from registers), wait_group 1 (S_j done, PV still running), release K_j, softmax of S_j in place
+// (max, exp, sum: only S registers and scalars), wait_group 0, release V_{j-1}, rescale O, pack P_j.
+// Nothing written by ordinary code is read by an in-flight wgmma and vice versa: S is free while PV
+// runs, O and the P fragments are only touched after wait_group 0.
+// ---------------------------------------------------------------------------------------------------
+constexpr int kThreadsV2 = 384;
+constexpr int kConsumerThreads = 256;
+constexpr int kProducerRegs = 24;   // 128 x 24 + 256 x 240 = 64512 <= 65536 registers per SM
+constexpr int kConsumerRegs = 240;
+
+template <int D>
+struct LayoutV2 {
+  static constexpr int kStages = D == 128 ? 2 : 4;         // hd128: 160 KB of tiles; hd64: 144 KB
+  static constexpr uint32_t kTileBytes = kBlockM * D * 2;
+  static constexpr uint32_t kQ = 0;
+  static constexpr uint32_t kK = kTileBytes;
+  static constexpr uint32_t kV = (1 + kStages) * kTileBytes;
+  static constexpr uint32_t kBars = (1 + 2 * kStages) * kTileBytes;
+  static constexpr int kNumBars = 1 + 4 * kStages;         // q_full, k_full[], v_full[], k_empty[], v_empty[]
+  static constexpr uint32_t kBytes = kBars + kNumBars * 8;
+  static constexpr uint32_t kAlloc = kBytes + 1024;
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreadsV2, 1)
     attention_fwd_ws_kernel(const L2VF_GRID_CONSTANT CUtensorMap tm_q, const L2VF_GRID_CONSTANT CUtensorMap tm_k,
                             const L2VF_GRID_CONSTANT CUtensorMap tm_v, const Params p) {
   using L = LayoutV2<D>;
   constexpr int S = L::kStages;
-  const int seq = blockIdx.z, head = blockIdx.y;
-  const int start = __ldg(p.cu_seqlens + seq);
-  const int seqlen = __ldg(p.cu_seqlens + seq + 1) - start;
-  const int m0 = static_cast<int>(blockIdx.x) * kBlockM;
-  if (m0 >= seqlen) return;
-  const int kv_head = head / p.group;
-  const int n_tiles = (seqlen + kBlockN - 1) / kBlockN;
+  BlockWork w;
+  if (!block_work(p, w)) return;
 
   const uint32_t base = (hopper::smem_addr(hopper::dynamic_smem()) + 1023u) & ~1023u;
   const uint32_t q_tile = base + L::kQ;
@@ -349,14 +348,14 @@ __global__ void __launch_bounds__(kThreadsV2, 1)
   if (wg == 0) {  // ---- producer ----
     hopper::setmaxnreg_dec<kProducerRegs>();
     if (tid == 0) {
-      issue_tile<D>(&tm_q, q_tile, q_full, head, start + m0);
-      for (int j = 0; j < n_tiles; ++j) {
+      issue_tile<D>(&tm_q, q_tile, q_full, w.head, w.start + w.m0);
+      for (int j = 0; j < w.n_tiles; ++j) {
         const int s = j % S;
         const uint32_t parity = ((j / S) + 1) & 1;  // use n = j / S >= 1 of stage s waits phase n - 1
         if (j >= S) hopper::mbarrier_wait(k_empty(s), parity);
-        issue_tile<D>(&tm_k, k_tile(s), k_full(s), kv_head, start + j * kBlockN);
+        issue_tile<D>(&tm_k, k_tile(s), k_full(s), w.kv_head, w.start + j * kBlockN);
         if (j >= S) hopper::mbarrier_wait(v_empty(s), parity);
-        issue_tile<D>(&tm_v, v_tile(s), v_full(s), kv_head, start + j * kBlockN);
+        issue_tile<D>(&tm_v, v_tile(s), v_full(s), w.kv_head, w.start + j * kBlockN);
       }
     }
     return;
@@ -366,25 +365,6 @@ __global__ void __launch_bounds__(kThreadsV2, 1)
   hopper::setmaxnreg_inc<kConsumerRegs>();
   const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32;
   const uint32_t q_rows = q_tile + c * 64 * 128;  // this warpgroup's 64 rows (8 KB into each panel)
-
-  auto issue_s = [&](float (&sc)[64], int s) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t off = (kk / 4) * kPanelBytes + (kk % 4) * 32;
-      const uint64_t da = hopper::make_smem_desc_sw128(q_rows + off, kKMajorLBO, kKMajorSBO);
-      const uint64_t db = hopper::make_smem_desc_sw128(k_tile(s) + off, kKMajorLBO, kKMajorSBO);
-      hopper::wgmma_ss_m64n128k16<T>(sc, da, db, kk > 0 ? 1 : 0);
-    }
-    hopper::wgmma_commit();
-  };
-  auto issue_pv = [&](float (&o)[D / 2], uint32_t (&pa)[kBlockN / 16][4], int s) {
-#pragma unroll
-    for (int q = 0; q < kBlockN / 16; ++q) {
-      const uint64_t db = hopper::make_smem_desc_sw128(v_tile(s) + q * 16 * 128, p.v_lbo, p.v_sbo);
-      hopper::wgmma_rs_tb<T, D>(o, pa[q], db, 1);
-    }
-    hopper::wgmma_commit();
-  };
 
   float o[D / 2];
 #pragma unroll
@@ -397,43 +377,32 @@ __global__ void __launch_bounds__(kThreadsV2, 1)
   hopper::mbarrier_wait(q_full, 0);
   hopper::mbarrier_wait(k_full(0), 0);
   hopper::wgmma_fence();
-  issue_s(sc, 0);
+  issue_qk<T, D>(sc, q_rows, k_tile(0));
   hopper::wgmma_wait<0>();
-#pragma unroll
-  for (int e = 0; e < 64; ++e) hopper::fence_operand(sc[e]);
+  fence_all(sc);
   hopper::mbarrier_arrive(k_empty(0));
-  softmax_tile<D>(sc, m_run, alpha, sum, seqlen, lane, p);
+  softmax_tile<D>(sc, m_run, alpha, sum, w.seqlen, lane, p);
 #pragma unroll
   for (int i = 0; i < 2; ++i) l_run[i] = sum[i];
   pack_p<T>(sc, pa);
 
-  for (int j = 1; j < n_tiles; ++j) {
+  for (int j = 1; j < w.n_tiles; ++j) {
     const int s = j % S, sp = (j - 1) % S;
     hopper::mbarrier_wait(k_full(s), (j / S) & 1);
-#pragma unroll
-    for (int e = 0; e < 64; ++e) hopper::fence_operand(sc[e]);
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
-#pragma unroll
-    for (int q = 0; q < kBlockN / 16; ++q)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) hopper::fence_operand(pa[q][i]);
+    fence_all(sc);
+    fence_all(o);
+    fence_all(pa);
     hopper::wgmma_fence();
-    issue_s(sc, s);        // S_j = Q K_j^T
+    issue_qk<T, D>(sc, q_rows, k_tile(s));  // S_j = Q K_j^T
     hopper::mbarrier_wait(v_full(sp), ((j - 1) / S) & 1);
-    issue_pv(o, pa, sp);   // O += P_{j-1} V_{j-1}
+    issue_pv<T, D>(o, pa, v_tile(sp), p);  // O += P_{j-1} V_{j-1}
     hopper::wgmma_wait<1>();  // S_j retired; the PV group may still run
-#pragma unroll
-    for (int e = 0; e < 64; ++e) hopper::fence_operand(sc[e]);
+    fence_all(sc);
     hopper::mbarrier_arrive(k_empty(s));
-    softmax_tile<D>(sc, m_run, alpha, sum, seqlen - j * kBlockN, lane, p);
+    softmax_tile<D>(sc, m_run, alpha, sum, w.seqlen - j * kBlockN, lane, p);
     hopper::wgmma_wait<0>();  // PV retired: O and the P fragments are free
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
-#pragma unroll
-    for (int q = 0; q < kBlockN / 16; ++q)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) hopper::fence_operand(pa[q][i]);
+    fence_all(o);
+    fence_all(pa);
     hopper::mbarrier_arrive(v_empty(sp));
 #pragma unroll
     for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + sum[i];
@@ -444,42 +413,17 @@ __global__ void __launch_bounds__(kThreadsV2, 1)
 
   // The last tile's PV.
   {
-    const int sp = (n_tiles - 1) % S;
-    hopper::mbarrier_wait(v_full(sp), ((n_tiles - 1) / S) & 1);
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
-#pragma unroll
-    for (int q = 0; q < kBlockN / 16; ++q)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) hopper::fence_operand(pa[q][i]);
+    const int sp = (w.n_tiles - 1) % S;
+    hopper::mbarrier_wait(v_full(sp), ((w.n_tiles - 1) / S) & 1);
+    fence_all(o);
+    fence_all(pa);
     hopper::wgmma_fence();
-    issue_pv(o, pa, sp);
+    issue_pv<T, D>(o, pa, v_tile(sp), p);
     hopper::wgmma_wait<0>();
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) hopper::fence_operand(o[e]);
+    fence_all(o);
   }
 
-  // Epilogue (as v1's): O / l, lse = (m + log2 l) ln 2; a quad holds a row.
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-    const int row = m0 + c * 64 + warp * 16 + lane / 4 + 8 * i;
-    if (row >= seqlen) continue;
-    const int64_t token = start + row;
-    const float inv = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
-    T* dst = out + token * p.out_stride_tok + head * p.out_stride_head + 2 * (lane % 4);
-#pragma unroll
-    for (int cc = 0; cc < D / 8; ++cc) {
-      const uint32_t pair = hopper::pack2<T>(o[4 * cc + 2 * i] * inv, o[4 * cc + 2 * i + 1] * inv);
-      __stwb(reinterpret_cast<unsigned int*>(dst + 8 * cc), pair);
-    }
-    if (lane % 4 == 0) {
-      const float lse = l_run[i] > 0.f ? (m_run[i] + log2f(l_run[i])) * kLn2 : -INFINITY;
-      __stwb(p.lse + head * p.total_tokens + token, lse);
-    }
-  }
+  store_rows<T, D>(o, l_run, m_run, w, w.m0 + c * 64 + warp * 16, lane, p);
 }
 
 // Variant 0 (the default) is v1 until a GPU measures v2 faster (and correct) at the encoder's shapes;

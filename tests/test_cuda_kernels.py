@@ -1386,7 +1386,7 @@ def test_emulator_catches_broken_hopper_code(which, message):
 # Mutations of the v2 kernel (csrc/attention.cu, attention_fwd_ws_kernel) that break its protocol, and
 # the emulator's message for each: a consumer that never releases V stages, O rescaled while the PV
 # wgmma still accumulates into it, the next P packed into the fragments the PV wgmma still reads.
-_V2_SOFTMAX = "    softmax_tile<D>(sc, m_run, alpha, sum, seqlen - j * kBlockN, lane, p);\n"
+_V2_SOFTMAX = "    softmax_tile<D>(sc, m_run, alpha, sum, w.seqlen - j * kBlockN, lane, p);\n"
 V2_MUTATIONS = {
     "no_v_empty_arrive": ("    hopper::mbarrier_arrive(v_empty(sp));\n", "", r"deadlock: every live thread spins"),
     "rescale_before_pv_wait": (_V2_SOFTMAX,
