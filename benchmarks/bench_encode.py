@@ -282,17 +282,9 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
 
 def throughput(rows: Sequence[harness.Row]) -> List[str]:
     """One note per row with its texts/s and tokens/s, and our speed-up over the baseline."""
-    notes = []
-    by_impl = {row.impl: row for row in rows if row.op == OP}
-    for row in by_impl.values():
-        tokens = int(row.shape.split("tokens=")[1].split(",")[0])
-        texts = int(row.shape.split("texts=")[1].split(",")[0])
-        notes.append(f"{OP} {row.impl}: {texts / (row.ms / 1e3):,.0f} texts/s, {tokens / (row.ms / 1e3):,.0f} tokens/s")
-    ours, baseline = by_impl.get("llm2vec_fast_packed"), by_impl.get("llm2vec_sdpa_padded")
-    if ours and baseline:
-        goal = "2x on an H100" if "D=128" in ours.shape else "1.3x on the CPU"
-        notes.append(f"{OP}: llm2vec_fast_packed is {baseline.ms / ours.ms:.2f}x llm2vec_sdpa_padded (goal: >= {goal})")
-    return notes
+    goal = "2x on an H100" if any("D=128" in row.shape for row in rows if row.op == OP) else "1.3x on the CPU"
+    return harness.speed_notes(rows, OP, [("texts", "texts/s", ",.0f"), ("tokens", "tokens/s", ",.0f")],
+                               "llm2vec_fast_packed", "llm2vec_sdpa_padded", goal)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

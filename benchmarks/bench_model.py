@@ -165,15 +165,8 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
 
 def tokens_per_second(rows: Sequence[harness.Row]) -> List[str]:
     """One note per row with its tokens/s, and our speed-up over hf_sdpa_padded."""
-    notes = []
-    by_impl = {row.impl: row for row in rows if row.op == OP}
-    for row in by_impl.values():
-        tokens = int(row.shape.split("tokens=")[1].split(",")[0])
-        notes.append(f"{OP} {row.impl}: {tokens / (row.ms / 1e3):,.0f} tokens/s")
-    ours, baseline = by_impl.get("llm2vec_fast_packed"), by_impl.get("hf_sdpa_padded")
-    if ours and baseline:
-        notes.append(f"{OP}: llm2vec_fast_packed is {baseline.ms / ours.ms:.2f}x hf_sdpa_padded (goal: >= 2x)")
-    return notes
+    return harness.speed_notes(rows, OP, [("tokens", "tokens/s", ",.0f")], "llm2vec_fast_packed", "hf_sdpa_padded",
+                               "2x")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -312,16 +312,8 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
 
 def throughput(rows: Sequence[harness.Row]) -> List[str]:
     """Samples/s of each impl and our speed-up (standalone runs)."""
-    notes = []
-    by_impl = {row.impl: row for row in rows if row.op == OP}
-    for row in by_impl.values():
-        batch = int(row.shape.split("B=")[1].split(",")[0])
-        notes.append(f"{OP} {row.impl}: {batch / (row.ms / 1e3):,.1f} samples/s")
-    ours, baseline = by_impl.get("llm2vec_fast_packed"), by_impl.get("hf_sdpa_padded")
-    if ours and baseline:
-        notes.append(f"{OP}: llm2vec_fast_packed is {baseline.ms / ours.ms:.2f}x hf_sdpa_padded (goal: >= 1.5x on "
-                     f"an H100)")
-    return notes
+    return harness.speed_notes(rows, OP, [("B", "samples/s", ",.1f")], "llm2vec_fast_packed", "hf_sdpa_padded",
+                               "1.5x on an H100")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -501,6 +501,24 @@ def write_results(meta: Dict[str, Any], rows: Sequence[Row], out_dir: str, *, qu
     return paths
 
 
+def speed_notes(rows: Sequence[Row], op: str, rates: Sequence[Tuple[str, str, str]], ours: str, baseline: str,
+                goal: str) -> List[str]:
+    """The end-to-end benchmarks' summary: one note per impl with its rates, then our speed-up over ``baseline``.
+
+    ``rates`` are (shape key, unit, format): the count ``key=N`` read from the row's shape, per second, e.g.
+    ("tokens", "tokens/s", ",.0f") gives "12,345 tokens/s".
+    """
+    notes = []
+    by_impl = {row.impl: row for row in rows if row.op == op}
+    for row in by_impl.values():
+        seconds = row.ms / 1e3
+        parts = [f"{int(row.shape.split(key + '=')[1].split(',')[0]) / seconds:{fmt}} {unit}" for key, unit, fmt in rates]
+        notes.append(f"{op} {row.impl}: {', '.join(parts)}")
+    if ours in by_impl and baseline in by_impl:
+        notes.append(f"{op}: {ours} is {by_impl[baseline].ms / by_impl[ours].ms:.2f}x {baseline} (goal: >= {goal})")
+    return notes
+
+
 def standalone_main(argv, *, description: str, cases, method_notes: List[str], run_notes: List[str], summary,
                     results_subdir: str) -> int:
     """The command line of a benchmark module run on its own (``python -m benchmarks.bench_model``):

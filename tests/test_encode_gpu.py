@@ -18,7 +18,8 @@ import warnings
 import pytest
 import torch
 
-from test_encoder import ENCODE_ITEMS, INPUTS, as_items, configure, reference, run_id, write_checkpoint
+from test_encoder import ENCODE_ITEMS, INPUTS, as_items, checkpoints, configure, reference, run_id  # noqa: F401
+# (checkpoints: test_encoder's session fixture of tiny checkpoints)
 
 pytestmark = pytest.mark.gpu
 
@@ -27,18 +28,6 @@ RUNS = reference("llama")["runs"]
 MODES = RUNS[:10:2] + [RUNS[1]]  # every pooling mode with skip_instruction, and mean without
 SMALL_BUDGET = 40  # tokens per batch: many batches, so that several are in flight
 SYNC_WARNING = "synchronizing CUDA operation"  # what set_sync_debug_mode("warn") reports
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encode_gpu")
-    made = {}
-
-    def get(case: str) -> str:
-        if case not in made:
-            made[case] = write_checkpoint(case, str(root / case))
-        return made[case]
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_encoder import INPUTS, REPO, SAME_ATOL, write_checkpoint, write_jsonl
+from test_encoder import INPUTS, REPO, SAME_ATOL, checkpoints, write_jsonl  # noqa: F401  (checkpoints: a fixture)
 
 from llm2vec_fast.encoder.parallel import balanced_shards
 
@@ -22,8 +21,8 @@ def _items():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_checkpoint("llama", str(tmp_path_factory.mktemp("parallel") / "llama"))
+def checkpoint(checkpoints):  # noqa: F811  (checkpoints: test_encoder's session fixture)
+    return checkpoints("llama")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from test_encoder import INPUTS, write_checkpoint
+from test_encoder import INPUTS, checkpoints  # noqa: F401  (a session fixture)
 from test_training_contrastive import files, simcse_config, supervised_config  # noqa: F401  (files: a fixture)
 from test_training_mntp import mntp_config
 
@@ -14,8 +14,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_checkpoint("llama", str(tmp_path_factory.mktemp("gpu_e2e") / "llama"))
+def checkpoint(checkpoints):  # noqa: F811  (checkpoints: test_encoder's session fixture)
+    return checkpoints("llama")
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
