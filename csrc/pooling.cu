@@ -227,6 +227,27 @@ __device__ __forceinline__ void split_range(int len, int z, int nsplit, int& beg
   end = static_cast<int>(min(b + per, static_cast<int64_t>(len)));
 }
 
+// What block blockIdx.x of the split grid (pool_reduce_kernel, pool_backward_kernel) works on: sequence b,
+// D-slice `slice`, token split z of a.nsplit, and that split's tokens [begin, end) of the sequence's span s.
+struct BlockPart {
+  int64_t slice, b;
+  int z;
+  Span s;
+  int begin, end;
+};
+
+__device__ __forceinline__ BlockPart block_part(const Args& a) {
+  BlockPart part;
+  int64_t blk = blockIdx.x;  // slices vary fastest, then splits, then sequences
+  part.slice = blk % a.slices;
+  blk /= a.slices;
+  part.z = static_cast<int>(blk % a.nsplit);
+  part.b = blk / a.nsplit;
+  part.s = span_of(a, part.b);
+  split_range(part.s.len, part.z, a.nsplit, part.begin, part.end);
+  return part;
+}
+
 __device__ __forceinline__ float block_sum(float x, float* sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -344,15 +365,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) pool_reduce_kernel(
   __shared__ float sum_sm[kWarps];
   __shared__ int s_last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int64_t blk = blockIdx.x;
-  const int64_t slice = blk % a.slices;
-  blk /= a.slices;
-  const int z = static_cast<int>(blk % a.nsplit);
-  const int64_t b = blk / a.nsplit;
-
-  const Span s = span_of(a, b);
-  int begin, end;
-  split_range(s.len, z, a.nsplit, begin, end);
+  const BlockPart part = block_part(a);
+  const int64_t slice = part.slice, b = part.b;
+  const int z = part.z, begin = part.begin, end = part.end;
+  const Span s = part.s;
   const bool has_flags = a.am != nullptr || a.em != nullptr;
   int total = s.len, before = begin;
   if (has_flags) {
@@ -509,15 +525,10 @@ __global__ void __launch_bounds__(kThreads) pool_backward_kernel(Args a, const f
                                                                  T* __restrict__ grad_hidden) {
   __shared__ int scan_sm[4 * kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int64_t blk = blockIdx.x;
-  const int64_t slice = blk % a.slices;
-  blk /= a.slices;
-  const int z = static_cast<int>(blk % a.nsplit);
-  const int64_t b = blk / a.nsplit;
-
-  const Span s = span_of(a, b);
-  int begin, end;
-  split_range(s.len, z, a.nsplit, begin, end);
+  const BlockPart part = block_part(a);
+  const int64_t slice = part.slice, b = part.b;
+  const int z = part.z, begin = part.begin, end = part.end;
+  const Span s = part.s;
   const bool token_mode = a.mode == kPoolLastToken || a.mode == kPoolBosToken;
   const bool weighted = a.mode == kPoolWeightedMean;
   const bool has_flags = !token_mode && (a.am != nullptr || a.em != nullptr);
