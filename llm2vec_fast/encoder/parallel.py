@@ -31,6 +31,12 @@ CHUNKS_PER_WORKER = 4
 _POLL_SECONDS = 1.0
 
 
+def _longest_first(items: Sequence[InputItem]):
+    """(characters per input, input indices by decreasing characters, ties in input order)."""
+    sizes = [len(instruction) + len(text) for instruction, text in items]
+    return sizes, sorted(range(len(items)), key=lambda i: (-sizes[i], i))
+
+
 def balanced_shards(items: Sequence[InputItem], parts: int) -> List[List[int]]:
     """``parts`` lists of input indices, each sorted by decreasing length, with near-equal characters.
 
@@ -39,8 +45,7 @@ def balanced_shards(items: Sequence[InputItem], parts: int) -> List[List[int]]:
     """
     if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
         raise ValueError(f"parts must be a positive int, got {parts!r}")
-    sizes = [len(instruction) + len(text) for instruction, text in items]
-    order = sorted(range(len(items)), key=lambda i: (-sizes[i], i))
+    sizes, order = _longest_first(items)
     shards: List[List[int]] = [[] for _ in range(parts)]
     load = [0] * parts
     for i in order:
@@ -53,8 +58,7 @@ def balanced_shards(items: Sequence[InputItem], parts: int) -> List[List[int]]:
 def _chunks_for_pool(items: Sequence[InputItem], workers: int) -> List[List[int]]:
     """Work units for the pool's shared queue: consecutive runs of the length-sorted inputs (similar
     lengths batch well), longest first so that the big units start early."""
-    sizes = [len(instruction) + len(text) for instruction, text in items]
-    order = sorted(range(len(items)), key=lambda i: (-sizes[i], i))
+    _, order = _longest_first(items)
     count = max(1, min(len(order), workers * CHUNKS_PER_WORKER))
     step = -(-len(order) // count)
     return [order[start:start + step] for start in range(0, len(order), step)]
