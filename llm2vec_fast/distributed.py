@@ -16,6 +16,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> Tuple[int, int]:
+    """(this process's rank, the world size) of the initialised process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _row_counts(rows: int, device) -> List[int]:
     local = torch.tensor([rows], device=device, dtype=torch.long)
     counts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]

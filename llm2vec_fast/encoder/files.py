@@ -182,7 +182,8 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
     recorded = json.loads(json.dumps(recorded))  # as it reads back from index.json
     identity = input_identity(input_path)
     dim = encoder._hidden_size()
-    rank, world = _rank_and_world()
+    from ..distributed import rank_and_world  # torch: imported when a file is encoded, not by the CLI parser
+    rank, world = rank_and_world()
     if rank == 0:
         index = _open_index(output, identity, recorded, dim)
     if world > 1:
@@ -258,17 +259,6 @@ def _open_index(output: str, identity: Dict[str, Any], recorded: Dict[str, Any],
              "complete": False, "rows": None}
     _write_json_atomic(os.path.join(output, INDEX), index)
     return index
-
-
-def _rank_and_world() -> Tuple[int, int]:
-    """This process's rank and the world size under an initialised torch.distributed group, else (0, 1)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _recorded_shards(output: str, index: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -30,6 +30,7 @@ from typing import Callable, ClassVar, Dict, Iterator, List, Optional, Sequence,
 
 import torch
 
+from ..distributed import rank_and_world
 from ..encoder.files import iter_jsonl, read_records
 from ..encoder.llm2vec import POOLING_MODES
 from .config import TrainConfig, data_files
@@ -204,12 +205,6 @@ def read_supervised(path: str, instructions: Dict[str, str], instruction_suffix:
     if not data:
         raise ValueError(f"config key 'dataset_file_path': {path!r} holds no rows")
     return data
-
-
-def rank_and_world() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def shard(rows: Sequence, rank: int, world: int) -> list:

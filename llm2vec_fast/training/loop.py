@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..distributed import rank_and_world
 from .model_setup import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -46,14 +47,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 LOG_FILE = "log.jsonl"
 
 
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _barrier() -> None:
-    if _rank_world()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.barrier()
 
 
@@ -83,7 +78,7 @@ class Trainer:
         self.recipe = recipe
         self.config = recipe.config
         self.model = recipe.model
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = rank_and_world()
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the recipe's model has no trainable parameter")
