@@ -6,6 +6,7 @@ the gathered rows, so the gradient of a local row is the sum of what each rank's
 """
 from __future__ import annotations
 
+import os
 from typing import List, Tuple
 
 import torch
@@ -14,6 +15,29 @@ import torch.distributed as dist
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def join_torchrun_group(device=None) -> Tuple[torch.device, bool]:
+    """(this process's device, whether this call joined the process group).
+
+    Under torchrun (WORLD_SIZE > 1) a CUDA rank uses ``cuda:LOCAL_RANK`` and the group is joined with NCCL on
+    CUDA, gloo on the CPU. ``device`` ("cpu", "cuda", "cuda:1", ...) overrides the automatic choice (CUDA when
+    available). Idempotent: a group already joined is kept.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world <= 1 or dist.is_initialized():
+        return device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
 
 
 def rank_and_world() -> Tuple[int, int]:

@@ -320,10 +320,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .llm2vec import LLM2Vec
-    started_group = _init_process_group_from_env()
-    device = args.device
-    if started_group and device is None and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    from ..distributed import join_torchrun_group
+    device, started_group = join_torchrun_group(args.device)
     try:
         model_kwargs: Dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
         if args.attn_implementation:
@@ -343,21 +341,6 @@ def run(args: argparse.Namespace) -> int:
             import torch.distributed as dist
             dist.destroy_process_group()
     return 0
-
-
-def _init_process_group_from_env() -> bool:
-    """Joins the torchrun group named by the environment (NCCL on GPUs, gloo on CPUs); True if it did."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

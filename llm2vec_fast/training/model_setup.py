@@ -7,11 +7,11 @@ attention implementation defaults to ours ("llm2vec_fast"). LoRA uses peft with 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 
+from ..distributed import join_torchrun_group
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -22,25 +22,9 @@ LOAD_KWARGS = dict(use_safetensors=True, local_files_only=True, trust_remote_cod
 
 # --------------------------------------------------------------------------------------------- process
 def setup_device(config: TrainConfig) -> torch.device:
-    """The device of this process, after joining the torchrun process group when WORLD_SIZE > 1.
-
-    nccl on CUDA, gloo on CPU; a CUDA rank uses ``cuda:LOCAL_RANK``. ``config.device`` overrides the
-    automatic choice ("cpu", "cuda", "cuda:1", ...). Idempotent.
-    """
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device is not None:
-        device = torch.device(config.device)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
+    """The device of this process, after joining the torchrun process group when WORLD_SIZE > 1
+    (``distributed.join_torchrun_group``); ``config.device`` overrides the automatic choice. Idempotent."""
+    return join_torchrun_group(config.device)[0]
 
 
 def torch_dtype(config: TrainConfig):
