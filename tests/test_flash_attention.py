@@ -181,6 +181,10 @@ FORWARD_CASES = [
     pytest.param([17, 1, 113], 8, 4, 256, True, 0.0, 0.3, id="gqa2-d256-causal-scale"),
     pytest.param([0, 33, 5], 2, 1, 80, False, 2.0, 0.5, id="mqa2-leading-empty-cap2"),
     pytest.param([113], 1, 1, 128, False, 0.0, None, id="single-seq-single-head"),
+    # non-causal, uncapped GQA: on the CPU the G query heads of a K/V head run as one folded query
+    pytest.param(ODD_LENGTHS, 8, 2, 64, False, 0.0, None, id="gqa4-d64-folded"),
+    pytest.param([17, 0, 1, 113], 6, 3, 80, False, 0.0, 0.3, id="gqa2-d80-folded-empty"),
+    pytest.param([113, 1, 17], 8, 1, 128, False, 0.0, None, id="mqa8-d128-folded"),
 ]
 
 
@@ -399,6 +403,7 @@ def test_lse_output_gradient_is_not_silently_dropped():
 @pytest.mark.parametrize("lengths,hq,hkv,d,causal,softcap,scale", [
     pytest.param(ODD_LENGTHS, 8, 2, 128, True, 0.0, None, id="gqa4-causal-d128"),
     pytest.param([40, 0, 77, 1], 4, 1, 64, False, 2.0, 0.3, id="mqa-cap2"),
+    pytest.param([17, 113, 0, 1], 8, 2, 64, False, 0.0, None, id="gqa4-folded"),
 ])
 def test_low_precision_error_within_bound_of_torch(dtype, lengths, hq, hkv, d, causal, softcap, scale):
     q, k, v, cu = rand_packed(lengths, hq, hkv, d, dtype=dtype, seed=17)

@@ -16,9 +16,11 @@ No modeling code is copied: any model of a supported family, including peft-wrap
 transformers' padding-free kwargs (``position_ids`` restarting per sequence, ``cu_seq_lens_q/k``,
 ``max_length_q/k``): with ``"llm2vec_fast"`` (or a flash-attention implementation) attention sees
 ``cu_seqlens``; with "eager"/"sdpa"/"flex" it gets a block-diagonal mask (a reference, not fast).
+Without gradients its gated MLPs compute in place (``lean.py``: same bits, fewer large buffers).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,6 +30,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from .attention import ATTN_IMPLEMENTATION, set_attention_backend, window_keeps
+from .lean import lean_mlps
 from .packing import PackedBatch, pack, repad
 
 # model_type -> whether the family's XxxModel.forward accepts a dict of masks keyed by layer type
@@ -255,7 +258,9 @@ def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
         extra = {"attention_mask": None, "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
                  "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
     kwargs.setdefault("use_cache", False)
-    out = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], **extra, **kwargs)
+    lean = lean_mlps(body) if not torch.is_grad_enabled() else contextlib.nullcontext()
+    with lean:  # without gradients the MLPs compute in place (same bits, see lean.py)
+        out = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], **extra, **kwargs)
     hidden_states = getattr(out, "hidden_states", None)
     if hidden_states is not None:
         hidden_states = tuple(h[0] for h in hidden_states)

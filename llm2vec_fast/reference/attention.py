@@ -109,23 +109,36 @@ def attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale:
 
 def _cpu_flash_forward(q, k, v, cu_seqlens, causal: bool, softmax_scale: float):
     """The torch backend's CPU production path: ATen's fused CPU flash kernel, one sequence at a time
-    (no padding, no materialised scores, fp32 accumulation), returning the lse as well. K/V heads are
-    expanded per sequence for GQA (a temporary copy the size of one sequence's K/V)."""
-    total, hq, _ = q.shape
-    group = hq // k.shape[1]
+    (no padding, no materialised scores, fp32 accumulation), returning the lse as well.
+
+    GQA without copies of K/V: non-causal, the G query heads sharing a K/V head are one longer query
+    (G*L rows against the same L keys; every row's softmax is its own), so each sequence runs as
+    (1, Hkv, G*L, D) queries against (1, Hkv, L, D) keys. Causal attention cannot fold (a row's
+    mask depends on its position), so there K/V heads are expanded per sequence."""
+    total, hq, head_dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    fold = group > 1 and not causal
     out = q.new_empty(q.shape)
     lse = torch.empty((hq, total), device=q.device, dtype=torch.float32)
     bounds = cu_seqlens.tolist()
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        if stop == start:
+        length = stop - start
+        if length == 0:
             continue
-        heads_first = [x[start:stop].transpose(0, 1) for x in (q, k, v)]  # (H, L, D)
-        query = heads_first[0].unsqueeze(0)
-        key, value = (x.repeat_interleave(group, dim=0).unsqueeze(0) if group > 1 else x.unsqueeze(0)
-                      for x in heads_first[1:])
+        key, value = (x[start:stop].transpose(0, 1).unsqueeze(0) for x in (k, v))  # (1, Hkv, L, D)
+        if fold:
+            # (L, Hkv*G, D) -> (1, Hkv, G*L, D): query head h = kv_head * G + g, row g * L + position
+            query = q[start:stop].view(length, hkv, group, head_dim).permute(1, 2, 0, 3)
+            query = query.reshape(1, hkv, group * length, head_dim)
+        else:
+            query = q[start:stop].transpose(0, 1).unsqueeze(0)
+            if group > 1:
+                key, value = (x.repeat_interleave(group, dim=1) for x in (key, value))
         seq_out, seq_lse = _CPU_FLASH(query, key, value, 0.0, causal, scale=softmax_scale)
-        out[start:stop] = seq_out[0].transpose(0, 1)
-        lse[:, start:stop] = seq_lse[0]
+        # back to (L, Hq, D) and (Hq, L): both layouts list query heads as (kv_head, g)
+        out[start:stop] = seq_out.reshape(hq, length, head_dim).transpose(0, 1)
+        lse[:, start:stop] = seq_lse.reshape(hq, length)
     return out, lse
 
 
