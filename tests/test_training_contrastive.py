@@ -22,6 +22,7 @@ from llm2vec_fast.training import contrastive as ct
 from llm2vec_fast.training.contrastive import (ContrastiveBatch, SimCSEConfig, SimCSERecipe, SupervisedConfig,
                                                SupervisedRecipe, dataset_batches, embed, read_supervised,
                                                shard)
+from llm2vec_fast.training.e5 import E5_INSTRUCTIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "llm2vec", "llama")
@@ -344,6 +345,29 @@ def test_e5_symmetric_datasets_and_merged_splits(tmp_path):
     plain = read_supervised(str(folder), instructions)
     assert sorted(plain) == ["allnli_split1", "allnli_split2", "nq", "quora_duplicates_split1"]
     assert plain["allnli_split2"][0].query[0] == "Similar" and plain["allnli_split2"][0].positive[0] == ""
+
+
+def test_echo_data_needs_no_instructions(files, tmp_path):
+    """A folder of llm2vec's echo-data files trains with the E5 table: the query strings are llm2vec's
+    f"{E5_EMBEDDING_PROMPTS[dataset]}; " + separator + query; the config overrides an entry and adds one."""
+    folder = tmp_path / "echo-data"
+    folder.mkdir()
+    for name, start in (("msmarco_passage", 0), ("quora_duplicates_split2", 20), ("fever", 40), ("mine", 60)):
+        _write_jsonl(str(folder / f"{name}.jsonl"), _rows(name, 4, start))
+    assert "mine" not in E5_INSTRUCTIONS and len(E5_INSTRUCTIONS) == 16
+    with pytest.raises(ValueError, match=r"no instruction for dataset\(s\) \['mine'\]"):
+        SupervisedRecipe(supervised_config(files, tmp_path, dataset_file_path=str(folder), instructions={}))
+    recipe = SupervisedRecipe(supervised_config(files, tmp_path, dataset_file_path=str(folder),
+                                                instructions={"mine": "Mine", "fever": "Check the claim"}))
+    data = recipe.data
+    assert sorted(data) == ["fever", "mine", "msmarco_passage", "quora_duplicates"]
+    web = "Given a web search query, retrieve relevant passages that answer the query"
+    example = data["msmarco_passage"][0]
+    assert recipe.encoder.plan([example.query, example.positive]).prepared == [
+        f"{web}; {SEPARATOR}{example.query[1]}", f"{SEPARATOR}{example.positive[1]}"]
+    quora = "Find questions that have the same meaning as the input question;"
+    assert data["quora_duplicates"][0].query[0] == data["quora_duplicates"][0].positive[0] == quora  # symmetric
+    assert data["fever"][0].query[0] == "Check the claim;" and data["mine"][0].query[0] == "Mine;"
 
 
 # ----------------------------------------------------------------------------------------- configs

@@ -34,6 +34,7 @@ from ..distributed import rank_and_world
 from ..encoder.files import iter_jsonl, read_records
 from ..encoder.llm2vec import POOLING_MODES
 from .config import TrainConfig, data_files
+from .e5 import dataset_instructions
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ class SimCSEConfig(ContrastiveConfig):
 @dataclass
 class SupervisedConfig(ContrastiveConfig):
     """Supervised contrastive training on E5-format data: llm2vec's ``train_configs/supervised`` keys and
-    defaults, plus ``instructions`` ({dataset name: query instruction}; a row's own ``instruction`` wins).
+    defaults, plus ``instructions`` ({dataset name: query instruction}), laid over llm2vec's table for the
+    E5 datasets (``e5.E5_INSTRUCTIONS``: a folder of echo-data files needs no instructions); a row's own
+    ``instruction`` wins over both.
 
     The data follow llm2vec's E5 loader by default:
     - ``instruction_suffix`` (";") ends each instruction, so a query reads
@@ -412,8 +415,8 @@ class SupervisedRecipe(ContrastiveRecipe):
 
     def _load_data(self) -> None:
         cfg = self.config
-        self.data = read_supervised(cfg.dataset_file_path, cfg.instructions, cfg.instruction_suffix,
-                                    cfg.symmetric_datasets, cfg.merge_splits)
+        self.data = read_supervised(cfg.dataset_file_path, dataset_instructions(cfg.instructions),
+                                    cfg.instruction_suffix, cfg.symmetric_datasets, cfg.merge_splits)
         _, world = rank_and_world()
         size = self.config.per_device_train_batch_size * world
         small = [name for name, rows in self.data.items() if len(rows) < size]
