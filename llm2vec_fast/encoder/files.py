@@ -319,9 +319,12 @@ def run(args: argparse.Namespace) -> int:
     its LOCAL_RANK GPU (or the CPU with gloo), and encodes every world_size-th shard."""
     import torch
 
+    from .cpu_heap import retain_freed_memory
     from .llm2vec import LLM2Vec
     from ..distributed import join_torchrun_group
     device, started_group = join_torchrun_group(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # this process is ours: reuse layer buffers instead of page-faulting them in
     try:
         model_kwargs: Dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
         if args.attn_implementation:

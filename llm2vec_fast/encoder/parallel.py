@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .cpu_heap import retain_freed_memory
 from .text import InputItem
 
 # Work units per worker: the pool hands out this many chunks per process so that a slow one (a busy
@@ -95,6 +96,7 @@ def _worker(rank: int, device: str, cpu_threads: int, source: Dict[str, Any], ta
             torch.cuda.set_device(torch.device(device))
         else:
             torch.set_num_threads(cpu_threads)
+            retain_freed_memory()  # the worker process is ours (see cpu_heap.py)
         if "encoder" in source:
             encoder = source["encoder"]
         else:
