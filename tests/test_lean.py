@@ -1,8 +1,8 @@
-"""Tests of ``llm2vec_fast.models.lean``: gated MLPs computed in place inside the packed inference forward.
+"""Tests of ``llm2vec_fast.models.lean``: gated MLPs in place without gradients, saving two buffers with them.
 
-The claim is "same bits": the in-place forward runs the same elementwise kernels on the same values as
-transformers' ``down(act(gate(x)) * up(x))``. The oracle is each family's own MLP forward (tiny random
-configs of the real architectures; SiLU for Llama/Mistral/Qwen, tanh-GELU for Gemma).
+The claim is "same bits": both paths run the same kernels on the same values as transformers'
+``down(act(gate(x)) * up(x))`` and its autograd backward. The oracle is each family's own MLP forward
+(tiny random configs of the real architectures; SiLU for Llama/Mistral/Qwen, tanh-GELU for Gemma).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llm2vec_fast.models import bidirectional, lean
-from llm2vec_fast.models.lean import is_gated_mlp, lean_mlp_forward, lean_mlps
+from llm2vec_fast.models.lean import SiluMul, is_gated_mlp, lean_mlp_forward, lean_mlps
 
 from test_models import FAMILIES, bi_model, family_state, make_batch
 
@@ -67,20 +67,107 @@ def test_forward_packed_uses_it_without_gradients_and_changes_no_bit(family, mon
     assert all("forward" not in m.__dict__ for m in _mlps(model))
 
 
-def test_gradients_keep_the_transformers_forward(monkeypatch):
+def test_forward_packed_with_gradients_keeps_the_transformers_forward(monkeypatch):
+    """Only an enclosing block (the training step's) changes an MLP with gradients on: a checkpointed
+    layer recomputed after forward_packed returned must save what its forward saved."""
     model = bi_model("llama", state=family_state("llama"))
     ids, mask = make_batch(seed=6)
     counter = _Counter(monkeypatch)
+    calls = []
+    original_apply = SiluMul.apply
+    monkeypatch.setattr(SiluMul, "apply", lambda *a: calls.append(1) or original_apply(*a))
     out = model.forward_packed(ids, mask).hidden
     out.square().sum().backward()
-    assert counter.calls == 0
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    with torch.no_grad(), lean_mlps(model) as changed:  # inside the block, grad mode still decides
+    assert counter.calls == 0 and calls == []
+    with lean_mlps(model) as changed:
         assert len(changed) == model.config.num_hidden_layers
-        with torch.enable_grad():
-            model.forward_packed(ids, mask)
-    assert counter.calls == 0
+        model.forward_packed(ids, mask).hidden.sum().backward()
+    assert counter.calls == 0 and len(calls) == model.config.num_hidden_layers
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward of ``fn()`` (each storage once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_with_gradients_same_bits_and_one_buffer_less_saved(family, dtype):
+    model = bi_model(family, state=family_state(family)).to(dtype).train()
+    mlp = _mlps(model)[0]
+    tokens, intermediate = 113, model.config.intermediate_size
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, model.config.hidden_size, generator=generator).to(dtype)
+    grad_out = torch.randn(tokens, model.config.hidden_size, generator=generator).to(dtype)
+
+    def run(lean: bool):
+        mlp.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        holder = {}
+
+        def forward():
+            with lean_mlps(mlp) if lean else contextlib.nullcontext():
+                holder["out"] = mlp(leaf)
+        saved = _saved_bytes(forward)
+        holder["out"].backward(grad_out)
+        grads = [leaf.grad] + [p.grad for p in mlp.parameters()]
+        return holder["out"].detach(), grads, saved
+
+    plain_out, plain_grads, plain_saved = run(False)
+    lean_out, lean_grads, lean_saved = run(True)
+    assert torch.equal(lean_out, plain_out)
+    for got, want in zip(lean_grads, plain_grads):
+        assert torch.equal(got, want) and want.abs().max() > 0
+    buffer = tokens * intermediate * dtype.itemsize
+    assert plain_saved - lean_saved == buffer, (plain_saved, lean_saved, buffer)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_checkpointed_training_step_gives_the_same_gradients(family):
+    """A training step under the block, with non-reentrant gradient checkpointing and LoRA dropout:
+    the recomputed layers save what their forward saved, and every gradient equals the plain step's."""
+    from peft import LoraConfig, get_peft_model
+    ids, mask = make_batch(seed=9)
+
+    def step(lean: bool):
+        model = bi_model(family, state=family_state(family))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                 target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(5)
+        with lean_mlps(model) if lean else contextlib.nullcontext():
+            from llm2vec_fast.models import forward_packed
+            forward_packed(model, ids, mask).hidden.square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, lean_grads = step(False), step(True)
+    assert sorted(plain) == sorted(lean_grads) and plain
+    for name in plain:
+        assert torch.equal(lean_grads[name], plain[name]), name
+
+
+def test_the_training_loop_runs_each_step_under_the_block(tmp_path, monkeypatch):
+    from test_training_mntp import mntp_config
+    from llm2vec_fast.training.loop import Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    calls = []
+    original_apply = SiluMul.apply
+    monkeypatch.setattr(SiluMul, "apply", lambda *a: calls.append(1) or original_apply(*a))
+    recipe = MNTPRecipe(mntp_config(str(tmp_path), output_dir=str(tmp_path / "out"), max_steps=2,
+                                    save_steps=2, max_train_samples=8))
+    Trainer(recipe).train()
+    layers = len(_mlps(recipe.model))
+    assert layers == 2 and len(calls) >= 2 * layers  # every step's forward (and its recompute under checkpointing)
+    assert all("forward" not in m.__dict__ for m in recipe.model.modules())
 
 
 def test_a_hooked_mlp_keeps_its_buffers_intact(monkeypatch):

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import rank_and_world
+from ..models.lean import lean_mlps
 from .model_setup import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,8 @@ class Trainer:
             loss = 0.0
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
-                loss += float(self.recipe.train_step(batch, scale)) * scale
+                with lean_mlps(self.model):  # the whole step: checkpointed layers recompute what they saved
+                    loss += float(self.recipe.train_step(batch, scale)) * scale
                 window_samples += self.recipe.num_samples(batch)
             self._sum_gradients()
             if cfg.max_grad_norm > 0:
