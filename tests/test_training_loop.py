@@ -204,6 +204,11 @@ def _gpt2_folder(root):
     ({"mask_token_type": "star"}, ValueError, ["'mask_token_type'", "'star'"]),
     ({"torch_dtype": "float8"}, ValueError, ["'torch_dtype'", "'float8'"]),
     ({"mlm_probability": 1.5}, ValueError, ["'mlm_probability'", "1.5"]),
+    ({"lr_scheduler_type": "cosine"}, ValueError, ["'lr_scheduler_type'", "'cosine'", "'linear'"]),
+    ({"optim": "adafactor"}, ValueError, ["'optim'", "'adafactor'", "AdamW"]),
+    ({"line_by_line": True}, ValueError, ["'line_by_line'", "True", "chunks"]),
+    ({"deepspeed": "ds.json"}, ValueError, ["'deepspeed'", "'ds.json'", "torchrun"]),
+    ({"trust_remote_code": True}, ValueError, ["'trust_remote_code'", "remote code"]),
 ])
 def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, words):
     from llm2vec_fast.training import cli, mntp
@@ -224,6 +229,52 @@ def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, word
         cli.run(_parser().parse_args(["train", "mntp", "--config", str(path)]))
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+# The keys of llm2vec's shipped train_configs (mntp/qwen2.json, simcse/MetaLlama3.json and
+# supervised/MetaLlama3.json), with hub names replaced by local paths.
+LLM2VEC_CONFIGS = {
+    "mntp": {"model_name_or_path": "BASE", "dataset_name": "wikitext", "dataset_config_name": "wikitext-103-raw-v1",
+             "train_file": "TEXT", "per_device_train_batch_size": 32, "per_device_eval_batch_size": 32,
+             "gradient_accumulation_steps": 1, "do_train": True, "do_eval": True, "max_seq_length": 512,
+             "mask_token_type": "blank", "data_collator_type": "default", "mlm_probability": 0.2,
+             "overwrite_output_dir": True, "output_dir": "OUT", "evaluation_strategy": "steps", "eval_steps": 100,
+             "save_steps": 200, "stop_after_n_steps": 1000, "lora_r": 16, "gradient_checkpointing": True,
+             "torch_dtype": "float16", "attn_implementation": "eager", "dataloader_num_workers": 4,
+             "dataloader_prefetch_factor": 2},
+    "simcse": {"model_name_or_path": "BASE", "peft_model_name_or_path": None, "simcse_dropout": 0.3,
+               "bidirectional": True, "pooling_mode": "mean", "dataset_name": "Wiki1M", "dataset_file_path": "TEXT",
+               "remove_unused_columns": False, "learning_rate": 3e-5, "loss_scale": 20,
+               "per_device_train_batch_size": 128, "gradient_accumulation_steps": 1, "do_train": True,
+               "disable_tqdm": False, "max_seq_length": 128, "overwrite_output_dir": True, "output_dir": "OUT",
+               "logging_steps": 50, "save_steps": 200, "save_only_model": True, "stop_after_n_steps": 1000,
+               "lora_r": 16, "gradient_checkpointing": True, "torch_dtype": "bfloat16",
+               "attn_implementation": "flash_attention_2", "seed": 42},
+    "supervised": {"model_name_or_path": "BASE", "peft_model_name_or_path": None, "bidirectional": True,
+                   "pooling_mode": "mean", "dataset_name": "E5", "dataset_file_path": "ECHO",
+                   "remove_unused_columns": False, "learning_rate": 2e-4, "num_train_epochs": 3, "warmup_steps": 300,
+                   "per_device_train_batch_size": 64, "per_device_eval_batch_size": 64,
+                   "gradient_accumulation_steps": 1, "do_train": True, "disable_tqdm": False, "max_seq_length": 512,
+                   "overwrite_output_dir": True, "output_dir": "OUT", "logging_steps": 50, "save_steps": 200,
+                   "save_only_model": True, "stop_after_n_steps": 1000, "lora_r": 16, "gradient_checkpointing": True,
+                   "torch_dtype": "bfloat16", "attn_implementation": "flash_attention_2", "seed": 42},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LLM2VEC_CONFIGS))
+def test_llm2vec_shipped_configs_load(valid, kind):
+    from llm2vec_fast.training.cli import recipe_classes
+    _, config, root = valid
+    echo = root / "echo"
+    echo.mkdir(exist_ok=True)
+    (echo / "nq.jsonl").write_text(json.dumps({"query": "q", "positive": "p", "negative": "n"}) + "\n")
+    paths = {"BASE": config["model_name_or_path"], "TEXT": config["dataset_file_path"], "ECHO": str(echo),
+             "OUT": str(root / f"out-{kind}")}
+    data = {key: paths.get(value, value) if isinstance(value, str) else value
+            for key, value in LLM2VEC_CONFIGS[kind].items()}
+    loaded = recipe_classes(kind)[0].from_dict(data)
+    assert loaded.max_steps == 1000 and loaded.dataset_file_path == paths["ECHO" if kind == "supervised" else "TEXT"]
+    assert loaded.per_device_train_batch_size == data["per_device_train_batch_size"]
 
 
 def test_cli_argument_errors(valid, tmp_path, monkeypatch):

@@ -26,20 +26,42 @@ TORCH_DTYPES = ("bfloat16", "float16", "float32", "auto")
 # (which itself dispatches to flash-attn when installed), so those configs run without the flash_attn package.
 ATTN_IMPLEMENTATIONS = (None, "llm2vec_fast", "flash_attention_2", "sdpa", "eager")
 
-# Keys found in llm2vec's train_configs (HF TrainingArguments / DataTrainingArguments) that have no meaning
-# here: accepted so those files load unchanged, and reported once in the log.
+# Keys of llm2vec's train_configs (HF TrainingArguments / DataTrainingArguments) that change nothing in how
+# a model trains here (evaluation, logging destinations, hub, data-loading plumbing, precision flags: the
+# precision is torch_dtype's): accepted so those files load unchanged, and reported once in the log.
 IGNORED_LLM2VEC_KEYS = frozenset({
     "do_train", "do_eval", "do_predict", "overwrite_output_dir", "evaluation_strategy", "eval_strategy",
     "eval_steps", "per_device_eval_batch_size", "remove_unused_columns", "save_only_model", "report_to",
-    "run_name", "experiment_id", "logging_dir", "logging_first_step", "save_total_limit", "save_strategy",
-    "dataloader_num_workers", "dataloader_drop_last", "preprocessing_num_workers", "overwrite_cache",
-    "validation_split_percentage", "max_eval_samples", "streaming", "cache_dir", "use_fast_tokenizer",
-    "model_revision", "token", "use_auth_token", "trust_remote_code", "low_cpu_mem_usage", "ddp_find_unused_parameters",
-    "fp16", "bf16", "tf32", "optim", "lr_scheduler_type", "load_best_model_at_end", "metric_for_best_model",
-    "greater_is_better", "push_to_hub", "hub_model_id", "config_name", "tokenizer_name", "model_type",
-    "config_overrides", "dataset_name", "dataset_config_name", "train_file", "validation_file", "line_by_line",
-    "pad_to_max_length", "pad_to_multiple_of_8", "local_rank", "deepspeed",
+    "run_name", "experiment_id", "logging_dir", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
+    "save_total_limit", "save_strategy", "save_safetensors", "dataloader_num_workers", "dataloader_drop_last",
+    "dataloader_prefetch_factor", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "preprocessing_num_workers", "overwrite_cache", "validation_split_percentage", "max_eval_samples", "cache_dir",
+    "use_fast_tokenizer", "model_revision", "token", "use_auth_token", "low_cpu_mem_usage",
+    "ddp_find_unused_parameters", "ddp_timeout", "fp16", "bf16", "tf32", "metric_for_best_model",
+    "greater_is_better", "hub_model_id", "hub_strategy", "hub_token", "config_name", "tokenizer_name", "model_type",
+    "config_overrides", "dataset_name", "dataset_config_name", "validation_file", "pad_to_max_length",
+    "pad_to_multiple_of_8", "local_rank",
 })
+
+# Keys that would change the training if set to anything but what this trainer does: accepted at these
+# values (llm2vec's, or HF's defaults), refused otherwise, so that a config never trains differently in silence.
+VALUE_CHECKED_KEYS: Dict[str, Tuple[Tuple[Any, ...], str]] = {
+    "lr_scheduler_type": (("linear",), "the schedule here is linear warmup then linear decay"),
+    "optim": (("adamw_torch", "adamw_torch_fused", "adamw_hf"), "the optimizer here is torch's AdamW"),
+    "line_by_line": ((False,), "MNTP groups the text into fixed-length chunks"),
+    "streaming": ((False,), "the data are read from local files"),
+    "trust_remote_code": ((False,), "no remote code is run"),
+    "deepspeed": ((None,), "training runs with torchrun (DDP), not DeepSpeed"),
+    "push_to_hub": ((False,), "checkpoints are written to output_dir only"),
+    "load_best_model_at_end": ((False,), "there is no evaluation loop"),
+}
+
+
+def _check_value(key: str, value: Any) -> None:
+    allowed, why = VALUE_CHECKED_KEYS[key]
+    if not any(value is a if a is None or isinstance(a, bool) else value == a for a in allowed):
+        raise ValueError(f"config key {key!r} is {value!r}, which this trainer does not do ({why}); remove the key "
+                         f"or set it to {' or '.join(repr(a) for a in allowed)}")
 
 
 @dataclass
@@ -90,6 +112,10 @@ class TrainConfig:
         for key, value in data.items():
             target = key if key in names else cls.ALIASES.get(key)
             if target is None or target not in names:
+                if key in VALUE_CHECKED_KEYS:
+                    _check_value(key, value)
+                    ignored.append(key)
+                    continue
                 if key in cls.IGNORED_KEYS:
                     ignored.append(key)
                     continue
@@ -190,7 +216,7 @@ class TrainConfig:
 
 @dataclass
 class MNTPConfig(TrainConfig):
-    """Masked next-token prediction (llm2vec's ``run_mntp.py`` keys)."""
+    """Masked next-token prediction (llm2vec's ``run_mntp.py`` keys; its ``train_file`` names the data too)."""
 
     dataset_file_path: Optional[str] = None
     mask_token_type: str = "blank"
@@ -198,6 +224,7 @@ class MNTPConfig(TrainConfig):
     mlm_probability: float = 0.2
     max_train_samples: Optional[int] = None
 
+    ALIASES: ClassVar[Dict[str, str]] = {**TrainConfig.ALIASES, "train_file": "dataset_file_path"}
     MASK_TOKEN_TYPES: ClassVar[Tuple[str, ...]] = ("blank", "eos", "mask")
     COLLATOR_TYPES: ClassVar[Tuple[str, ...]] = ("default", "all_mask")
 
