@@ -143,7 +143,7 @@ def ours_step(work: Workload, batch: int) -> Callable[[], torch.Tensor]:
     """The SimCSE recipe's step on token ids: both copies in one packed forward (different packed positions,
     so different dropout masks), pooled and scored by the public ops."""
     from llm2vec_fast import contrastive_loss
-    from llm2vec_fast.models.lean import lean_mlps
+    from llm2vec_fast.models.lean import lean_layers
     from llm2vec_fast.training.contrastive import embed
     encoder = work.encoder()
     sentences = sentences_for(work.setting, batch)
@@ -151,7 +151,7 @@ def ours_step(work: Workload, batch: int) -> Callable[[], torch.Tensor]:
     counts = [len(s) for s in ids]
 
     def step():
-        with lean_mlps(encoder.model):  # as training.loop runs every step
+        with lean_layers(encoder.model):  # as training.loop runs every step
             emb = embed(encoder, ids, counts)
             loss = contrastive_loss(emb[:batch], emb[batch:], scale=SCALE)
             loss.backward()

@@ -1,8 +1,11 @@
-"""Tests of ``llm2vec_fast.models.lean``: gated MLPs in place without gradients, saving two buffers with them.
+"""Tests of ``llm2vec_fast.models.lean``: gated MLPs in place without gradients and saving two buffers with
+them; RMSNorms saving their input only and recomputed in the backward.
 
-The claim is "same bits": both paths run the same kernels on the same values as transformers'
-``down(act(gate(x)) * up(x))`` and its autograd backward. The oracle is each family's own MLP forward
-(tiny random configs of the real architectures; SiLU for Llama/Mistral/Qwen, tanh-GELU for Gemma).
+The claim is "same bits": every path runs the same kernels on the same values as transformers' own
+modules and their autograd backward. The oracle is each family's own module forward (tiny random
+configs of the real architectures; SiLU for Llama/Mistral/Qwen, tanh-GELU and (1 + w) norms for Gemma).
+The one exception is documented in lean.py: in fp32 a norm's input gradient may sum its terms in
+another order.
 """
 from __future__ import annotations
 
@@ -14,13 +17,17 @@ import pytest
 import torch
 
 from llm2vec_fast.models import bidirectional, lean
-from llm2vec_fast.models.lean import SiluMul, is_gated_mlp, lean_mlp_forward, lean_mlps
+from llm2vec_fast.models.lean import SiluMul, is_gated_mlp, is_rms_norm, lean_layers, lean_mlp_forward
 
 from test_models import FAMILIES, bi_model, family_state, make_batch
 
 
 def _mlps(model):
     return [m for m in model.modules() if is_gated_mlp(m)]
+
+
+def _norms(model):
+    return [m for m in model.modules() if is_rms_norm(m)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -58,7 +65,7 @@ def test_forward_packed_uses_it_without_gradients_and_changes_no_bit(family, mon
         lean_hidden = model.forward_packed(ids, mask).hidden
     assert counter.calls == model.config.num_hidden_layers
     with monkeypatch.context() as patch:  # the same forward with transformers' MLPs
-        patch.setattr(bidirectional, "lean_mlps", lambda body: contextlib.nullcontext())
+        patch.setattr(bidirectional, "lean_layers", lambda body: contextlib.nullcontext())
         with torch.no_grad():
             plain_hidden = model.forward_packed(ids, mask).hidden
     assert counter.calls == model.config.num_hidden_layers
@@ -79,8 +86,8 @@ def test_forward_packed_with_gradients_keeps_the_transformers_forward(monkeypatc
     out = model.forward_packed(ids, mask).hidden
     out.square().sum().backward()
     assert counter.calls == 0 and calls == []
-    with lean_mlps(model) as changed:
-        assert len(changed) == model.config.num_hidden_layers
+    with lean_layers(model) as changed:
+        assert set(map(id, changed)) == set(map(id, _mlps(model) + _norms(model)))
         model.forward_packed(ids, mask).hidden.sum().backward()
     assert counter.calls == 0 and len(calls) == model.config.num_hidden_layers
 
@@ -114,7 +121,7 @@ def test_with_gradients_same_bits_and_one_buffer_less_saved(family, dtype):
         holder = {}
 
         def forward():
-            with lean_mlps(mlp) if lean else contextlib.nullcontext():
+            with lean_layers(mlp) if lean else contextlib.nullcontext():
                 holder["out"] = mlp(leaf)
         saved = _saved_bytes(forward)
         holder["out"].backward(grad_out)
@@ -130,29 +137,75 @@ def test_with_gradients_same_bits_and_one_buffer_less_saved(family, dtype):
     assert plain_saved - lean_saved == buffer, (plain_saved, lean_saved, buffer)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_checkpointed_training_step_gives_the_same_gradients(family):
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_checkpointed_training_step_gives_the_same_gradients(family, dtype):
     """A training step under the block, with non-reentrant gradient checkpointing and LoRA dropout:
-    the recomputed layers save what their forward saved, and every gradient equals the plain step's."""
+    the recomputed layers save what their forward saved, and every gradient equals the plain step's
+    (bit for bit in bf16; in fp32 a norm's input gradient may add its terms in another order)."""
     from peft import LoraConfig, get_peft_model
+
+    from llm2vec_fast.models import forward_packed
     ids, mask = make_batch(seed=9)
 
     def step(lean: bool):
-        model = bi_model(family, state=family_state(family))
+        model = bi_model(family, state=family_state(family)).to(dtype)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
                                                  target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]))
+        torch.manual_seed(4)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make every LoRA gradient non-zero
+                torch.nn.init.normal_(param, std=0.1)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         torch.manual_seed(5)
-        with lean_mlps(model) if lean else contextlib.nullcontext():
-            from llm2vec_fast.models import forward_packed
-            forward_packed(model, ids, mask).hidden.square().mean().backward()
+        with lean_layers(model) if lean else contextlib.nullcontext():
+            forward_packed(model, ids, mask).hidden.float().square().mean().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     plain, lean_grads = step(False), step(True)
     assert sorted(plain) == sorted(lean_grads) and plain
     for name in plain:
-        assert torch.equal(lean_grads[name], plain[name]), name
+        assert plain[name].abs().max() > 0, name
+        if dtype == torch.bfloat16:
+            assert torch.equal(lean_grads[name], plain[name]), name
+        else:
+            torch.testing.assert_close(lean_grads[name], plain[name], rtol=1e-5, atol=1e-5 * plain[name].abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("trainable_weight", [False, True], ids=["frozen", "trained"])
+def test_recomputed_norm_same_bits_and_saves_its_input_only(family, trainable_weight):
+    model = bi_model(family, state=family_state(family)).to(torch.bfloat16).train()
+    tokens, hidden = 113, model.config.hidden_size
+    norm = next(n for n in _norms(model) if n.weight.shape[0] == hidden)  # (Qwen3's q_norm comes first)
+    norm.weight.requires_grad_(trainable_weight)
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
+    grad_out = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
+
+    def run(lean: bool):
+        norm.weight.grad = None
+        leaf = x.clone().requires_grad_(True)
+        holder = {}
+
+        def forward():
+            with lean_layers(norm) if lean else contextlib.nullcontext():
+                holder["out"] = norm(leaf)
+        saved = _saved_bytes(forward)
+        holder["out"].backward(grad_out)
+        return holder["out"].detach(), leaf.grad, norm.weight.grad, saved
+
+    plain_out, plain_dx, plain_dw, plain_saved = run(False)
+    lean_out, lean_dx, lean_dw, lean_saved = run(True)
+    assert torch.equal(lean_out, plain_out) and torch.equal(lean_dx, plain_dx) and plain_dx.abs().max() > 0
+    if trainable_weight:
+        assert torch.equal(lean_dw, plain_dw) and plain_dw.abs().max() > 0
+    else:
+        assert lean_dw is None and plain_dw is None
+    assert lean_saved == tokens * hidden * 2  # the bf16 input
+    # transformers: its fp32 upcast, and the bf16 normalised input when the weight trains
+    assert plain_saved >= tokens * hidden * (6 if trainable_weight else 4)
 
 
 def test_the_training_loop_runs_each_step_under_the_block(tmp_path, monkeypatch):
@@ -188,7 +241,7 @@ def test_a_hooked_mlp_keeps_its_buffers_intact(monkeypatch):
 def test_the_block_restores_the_modules_after_an_error():
     model = bi_model("qwen3", state=family_state("qwen3"))
     with pytest.raises(RuntimeError, match="stop"):
-        with lean_mlps(model) as changed:
+        with lean_layers(model) as changed:
             assert all("forward" in m.__dict__ for m in changed)
             raise RuntimeError("stop")
     assert all("forward" not in m.__dict__ for m in _mlps(model))
@@ -201,7 +254,7 @@ def test_the_block_restores_the_modules_after_an_error():
         assert torch.equal(restored.forward_packed(ids, mask).hidden, expected)
 
 
-def test_only_gated_mlps_of_transformers_are_changed():
+def test_only_transformers_mlps_and_norms_are_changed():
     class MyMLP(torch.nn.Module):  # the right attributes, but not transformers' class
         def __init__(self):
             super().__init__()
@@ -210,8 +263,9 @@ def test_only_gated_mlps_of_transformers_are_changed():
     mine = MyMLP()
     model = bi_model("gemma", state=family_state("gemma"))
     assert not is_gated_mlp(mine) and not is_gated_mlp(model.layers[0].self_attn)
-    with lean_mlps(torch.nn.ModuleList([mine, model])) as changed:
-        assert set(map(id, changed)) == set(map(id, _mlps(model)))
+    assert not is_rms_norm(torch.nn.LayerNorm(4)) and len(_norms(model)) == 2 * model.config.num_hidden_layers + 1
+    with lean_layers(torch.nn.ModuleList([mine, model])) as changed:
+        assert set(map(id, changed)) == set(map(id, _mlps(model) + _norms(model)))
 
 
 @pytest.mark.gpu

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from .attention import ATTN_IMPLEMENTATION, set_attention_backend, window_keeps
-from .lean import lean_mlps
+from .lean import lean_layers
 from .packing import PackedBatch, pack, repad
 
 # model_type -> whether the family's XxxModel.forward accepts a dict of masks keyed by layer type
@@ -258,7 +258,7 @@ def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
         extra = {"attention_mask": None, "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
                  "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
     kwargs.setdefault("use_cache", False)
-    lean = lean_mlps(body) if not torch.is_grad_enabled() else contextlib.nullcontext()
+    lean = lean_layers(body) if not torch.is_grad_enabled() else contextlib.nullcontext()
     with lean:  # without gradients the MLPs compute in place (same bits, see lean.py)
         out = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], **extra, **kwargs)
     hidden_states = getattr(out, "hidden_states", None)

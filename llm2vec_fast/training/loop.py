@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import rank_and_world
-from ..models.lean import lean_mlps
+from ..models.lean import lean_layers
 from .model_setup import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Trainer:
             loss = 0.0
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
-                with lean_mlps(self.model):  # the whole step: checkpointed layers recompute what they saved
+                with lean_layers(self.model):  # the whole step: checkpointed layers recompute what they saved
                     loss += float(self.recipe.train_step(batch, scale)) * scale
                 window_samples += self.recipe.num_samples(batch)
             self._sum_gradients()
