@@ -259,12 +259,14 @@ def largest_batch(work: Workload, impl: str, start: int) -> tuple:
 
 def saved_for_backward_mb(step_factory: Callable[[], Callable]) -> float:
     """Activation memory a step holds for its backward (CPU proxy for its memory): bytes of the tensors autograd
-    saves during the forward, each storage counted once."""
+    saves during the forward, each storage counted once. Tensors saved while the backward runs (a recompute
+    inside a backward, freed with it) are not counted."""
     storages = {}
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if torch._C._current_graph_task_id() == -1:  # -1: not inside a backward
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     step = step_factory()
