@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 import torch
 
+from llm2vec_fast.encoder.text import normalize_inputs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "llm2vec")
 PARITY_ATOL = 1e-5
@@ -317,6 +319,44 @@ def test_batch_size_invariance(encoders, budget):
     assert torch.allclose(got, expected, atol=SAME_ATOL, rtol=0)
     assert torch.allclose(encoder.encode(INPUTS, batch_size=64, show_progress_bar=False), expected,
                           atol=SAME_ATOL, rtol=0)
+
+
+def _fits_in(monkeypatch, encoder, max_tokens: int):
+    """Makes batches of more than ``max_tokens`` real tokens raise torch.OutOfMemoryError, as a device would;
+    returns the token counts of the batches that ran."""
+    ran = []
+    run_batch = type(encoder)._run_batch
+
+    def limited(self, prepared, normalize):
+        tokens = prepared.packed.num_tokens if prepared.packed is not None else int(prepared.mask.sum())
+        if tokens > max_tokens:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: {tokens} > {max_tokens} tokens)")
+        ran.append(tokens)
+        return run_batch(self, prepared, normalize)
+    monkeypatch.setattr(type(encoder), "_run_batch", limited)
+    return ran
+
+
+def test_out_of_memory_splits_the_batch_and_lowers_the_budget(encoders, monkeypatch):
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    expected = encoder.encode(INPUTS, show_progress_bar=False)
+    longest = max(len(ids) for ids in encoder.plan(normalize_inputs(INPUTS)).input_ids)
+    ran = _fits_in(monkeypatch, encoder, max_tokens=longest + 3)
+    with pytest.warns(RuntimeWarning, match=r"out of device memory .* max_tokens_per_batch=\d+"):
+        got = encoder.encode(INPUTS, show_progress_bar=False, max_tokens_per_batch=100_000)
+    assert torch.allclose(got, expected, atol=SAME_ATOL, rtol=0)  # every row, in order, nothing lost
+    assert len(ran) > 1 and max(ran) <= longest + 3
+
+
+def test_an_input_too_long_to_run_alone_names_its_length(encoders, monkeypatch):
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    lengths = [len(ids) for ids in encoder.plan(normalize_inputs(INPUTS)).input_ids]
+    _fits_in(monkeypatch, encoder, max_tokens=max(lengths) - 1)
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError,
+                                                     match=f"one input of {max(lengths)} tokens .* max_length"):
+        encoder.encode(INPUTS, show_progress_bar=False)
 
 
 def test_benchmark_baseline_is_llm2vecs_algorithm(encoders):

@@ -26,9 +26,11 @@ Behaviour that deliberately differs from llm2vec 0.2.3 (each a bug or an input l
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -362,8 +364,10 @@ class LLM2Vec(nn.Module):
         Batches hold at most ``max_tokens_per_batch`` real tokens (default ``batch_size * max_length``, the
         most a padded batch of ``batch_size`` could hold; at most 1024 on the CPU, where larger packs run
         slower). ``normalize_embeddings=True`` L2-normalises each row. ``device`` defaults to CUDA when
-        available; the model is moved there (unless it was dispatched with a device_map). The progress bar
-        counts texts and shows tokens per second.
+        available; the model is moved there (unless it was dispatched with a device_map). A batch that runs out
+        of device memory is split and the budget halved for the rest of the call, with a warning (an input
+        too long to run alone raises ``torch.OutOfMemoryError`` naming its length). The progress bar counts
+        texts and shows tokens per second.
 
         Several processes (see ``parallel.py``): ``devices=['cuda:0', 'cuda:1', ...]`` starts one process per
         device for this call (``pool=`` reuses a pool from :meth:`start_multi_process_pool` across calls);
@@ -439,10 +443,20 @@ class LLM2Vec(nn.Module):
                 target = out.narrow(0, start, len(lengths))
                 chunk: Optional[Tensor] = None  # the chunk's rows on the output device (target itself on the CPU)
                 in_flight: List[_InFlight] = []
-                for batch in token_batches(order, lengths, budget, padded=not packable):
-                    prepared = self._prepare_batch([plan.input_ids[i] for i in batch],
-                                                   [plan.embed_counts[i] for i in batch])
-                    emb = self._run_batch(prepared, normalize_embeddings)
+                pending = collections.deque(token_batches(order, lengths, budget, padded=not packable))
+                while pending:
+                    batch = pending.popleft()
+                    try:
+                        prepared = self._prepare_batch([plan.input_ids[i] for i in batch],
+                                                       [plan.embed_counts[i] for i in batch])
+                        emb = self._run_batch(prepared, normalize_embeddings)
+                    except torch.OutOfMemoryError as err:  # smaller batches from here on; nothing is lost
+                        prepared = emb = None
+                        progress.settle(in_flight, keep=0)
+                        budget = _budget_after_oom(batch, lengths, budget, packable, err)
+                        rest = batch + [i for later in pending for i in later]
+                        pending = collections.deque(token_batches(rest, lengths, budget, padded=not packable))
+                        continue
                     if chunk is None:
                         chunk = target if emb.device.type == "cpu" else \
                             torch.zeros((len(lengths), hidden_size), dtype=torch.float32, device=emb.device)
@@ -562,6 +576,26 @@ class _Progress:
 
 def _to(x: Tensor, device, non_blocking: bool) -> Tensor:
     return x.to(device, non_blocking=non_blocking)
+
+
+def _budget_after_oom(batch: List[int], lengths: Sequence[int], budget: int, packable: bool,
+                      err: BaseException) -> int:
+    """The token budget after ``batch`` ran out of device memory: half of what the batch held (its real
+    tokens, or rows x longest when padded), with a warning naming it. A batch of one input cannot be
+    split: that raises, naming the input's length."""
+    widest = max(lengths[i] for i in batch)
+    if len(batch) == 1:
+        raise torch.OutOfMemoryError(
+            f"encode: one input of {widest} tokens does not fit in device memory on its own; lower max_length "
+            f"(now truncating at it) or free memory on the device ({err})") from err
+    held = sum(lengths[i] for i in batch) if packable else len(batch) * widest
+    new_budget = max(held // 2, 1)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    warnings.warn(f"encode: out of device memory with {held} tokens in a batch (budget {budget}); continuing "
+                  f"with at most {new_budget} (pass max_tokens_per_batch={new_budget} to start there)",
+                  RuntimeWarning, stacklevel=3)
+    return new_budget
 
 
 def token_batches(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool = False) -> List[List[int]]:
