@@ -156,3 +156,30 @@ def test_progress_bar_counts_completed_batches(checkpoint, monkeypatch):
     encoder._encode_items(items, "cuda", bar, batch_size=2, normalize_embeddings=False,
                           max_tokens_per_batch=SMALL_BUDGET)
     assert sum(bar.updates) == len(items) and bar.postfix.endswith("tok/s")
+
+
+def test_a_real_out_of_memory_splits_the_batch(checkpoint):
+    """With the caching allocator capped a little above what the model holds, one huge batch runs out of
+    memory: encode warns, halves its budget and still returns every row (equal to the uncapped run). The
+    cap is lowered step by step until a batch does run out (the activations of the tiny model are small)."""
+    encoder = _encoder(checkpoint)
+    configure(encoder, RUNS[0])
+    texts = [" ".join(["tide moon ocean sailor"] * 120) + f" {i}" for i in range(192)]  # ~500 tokens each
+    expected = encoder.encode(texts, device="cuda", show_progress_bar=False, max_tokens_per_batch=2048)
+    torch.cuda.synchronize()
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        for headroom_mb in (256, 128, 64, 32):
+            torch.cuda.empty_cache()
+            cap = torch.cuda.memory_reserved() + headroom_mb * 2 ** 20
+            torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = encoder.encode(texts, device="cuda", show_progress_bar=False, max_tokens_per_batch=10 ** 7)
+            if any("out of device memory" in str(w.message) for w in caught):
+                assert float((got - expected).abs().max()) <= ATOL
+                return
+        pytest.fail("no batch ran out of memory even with 32 MiB of headroom")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
