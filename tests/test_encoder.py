@@ -768,6 +768,26 @@ def test_encode_file_writes_shards_in_input_order(encoders, tmp_path):
     assert np.allclose(half.astype(np.float32), encoder.encode(texts, show_progress_bar=False).numpy(), atol=1e-2)
 
 
+def test_encode_file_instruction_for_rows_without_one(encoders, tmp_path):
+    from llm2vec_fast.encoder.files import encode_file, load_embeddings
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    query = "Given a web search query, retrieve relevant passages that answer the query:"
+    items = ["what is the tide", ["Own instruction:", "moon and ocean"], "a sailor's guitar"]
+    source = str(tmp_path / "queries.jsonl")
+    write_jsonl(source, items)
+    out = str(tmp_path / "out")
+    encode_file(encoder, source, out, instruction=query, log=lambda message: None)
+    expected = encoder.encode([[query, items[0]], items[1], [query, items[2]]], show_progress_bar=False)
+    assert np.allclose(load_embeddings(out), expected.numpy(), atol=SAME_ATOL, rtol=0)
+    plain = encoder.encode(items, show_progress_bar=False)
+    assert not np.allclose(load_embeddings(out)[0], plain[0].numpy(), atol=1e-3)  # the instruction mattered
+    with pytest.raises(ValueError, match="other settings"):  # resuming with another instruction is refused
+        encode_file(encoder, source, out, instruction="Other:", log=lambda message: None)
+    with pytest.raises(TypeError, match="instruction must be a str"):
+        encode_file(encoder, source, str(tmp_path / "out2"), instruction=None, log=lambda message: None)
+
+
 def test_encode_file_bad_records(encoders, tmp_path):
     from llm2vec_fast.encoder.files import encode_file
     encoder = encoders("llama")

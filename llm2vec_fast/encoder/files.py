@@ -162,13 +162,18 @@ def load_embeddings(output: str, mmap: bool = False) -> np.ndarray:
 
 def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dict[str, Any]] = None,
                 shard_size: int = 10_000, output_dtype: str = "float32", text_field: str = "text",
-                instruction_field: str = "instruction", log=print, **encode_kwargs) -> Dict[str, Any]:
+                instruction_field: str = "instruction", instruction: str = "", log=print,
+                **encode_kwargs) -> Dict[str, Any]:
     """Encodes ``input_path`` into shards under ``output`` (resuming a previous run there); returns the index.
 
-    ``settings`` (e.g. the model path and options) are recorded and must match on resume, together with
-    the encoder's pooling settings, ``shard_size``, ``output_dtype`` and the input's identity.
-    ``encode_kwargs`` go to ``encoder.encode`` (batch_size, device, normalize_embeddings, ...).
+    ``instruction`` goes before every text whose row has no instruction of its own (e.g. the retrieval
+    instruction when encoding queries; documents usually have none). ``settings`` (e.g. the model path
+    and options) are recorded and must match on resume, together with the encoder's pooling settings,
+    ``instruction``, ``shard_size``, ``output_dtype`` and the input's identity. ``encode_kwargs`` go to
+    ``encoder.encode`` (batch_size, device, normalize_embeddings, ...).
     """
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     if output_dtype not in STORAGE_DTYPES:
@@ -178,7 +183,7 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
                     doc_max_length=encoder.doc_max_length, skip_instruction=encoder.skip_instruction,
                     normalize_embeddings=bool(encode_kwargs.get("normalize_embeddings", False)),
                     shard_size=shard_size, output_dtype=output_dtype, text_field=text_field,
-                    instruction_field=instruction_field)
+                    instruction_field=instruction_field, instruction=instruction)
     recorded = json.loads(json.dumps(recorded))  # as it reads back from index.json
     identity = input_identity(input_path)
     dim = encoder._hidden_size()
@@ -208,7 +213,8 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
             continue
         if number % world != rank:  # another rank's shard
             continue
-        embeddings = encoder.encode([[i, t] for i, t in chunk], convert_to_numpy=True, **encode_kwargs)
+        embeddings = encoder.encode([[own or instruction, text] for own, text in chunk], convert_to_numpy=True,
+                                    **encode_kwargs)
         name = SHARD_NAME.format(number)
         path = os.path.join(output, name)
         with open(path + ".tmp", "wb") as f:
@@ -310,6 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output-dtype", default="float32", choices=sorted(STORAGE_DTYPES))
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--instruction-field", default="instruction")
+    parser.add_argument("--instruction", default="",
+                        help="instruction for every row without its own (e.g. the retrieval instruction of queries)")
     parser.add_argument("--progress", action="store_true", help="a progress bar per shard")
     return parser
 
@@ -336,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
         settings = {"model": args.model, "peft": args.peft, "merge_peft": args.merge_peft, "dtype": args.dtype}
         encode_file(encoder, args.input, args.output, settings=settings, shard_size=args.shard_size,
                     output_dtype=args.output_dtype, text_field=args.text_field,
-                    instruction_field=args.instruction_field, batch_size=args.batch_size,
+                    instruction_field=args.instruction_field, instruction=args.instruction,
+                    batch_size=args.batch_size,
                     max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     normalize_embeddings=args.normalize, show_progress_bar=args.progress)
     finally:
