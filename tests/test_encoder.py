@@ -740,7 +740,7 @@ def write_jsonl(path, items) -> None:
 
 
 def test_encode_file_writes_shards_in_input_order(encoders, tmp_path):
-    from llm2vec_fast.encoder.files import encode_file, load_embeddings
+    from llm2vec_fast.encoder.files import encode_file, iter_embeddings, load_embeddings
     encoder = encoders("llama")
     configure(encoder, reference("llama")["runs"][0])
     items = INPUTS + INPUTS[::-1]
@@ -751,6 +751,10 @@ def test_encode_file_writes_shards_in_input_order(encoders, tmp_path):
     assert [s["rows"] for s in index["shards"]] == [10, 10, 10, 2] and index["rows"] == 32 and index["complete"]
     expected = encoder.encode(items, show_progress_bar=False)
     assert np.allclose(load_embeddings(out), expected.numpy(), atol=SAME_ATOL, rtol=0)
+    streamed = list(iter_embeddings(out))
+    assert [start for start, _ in streamed] == [0, 10, 20, 30]
+    assert all(isinstance(array, np.memmap) for _, array in streamed)
+    assert np.array_equal(np.concatenate([array for _, array in streamed]), load_embeddings(out, mmap=True))
     stamps = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out) if name.endswith(".npy")}
     messages = []
     encode_file(encoder, source, out, shard_size=10, log=messages.append)  # finished: nothing recomputed

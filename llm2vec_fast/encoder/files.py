@@ -9,7 +9,8 @@ float16, shape (rows, hidden)) through a temporary file and an atomic rename, an
 ``index.json`` (also replaced atomically). A run that is interrupted and started again with the same
 arguments skips the recorded shards (never recomputing them) and encodes the rest, so no row is lost or
 duplicated. ``index.json`` also records the input's identity and the settings; resuming with others is
-refused. :func:`load_embeddings` reads the result back in input order.
+refused. :func:`load_embeddings` reads the result back in input order (:func:`iter_embeddings` shard by
+shard, memory-mapped, for runs larger than memory).
 """
 from __future__ import annotations
 
@@ -144,18 +145,32 @@ def _shard_ok(output: str, shard: Dict[str, Any], dim: int) -> bool:
     return array.shape == (shard["rows"], dim)
 
 
-def load_embeddings(output: str, mmap: bool = False) -> np.ndarray:
-    """The embeddings of a finished run, (rows, hidden), in input order."""
+def _finished_shards(output: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     index = _load_index(output)
     if index is None:
         raise FileNotFoundError(f"{output} has no {INDEX}")
     if not index.get("complete"):
         raise ValueError(f"{output}: the run is not complete (resume it with the same arguments)")
-    shards = sorted(index["shards"], key=lambda s: s["start"])
-    arrays = [np.load(os.path.join(output, s["file"]), mmap_mode="r" if mmap else None) for s in shards]
+    return index, sorted(index["shards"], key=lambda s: s["start"])
+
+
+def iter_embeddings(output: str, mmap: bool = True) -> Iterator[Tuple[int, np.ndarray]]:
+    """(first row, (rows, hidden) array) per shard of a finished run, in input order; memory-mapped by
+    default, so a corpus larger than memory can be streamed (into an index, say) shard by shard."""
+    _, shards = _finished_shards(output)
+    for shard in shards:
+        yield shard["start"], np.load(os.path.join(output, shard["file"]), mmap_mode="r" if mmap else None)
+
+
+def load_embeddings(output: str, mmap: bool = False) -> np.ndarray:
+    """The embeddings of a finished run, (rows, hidden), in input order, as one array in memory (with
+    ``mmap=True`` the shards are read through memory maps; a run of one shard is returned as its map).
+    For runs larger than memory, use :func:`iter_embeddings`."""
+    index, _ = _finished_shards(output)
+    arrays = [array for _, array in iter_embeddings(output, mmap=mmap)]
     if not arrays:
         return np.zeros((0, index["dim"]), dtype=STORAGE_DTYPES[index["settings"]["output_dtype"]])
-    return np.concatenate(arrays, axis=0)
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
 
 
 # ------------------------------------------------------------------------------------------ encoding
