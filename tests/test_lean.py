@@ -278,6 +278,7 @@ def test_in_place_mlp_lowers_peak_memory_on_cuda():
     peaks = []
     for forward in (lambda: type(mlp).forward(mlp, x), lambda: lean_mlp_forward(mlp, x)):
         with torch.no_grad():
+            forward()  # warm-up: cuBLAS workspaces are allocated on first use, not counted below
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -285,5 +286,5 @@ def test_in_place_mlp_lowers_peak_memory_on_cuda():
             torch.cuda.synchronize()
             peaks.append(torch.cuda.max_memory_allocated() - base)
             del out
-    buffer = 8192 * model.config.intermediate_size * 2
-    assert peaks[1] <= peaks[0] - buffer, peaks
+    buffer = 8192 * model.config.intermediate_size * 2  # one (T, intermediate) bf16 buffer
+    assert peaks[1] <= peaks[0] - buffer, peaks  # transformers holds three at its peak, the in-place forward two
