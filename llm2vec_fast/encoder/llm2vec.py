@@ -9,7 +9,8 @@ tokenised once, the texts are sorted by length and packed into batches of at mos
 (``forward_packed``: no compute on padding) and the embeddings are pooled straight from the packed
 layout (``llm2vec_fast.pool``, float32). On a CUDA device each batch is built on the host in pinned memory,
 copied asynchronously and only enqueued (no host sync inside a batch), the host preparing the next batch
-meanwhile; the embeddings gather on the device and come to the CPU once per ``PLAN_CHUNK`` inputs.
+meanwhile; the embeddings gather on the device and come to the CPU once per ``PLAN_CHUNK`` inputs, and
+the next chunk is tokenised on a background thread while the device runs this one.
 
 Behaviour that deliberately differs from llm2vec 0.2.3 (each a bug or an input llm2vec cannot take):
 - a single string is one text (llm2vec encodes each of its characters); an empty list gives a
@@ -31,7 +32,8 @@ import json
 import os
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -414,6 +416,7 @@ class LLM2Vec(nn.Module):
 
         Per PLAN_CHUNK inputs: tokenise, sort, batch; each batch's embeddings are written (``index_copy_``,
         by input index) into one float32 buffer on the output device, which goes to the CPU once per chunk.
+        On a GPU the next chunk is tokenised on a background thread meanwhile (:meth:`_chunk_plans`).
         On a CUDA device each batch is prepared in pinned memory and only enqueued (no host sync inside a
         batch), so the host prepares the next batch while the device runs this one; at most
         ``GPU_LOOKAHEAD + 1`` batches are in flight (their pinned buffers stay referenced until their CUDA
@@ -435,8 +438,7 @@ class LLM2Vec(nn.Module):
         out = torch.zeros((len(items), hidden_size), dtype=torch.float32)
         progress = _Progress(bar)
         with torch.no_grad():
-            for start in range(0, len(items), PLAN_CHUNK):
-                plan = self.plan(items[start:start + PLAN_CHUNK])
+            for start, plan in self._chunk_plans(items, ahead=_plan_ahead(_target_device(self.model, device))):
                 lengths = [len(ids) for ids in plan.input_ids]
                 order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
                 bar.update(len(lengths) - len(order))  # inputs without tokens embed to zeros
@@ -478,6 +480,24 @@ class LLM2Vec(nn.Module):
                     del chunk
                 progress.settle(in_flight, keep=0)
         return out
+
+    def _chunk_plans(self, items: Sequence[InputItem], ahead: bool) -> Iterator[Tuple[int, Plan]]:
+        """(first input, plan) per ``PLAN_CHUNK`` inputs. With ``ahead`` the next chunk is tokenised on a
+        background thread while the caller runs this one, so that a GPU is not idle while the host
+        tokenises (the fast tokenizers release the GIL)."""
+        starts = list(range(0, len(items), PLAN_CHUNK))
+        if not ahead or len(starts) < 2:
+            for start in starts:
+                yield start, self.plan(items[start:start + PLAN_CHUNK])
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm2vec-fast-plan") as planner:
+            future = planner.submit(self.plan, items[:PLAN_CHUNK])
+            for number, start in enumerate(starts):
+                plan = future.result()
+                if number + 1 < len(starts):
+                    following = starts[number + 1]
+                    future = planner.submit(self.plan, items[following:following + PLAN_CHUNK])
+                yield start, plan
 
     def _settings(self) -> Dict[str, object]:
         """The encoder settings a pool worker applies to its copy before each job."""
@@ -576,6 +596,12 @@ class _Progress:
 
 def _to(x: Tensor, device, non_blocking: bool) -> Tensor:
     return x.to(device, non_blocking=non_blocking)
+
+
+def _plan_ahead(device: torch.device) -> bool:
+    """Whether encode tokenises the next chunk while this one runs: on a GPU (on the CPU both would
+    compete for the same cores)."""
+    return device.type == "cuda"
 
 
 def _budget_after_oom(batch: List[int], lengths: Sequence[int], budget: int, packable: bool,
