@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..models.attention import ATTN_IMPLEMENTATION
 from ..models.bidirectional import decoder_body, forward_packed, is_bidirectional
 from ..models.classes import BI_MODELS
+from ..models.lean import lean_layers
 from ..models.packing import pack, pack_sequences
 from ..ops.pooling import pool
 from . import loading
@@ -349,7 +350,8 @@ class LLM2Vec(nn.Module):
             out = forward_packed(self.model, batch=prepared.packed)
             embed = prepared.embed.to(out.hidden.device)
             return self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=embed, normalize=normalize)
-        hidden = self.model(input_ids=prepared.ids, attention_mask=prepared.mask).last_hidden_state
+        with lean_layers(self.model):  # encode runs without gradients: the MLPs compute in place
+            hidden = self.model(input_ids=prepared.ids, attention_mask=prepared.mask).last_hidden_state
         return self._pool(hidden, attention_mask=prepared.mask.to(hidden.device),
                           embed_mask=prepared.embed.to(hidden.device), normalize=normalize)
 
