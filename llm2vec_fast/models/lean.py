@@ -157,14 +157,10 @@ def lean_layers(model: nn.Module) -> Iterator[List[nn.Module]]:
     block changed."""
     changed = []
     for module in model.modules():
-        if "forward" in module.__dict__ or _hooked(module):
+        lean_forward = _forward_for if is_gated_mlp(module) else _norm_forward_for if is_rms_norm(module) else None
+        if lean_forward is None or "forward" in module.__dict__ or _hooked(module):
             continue
-        if is_gated_mlp(module):
-            module.forward = _forward_for(module)
-        elif is_rms_norm(module):
-            module.forward = _norm_forward_for(module)
-        else:
-            continue
+        module.forward = lean_forward(module)
         changed.append(module)
     try:
         yield changed
