@@ -1,11 +1,11 @@
-"""Tests of ``llm2vec_fast.models.lean``: gated MLPs in place without gradients and saving two buffers with
-them; RMSNorms saving their input only and recomputed in the backward.
+"""Tests of ``llm2vec_fast.models.lean``: gated MLPs in place without gradients; with gradients, MLPs,
+RMSNorms and peft LoRA linears keeping only their inputs and recomputing the rest in the backward.
 
-The claim is "same bits": every path runs the same kernels on the same values as transformers' own
-modules and their autograd backward. The oracle is each family's own module forward (tiny random
+The claim is "same bits": every path runs the same kernels on the same values as transformers' and
+peft's own modules and their autograd backward. The oracle is each module's own forward (tiny random
 configs of the real architectures; SiLU for Llama/Mistral/Qwen, tanh-GELU and (1 + w) norms for Gemma).
-The one exception is documented in lean.py: in fp32 a norm's input gradient may sum its terms in
-another order.
+Memory is what a forward leaves allocated for the backward: the net bytes torch's profiler records
+(allocations minus frees) during the forward, the output included.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llm2vec_fast.models import bidirectional, lean
-from llm2vec_fast.models.lean import SiluMul, is_gated_mlp, is_rms_norm, lean_layers, lean_mlp_forward
+from llm2vec_fast.models.lean import is_gated_mlp, is_lora_linear, is_rms_norm, lean_layers, lean_mlp_forward
 
 from test_models import FAMILIES, bi_model, family_state, make_batch
 
@@ -74,152 +74,175 @@ def test_forward_packed_uses_it_without_gradients_and_changes_no_bit(family, mon
     assert all("forward" not in m.__dict__ for m in _mlps(model))
 
 
+class _Recomputes:
+    """Counts the regions the gradient path hands to the checkpoint, by the function recomputed."""
+
+    def __init__(self, monkeypatch):
+        self.names = []
+        original = lean._recompute
+
+        def counting(fn, *args):
+            self.names.append(getattr(fn, "__name__", type(fn).__name__))
+            return original(fn, *args)
+        monkeypatch.setattr(lean, "_recompute", counting)
+
+
 def test_forward_packed_with_gradients_keeps_the_transformers_forward(monkeypatch):
-    """Only an enclosing block (the training step's) changes an MLP with gradients on: a checkpointed
+    """Only an enclosing block (the training step's) changes a module with gradients on: a checkpointed
     layer recomputed after forward_packed returned must save what its forward saved."""
     model = bi_model("llama", state=family_state("llama"))
     ids, mask = make_batch(seed=6)
-    counter = _Counter(monkeypatch)
-    calls = []
-    original_apply = SiluMul.apply
-    monkeypatch.setattr(SiluMul, "apply", lambda *a: calls.append(1) or original_apply(*a))
+    counter, recomputes = _Counter(monkeypatch), _Recomputes(monkeypatch)
     out = model.forward_packed(ids, mask).hidden
     out.square().sum().backward()
-    assert counter.calls == 0 and calls == []
+    assert counter.calls == 0 and recomputes.names == []
     with lean_layers(model) as changed:
         assert set(map(id, changed)) == set(map(id, _mlps(model) + _norms(model)))
         model.forward_packed(ids, mask).hidden.sum().backward()
-    assert counter.calls == 0 and len(calls) == model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert counter.calls == 0
+    assert recomputes.names.count("_act_times") == layers and recomputes.names.count("forward") == 2 * layers + 1
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes autograd keeps for the backward of ``fn()`` (each storage once)."""
-    storages = {}
+RNG_STATE = torch.get_rng_state().numel()  # bytes the checkpoint keeps per region (the CPU RNG state)
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+
+def _held_bytes(fn) -> int:
+    """Bytes that ``fn()`` leaves allocated (allocations minus frees during it, on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return sum(storages.values())
+    return sum(event.self_cpu_memory_usage for event in prof.key_averages())
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_with_gradients_same_bits_and_one_buffer_less_saved(family, dtype):
-    model = bi_model(family, state=family_state(family)).to(dtype).train()
-    mlp = _mlps(model)[0]
-    tokens, intermediate = 113, model.config.intermediate_size
-    generator = torch.Generator().manual_seed(11)
-    x = torch.randn(tokens, model.config.hidden_size, generator=generator).to(dtype)
-    grad_out = torch.randn(tokens, model.config.hidden_size, generator=generator).to(dtype)
-
-    def run(lean: bool):
-        mlp.zero_grad(set_to_none=True)
+def _compare(module, x, grad_out, lean_too=None):
+    """(plain, lean) runs of ``module(x)`` with gradients: output, input gradient, parameter gradients and the
+    bytes the forward left allocated."""
+    runs = []
+    for lean_on in (False, True):
+        module.zero_grad(set_to_none=True)
         leaf = x.clone().requires_grad_(True)
         holder = {}
 
         def forward():
-            with lean_layers(mlp) if lean else contextlib.nullcontext():
-                holder["out"] = mlp(leaf)
-        saved = _saved_bytes(forward)
-        holder["out"].backward(grad_out)
-        grads = [leaf.grad] + [p.grad for p in mlp.parameters()]
-        return holder["out"].detach(), grads, saved
+            with lean_layers(lean_too or module) if lean_on else contextlib.nullcontext():
+                holder["out"] = module(leaf)
+        held = _held_bytes(forward)
+        with lean_layers(lean_too or module) if lean_on else contextlib.nullcontext():
+            holder["out"].backward(grad_out)
+        grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+        runs.append((holder["out"].detach(), leaf.grad, grads, held))
+    (out, dx, grads, held), (lean_out, lean_dx, lean_grads, lean_held) = runs
+    assert torch.equal(lean_out, out) and torch.equal(lean_dx, dx) and dx.abs().max() > 0
+    assert sorted(lean_grads) == sorted(grads)
+    for name in grads:
+        assert torch.equal(lean_grads[name], grads[name]), name
+    return held, lean_held
 
-    plain_out, plain_grads, plain_saved = run(False)
-    lean_out, lean_grads, lean_saved = run(True)
-    assert torch.equal(lean_out, plain_out)
-    for got, want in zip(lean_grads, plain_grads):
-        assert torch.equal(got, want) and want.abs().max() > 0
+
+def _inputs(tokens, width, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, width, generator=generator).to(dtype),
+            torch.randn(tokens, width, generator=generator).to(dtype))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mlp_with_gradients_same_bits_and_one_buffer_less(family, dtype):
+    model = bi_model(family, state=family_state(family)).to(dtype).train()
+    mlp = _mlps(model)[0]
+    tokens, intermediate = 113, model.config.intermediate_size
+    x, grad_out = _inputs(tokens, model.config.hidden_size, dtype, 11)
+    held, lean_held = _compare(mlp, x, grad_out)
     buffer = tokens * intermediate * dtype.itemsize
-    assert plain_saved - lean_saved == buffer, (plain_saved, lean_saved, buffer)
+    assert held - lean_held >= buffer - RNG_STATE, (held, lean_held)  # act(gate) is not kept
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("trainable_weight", [False, True], ids=["frozen", "trained"])
+def test_norm_with_gradients_same_bits_and_keeps_its_input_only(family, dtype, trainable_weight):
+    model = bi_model(family, state=family_state(family)).to(dtype).train()
+    tokens, hidden = 113, model.config.hidden_size
+    norm = next(n for n in _norms(model) if n.weight.shape[0] == hidden)  # (Qwen3's q_norm comes first)
+    norm.weight.requires_grad_(trainable_weight)
+    x, grad_out = _inputs(tokens, hidden, dtype, 12)
+    held, lean_held = _compare(norm, x, grad_out)
+    assert lean_held <= tokens * hidden * dtype.itemsize + RNG_STATE  # the output (and the RNG state)
+    if dtype == torch.bfloat16:  # transformers keeps its fp32 upcast of the input
+        assert held - lean_held >= tokens * hidden * 4 - RNG_STATE, (held, lean_held)
+
+
+def _lora_model(family, dtype, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj")):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(bi_model(family, state=family_state(family)).to(dtype),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets)))
+    torch.manual_seed(4)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: make every LoRA gradient non-zero
+            torch.nn.init.normal_(param, std=0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_linear_with_gradients_same_bits_and_keeps_no_dropout_copy(dtype):
+    model = _lora_model("mistral", dtype)
+    layer = next(m for m in model.modules() if is_lora_linear(m) and m.in_features == model.config.hidden_size)
+    tokens, width = 113, layer.in_features
+    x, _ = _inputs(tokens, width, dtype, 13)
+    grad_out = torch.randn(tokens, layer.out_features, generator=torch.Generator().manual_seed(14)).to(dtype)
+    torch.manual_seed(21)  # the dropout mask: both runs draw it from the same state (_compare runs plain first)
+    state = torch.get_rng_state()
+
+    class SameMask(torch.nn.Module):  # replays the RNG state before each run, so both draw the same mask
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, value):
+            torch.set_rng_state(state)
+            return self.inner(value)
+    held, lean_held = _compare(SameMask(layer), x, grad_out, lean_too=layer)
+    # peft keeps the fp32 copy of x after dropout (4 bytes per element) and the mask (1 byte)
+    assert held - lean_held >= tokens * width * 5 - RNG_STATE, (held, lean_held)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_checkpointed_training_step_gives_the_same_gradients(family, dtype):
-    """A training step under the block, with non-reentrant gradient checkpointing and LoRA dropout:
-    the recomputed layers save what their forward saved, and every gradient equals the plain step's
-    (bit for bit in bf16; in fp32 a norm's input gradient may add its terms in another order)."""
-    from peft import LoraConfig, get_peft_model
-
+    """A training step under the block, with non-reentrant gradient checkpointing and LoRA (dropout 0.1) on
+    every projection: the recomputed layers save what their forward saved, and every gradient equals the
+    plain step's, bit for bit."""
     from llm2vec_fast.models import forward_packed
     ids, mask = make_batch(seed=9)
 
-    def step(lean: bool):
-        model = bi_model(family, state=family_state(family)).to(dtype)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                 target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]))
-        torch.manual_seed(4)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: make every LoRA gradient non-zero
-                torch.nn.init.normal_(param, std=0.1)
+    def step(lean_on: bool):
+        model = _lora_model(family, dtype)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
         torch.manual_seed(5)
-        with lean_layers(model) if lean else contextlib.nullcontext():
+        with lean_layers(model) if lean_on else contextlib.nullcontext():
             forward_packed(model, ids, mask).hidden.float().square().mean().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     plain, lean_grads = step(False), step(True)
-    assert sorted(plain) == sorted(lean_grads) and plain
+    assert sorted(plain) == sorted(lean_grads) and len(plain) == 2 * 7 * 2
     for name in plain:
         assert plain[name].abs().max() > 0, name
-        if dtype == torch.bfloat16:
-            assert torch.equal(lean_grads[name], plain[name]), name
-        else:
-            torch.testing.assert_close(lean_grads[name], plain[name], rtol=1e-5, atol=1e-5 * plain[name].abs().max())
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("trainable_weight", [False, True], ids=["frozen", "trained"])
-def test_recomputed_norm_same_bits_and_saves_its_input_only(family, trainable_weight):
-    model = bi_model(family, state=family_state(family)).to(torch.bfloat16).train()
-    tokens, hidden = 113, model.config.hidden_size
-    norm = next(n for n in _norms(model) if n.weight.shape[0] == hidden)  # (Qwen3's q_norm comes first)
-    norm.weight.requires_grad_(trainable_weight)
-    generator = torch.Generator().manual_seed(12)
-    x = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
-    grad_out = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
-
-    def run(lean: bool):
-        norm.weight.grad = None
-        leaf = x.clone().requires_grad_(True)
-        holder = {}
-
-        def forward():
-            with lean_layers(norm) if lean else contextlib.nullcontext():
-                holder["out"] = norm(leaf)
-        saved = _saved_bytes(forward)
-        holder["out"].backward(grad_out)
-        return holder["out"].detach(), leaf.grad, norm.weight.grad, saved
-
-    plain_out, plain_dx, plain_dw, plain_saved = run(False)
-    lean_out, lean_dx, lean_dw, lean_saved = run(True)
-    assert torch.equal(lean_out, plain_out) and torch.equal(lean_dx, plain_dx) and plain_dx.abs().max() > 0
-    if trainable_weight:
-        assert torch.equal(lean_dw, plain_dw) and plain_dw.abs().max() > 0
-    else:
-        assert lean_dw is None and plain_dw is None
-    assert lean_saved == tokens * hidden * 2  # the bf16 input
-    # transformers: its fp32 upcast, and the bf16 normalised input when the weight trains
-    assert plain_saved >= tokens * hidden * (6 if trainable_weight else 4)
+        assert torch.equal(lean_grads[name], plain[name]), name
 
 
 def test_the_training_loop_runs_each_step_under_the_block(tmp_path, monkeypatch):
     from test_training_mntp import mntp_config
     from llm2vec_fast.training.loop import Trainer
     from llm2vec_fast.training.mntp import MNTPRecipe
-    calls = []
-    original_apply = SiluMul.apply
-    monkeypatch.setattr(SiluMul, "apply", lambda *a: calls.append(1) or original_apply(*a))
+    recomputes = _Recomputes(monkeypatch)
     recipe = MNTPRecipe(mntp_config(str(tmp_path), output_dir=str(tmp_path / "out"), max_steps=2,
                                     save_steps=2, max_train_samples=8))
     Trainer(recipe).train()
     layers = len(_mlps(recipe.model))
-    assert layers == 2 and len(calls) >= 2 * layers  # every step's forward (and its recompute under checkpointing)
+    assert layers == 2 and recomputes.names.count("_act_times") >= 2 * layers  # every step (and its recompute)
+    assert recomputes.names.count("_lora_branch") >= 2 * 7 * layers  # LoRA on the 7 projections by default
     assert all("forward" not in m.__dict__ for m in recipe.model.modules())
 
 
@@ -254,7 +277,7 @@ def test_the_block_restores_the_modules_after_an_error():
         assert torch.equal(restored.forward_packed(ids, mask).hidden, expected)
 
 
-def test_only_transformers_mlps_and_norms_are_changed():
+def test_only_transformers_mlps_norms_and_peft_lora_linears_are_changed():
     class MyMLP(torch.nn.Module):  # the right attributes, but not transformers' class
         def __init__(self):
             super().__init__()

@@ -1,36 +1,35 @@
 """Lean layers: the same outputs and gradients, bit for bit, with fewer large buffers.
 
-Two kinds of transformers modules are changed, inside a ``with lean_layers(model):`` block only.
+Three kinds of modules change, inside a ``with lean_layers(model):`` block only.
 
-**Gated MLPs.** Every supported family's MLP computes ``down(act(gate(x)) * up(x))``. Written as one
-expression it holds four (T, intermediate) buffers, the largest in a layer (4 MiB per 1,024 fp32 tokens
-of a hidden-256 model; 56 MiB per 2,048 bf16 tokens of Mistral-7B).
-- Without gradients, the activation and the product overwrite gate(x): SiLU runs in place and the
-  product is multiplied into the same buffer. On the CPU, glibc returns freed buffers of that size to
-  the system and page-faults them in again on the next layer; on the small CPU encode benchmark
-  computing in place cut the page faults of a call by 3–4×. On a GPU it lowers a batch's peak memory.
-- With gradients (SiLU families), autograd would keep gate(x), act(gate(x)) and up(x) for the backward.
-  :class:`SiluMul` keeps gate(x) and up(x) only and recomputes the activation in its backward (as
-  Liger-Kernel's SwiGLU does): one (T, intermediate) buffer less per layer.
+**Without gradients** (encoding): each gated MLP, ``down(act(gate(x)) * up(x))``, writes the activation
+and the product into gate(x)'s buffer (SiLU in place, then ``mul_``), instead of holding four
+(T, intermediate) buffers, the largest of a layer (4 MiB per 1,024 fp32 tokens of a hidden-256 model,
+56 MiB per 2,048 bf16 tokens of Mistral-7B). On the CPU, glibc returns freed buffers of that size to
+the system and page-faults them in again on the next layer: computing in place cut the page faults of
+the small CPU encode benchmark's call by 3–4×. On a GPU it lowers a batch's peak memory.
 
-**RMSNorms, with gradients.** transformers' RMSNorm upcasts a bf16 input to fp32 and keeps that copy
-for its backward (4 bytes per element; 6 when the weight trains: the normalised input too).
-:class:`RecomputedInBackward` keeps only the input (2 bytes; for a layer's first norm that is the layer
-input, which gradient checkpointing keeps anyway) and reruns the norm's own forward in the backward.
-
-Both backwards run the kernels autograd would run on the same values, so outputs and gradients equal
-transformers' bit for bit in bf16 and fp16. One exception, in fp32: there the norm's upcast is the
-input itself, so autograd sums the input's gradient over three uses (two in the norm, the residual)
-where the recomputed norm hands over its two as one sum first; the order of those additions can move
-the last bits. Without gradients only the MLPs change (same bits in every dtype).
+**With gradients** (training), cheap elementwise regions keep only their inputs for the backward and are
+recomputed there (torch's non-reentrant checkpoint, RNG state restored), where autograd would keep
+their intermediates:
+- gated MLPs: ``act(gate) * up`` keeps gate and up, not act(gate) (one (T, intermediate) buffer);
+- RMSNorms: keep their input, not the fp32 upcast transformers' RMSNorm keeps (4 bytes per element,
+  6 when the weight trains);
+- peft LoRA linears: the LoRA term ``B(A(dropout(x))) * scaling`` keeps x, not peft's fp32 copy of x
+  after dropout and its dropout mask (5 bytes per input element, for every adapted projection).
+On one bf16 Mistral-shaped LoRA layer (hidden 512, MLP 1792, all seven projections adapted) that is
+about half of what a layer holds for its backward. Only a little elementwise work and the rank-r
+matmuls run twice. The autograd graph is unchanged (checkpointing only changes where saved tensors
+come from), so gradients are the same bits in every dtype.
 
 :func:`lean_layers` replaces the ``forward`` of those modules for the duration of the block, and only
-on instances: transformers' classes are not touched, and nothing survives the block (pickling and deep
-copies see the modules unchanged). :func:`forward_packed` enters it when gradients are off. Training
-enters it around each whole step (``training.loop``), forward and backward: a checkpointed layer
-recomputed in the backward must save what its forward saved. A module keeps transformers' forward under
-``torch.compile``, with extra arguments, or when it or any of its sub-modules has a hook (a hook could
-see a buffer that is later overwritten).
+on instances: transformers' and peft's classes are not touched, and nothing survives the block
+(pickling and deep copies see the modules unchanged). :func:`forward_packed` enters it when gradients
+are off. Training enters it around each whole step (``training.loop``), forward and backward: a
+checkpointed layer recomputed in the backward must save what its forward saved. A module keeps its own
+forward under ``torch.compile``, with extra arguments, or when it or any of its sub-modules has a hook
+(a hook could see a buffer that is later overwritten); LoRA linears also when merged, disabled or using
+a variant (DoRA, ...).
 """
 from __future__ import annotations
 
@@ -40,6 +39,7 @@ from typing import Iterator, List
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -78,48 +78,40 @@ def lean_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     return mlp.down_proj(hidden)
 
 
-class SiluMul(torch.autograd.Function):
-    """``silu(gate) * up``, saving gate and up only: the backward recomputes silu(gate). The forward and
-    both gradients run the kernels autograd would run on the same values (same bits)."""
-
-    @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        gate, up = ctx.saved_tensors
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[0]:  # autograd: MulBackward (grad * up), then SiluBackward
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
-        return grad_gate, grad_up
+def _recompute(fn, *args):
+    """``fn(*args)``, keeping only its inputs for the backward: torch's non-reentrant checkpoint reruns ``fn``
+    (with the RNG state of the first run) when the backward needs what it would have saved. The autograd
+    graph is the plain one, so the gradients are the same bits in every dtype."""
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
-class RecomputedInBackward(torch.autograd.Function):
-    """``module_forward(x)``, saving x only: the backward reruns ``module_forward`` with gradients and
-    differentiates that (the same kernels on the same values as autograd on the plain forward).
-    ``params``: the module's parameters that need gradients (inputs here so that they get them)."""
+def _act_times(act_fn: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
+    return act_fn(gate) * up
 
-    @staticmethod
-    def forward(ctx, module_forward, x: Tensor, *params: Tensor) -> Tensor:
-        ctx.module_forward, ctx.params = module_forward, params
-        ctx.save_for_backward(x)
-        return module_forward(x)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        needs_x, needs_params = ctx.needs_input_grad[1], ctx.needs_input_grad[2:]
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(needs_x)
-            out = ctx.module_forward(leaf)
-        wanted = ([leaf] if needs_x else []) + [p for p, needed in zip(ctx.params, needs_params) if needed]
-        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-        grad_x = next(grads) if needs_x else None
-        return (None, grad_x) + tuple(next(grads) if needed else None for needed in needs_params)
+def _lora_branch(layer: nn.Module, adapter: str, x: Tensor) -> Tensor:
+    """peft's vanilla LoRA term of ``layer`` for ``adapter``, written as peft's ``Linear.forward`` writes it."""
+    lora_a = layer.lora_A[adapter]
+    x = layer._cast_input_dtype(x, lora_a.weight.dtype)
+    return layer.lora_B[adapter](lora_a(layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
+
+
+def _plain(args, kwargs) -> bool:
+    """Whether transformers' (or peft's) own forward must run: extra arguments, or torch.compile tracing."""
+    return bool(args or kwargs) or torch.compiler.is_compiling()
+
+
+def _mlp_forward_for(mlp: nn.Module):
+    original = type(mlp).forward
+
+    def forward(x: Tensor, *args, **kwargs) -> Tensor:
+        if _plain(args, kwargs):
+            return original(mlp, x, *args, **kwargs)
+        if not torch.is_grad_enabled():
+            return lean_mlp_forward(mlp, x)
+        # gate_proj before up_proj, as transformers calls them (the order of LoRA dropout's RNG draws)
+        return mlp.down_proj(_recompute(_act_times, mlp.act_fn, mlp.gate_proj(x), mlp.up_proj(x)))
+    return forward
 
 
 def _norm_forward_for(norm: nn.Module):
@@ -127,40 +119,63 @@ def _norm_forward_for(norm: nn.Module):
     plain = original.__get__(norm)  # transformers' forward, bound (what the backward reruns)
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
-        if args or kwargs or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        if _plain(args, kwargs) or not torch.is_grad_enabled():
             return original(norm, x, *args, **kwargs)
-        params = [p for p in norm.parameters() if p.requires_grad]
-        if not x.requires_grad and not params:
-            return original(norm, x)
-        return RecomputedInBackward.apply(plain, x, *params)
+        return _recompute(plain, x)
     return forward
 
 
-def _forward_for(mlp: nn.Module):
-    original = type(mlp).forward
+def _lora_forward_for(layer: nn.Module):
+    original = type(layer).forward
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
-        if args or kwargs or torch.compiler.is_compiling():
-            return original(mlp, x, *args, **kwargs)
-        if not torch.is_grad_enabled():
-            return lean_mlp_forward(mlp, x)
-        if _silu_like(mlp.act_fn):  # gate_proj before up_proj, as transformers calls them (LoRA dropout RNG)
-            return mlp.down_proj(SiluMul.apply(mlp.gate_proj(x), mlp.up_proj(x)))
-        return original(mlp, x)
+        if (_plain(args, kwargs) or not torch.is_grad_enabled() or layer.disable_adapters or layer.merged
+                or any(name in layer.lora_variant for name in layer.active_adapters)):
+            return original(layer, x, *args, **kwargs)
+        result = layer.base_layer(x)
+        dtype = result.dtype
+        for adapter in layer.active_adapters:  # peft's loop over the active adapters
+            if adapter in layer.lora_A.keys():
+                result = result + _recompute(_lora_branch, layer, adapter, x)
+        return result.to(dtype)
     return forward
+
+
+def _lora_linear_class():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # peft is a dependency, but the models work without it
+        return None
+    return Linear
+
+
+def is_lora_linear(module: nn.Module) -> bool:
+    """peft's LoRA ``Linear`` (exactly that class: its quantised and variant subclasses keep their forward)."""
+    lora_linear = _lora_linear_class()
+    return lora_linear is not None and type(module) is lora_linear
+
+
+def _lean_forward_maker(module: nn.Module):
+    if is_gated_mlp(module):
+        return _mlp_forward_for
+    if is_rms_norm(module):
+        return _norm_forward_for
+    if is_lora_linear(module):
+        return _lora_forward_for
+    return None
 
 
 @contextlib.contextmanager
 def lean_layers(model: nn.Module) -> Iterator[List[nn.Module]]:
-    """Within the block, the gated MLPs and RMSNorms of ``model`` (without hooks) run lean (see the module
-    docstring). Modules already changed by an enclosing block are left to it. Yields the modules this
+    """Within the block, the gated MLPs, RMSNorms and peft LoRA linears of ``model`` (without hooks) run lean
+    (see the module docstring). Modules already changed by an enclosing block are left to it. Yields the modules this
     block changed."""
     changed = []
     for module in model.modules():
-        lean_forward = _forward_for if is_gated_mlp(module) else _norm_forward_for if is_rms_norm(module) else None
-        if lean_forward is None or "forward" in module.__dict__ or _hooked(module):
+        make = _lean_forward_maker(module)
+        if make is None or "forward" in module.__dict__ or _hooked(module):
             continue
-        module.forward = lean_forward(module)
+        module.forward = make(module)
         changed.append(module)
     try:
         yield changed
