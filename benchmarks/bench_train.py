@@ -20,8 +20,8 @@ of both copies, recomputation not counted; ``peak_mem_mb`` is what the step allo
 Largest batch (CUDA): a doubling-then-bisection search on B for the largest step whose allocation peak
 (``torch.cuda.max_memory_allocated`` above the model's) stays within ``BENCH_TRAIN_MEMORY_MB`` (default 16384)
 without OOM, at most ``BENCH_TRAIN_MAX_BATCH`` (default 8192), within ``BENCH_TRAIN_SEARCH_S`` seconds (default
-120) per impl; reported as notes. On the CPU there is no search: the notes give the activation memory each step
-holds for its backward (autograd's saved tensors, counted once per storage) at the timed batch.
+120) per impl; reported as notes. On the CPU there is no search: the notes give the peak memory each step
+allocates at the timed batch (torch profiler's memory timeline, after a warm-up step).
 ``--quick``: a tiny float32 model (2 layers, hidden 128), B=8, lengths up to 32: a dry run of the code paths.
 
     python -m benchmarks.bench_train [--quick] [--out DIR] [--device auto|cpu|cuda]
@@ -257,32 +257,35 @@ def largest_batch(work: Workload, impl: str, start: int) -> tuple:
     return good, bad - good <= max(1, good // 16)
 
 
-def saved_for_backward_mb(step_factory: Callable[[], Callable]) -> float:
-    """Activation memory a step holds for its backward (CPU proxy for its memory): bytes of the tensors autograd
-    saves during the forward, each storage counted once. Tensors saved while the backward runs (a recompute
-    inside a backward, freed with it) are not counted."""
-    storages = {}
-
-    def pack(tensor):
-        if torch._C._current_graph_task_id() == -1:  # -1: not inside a backward
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+def cpu_step_peak_mb(step_factory: Callable[[], Callable]) -> float:
+    """The CPU analogue of the CUDA peak: the most memory a step has allocated at once beyond what existed
+    before it (torch profiler's memory timeline: every tensor storage created and destroyed, in order),
+    after one warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
     step = step_factory()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
         step()
-    return sum(storages.values()) / 2 ** 20
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak / 2 ** 20
 
 
 def memory_notes(work: Workload) -> None:
-    """The largest batch of each impl within MEMORY_MB (CUDA), or the held activations at the batch (CPU)."""
+    """The largest batch of each impl within MEMORY_MB (CUDA), or each step's peak allocation at the batch (CPU)."""
     batch = work.setting.batch
     if work.device.type != "cuda":
-        held = {impl: saved_for_backward_mb(_setup(work, impl, batch)) for impl in IMPLS}
-        NOTES.append(f"{OP} memory (CPU, B={batch}): activations held for backward: llm2vec_fast_packed "
-                     f"{held['llm2vec_fast_packed']:.1f} MiB, hf_sdpa_padded {held['hf_sdpa_padded']:.1f} MiB "
-                     f"({held['hf_sdpa_padded'] / max(held['llm2vec_fast_packed'], 1e-9):.2f}x)")
+        peak = {impl: cpu_step_peak_mb(_setup(work, impl, batch)) for impl in IMPLS}
+        NOTES.append(f"{OP} memory (CPU, B={batch}): peak a step allocates: llm2vec_fast_packed "
+                     f"{peak['llm2vec_fast_packed']:.1f} MiB, hf_sdpa_padded {peak['hf_sdpa_padded']:.1f} MiB "
+                     f"({peak['hf_sdpa_padded'] / max(peak['llm2vec_fast_packed'], 1e-9):.2f}x)")
         return
     found = {}
     for impl in IMPLS:
