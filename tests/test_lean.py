@@ -244,6 +244,11 @@ def test_the_training_loop_runs_each_step_under_the_block(tmp_path, monkeypatch)
     assert layers == 2 and recomputes.names.count("_act_times") >= 2 * layers  # every step (and its recompute)
     assert recomputes.names.count("_lora_branch") >= 2 * 7 * layers  # LoRA on the 7 projections by default
     assert all("forward" not in m.__dict__ for m in recipe.model.modules())
+    recomputes.names.clear()
+    off = MNTPRecipe(mntp_config(str(tmp_path), output_dir=str(tmp_path / "off"), max_steps=1, save_steps=1,
+                                 max_train_samples=8, lean_layers=False))
+    Trainer(off).train()
+    assert recomputes.names == []  # config key lean_layers: false runs the modules' own forwards
 
 
 def test_a_hooked_mlp_keeps_its_buffers_intact(monkeypatch):

@@ -95,6 +95,9 @@ class TrainConfig:
     device: Optional[str] = None
     disable_tqdm: bool = False
     grad_cache_chunk_size: Optional[int] = None
+    # Each step inside models.lean.lean_layers: MLP activations, RMSNorms and LoRA terms recomputed in the
+    # backward (same gradients, about a third of the activation memory per layer, some elementwise work twice).
+    lean_layers: bool = True
 
     REQUIRED: ClassVar[Tuple[str, ...]] = ("model_name_or_path", "output_dir")
     ALIASES: ClassVar[Dict[str, str]] = {"stop_after_n_steps": "max_steps"}

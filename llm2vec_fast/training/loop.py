@@ -21,6 +21,7 @@ Checkpoints: ``output_dir/checkpoint-{step}/`` holds ``recipe.save`` output, ``t
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -159,7 +160,8 @@ class Trainer:
             loss = 0.0
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
-                with lean_layers(self.model):  # the whole step: checkpointed layers recompute what they saved
+                lean = lean_layers(self.model) if cfg.lean_layers else contextlib.nullcontext()
+                with lean:  # the whole step, backward included: checkpointed layers recompute what they saved
                     loss += float(self.recipe.train_step(batch, scale)) * scale
                 window_samples += self.recipe.num_samples(batch)
             self._sum_gradients()
