@@ -81,9 +81,9 @@ class _Recomputes:
         self.names = []
         original = lean._recompute
 
-        def counting(fn, *args):
+        def counting(fn, *args, **kwargs):
             self.names.append(getattr(fn, "__name__", type(fn).__name__))
-            return original(fn, *args)
+            return original(fn, *args, **kwargs)
         monkeypatch.setattr(lean, "_recompute", counting)
 
 
@@ -104,7 +104,7 @@ def test_forward_packed_with_gradients_keeps_the_transformers_forward(monkeypatc
     assert recomputes.names.count("_act_times") == layers and recomputes.names.count("forward") == 2 * layers + 1
 
 
-RNG_STATE = torch.get_rng_state().numel()  # bytes the checkpoint keeps per region (the CPU RNG state)
+RNG_STATE = torch.get_rng_state().numel()  # bytes a region with dropout keeps (the CPU RNG state)
 
 
 def _held_bytes(fn) -> int:

@@ -10,16 +10,17 @@ the system and page-faults them in again on the next layer: computing in place c
 the small CPU encode benchmark's call by 3–4×. On a GPU it lowers a batch's peak memory.
 
 **With gradients** (training), cheap elementwise regions keep only their inputs for the backward and are
-recomputed there (torch's non-reentrant checkpoint, RNG state restored), where autograd would keep
-their intermediates:
+recomputed there (torch's non-reentrant checkpoint; the RNG state restored where LoRA dropout draws),
+where autograd would keep their intermediates:
 - gated MLPs: ``act(gate) * up`` keeps gate and up, not act(gate) (one (T, intermediate) buffer);
 - RMSNorms: keep their input, not the fp32 upcast transformers' RMSNorm keeps (4 bytes per element,
   6 when the weight trains);
 - peft LoRA linears: the LoRA term ``B(A(dropout(x))) * scaling`` keeps x, not peft's fp32 copy of x
   after dropout and its dropout mask (5 bytes per input element, for every adapted projection).
 On one bf16 Mistral-shaped LoRA layer (hidden 512, MLP 1792, all seven projections adapted) that is
-about half of what a layer holds for its backward. Only a little elementwise work and the rank-r
-matmuls run twice. The autograd graph is unchanged (checkpointing only changes where saved tensors
+19 KB per token after the forward instead of 52 KB. Only elementwise work and the rank-r matmuls run
+twice: about 8% of the small fp32 CPU training step (``benchmarks/bench_train.py``; a smaller share is
+expected where the base matmuls dominate, not yet measured on a GPU). The autograd graph is unchanged (checkpointing only changes where saved tensors
 come from), so gradients are the same bits in every dtype.
 
 :func:`lean_layers` replaces the ``forward`` of those modules for the duration of the block, and only
@@ -78,11 +79,20 @@ def lean_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     return mlp.down_proj(hidden)
 
 
-def _recompute(fn, *args):
+def _recompute(fn, *args, random: bool = False):
     """``fn(*args)``, keeping only its inputs for the backward: torch's non-reentrant checkpoint reruns ``fn``
-    (with the RNG state of the first run) when the backward needs what it would have saved. The autograd
-    graph is the plain one, so the gradients are the same bits in every dtype."""
-    return checkpoint(fn, *args, use_reentrant=False)
+    when the backward needs what it would have saved (``random``: with the RNG state of the first run, for
+    dropout). The autograd graph is the plain one, so the gradients are the same bits in every dtype."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=random)
+
+
+def _draws_random(dropout: nn.Module) -> bool:
+    """Whether peft's LoRA dropout module draws random numbers (an unknown module is assumed to)."""
+    if isinstance(dropout, nn.Identity):
+        return False
+    if isinstance(dropout, nn.Dropout):
+        return dropout.training and dropout.p > 0
+    return True
 
 
 def _act_times(act_fn: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
@@ -136,7 +146,8 @@ def _lora_forward_for(layer: nn.Module):
         dtype = result.dtype
         for adapter in layer.active_adapters:  # peft's loop over the active adapters
             if adapter in layer.lora_A.keys():
-                result = result + _recompute(_lora_branch, layer, adapter, x)
+                random = _draws_random(layer.lora_dropout[adapter])
+                result = result + _recompute(_lora_branch, layer, adapter, x, random=random)
         return result.to(dtype)
     return forward
 
