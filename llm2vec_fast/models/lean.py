@@ -161,9 +161,11 @@ def _lora_linear_class():
 
 
 def is_lora_linear(module: nn.Module) -> bool:
-    """peft's LoRA ``Linear`` (exactly that class: its quantised and variant subclasses keep their forward)."""
+    """peft's LoRA ``Linear`` (exactly that class: its quantised subclasses keep their forward), from a peft
+    whose forward :func:`_lora_branch` reproduces (one with ``lora_variant`` and ``_cast_input_dtype``)."""
     lora_linear = _lora_linear_class()
-    return lora_linear is not None and type(module) is lora_linear
+    return (lora_linear is not None and type(module) is lora_linear and hasattr(module, "lora_variant")
+            and hasattr(module, "_cast_input_dtype"))
 
 
 def _lean_forward_maker(module: nn.Module):
