@@ -316,3 +316,15 @@ def test_in_place_mlp_lowers_peak_memory_on_cuda():
             del out
     buffer = 8192 * model.config.intermediate_size * 2  # one (T, intermediate) bf16 buffer
     assert peaks[1] <= peaks[0] - buffer, peaks  # transformers holds three at its peak, the in-place forward two
+
+
+def test_lora_linears_of_an_unknown_peft_keep_their_forward():
+    """A peft LoRA Linear without the attributes whose forward _lora_branch reproduces (an older peft) is left
+    as it is."""
+    model = _lora_model("llama", torch.float32)
+    loras = [m for m in model.modules() if is_lora_linear(m)]
+    assert len(loras) == 7 * model.config.num_hidden_layers
+    del loras[0].lora_variant  # as in a peft from before LoRA variants
+    assert not is_lora_linear(loras[0])
+    with lean_layers(model) as changed:
+        assert loras[0] not in changed and all(m in changed for m in loras[1:])
