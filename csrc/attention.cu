@@ -161,6 +161,16 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[64], float (&m_run)[2],
   }
 }
 
+// What softmax_tile's alpha and sum do to the running state: l = l * alpha + sum, and O's rows scaled by alpha.
+template <int D>
+__device__ __forceinline__ void rescale_running(float (&o)[D / 2], float (&l_run)[2], const float (&alpha)[2],
+                                                const float (&sum)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + sum[i];
+#pragma unroll
+  for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e / 2) % 2];
+}
+
 template <typename T>
 __device__ __forceinline__ void pack_p(const float (&sc)[64], uint32_t (&pa)[kBlockN / 16][4]) {
 #pragma unroll
@@ -255,10 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Online softmax in base 2; keys past the sequence (the next sequence's or zero fill) are masked.
     softmax_tile<D>(sc, m_run, alpha, sum, w.seqlen - j * kBlockN, lane, p);
     pack_p<T>(sc, pa);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + sum[i];
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e / 2) % 2];
+    rescale_running<D>(o, l_run, alpha, sum);
 
     hopper::mbarrier_wait(v_full(s), parity);
     fence_all(o);
@@ -404,10 +411,7 @@ __global__ void __launch_bounds__(kThreadsV2, 1)
     fence_all(o);
     fence_all(pa);
     hopper::mbarrier_arrive(v_empty(sp));
-#pragma unroll
-    for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + sum[i];
-#pragma unroll
-    for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e / 2) % 2];
+    rescale_running<D>(o, l_run, alpha, sum);
     pack_p<T>(sc, pa);
   }
 
