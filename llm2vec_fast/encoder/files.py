@@ -154,20 +154,24 @@ def _finished_shards(output: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]
     return index, sorted(index["shards"], key=lambda s: s["start"])
 
 
+def _load_shards(output: str, shards: List[Dict[str, Any]], mmap: bool) -> Iterator[Tuple[int, np.ndarray]]:
+    for shard in shards:
+        yield shard["start"], np.load(os.path.join(output, shard["file"]), mmap_mode="r" if mmap else None)
+
+
 def iter_embeddings(output: str, mmap: bool = True) -> Iterator[Tuple[int, np.ndarray]]:
     """(first row, (rows, hidden) array) per shard of a finished run, in input order; memory-mapped by
     default, so a corpus larger than memory can be streamed (into an index, say) shard by shard."""
     _, shards = _finished_shards(output)
-    for shard in shards:
-        yield shard["start"], np.load(os.path.join(output, shard["file"]), mmap_mode="r" if mmap else None)
+    return _load_shards(output, shards, mmap)
 
 
 def load_embeddings(output: str, mmap: bool = False) -> np.ndarray:
     """The embeddings of a finished run, (rows, hidden), in input order, as one array in memory (with
     ``mmap=True`` the shards are read through memory maps; a run of one shard is returned as its map).
     For runs larger than memory, use :func:`iter_embeddings`."""
-    index, _ = _finished_shards(output)
-    arrays = [array for _, array in iter_embeddings(output, mmap=mmap)]
+    index, shards = _finished_shards(output)
+    arrays = [array for _, array in _load_shards(output, shards, mmap)]
     if not arrays:
         return np.zeros((0, index["dim"]), dtype=STORAGE_DTYPES[index["settings"]["output_dtype"]])
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)

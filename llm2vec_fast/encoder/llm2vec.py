@@ -427,10 +427,11 @@ class LLM2Vec(nn.Module):
         """
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        target_device = _target_device(self.model, device)
         budget = max_tokens_per_batch
         if budget is None:
             budget = batch_size * self.max_length
-            if _target_device(self.model, device).type == "cpu":
+            if target_device.type == "cpu":
                 budget = min(budget, CPU_TOKEN_BUDGET)
         self.eval()
         if getattr(_unwrap(self.model), "hf_device_map", None) is None:
@@ -440,7 +441,7 @@ class LLM2Vec(nn.Module):
         out = torch.zeros((len(items), hidden_size), dtype=torch.float32)
         progress = _Progress(bar)
         with torch.no_grad():
-            for start, plan in self._chunk_plans(items, ahead=_plan_ahead(_target_device(self.model, device))):
+            for start, plan in self._chunk_plans(items, ahead=_plan_ahead(target_device)):
                 lengths = [len(ids) for ids in plan.input_ids]
                 order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
                 bar.update(len(lengths) - len(order))  # inputs without tokens embed to zeros
