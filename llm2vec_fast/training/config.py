@@ -117,13 +117,11 @@ class TrainConfig:
             if target is None or target not in names:
                 if key in VALUE_CHECKED_KEYS:
                     _check_value(key, value)
-                    ignored.append(key)
-                    continue
-                if key in cls.IGNORED_KEYS:
-                    ignored.append(key)
-                    continue
-                raise ValueError(f"unknown config key {key!r} for {cls.__name__}; valid keys: "
-                                 f"{', '.join(sorted(names | set(cls.ALIASES)))}")
+                elif key not in cls.IGNORED_KEYS:
+                    raise ValueError(f"unknown config key {key!r} for {cls.__name__}; valid keys: "
+                                     f"{', '.join(sorted(names | set(cls.ALIASES)))}")
+                ignored.append(key)
+                continue
             if target in values:
                 raise ValueError(f"config key {key!r} sets {target!r}, which is already set by another key")
             values[target] = value
