@@ -1,4 +1,5 @@
-"""Tests of ``llm2vec_fast.models``: bidirectional Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 and the packed forward.
+"""Tests of ``llm2vec_fast.models``: bidirectional Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 and the packed
+forward.
 
 The oracle is the family's plain transformers ``XxxModel`` with ``attn_implementation="eager"`` given an
 explicit bidirectional 4D mask (0 for real keys, the dtype's minimum for padded keys) and explicit
@@ -16,13 +17,13 @@ import textwrap
 import pytest
 import torch
 import transformers
-from transformers import (Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 
 import llm2vec_fast as lf
 from llm2vec_fast.models import (BI_FOR_MNTP, BI_MODELS, ATTN_IMPLEMENTATION, PackedBatch, forward_packed,
                                  make_bidirectional, pack, pack_sequences, repad, set_attention_backend, unpad)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 TOL = 1e-4
 VOCAB = 100
 # Real lengths in a batch of 4 (odd, unequal, one of length 1).
@@ -48,6 +49,9 @@ def tiny_config(family: str, **overrides):
     elif family == "gemma2":  # a small softcap so that it shapes the probabilities of a random model
         config = Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
                               attn_logit_softcapping=2.0, sliding_window=4096, **common)
+    elif family == "gemma3_text":  # q/k norms, a local RoPE base on sliding layers; layer 0 slides, layer 1 is full
+        config = Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+                                  sliding_window=4096, layer_types=["sliding_attention", "full_attention"], **common)
     else:
         raise AssertionError(family)
     for key, value in overrides.items():
@@ -57,8 +61,9 @@ def tiny_config(family: str, **overrides):
 
 def base_classes(family: str):
     names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-             "gemma2": "Gemma2"}
-    return getattr(transformers, f"{names[family]}Model"), getattr(transformers, f"{names[family]}ForCausalLM")
+             "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
+    body = "Gemma3TextModel" if family == "gemma3_text" else f"{names[family]}Model"
+    return getattr(transformers, body), getattr(transformers, f"{names[family]}ForCausalLM")
 
 
 def bi_model(family: str, impl: str = ATTN_IMPLEMENTATION, state=None, config=None, backend: str = "torch"):
@@ -270,7 +275,7 @@ def test_gemma2_softcap_reaches_the_kernel():
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa", ATTN_IMPLEMENTATION])
-@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])
 def test_sliding_window_is_symmetric(family, impl):
     """A window shorter than the sequences: query i sees key j iff |i - j| < window, on the sliding layers."""
     if family == "gemma2" and impl == "sdpa":
@@ -280,7 +285,7 @@ def test_sliding_window_is_symmetric(family, impl):
     state = family_state(family)
     ids, mask = make_batch(seed=6, left=True)
     full_4d, window_4d = explicit_4d_mask(mask), explicit_4d_mask(mask, window=window)
-    if family == "gemma2":  # layer 0 slides, layer 1 is full
+    if family in ("gemma2", "gemma3_text"):  # layer 0 slides, layer 1 is full
         assert config.layer_types == ["sliding_attention", "full_attention"]
         oracle_mask = {"full_attention": full_4d, "sliding_attention": window_4d}
     else:  # every Mistral layer slides
@@ -295,6 +300,54 @@ def test_sliding_window_is_symmetric(family, impl):
         packed = model.forward_packed(ids, mask).hidden
     assert rel_err(got, expected) <= TOL, f"padded: {rel_err(got, expected):.2e}"
     assert rel_err(packed, expected) <= TOL, f"packed: {rel_err(packed, expected):.2e}"
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", ATTN_IMPLEMENTATION])
+def test_gemma3_matches_transformers_own_bidirectional_gemma3(impl, tmp_path):
+    """An independent oracle: transformers' Gemma3 with ``use_bidirectional_attention`` (EmbeddingGemma's switch;
+    its config keeps half the window, |i - j| < w // 2 + 1) against our class loaded from the same checkpoint, on
+    a window shorter than the sequences. Our saved model reloads in plain transformers as a bidirectional model
+    (``make_bidirectional`` sets the switch)."""
+    config = tiny_config("gemma3_text", use_bidirectional_attention=True)
+    config = Gemma3TextConfig.from_dict({**config.to_dict(), "sliding_window": 6})  # as a checkpoint would store it
+    assert config.sliding_window == 4  # transformers halves it: keys with |i - j| < 4 are seen
+    config._attn_implementation = "eager"
+    torch.manual_seed(5)
+    plain = transformers.Gemma3TextModel(config).eval()
+    plain.save_pretrained(tmp_path / "embedding_gemma")
+    ids, mask = make_batch(seed=18)  # right padding: transformers' default positions are right for real tokens
+    with torch.no_grad():
+        expected = real(plain(ids, attention_mask=mask).last_hidden_state, mask)
+        plain_windowless = transformers.Gemma3TextModel(tiny_config("gemma3_text", use_bidirectional_attention=True))
+        plain_windowless.load_state_dict(plain.state_dict())
+        unwindowed = real(plain_windowless.eval()(ids, attention_mask=mask).last_hidden_state, mask)
+    assert rel_err(unwindowed, expected) > 100 * TOL  # the window matters here
+    model = BI_MODELS["gemma3_text"].from_pretrained(tmp_path / "embedding_gemma", attn_implementation=impl).eval()
+    assert model.config.sliding_window == 4
+    if impl == ATTN_IMPLEMENTATION:
+        set_attention_backend(model, "torch")
+    with torch.no_grad():
+        padded = real(model(ids, attention_mask=mask).last_hidden_state, mask)
+        packed = model.forward_packed(ids, mask).hidden
+    assert rel_err(padded, expected) <= TOL, f"padded: {rel_err(padded, expected):.2e}"
+    assert rel_err(packed, expected) <= TOL, f"packed: {rel_err(packed, expected):.2e}"
+    # A causal Gemma3 made bidirectional by us, saved, then loaded by plain transformers: bidirectional there
+    # too, with sdpa (which reads the attention modules' is_causal where it gets no mask). Only the window's
+    # edge differs there (transformers reads is_causal=False as |i - j| <= w), so the window here is long.
+    causal_config = tiny_config("gemma3_text")
+    causal_config._attn_implementation = ATTN_IMPLEMENTATION
+    ours = BI_MODELS["gemma3_text"](causal_config).eval()
+    set_attention_backend(ours, "torch")
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded = transformers.Gemma3TextModel.from_pretrained(tmp_path / "ours", attn_implementation="sdpa").eval()
+    assert reloaded.config.use_bidirectional_attention and reloaded.config.sliding_window == 4096
+    with torch.no_grad():
+        mine = ours.forward_packed(ids, mask).hidden
+        theirs = real(reloaded(ids, attention_mask=mask).last_hidden_state, mask)
+        one = ids[:1, :LENGTHS[0]]  # no padding: sdpa gets no mask and reads is_causal
+        alone = reloaded(one).last_hidden_state[0]
+    assert rel_err(theirs, mine) <= TOL, f"reloaded: {rel_err(theirs, mine):.2e}"
+    assert rel_err(alone, mine[:LENGTHS[0]]) <= TOL, f"reloaded, unpadded: {rel_err(alone, mine[:LENGTHS[0]]):.2e}"
 
 
 # ----------------------------------------------------------------------------- loading and conversion
@@ -353,7 +406,7 @@ def test_make_bidirectional_converts_a_loaded_model(family):
 
 def test_unsupported_family_raises():
     config = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=32)
-    with pytest.raises(ValueError, match=r"not supported.*llama, mistral, qwen2, qwen3, gemma, gemma2"):
+    with pytest.raises(ValueError, match=r"not supported.*llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text"):
         make_bidirectional(transformers.GPT2Model(config))
     with pytest.raises(TypeError, match="PreTrainedModel"):
         make_bidirectional(torch.nn.Linear(2, 2))

@@ -169,6 +169,38 @@ def test_supervised_trains_saves_and_reloads(files, tmp_path):
     assert_reloads(recipe, str(tmp_path / "final"), files["mntp"], [[INSTRUCTIONS["alpha"], "a question"], "a text"])
 
 
+def test_simcse_trains_a_gemma3_base(files, tmp_path):
+    """A family llm2vec cannot train (Gemma3: q/k norms, sliding and full layers, a window shorter than the
+    sentences), from its base without an MNTP adapter: finite losses, a trained adapter that changes the
+    embeddings, and a saved folder that reloads to the same embeddings."""
+    from transformers import AutoConfig, Gemma3TextConfig
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.models import Gemma3BiModel
+    from llm2vec_fast.training.loop import Trainer
+    llama = AutoConfig.from_pretrained(FIXTURE)
+    config = Gemma3TextConfig(vocab_size=llama.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
+                              sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                              bos_token_id=llama.bos_token_id, eos_token_id=llama.eos_token_id)
+    base = str(tmp_path / "gemma3")
+    torch.manual_seed(0)
+    Gemma3BiModel(config).save_pretrained(base)
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(FIXTURE, name), base)
+    recipe = SimCSERecipe(simcse_config(files, tmp_path, model_name_or_path=base, peft_model_name_or_path=None,
+                                        max_steps=4, simcse_dropout=0.3))
+    losses = Trainer(recipe).train()
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and min(losses) > 0, losses
+    recipe.save(str(tmp_path / "final"))
+    texts = recipe.sentences[:4]
+    got = LLM2Vec.from_pretrained(base, peft_model_name_or_path=str(tmp_path / "final")).encode(
+        texts, show_progress_bar=False)
+    torch.testing.assert_close(got, recipe.encoder.encode(texts, show_progress_bar=False), rtol=1e-5, atol=1e-5)
+    untrained = LLM2Vec.from_pretrained(base).encode(texts, show_progress_bar=False)
+    assert float((got - untrained).abs().max()) > 1e-3
+
+
 def test_bf16_step(files, tmp_path):
     recipe = SimCSERecipe(simcse_config(files, tmp_path, torch_dtype="bfloat16", simcse_dropout=0.3))
     loss = recipe.train_step(next(iter(recipe.batches(0))), 1.0)

@@ -1,4 +1,4 @@
-"""Bidirectional transformers 5 models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2) and their packed forward.
+"""Bidirectional transformers 5 models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3) and their packed forward.
 
     from llm2vec_fast.models import MistralBiModel
     model = MistralBiModel.from_pretrained(path, attn_implementation="llm2vec_fast", dtype=torch.bfloat16)
@@ -12,15 +12,17 @@ Importing this package registers ``attn_implementation="llm2vec_fast"`` with tra
 from .attention import ATTN_IMPLEMENTATION, llm2vec_fast_attention, set_attention_backend, windowed_attention
 from .bidirectional import (SUPPORTED_MODEL_TYPES, PackedOutput, decoder_body, forward_packed, is_bidirectional,
                             layer_windows, make_bidirectional)
-from .classes import (BI_FOR_MNTP, BI_MODELS, Gemma2BiForMNTP, Gemma2BiModel, GemmaBiForMNTP, GemmaBiModel,
-                      LlamaBiForMNTP, LlamaBiModel, MistralBiForMNTP, MistralBiModel, Qwen2BiForMNTP, Qwen2BiModel,
+from .classes import (BI_FOR_MNTP, BI_MODELS, Gemma2BiForMNTP, Gemma2BiModel, Gemma3BiForMNTP, Gemma3BiModel,
+                      GemmaBiForMNTP, GemmaBiModel, LlamaBiForMNTP, LlamaBiModel, MistralBiForMNTP, MistralBiModel, Qwen2BiForMNTP, Qwen2BiModel,
                       Qwen3BiForMNTP, Qwen3BiModel)
 from .packing import PackedBatch, pack, pack_sequences, repad, unpad
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "BI_MODELS", "BI_FOR_MNTP",
     "LlamaBiModel", "MistralBiModel", "Qwen2BiModel", "Qwen3BiModel", "GemmaBiModel", "Gemma2BiModel",
+    "Gemma3BiModel",
     "LlamaBiForMNTP", "MistralBiForMNTP", "Qwen2BiForMNTP", "Qwen3BiForMNTP", "GemmaBiForMNTP", "Gemma2BiForMNTP",
+    "Gemma3BiForMNTP",
     "make_bidirectional", "is_bidirectional", "forward_packed", "PackedOutput", "decoder_body", "layer_windows",
     "set_attention_backend", "llm2vec_fast_attention", "windowed_attention",
     "PackedBatch", "pack", "pack_sequences", "unpad", "repad",

@@ -42,6 +42,7 @@ FAMILIES: Dict[str, bool] = {
     "qwen3": True,
     "gemma": False,
     "gemma2": True,
+    "gemma3_text": True,
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 _HOOK_FLAG = "_llm2vec_fast_bidirectional_hook"
@@ -182,19 +183,22 @@ def _before_forward(body: PreTrainedModel, args: Tuple, kwargs: Dict) -> Optiona
 
 
 def make_bidirectional(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.Module:
-    """Makes a loaded Llama, Mistral, Qwen2, Qwen3, Gemma or Gemma2 model bidirectional, in place.
+    """Makes a loaded Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 or Gemma3 model bidirectional, in place.
 
     Works on the family's ``XxxModel``, ``XxxForCausalLM`` (or any model whose ``base_model`` is
     one), also inside peft. ``backend`` picks the flash_attention backend for
     ``attn_implementation="llm2vec_fast"``. Raises ValueError for other families. Returns ``model``.
-    Note: ``config.is_causal = False`` is saved with the model by ``save_pretrained``.
+    Note: ``config.is_causal = False`` is saved with the model by ``save_pretrained``, and so is
+    ``use_bidirectional_attention = True`` where the config has that switch (Gemma3, as EmbeddingGemma
+    uses it): plain transformers then reloads the saved model bidirectional, with our window |i - j| < w.
     """
     body = decoder_body(model)
     _check_family(body)
-    body.config.is_causal = False
     outer = _unwrap(model)
-    if outer.config is not body.config:
-        outer.config.is_causal = False
+    for config in (body.config,) if outer.config is body.config else (body.config, outer.config):
+        config.is_causal = False
+        if hasattr(config, "use_bidirectional_attention"):
+            config.use_bidirectional_attention = True
     for module in outer.modules():
         if isinstance(getattr(module, "is_causal", None), bool):
             module.is_causal = False

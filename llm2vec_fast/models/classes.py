@@ -1,4 +1,4 @@
-"""Bidirectional drop-ins for the six supported families.
+"""Bidirectional drop-ins for the seven supported families.
 
 ``XxxBiModel`` subclasses the family's ``XxxModel`` (what ``AutoModel`` loads) and ``XxxBiForMNTP``
 its ``XxxForCausalLM`` (language-model head kept, for masked next-token prediction). Each adds no
@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 from torch import Tensor
-from transformers import (Gemma2ForCausalLM, Gemma2Model, GemmaForCausalLM, GemmaModel, LlamaForCausalLM, LlamaModel,
-                          MistralForCausalLM, MistralModel, Qwen2ForCausalLM, Qwen2Model, Qwen3ForCausalLM, Qwen3Model)
+from transformers import (Gemma2ForCausalLM, Gemma2Model, Gemma3ForCausalLM, Gemma3TextModel, GemmaForCausalLM,
+                          GemmaModel, LlamaForCausalLM, LlamaModel, MistralForCausalLM, MistralModel, Qwen2ForCausalLM,
+                          Qwen2Model, Qwen3ForCausalLM, Qwen3Model)
 
 from .bidirectional import PackedOutput, forward_packed, make_bidirectional
 from .packing import PackedBatch
@@ -55,6 +56,11 @@ class Gemma2BiModel(BidirectionalMixin, Gemma2Model):
     """Bidirectional ``Gemma2Model`` (logit softcap kept; sliding windows symmetric: |i - j| < window)."""
 
 
+class Gemma3BiModel(BidirectionalMixin, Gemma3TextModel):
+    """Bidirectional ``Gemma3TextModel`` (text-only Gemma 3, model_type ``gemma3_text``; sliding windows
+    symmetric: |i - j| < window, which is transformers' own rule for ``use_bidirectional_attention``)."""
+
+
 class LlamaBiForMNTP(BidirectionalMixin, LlamaForCausalLM):
     """Bidirectional ``LlamaForCausalLM`` for MNTP training."""
 
@@ -79,7 +85,13 @@ class Gemma2BiForMNTP(BidirectionalMixin, Gemma2ForCausalLM):
     """Bidirectional ``Gemma2ForCausalLM`` for MNTP training."""
 
 
+class Gemma3BiForMNTP(BidirectionalMixin, Gemma3ForCausalLM):
+    """Bidirectional ``Gemma3ForCausalLM`` (text-only Gemma 3) for MNTP training."""
+
+
 BI_MODELS = {"llama": LlamaBiModel, "mistral": MistralBiModel, "qwen2": Qwen2BiModel, "qwen3": Qwen3BiModel,
-             "gemma": GemmaBiModel, "gemma2": Gemma2BiModel}
+             "gemma": GemmaBiModel, "gemma2": Gemma2BiModel,
+             "gemma3_text": Gemma3BiModel}
 BI_FOR_MNTP = {"llama": LlamaBiForMNTP, "mistral": MistralBiForMNTP, "qwen2": Qwen2BiForMNTP,
-               "qwen3": Qwen3BiForMNTP, "gemma": GemmaBiForMNTP, "gemma2": Gemma2BiForMNTP}
+               "qwen3": Qwen3BiForMNTP, "gemma": GemmaBiForMNTP, "gemma2": Gemma2BiForMNTP,
+               "gemma3_text": Gemma3BiForMNTP}
