@@ -689,6 +689,30 @@ def test_pickled_weights_are_refused(checkpoints, adapters, tmp_path):
         LLM2Vec.from_pretrained(checkpoints("llama"), peft_model_name_or_path=str(adapter))
 
 
+def test_causal_encoder_runs_packed(checkpoints, monkeypatch):
+    """enable_bidirectional=False on a supported family: the packed causal path (the parity tests compare it with
+    llm2vec), equal to the same model padded with sdpa, and the packed forward is what runs."""
+    import llm2vec_fast.encoder.llm2vec as module
+    from llm2vec_fast import LLM2Vec
+    folder = checkpoints("llama_causal")
+    packed = LLM2Vec.from_pretrained(folder, enable_bidirectional=False)
+    padded = LLM2Vec.from_pretrained(folder, enable_bidirectional=False, attn_implementation="sdpa")
+    assert packed._packable() and not padded._packable()
+    calls = []
+    original = module.forward_packed
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("causal"))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, "forward_packed", spy)
+    a = packed.encode(INPUTS, show_progress_bar=False)
+    assert calls and set(calls) == {True}
+    b = padded.encode(INPUTS, show_progress_bar=False)
+    assert torch.allclose(a, b, atol=SAME_ATOL, rtol=0)
+    bi = LLM2Vec.from_pretrained(folder).encode(INPUTS, show_progress_bar=False)
+    assert float((bi - a).abs().max()) > 1e-3
+
+
 def test_unsupported_family_needs_enable_bidirectional_false(tmp_path):
     from transformers import GPT2Config
 
@@ -941,8 +965,22 @@ def test_sentence_transformers_adapter(encoders):
     assert torch.allclose(out, expected[:2], atol=SAME_ATOL)
     with pytest.raises(ValueError, match="token_embeddings"):
         model.encode(texts, output_value="token_embeddings")
-    with pytest.raises(ValueError, match="precision"):
-        model.encode(texts, precision="int8")
+    # Quantised precisions: sentence-transformers' own quantiser on our float32 embeddings.
+    for precision, dtype, width in (("int8", np.int8, 128), ("uint8", np.uint8, 128), ("binary", np.int8, 16),
+                                    ("ubinary", np.uint8, 16)):
+        quantised = model.encode(texts, precision=precision)
+        want = sentence_transformers.quantize_embeddings(expected.numpy(), precision=precision)
+        assert quantised.dtype == dtype and quantised.shape == (5, width), precision
+        assert np.array_equal(quantised, want), precision
+        assert len(np.unique(quantised)) > 2, precision  # not a constant array
+    with pytest.raises(ValueError, match=r"precision must be one of .*got 'int4'"):
+        model.encode(texts, precision="int4")
+    with pytest.raises(ValueError, match="truncate_dim must be a positive int, got 0"):
+        model.encode(texts, truncate_dim=0)
+    # A model-wide truncate_dim (Matryoshka-style), overridden per call.
+    short = to_sentence_transformer(encoder, truncate_dim=32)
+    assert np.allclose(short.encode(texts), expected.numpy()[:, :32], atol=1e-6)
+    assert short.encode(texts, truncate_dim=48).shape == (5, 48)
     with pytest.raises(NotImplementedError):
         model.save("anywhere")
 

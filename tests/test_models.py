@@ -411,8 +411,36 @@ def test_unsupported_family_raises():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         make_bidirectional(torch.nn.Linear(2, 2))
     causal = base_classes("llama")[0](tiny_config("llama"))
-    with pytest.raises(ValueError, match="make_bidirectional"):
+    with pytest.raises(ValueError, match="make_bidirectional"):  # a model someone forgot to convert
         forward_packed(causal, *make_batch())
+    with pytest.raises(ValueError, match="causal=True was given for a bidirectional model"):
+        forward_packed(bi_model("llama"), *make_batch(), causal=True)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        forward_packed(causal, *make_batch(), causal=1)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", ATTN_IMPLEMENTATION])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3_text", "mistral"])
+def test_causal_packed_forward_equals_each_sequence_alone(family, impl):
+    """``causal=True`` (llm2vec's enable_bidirectional=False): each packed sequence equals the causal model on
+    that sequence alone, with a sliding window shorter than the sequences where the family has one."""
+    if family == "gemma2" and impl == "sdpa":
+        pytest.skip("sdpa has no logit softcap (see above)")
+    windowed = family in ("mistral", "gemma2", "gemma3_text")
+    config = tiny_config(family, sliding_window=3) if windowed else tiny_config(family)
+    config._attn_implementation = impl
+    torch.manual_seed(11)
+    model = base_classes(family)[0](config).eval()
+    if impl == ATTN_IMPLEMENTATION:
+        set_attention_backend(model, "torch")
+    ids, mask = make_batch(seed=19, left=True)
+    with torch.no_grad():
+        packed = forward_packed(model, ids, mask, causal=True).hidden
+        alone = torch.cat([model(ids[row:row + 1, mask[row] == 1]).last_hidden_state[0] for row in range(len(ids))])
+        made = bi_model(family, impl=impl, state=model.state_dict(), config=config)
+        bidirectional = made.forward_packed(ids, mask).hidden
+    assert rel_err(packed, alone) <= TOL, f"{family}/{impl}: {rel_err(packed, alone):.2e}"
+    assert rel_err(bidirectional, alone) > 100 * TOL  # the check can fail: bidirectional is far from it
 
 
 def test_llm2vec_fast_rejects_a_4d_mask():

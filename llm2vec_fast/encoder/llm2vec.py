@@ -5,12 +5,13 @@ Same constructor, ``from_pretrained``, ``encode``, ``save``, ``tokenize``, ``for
 separator, word truncation, chat templates, EOS texts and ``embed_mask`` are reproduced exactly
 (``text.py``, ``tokenization.py``). What differs is how the work is done: each distinct string is
 tokenised once, the texts are sorted by length and packed into batches of at most
-``max_tokens_per_batch`` real tokens, the bidirectional model runs on the packed tokens
-(``forward_packed``: no compute on padding) and the embeddings are pooled straight from the packed
-layout (``llm2vec_fast.pool``, float32). On a CUDA device each batch is built on the host in pinned memory,
-copied asynchronously and only enqueued (no host sync inside a batch), the host preparing the next batch
-meanwhile; the embeddings gather on the device and come to the CPU once per ``PLAN_CHUNK`` inputs, and
-the next chunk is tokenised on a background thread while the device runs this one.
+``max_tokens_per_batch`` real tokens, the model runs on the packed tokens (``forward_packed``: no
+compute on padding; causal per sequence with ``enable_bidirectional=False``) and the embeddings are
+pooled straight from the packed layout (``llm2vec_fast.pool``, float32). On a CUDA device each batch
+is built on the host in pinned memory, copied asynchronously and only enqueued (no host sync inside a
+batch), the host preparing the next batch meanwhile; the embeddings gather on the device and come to
+the CPU once per ``PLAN_CHUNK`` inputs, and the next chunk is tokenised on a background thread while the
+device runs this one.
 
 Behaviour that deliberately differs from llm2vec 0.2.3 (each a bug or an input llm2vec cannot take):
 - a single string is one text (llm2vec encodes each of its characters); an empty list gives a
@@ -39,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from ..models.attention import ATTN_IMPLEMENTATION
-from ..models.bidirectional import decoder_body, forward_packed, is_bidirectional
+from ..models.bidirectional import check_family, decoder_body, forward_packed, is_bidirectional
 from ..models.classes import BI_MODELS
 from ..models.lean import lean_layers
-from ..models.packing import pack, pack_sequences
+from ..models.packing import PackedBatch, pack, pack_sequences
 from ..ops.pooling import pool
 from . import loading
 from .parallel import EncodePool, encode_over_ranks
@@ -114,9 +115,10 @@ class LLM2Vec(nn.Module):
 
         Differences from llm2vec, all about safety or speed: weights are read from safetensors only;
         ``trust_remote_code`` is False unless given; the dtype defaults to float32 (transformers
-        4.44's default, which llm2vec got) unless ``dtype``/``torch_dtype`` is given; bidirectional
-        models get ``attn_implementation="llm2vec_fast"`` unless another is given; a base folder that
-        holds both an adapter and full weights loads its own weights (transformers 5's rule).
+        4.44's default, which llm2vec got) unless ``dtype``/``torch_dtype`` is given; models of the
+        supported families (bidirectional or not) get ``attn_implementation="llm2vec_fast"`` unless another
+        is given; a base folder that holds both an adapter and full weights loads its own weights
+        (transformers 5's rule).
         """
         from peft import PeftModel
         from transformers import AutoConfig, AutoTokenizer
@@ -143,7 +145,7 @@ class LLM2Vec(nn.Module):
         tokenizer.padding_side = "left"
         config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
         model_class = cls._get_model_class(config, enable_bidirectional)
-        if enable_bidirectional:
+        if getattr(config, "model_type", None) in BI_MODELS:  # causal ones too: the kernels take causal=True
             kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
 
         adapter_config = loading.resolve_file(base, loading.ADAPTER_CONFIG, hub)
@@ -251,15 +253,19 @@ class LLM2Vec(nn.Module):
             raise ValueError(f"{self.pooling_mode} is not implemented yet.")
 
     def _packable(self) -> bool:
-        """True when the packed path applies: a bidirectional model whose attention takes cu_seqlens."""
+        """True when the packed path applies: a model of a supported family (bidirectional, or causal with
+        ``enable_bidirectional=False``) whose attention takes cu_seqlens."""
         try:
             body = decoder_body(self.model)
-            if not is_bidirectional(body):
-                return False
+            check_family(body)
         except (TypeError, ValueError):
             return False
         impl = body.config._attn_implementation or ""
         return impl == ATTN_IMPLEMENTATION or impl.startswith("flash_attention")
+
+    def _forward_packed(self, batch: PackedBatch):
+        """The packed forward, causal exactly when the model was not made bidirectional."""
+        return forward_packed(self.model, batch=batch, causal=not is_bidirectional(self.model))
 
     def _pool(self, hidden: Tensor, *, cu_seqlens: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
               embed_mask: Optional[Tensor] = None, normalize: bool = False) -> Tensor:
@@ -301,7 +307,7 @@ class LLM2Vec(nn.Module):
         embed_mask = features.pop("embed_mask", None)
         if self._packable():
             batch = pack(features["input_ids"], features.get("attention_mask"))
-            out = forward_packed(self.model, batch=batch)
+            out = self._forward_packed(batch)
             packed_embed = None
             if embed_mask is not None:
                 packed_embed = embed_mask.reshape(-1).to(batch.indices.device)[batch.indices]
@@ -347,7 +353,7 @@ class LLM2Vec(nn.Module):
         """The device side of one batch: the forward and the pooling, only enqueued on a CUDA device (no host
         sync on the packed path with the llm2vec_fast attention). (B, H) float32 on the output device."""
         if prepared.packed is not None:
-            out = forward_packed(self.model, batch=prepared.packed)
+            out = self._forward_packed(prepared.packed)
             embed = prepared.embed.to(out.hidden.device)
             return self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=embed, normalize=normalize)
         with lean_layers(self.model):  # encode runs without gradients: the MLPs compute in place

@@ -12,14 +12,16 @@ kept. A prompt (``prompt=`` or ``prompt_name=``, also the "query"/"document" pro
 
 Supported: ``encode`` / ``encode_query`` / ``encode_document`` on a string or a list of strings (or
 [instruction, text] pairs), with ``batch_size``, ``show_progress_bar``, ``convert_to_numpy``,
-``convert_to_tensor``, ``normalize_embeddings``, ``device``, ``truncate_dim`` and ``precision="float32"``;
+``convert_to_tensor``, ``normalize_embeddings``, ``device``, ``truncate_dim`` (per call, or for the model:
+``to_sentence_transformer(..., truncate_dim=256)``; normalisation follows the cut) and ``precision``
+("float32", or "int8"/"uint8"/"binary"/"ubinary" through sentence-transformers' ``quantize_embeddings``);
 ``similarity`` / ``similarity_pairwise`` (cosine by default); ``get_sentence_embedding_dimension``;
 several processes through ``start_multi_process_pool`` / ``encode(..., pool=pool)`` /
 ``stop_multi_process_pool`` or ``encode(..., device=["cuda:0", "cuda:1"])`` (``LLM2Vec``'s pool: one model
 load per process);
 ``isinstance(model, SentenceTransformer)``; the module's ``tokenize``/``forward`` (llm2vec's padded
 features, differentiable). Not supported (raise ValueError or NotImplementedError):
-``output_value="token_embeddings"``, quantised precisions, ``chunk_size``,
+``output_value="token_embeddings"``, ``chunk_size``,
 saving or loading through sentence-transformers (use ``LLM2Vec.save`` / ``from_pretrained``), training
 with ``fit``/the trainer.
 """
@@ -32,6 +34,9 @@ from torch import nn
 
 from .parallel import EncodePool
 from .text import normalize_inputs
+
+
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
 class LLM2VecModule(nn.Module):
@@ -64,7 +69,7 @@ class LLM2VecModule(nn.Module):
 
 def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None,
                             default_prompt_name: Optional[str] = None, similarity_fn_name: str = "cosine",
-                            device: Optional[str] = None):
+                            device: Optional[str] = None, truncate_dim: Optional[int] = None):
     """A ``SentenceTransformer`` running ``encoder`` (an ``LLM2Vec``); see the module docstring."""
     try:
         from sentence_transformers import SentenceTransformer
@@ -86,8 +91,13 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
             kwargs.pop("task", None)
             if output_value != "sentence_embedding":
                 raise ValueError(f"output_value={output_value!r} is not supported (only 'sentence_embedding')")
-            if precision != "float32":
-                raise ValueError(f"precision={precision!r} is not supported (only 'float32')")
+            if precision not in PRECISIONS:
+                raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+            if truncate_dim is None:
+                truncate_dim = self.truncate_dim
+            if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
+                                             or truncate_dim < 1):
+                raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
             if chunk_size is not None:
                 raise NotImplementedError("chunk_size is not supported: the pool splits the inputs by length itself")
             if pool is not None and not isinstance(pool, EncodePool):
@@ -119,6 +129,11 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
                 embeddings = embeddings[:, :truncate_dim]
                 if normalize_embeddings:
                     embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+            if precision != "float32" and len(embeddings):
+                # sentence-transformers' own quantiser: int8/uint8 ranges from these embeddings, binary packed
+                # 8 dimensions a byte, as SentenceTransformer.encode does.
+                from sentence_transformers import quantize_embeddings
+                embeddings = torch.from_numpy(quantize_embeddings(embeddings.numpy(), precision=precision))
             if single:
                 embeddings = embeddings[0]
             if convert_to_tensor:
@@ -154,14 +169,14 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
             device = "cpu"
     model = LLM2VecSentenceTransformer(modules=[LLM2VecModule(encoder)], device=device, prompts=prompts or {},
                                        default_prompt_name=default_prompt_name,
-                                       similarity_fn_name=similarity_fn_name)
+                                       similarity_fn_name=similarity_fn_name, truncate_dim=truncate_dim)
     return model
 
 
 def supported_features() -> List[str]:
     """What the adapter supports (for documentation and tests)."""
     return ["encode", "encode_query", "encode_document", "similarity", "similarity_pairwise",
-            "get_sentence_embedding_dimension", "prompts", "normalize_embeddings", "truncate_dim",
+            "get_sentence_embedding_dimension", "prompts", "normalize_embeddings", "truncate_dim", "precision",
             "convert_to_numpy", "convert_to_tensor", "start_multi_process_pool", "pool", "device list"]
 
 

@@ -16,6 +16,7 @@ No modeling code is copied: any model of a supported family, including peft-wrap
 transformers' padding-free kwargs (``position_ids`` restarting per sequence, ``cu_seq_lens_q/k``,
 ``max_length_q/k``): with ``"llm2vec_fast"`` (or a flash-attention implementation) attention sees
 ``cu_seqlens``; with "eager"/"sdpa"/"flex" it gets a block-diagonal mask (a reference, not fast).
+With ``causal=True`` it runs a model that was not made bidirectional, causally per sequence.
 Without gradients its gated MLPs compute in place (``lean.py``: same bits, fewer large buffers).
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ def decoder_body(model: torch.nn.Module) -> PreTrainedModel:
     return body if isinstance(body, PreTrainedModel) else model
 
 
-def _check_family(body: PreTrainedModel) -> str:
+def check_family(body: PreTrainedModel) -> str:
     model_type = getattr(body.config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"{type(body).__name__} (model_type={model_type!r}) is not supported for bidirectional "
@@ -193,7 +194,7 @@ def make_bidirectional(model: torch.nn.Module, *, backend: Optional[str] = None)
     uses it): plain transformers then reloads the saved model bidirectional, with our window |i - j| < w.
     """
     body = decoder_body(model)
-    _check_family(body)
+    check_family(body)
     outer = _unwrap(model)
     for config in (body.config,) if outer.config is body.config else (body.config, outer.config):
         config.is_causal = False
@@ -228,21 +229,27 @@ class PackedOutput:
 
 def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
                    attention_mask: Optional[Tensor] = None, *, batch: Optional[PackedBatch] = None,
-                   **kwargs) -> PackedOutput:
+                   causal: bool = False, **kwargs) -> PackedOutput:
     """Runs the bidirectional decoder body of ``model`` on the real tokens only (see the module docstring).
 
     Give a padded ``input_ids`` (B, S) with its ``attention_mask`` (left or right padding), or a
     ``batch`` from ``packing.pack``/``pack_sequences``. Extra kwargs go to the model's forward.
+    ``causal=True`` runs a model of a supported family that was *not* made bidirectional, each sequence
+    causally on its own (llm2vec's ``enable_bidirectional=False``); the flag is explicit so that a model
+    someone forgot to convert raises instead of silently encoding causally.
     A batch built on the host (``pack_sequences``, with ``pin_memory=True`` for a CUDA model) is only enqueued
     on the device: its copies are asynchronous and its lengths are known on the host, so the llm2vec_fast
     attention never reads the device (checked under ``torch.cuda.set_sync_debug_mode("error")`` in
     tests/test_encode_gpu.py). A padded ``input_ids`` is packed on its device, which reads the longest length.
     """
     body = decoder_body(model)
-    _check_family(body)
-    if not is_bidirectional(body):
+    check_family(body)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if is_bidirectional(body) == causal:
         raise ValueError("forward_packed runs bidirectional models: call make_bidirectional(model) first, or use "
-                         "one of the *BiModel classes")
+                         "one of the *BiModel classes (or pass causal=True to run a causal model causally)"
+                         if not causal else "causal=True was given for a bidirectional model")
     if batch is None:
         if input_ids is None:
             raise ValueError("forward_packed needs input_ids (B, S) (with attention_mask) or batch=")
@@ -256,7 +263,10 @@ def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
         raise ValueError("batch has no input_ids (it was packed from a mask alone)")
     total = batch.num_tokens
     if _uses_masks(body.config):
-        masks = bidirectional_masks(body, 1, total, None, sequence_ids=batch.sequence_ids[None], device=device)
+        # A causal model needs no mask: transformers finds the packed sequences from the restarting
+        # position_ids and builds block-diagonal causal (and sliding-window) masks itself.
+        masks = None if causal else bidirectional_masks(body, 1, total, None, sequence_ids=batch.sequence_ids[None],
+                                                        device=device)
         extra: Dict[str, Any] = {"attention_mask": masks}
     else:
         extra = {"attention_mask": None, "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
