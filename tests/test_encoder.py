@@ -854,6 +854,28 @@ def test_encode_file_instruction_for_rows_without_one(encoders, tmp_path):
         encode_file(encoder, source, str(tmp_path / "out2"), instruction=None, log=lambda message: None)
 
 
+def test_encode_cli_causal(checkpoints, tmp_path):
+    """``llm2vec-fast encode --causal``: llm2vec's enable_bidirectional=False, recorded in the index, so that a
+    resume without it (a bidirectional model) is refused."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.encoder import files
+    items = INPUTS[:6]
+    source = str(tmp_path / "input.jsonl")
+    write_jsonl(source, items)
+    out = str(tmp_path / "out")
+    args = ["--model", checkpoints("llama_causal"), "--input", source, "--output", out, "--dtype", "float32",
+            "--device", "cpu", "--pooling-mode", "last_token"]
+    assert files.main(args + ["--causal"]) == 0
+    with open(os.path.join(out, files.INDEX)) as f:
+        assert json.load(f)["settings"]["bidirectional"] is False
+    encoder = LLM2Vec.from_pretrained(checkpoints("llama_causal"), enable_bidirectional=False,
+                                      pooling_mode="last_token")
+    assert np.allclose(files.load_embeddings(out), encoder.encode(items, show_progress_bar=False).numpy(),
+                       atol=SAME_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="other settings"):
+        files.main(args)
+
+
 def test_encode_file_bad_records(encoders, tmp_path):
     from llm2vec_fast.encoder.files import encode_file
     encoder = encoders("llama")

@@ -187,9 +187,9 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
 
     ``instruction`` goes before every text whose row has no instruction of its own (e.g. the retrieval
     instruction when encoding queries; documents usually have none). ``settings`` (e.g. the model path
-    and options) are recorded and must match on resume, together with the encoder's pooling settings,
-    ``instruction``, ``shard_size``, ``output_dtype`` and the input's identity. ``encode_kwargs`` go to
-    ``encoder.encode`` (batch_size, device, normalize_embeddings, ...).
+    and options) are recorded and must match on resume, together with whether the model is bidirectional,
+    the encoder's pooling settings, ``instruction``, ``shard_size``, ``output_dtype`` and the input's
+    identity. ``encode_kwargs`` go to ``encoder.encode`` (batch_size, device, normalize_embeddings, ...).
     """
     if not isinstance(instruction, str):
         raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
@@ -198,7 +198,9 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
     if output_dtype not in STORAGE_DTYPES:
         raise ValueError(f"output_dtype must be one of {sorted(STORAGE_DTYPES)}, got {output_dtype!r}")
     os.makedirs(output, exist_ok=True)
-    recorded = dict(settings or {}, pooling_mode=encoder.pooling_mode, max_length=encoder.max_length,
+    from ..models.bidirectional import is_bidirectional  # torch: imported when a file is encoded
+    recorded = dict(settings or {}, bidirectional=is_bidirectional(encoder.model),
+                    pooling_mode=encoder.pooling_mode, max_length=encoder.max_length,
                     doc_max_length=encoder.doc_max_length, skip_instruction=encoder.skip_instruction,
                     normalize_embeddings=bool(encode_kwargs.get("normalize_embeddings", False)),
                     shard_size=shard_size, output_dtype=output_dtype, text_field=text_field,
@@ -327,6 +329,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                         help="model dtype (default bfloat16)")
     parser.add_argument("--attn-implementation", default=None, help='default "llm2vec_fast"')
+    parser.add_argument("--causal", action="store_true",
+                        help="keep the model causal (llm2vec's enable_bidirectional=False), e.g. with last_token "
+                             "pooling for a causal embedding model")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-tokens-per-batch", type=int, default=None)
@@ -357,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
         if args.attn_implementation:
             model_kwargs["attn_implementation"] = args.attn_implementation
         encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=args.merge_peft,
-                                          pooling_mode=args.pooling_mode, max_length=args.max_length,
+                                          enable_bidirectional=not args.causal, pooling_mode=args.pooling_mode, max_length=args.max_length,
                                           doc_max_length=args.doc_max_length, skip_instruction=args.skip_instruction,
                                           **model_kwargs)
         settings = {"model": args.model, "peft": args.peft, "merge_peft": args.merge_peft, "dtype": args.dtype}
