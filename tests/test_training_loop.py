@@ -160,7 +160,8 @@ def valid(tmp_path_factory):
               "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "do_train": True,
               "do_eval": True, "max_seq_length": 32, "mask_token_type": "blank", "data_collator_type": "default",
               "mlm_probability": 0.2, "overwrite_output_dir": True, "evaluation_strategy": "steps",
-              "eval_steps": 100, "save_steps": 200, "stop_after_n_steps": 2, "lora_r": 16,
+              "eval_steps": 100, "validation_split_percentage": 25, "save_steps": 200, "stop_after_n_steps": 2,
+              "lora_r": 16,
               "gradient_checkpointing": True, "torch_dtype": "float32", "attn_implementation": "flash_attention_2",
               "dataset_name": "wikitext", "disable_tqdm": True}
     path = root / "mntp.json"
@@ -182,6 +183,10 @@ def test_cli_trains_mntp(valid):
     path, config, root = valid
     assert main(["train", "mntp", "--config", path, "--set", f"output_dir=\"{root / 'run'}\""]) == 0
     assert os.path.isfile(root / "run" / "checkpoint-2" / "adapter_model.safetensors")
+    with open(root / "run" / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    evaluations = [r for r in records if "eval_loss" in r]  # do_eval: once, after the last step
+    assert [r["step"] for r in evaluations] == [2] and evaluations[0]["eval_tokens"] > 0
 
 
 def _gpt2_folder(root):
@@ -209,6 +214,12 @@ def _gpt2_folder(root):
     ({"line_by_line": True}, ValueError, ["'line_by_line'", "True", "chunks"]),
     ({"deepspeed": "ds.json"}, ValueError, ["'deepspeed'", "'ds.json'", "torchrun"]),
     ({"trust_remote_code": True}, ValueError, ["'trust_remote_code'", "remote code"]),
+    ({"evaluation_strategy": "sometimes"}, ValueError, ["'eval_strategy'", "'sometimes'", "'steps'"]),
+    ({"eval_steps": 0}, ValueError, ["'eval_steps'", "> 0"]),
+    ({"validation_split_percentage": 100}, ValueError, ["'validation_split_percentage'", "(0, 100)", "100"]),
+    ({"validation_file": "/nonexistent/valid.txt"}, ValueError, ["'validation_file'", "does not exist"]),
+    ({"per_device_eval_batch_size": 0}, ValueError, ["'per_device_eval_batch_size'", "> 0"]),
+    ({"do_eval": "yes"}, TypeError, ["'do_eval'", "bool"]),
 ])
 def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, words):
     from llm2vec_fast.training import cli, mntp

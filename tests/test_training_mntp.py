@@ -1,6 +1,7 @@
 """MNTP recipe: masking statistics and the label shift, the LM-head loss (chunked == full logits, the
 llm2vec causal-LM loss), training that lowers the loss, checkpoints that ``LLM2Vec.from_pretrained``
-loads, and a 2-process gloo step equal to one process on the union batch.
+loads, evaluation (loss, accuracy, perplexity on held-out text, on schedule), and a 2-process gloo step
+and evaluation equal to one process on the union batch.
 
 Models are tiny random-weight checkpoints of the real architectures with the Mistral fixture's
 tokenizer (tests/fixtures/llm2vec/mistral, 679 tokens), all on the CPU in float32.
@@ -256,6 +257,109 @@ def test_mntp_trains_and_the_checkpoint_loads_with_llm2vec(tmp_path):
         torch.testing.assert_close(encoder.encode(texts, show_progress_bar=False), got, rtol=1e-4, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------ evaluation
+HELD_OUT = ["the moon pulls the tide over the ocean floor", "bread needs flour water salt and yeast",
+            "the sailor plays a guitar on the stage tonight"] * 4
+
+
+def _held_out_file(root: str) -> str:
+    path = os.path.join(root, "held_out.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(HELD_OUT) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_evaluation_equals_the_full_logits_reference(tmp_path, family):
+    """evaluate(): mean CE over every labelled held-out token, the argmax accuracy (llm2vec's compute_metrics)
+    and exp(loss), against the padded body and full float64 logits (Gemma2: capped); the same masks every
+    time, other than any training batch's."""
+    from llm2vec_fast.training.mntp import IGNORE_INDEX, MNTPRecipe
+    if family != "mistral":
+        make_base(str(tmp_path / "base"), family)
+    recipe = MNTPRecipe(mntp_config(str(tmp_path), validation_file=_held_out_file(str(tmp_path)), do_eval=True,
+                                    per_device_eval_batch_size=3))
+    assert recipe.eval_chunks.shape[0] >= 4  # more than one eval batch, the last one short
+    recipe.model.eval()
+    metrics = recipe.evaluate()
+    masked = recipe.eval_batch()
+    assert torch.equal(masked.input_ids, recipe.eval_batch().input_ids)
+    assert not torch.equal(masked.selected[:4], recipe._masked(recipe.eval_chunks[:4], 0, 0).selected)
+    with torch.no_grad():
+        hidden = recipe.model.model(input_ids=masked.input_ids).last_hidden_state.double()
+        logits = hidden @ recipe.model.lm_head.weight.double().t()
+        if recipe.softcap:
+            logits = torch.tanh(logits / recipe.softcap) * recipe.softcap
+    labelled = masked.labels != IGNORE_INDEX
+    targets = masked.labels[labelled]
+    loss = torch.nn.functional.cross_entropy(logits[labelled], targets)
+    accuracy = float((logits[labelled].argmax(-1) == targets).double().mean())
+    assert metrics["eval_tokens"] == int(labelled.sum()) > 0
+    assert metrics["eval_loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert metrics["eval_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+
+
+def test_trainer_evaluates_on_schedule_and_training_is_unchanged(tmp_path):
+    """eval_strategy="steps" every eval_steps plus do_eval after the last step, logged to log.jsonl; the losses
+    are those of the same run without evaluation, bit for bit; the held-out loss falls as training goes on."""
+    from llm2vec_fast.training.loop import LOG_FILE, Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    root = str(tmp_path)
+    data = os.path.join(root, "data.txt")
+    write_corpus(data)
+    common = dict(max_steps=7, learning_rate=2e-2, validation_file=data)
+    plain = Trainer(MNTPRecipe(mntp_config(root, output_dir=os.path.join(root, "plain"), **common))).train()
+    config = mntp_config(root, output_dir=os.path.join(root, "eval"), do_eval=True, eval_strategy="steps",
+                         eval_steps=3, **common)
+    losses = Trainer(MNTPRecipe(config)).train()
+    assert losses == plain
+    with open(os.path.join(config.output_dir, LOG_FILE)) as f:
+        records = [json.loads(line) for line in f]
+    evaluations = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evaluations] == [3, 6, 7]
+    assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"] - 0.2, evaluations
+    assert len([r for r in records if "loss" in r]) == 7  # the training records are all still there
+
+
+def test_epoch_evaluation(tmp_path):
+    from llm2vec_fast.training.loop import Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    root = str(tmp_path)
+    recipe = MNTPRecipe(mntp_config(root, eval_strategy="epoch", validation_file=_held_out_file(root), max_steps=-1,
+                                    num_train_epochs=2, gradient_accumulation_steps=2))
+    trainer = Trainer(recipe)
+    per_epoch = trainer.batches_per_epoch // 2
+    seen = []
+    trainer.evaluate = lambda bar=None: seen.append(trainer.step)
+    trainer.train()
+    assert per_epoch >= 1 and seen == [per_epoch, 2 * per_epoch]
+
+
+def test_validation_split_holds_out_the_first_documents(tmp_path):
+    """Without validation_file, evaluation holds out the first validation_split_percentage % of the documents
+    (llm2vec's train[:p%]); they do not train. Without evaluation every document trains."""
+    from llm2vec_fast.training.mntp import MNTPRecipe, group_into_chunks, read_documents, split_validation
+    root = str(tmp_path)
+    data = os.path.join(root, "data.txt")
+    with open(data, "w", encoding="utf-8") as f:
+        f.write("\n".join(HELD_OUT + CORPUS * 6) + "\n")
+    docs = read_documents(data)
+    train, held = split_validation(docs, 25)
+    assert held == docs[:round(len(docs) / 4)] and train == docs[len(held):]
+    recipe = MNTPRecipe(mntp_config(root, dataset_file_path=data, do_eval=True, validation_split_percentage=25))
+    assert torch.equal(recipe.eval_chunks, group_into_chunks(held, recipe.tokenizer, 32))
+    assert torch.equal(recipe.chunks, group_into_chunks(train, recipe.tokenizer, 32))
+    everything = MNTPRecipe(mntp_config(root, dataset_file_path=data))
+    assert everything.eval_chunks is None
+    assert torch.equal(everything.chunks, group_into_chunks(docs, recipe.tokenizer, 32))
+    with pytest.raises(ValueError, match="no validation document"):
+        split_validation(docs[:5], 5)
+    with pytest.raises(ValueError, match="no validation chunk"):
+        MNTPRecipe(mntp_config(root, dataset_file_path=data, do_eval=True, max_seq_length=512,
+                               validation_split_percentage=10))
+
+
 # ------------------------------------------------------------------------------------------ distributed
 WORLD = 2
 
@@ -272,11 +376,13 @@ def _distributed_step(rank: int, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/rdzv", rank=rank, world_size=WORLD)
     try:
-        recipe = MNTPRecipe(mntp_config(root, per_device_train_batch_size=2))
+        recipe = MNTPRecipe(mntp_config(root, per_device_train_batch_size=2, validation_file=_held_out_file(root),
+                                        per_device_eval_batch_size=2))
         trainer = Trainer(recipe)
+        metrics = trainer.evaluate()
         loss = recipe.train_step(next(recipe.batches(0)), 1.0)
         trainer._sum_gradients()
-        torch.save({"loss": loss, "grads": _grads(recipe)}, os.path.join(root, f"rank{rank}.pt"))
+        torch.save({"loss": loss, "grads": _grads(recipe), "metrics": metrics}, os.path.join(root, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -286,12 +392,18 @@ def test_two_gloo_ranks_equal_one_process_on_the_union_batch(tmp_path):
 
     from llm2vec_fast.training.mntp import MNTPRecipe
     root = str(tmp_path)
-    single = MNTPRecipe(mntp_config(root, per_device_train_batch_size=2 * WORLD))
+    single = MNTPRecipe(mntp_config(root, per_device_train_batch_size=2 * WORLD, validation_file=_held_out_file(root)))
+    single.model.eval()
+    metrics = single.evaluate()
+    single.model.train()
     loss = single.train_step(next(single.batches(0)), 1.0)
     grads = _grads(single)
     mp.spawn(_distributed_step, args=(root,), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         got = torch.load(os.path.join(root, f"rank{rank}.pt"))
+        assert got["metrics"]["eval_tokens"] == metrics["eval_tokens"] > 0  # each held-out token counted once
+        for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
+            assert got["metrics"][key] == pytest.approx(metrics[key], rel=1e-5), key
         torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
         assert got["grads"].keys() == grads.keys()
         for name, grad in grads.items():

@@ -53,7 +53,7 @@ VALUE_CHECKED_KEYS: Dict[str, Tuple[Tuple[Any, ...], str]] = {
     "trust_remote_code": ((False,), "no remote code is run"),
     "deepspeed": ((None,), "training runs with torchrun (DDP), not DeepSpeed"),
     "push_to_hub": ((False,), "checkpoints are written to output_dir only"),
-    "load_best_model_at_end": ((False,), "there is no evaluation loop"),
+    "load_best_model_at_end": ((False,), "the last step's weights are what a run saves"),
 }
 
 
@@ -215,19 +215,47 @@ class TrainConfig:
         return self.attn_implementation
 
 
+# The evaluation keys of llm2vec's run_mntp.py (HF's names): MNTP evaluates, the other recipes ignore them.
+EVALUATION_KEYS = frozenset({"do_eval", "evaluation_strategy", "eval_strategy", "eval_steps",
+                             "per_device_eval_batch_size", "validation_file", "validation_split_percentage",
+                             "max_eval_samples"})
+
+
 @dataclass
 class MNTPConfig(TrainConfig):
-    """Masked next-token prediction (llm2vec's ``run_mntp.py`` keys; its ``train_file`` names the data too)."""
+    """Masked next-token prediction (llm2vec's ``run_mntp.py`` keys; its ``train_file`` names the data too).
+
+    Evaluation (llm2vec's ``do_eval`` / ``evaluation_strategy`` / ``eval_steps``): the MNTP loss, token
+    accuracy and perplexity on held-out chunks, every ``eval_steps`` steps with ``eval_strategy="steps"``,
+    at each epoch's end with ``"epoch"``, and after the last step with ``do_eval``. The held-out text is
+    ``validation_file``, else the first ``validation_split_percentage`` % of the documents, which then do
+    not train (llm2vec's split; without evaluation every document trains).
+    """
 
     dataset_file_path: Optional[str] = None
     mask_token_type: str = "blank"
     data_collator_type: str = "default"
     mlm_probability: float = 0.2
     max_train_samples: Optional[int] = None
+    do_eval: bool = False
+    eval_strategy: str = "no"
+    eval_steps: Optional[int] = None
+    per_device_eval_batch_size: int = 8
+    validation_file: Optional[str] = None
+    validation_split_percentage: int = 5
+    max_eval_samples: Optional[int] = None
 
-    ALIASES: ClassVar[Dict[str, str]] = {**TrainConfig.ALIASES, "train_file": "dataset_file_path"}
+    ALIASES: ClassVar[Dict[str, str]] = {**TrainConfig.ALIASES, "train_file": "dataset_file_path",
+                                         "evaluation_strategy": "eval_strategy"}
+    IGNORED_KEYS: ClassVar[FrozenSet[str]] = IGNORED_LLM2VEC_KEYS - EVALUATION_KEYS
     MASK_TOKEN_TYPES: ClassVar[Tuple[str, ...]] = ("blank", "eos", "mask")
     COLLATOR_TYPES: ClassVar[Tuple[str, ...]] = ("default", "all_mask")
+    EVAL_STRATEGIES: ClassVar[Tuple[str, ...]] = ("no", "steps", "epoch")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this run evaluates at all (and so holds text out)."""
+        return self.do_eval or self.eval_strategy != "no"
 
     def validate(self) -> None:
         super().validate()
@@ -250,23 +278,38 @@ class MNTPConfig(TrainConfig):
             raise ValueError("config key 'dataset_file_path' is required for MNTP (a .txt/.jsonl file or a folder "
                              "of them; hub datasets such as 'dataset_name' are not downloaded)")
         data_files(self.dataset_file_path)  # raises when missing or empty
+        if self.eval_strategy not in self.EVAL_STRATEGIES:
+            raise ValueError(f"config key 'eval_strategy' must be one of {self.EVAL_STRATEGIES}, "
+                             f"got {self.eval_strategy!r}")
+        for name in ("eval_steps", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"config key {name!r} must be > 0 or null, got {getattr(self, name)!r}")
+        if self.per_device_eval_batch_size <= 0:
+            raise ValueError(f"config key 'per_device_eval_batch_size' must be > 0, "
+                             f"got {self.per_device_eval_batch_size!r}")
+        if not 0 < self.validation_split_percentage < 100:
+            raise ValueError(f"config key 'validation_split_percentage' must be in (0, 100), "
+                             f"got {self.validation_split_percentage!r}")
+        if self.validation_file is not None:
+            data_files(self.validation_file, key="validation_file")
 
 
 DATA_SUFFIXES = (".txt", ".jsonl")
 
 
-def data_files(path: str) -> List[str]:
-    """The .txt/.jsonl files at ``path`` (a file, or a folder searched recursively), sorted."""
+def data_files(path: str, key: str = "dataset_file_path") -> List[str]:
+    """The .txt/.jsonl files at ``path`` (a file, or a folder searched recursively), sorted. ``key`` names the
+    config key in errors."""
     if os.path.isfile(path):
         if not path.endswith(DATA_SUFFIXES):
-            raise ValueError(f"config key 'dataset_file_path': {path!r} must end in one of {DATA_SUFFIXES}")
+            raise ValueError(f"config key {key!r}: {path!r} must end in one of {DATA_SUFFIXES}")
         return [path]
     if not os.path.isdir(path):
-        raise ValueError(f"config key 'dataset_file_path': {path!r} does not exist")
+        raise ValueError(f"config key {key!r}: {path!r} does not exist")
     found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
                    if name.endswith(DATA_SUFFIXES))
     if not found:
-        raise ValueError(f"config key 'dataset_file_path': folder {path!r} holds no {DATA_SUFFIXES} files")
+        raise ValueError(f"config key {key!r}: folder {path!r} holds no {DATA_SUFFIXES} files")
     return found
 
 

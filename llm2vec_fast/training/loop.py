@@ -10,6 +10,9 @@ Recipe protocol (duck-typed):
     train_step(batch, grad_scale) -> detached float32 union-batch loss, after backward of loss * grad_scale
     num_samples(batch) -> int; save(folder) -> None
     num_batches() -> int (optional: batches per epoch; else counted by iterating batches(0) once)
+    evaluate() -> dict of float metrics (optional; run without gradients, in eval mode, on every rank) when
+        the config's ``eval_strategy`` is "steps" (every ``eval_steps``, default ``logging_steps``) or "epoch"
+        (at each epoch's end), and after the last step when ``do_eval``; the metrics go to log.jsonl
 
 Distributed rule: each rank's backward gives its share of the union-batch gradient, so the loop SUMs
 the gradients over ranks (one flat all_reduce), never averages.
@@ -181,6 +184,8 @@ class Trainer:
                           "peak_mem_mb": peak_memory_mb(self.device), "elapsed": now - start}
                 self._log(record, bar)
                 window_losses, window_samples, window_start = [], 0, now
+            if self._evaluation_due():
+                self.evaluate(bar)
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.save_steps == 0 or self.step == self.total_steps:
@@ -189,17 +194,54 @@ class Trainer:
             bar.close()
         return self.step_losses
 
+    # ----------------------------------------------------------------------------------------- evaluation
+    def _evaluation_due(self) -> bool:
+        cfg = self.config
+        if getattr(self.recipe, "evaluate", None) is None:
+            return False
+        strategy = getattr(cfg, "eval_strategy", "no")
+        if strategy == "steps" and self.step % (getattr(cfg, "eval_steps", None) or cfg.logging_steps) == 0:
+            return True
+        steps_per_epoch = max(self.batches_per_epoch // cfg.gradient_accumulation_steps, 1)
+        if strategy == "epoch" and self.step % steps_per_epoch == 0:
+            return True
+        return self.step == self.total_steps and getattr(cfg, "do_eval", False)
+
+    def evaluate(self, bar=None) -> Dict[str, float]:
+        """The recipe's evaluation at this step, logged (``{"step": ..., **metrics}`` in log.jsonl). The model's
+        train/eval mode is restored after; no RNG is drawn, so training goes on exactly as without it."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.recipe.evaluate()
+        finally:
+            self.model.train(was_training)
+        record = {"step": self.step, **metrics}
+        self._write_record(record)
+        if self.rank == 0:
+            if bar is not None:
+                bar.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                                   for key, value in record.items()))
+            logger.info("step %d: %s", self.step, metrics)
+        return metrics
+
     def _progress_bar(self):
         if self.config.disable_tqdm or self.rank != 0:
             return None
         from tqdm.auto import tqdm
         return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
 
+    def _write_record(self, record: Dict) -> None:
+        if self.rank == 0:
+            os.makedirs(self.config.output_dir, exist_ok=True)  # (evaluate() may run before any training)
+            with open(os.path.join(self.config.output_dir, LOG_FILE), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
     def _log(self, record: Dict, bar) -> None:
         if self.rank != 0:
             return
-        with open(os.path.join(self.config.output_dir, LOG_FILE), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self._write_record(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             samples_s=f"{record['samples_per_s']:.1f}", peak_mb=f"{record['peak_mem_mb']:.0f}")

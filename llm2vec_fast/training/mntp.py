@@ -9,6 +9,11 @@ shifted: ``labels[:, i - 1]`` holds original token i where i was selected, -100 
 The LM head runs only on the labelled rows, and never forms the (rows, vocab) logits of the whole batch
 in float32: liger-kernel's fused linear cross-entropy on a GPU when installed, else
 :func:`chunked_cross_entropy` (row chunks, each recomputed in the backward).
+
+Evaluation (:meth:`MNTPRecipe.evaluate`, scheduled by the loop from the config's ``do_eval`` /
+``eval_strategy``): loss, token accuracy and perplexity on held-out chunks (``validation_file``, or the first
+``validation_split_percentage`` % of the documents), masked by one fixed generator so that evaluations
+compare; the head's logits are formed a chunk of rows at a time there too.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +35,21 @@ from .config import MNTPConfig, data_files
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+EVAL_MASK_KEY = -1  # the held-out masks' generator key (training batches use (epoch, index) with epoch >= 0)
 CE_CHUNK_ROWS = 2048  # rows of logits formed at once: 2048 x 128k vocab x 4 bytes = 1 GiB
 
 
 # ------------------------------------------------------------------------------------------------ loss
-def _chunk_ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: Optional[float]) -> Tensor:
+def _head_logits(hidden: Tensor, weight: Tensor, softcap: Optional[float]) -> Tensor:
+    """float32 logits of the LM head, capped as the family's causal-LM head caps them."""
     logits = (hidden @ weight.t()).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return logits
+
+
+def _chunk_ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: Optional[float]) -> Tensor:
+    return F.cross_entropy(_head_logits(hidden, weight, softcap), targets, reduction="sum")
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: Optional[float] = None,
@@ -61,6 +72,20 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, softc
         else:
             total = total + _chunk_ce_sum(h, weight, t, softcap)
     return total
+
+
+@torch.no_grad()
+def lm_head_eval_sums(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: Optional[float] = None,
+                      chunk_rows: int = CE_CHUNK_ROWS) -> Tuple[float, int]:
+    """(summed CE, number of rows whose most likely token is the target) of the LM head on labelled rows,
+    one (chunk_rows, V) logits block at a time: the evaluation's loss and accuracy in one pass."""
+    loss_sum, correct = 0.0, 0
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = _head_logits(hidden[start:start + chunk_rows], weight, softcap)
+        t = targets[start:start + chunk_rows]
+        loss_sum += float(F.cross_entropy(logits, t, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == t).sum())
+    return loss_sum, correct
 
 
 def _liger_loss():
@@ -116,14 +141,26 @@ def mask_tokens(input_ids: Tensor, *, special_ids: Sequence[int], mask_token_id:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def read_documents(path: str) -> List[str]:
+def read_documents(path: str, key: str = "dataset_file_path") -> List[str]:
     """Documents of a .txt (one per line) or .jsonl (``text`` field) file, or a folder of them; blank
-    documents skipped."""
+    documents skipped. ``key`` names the config key in errors."""
     from ..encoder.files import read_records
-    return [text for file in data_files(path) for _, text in read_records(file) if text.strip()]
+    return [text for file in data_files(path, key) for _, text in read_records(file) if text.strip()]
 
 
-def group_into_chunks(docs: Sequence[str], tokenizer, length: int, batch_docs: int = 1000) -> Tensor:
+def split_validation(docs: Sequence[str], percentage: int) -> Tuple[List[str], List[str]]:
+    """(training documents, validation documents): the first ``percentage`` % of the documents (rounded to the
+    nearest count) are held out, as llm2vec's ``train[:p%]`` / ``train[p%:]`` split."""
+    held = int(len(docs) * percentage / 100 + 0.5)
+    if held == 0 or held == len(docs):
+        raise ValueError(f"config key 'validation_split_percentage': {percentage}% of {len(docs)} documents leaves "
+                         f"{'no validation' if held == 0 else 'no training'} document; give a validation_file "
+                         f"or another percentage")
+    return list(docs[held:]), list(docs[:held])
+
+
+def group_into_chunks(docs: Sequence[str], tokenizer, length: int, batch_docs: int = 1000,
+                      what: str = "training") -> Tensor:
     """(N, length) token ids: each document tokenised (with the tokenizer's specials, e.g. BOS), all
     concatenated, cut into ``length`` tokens, the remainder dropped (run_mlm's ``group_texts``)."""
     ids: List[int] = []
@@ -132,7 +169,7 @@ def group_into_chunks(docs: Sequence[str], tokenizer, length: int, batch_docs: i
             ids.extend(row)
     usable = (len(ids) // length) * length
     if usable == 0:
-        raise ValueError(f"the dataset has {len(ids)} tokens, fewer than max_seq_length={length}: no training "
+        raise ValueError(f"the {what} text has {len(ids)} tokens, fewer than max_seq_length={length}: no {what} "
                          f"chunk can be formed")
     return torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, length)
 
@@ -151,10 +188,21 @@ class MNTPRecipe:
         self.model = model if model is not None else load_mntp_model(config, self.device, self.vocab_size)
         self.special_ids = sorted(set(self.tokenizer.all_special_ids))
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        chunks = group_into_chunks(read_documents(config.dataset_file_path), self.tokenizer, config.max_seq_length)
+        docs = read_documents(config.dataset_file_path)
+        held_out: Optional[List[str]] = None
+        if config.validation_file is not None:
+            held_out = read_documents(config.validation_file, "validation_file")
+        elif config.evaluates:
+            docs, held_out = split_validation(docs, config.validation_split_percentage)
+        chunks = group_into_chunks(docs, self.tokenizer, config.max_seq_length)
         if config.max_train_samples is not None:
             chunks = chunks[:config.max_train_samples]
         self.chunks = chunks
+        self.eval_chunks: Optional[Tensor] = None
+        if held_out is not None:
+            self.eval_chunks = group_into_chunks(held_out, self.tokenizer, config.max_seq_length, what="validation")
+            if config.max_eval_samples is not None:
+                self.eval_chunks = self.eval_chunks[:config.max_eval_samples]
 
     def _mask_token_id(self) -> int:
         """llm2vec's rule: the tokenizer's own mask token if it has one; else "_" (blank), EOS, or a new
@@ -189,6 +237,14 @@ class MNTPRecipe:
         full, rest = divmod(len(self.chunks), size)
         return full + (1 if rest >= world else 0)
 
+    def _masked(self, chunks: Tensor, *key: int) -> MaskedBatch:
+        """``chunks`` masked by a generator seeded from (seed, *key) alone. The hash of an int tuple is the
+        same in every process (PYTHONHASHSEED only salts str/bytes)."""
+        generator = torch.Generator().manual_seed(hash((self.config.seed, *key)) % (2 ** 63))
+        return mask_tokens(chunks, special_ids=self.special_ids, mask_token_id=self.mask_token_id,
+                           vocab_size=self.vocab_size, mlm_probability=self.config.mlm_probability,
+                           collator_type=self.config.data_collator_type, generator=generator)
+
     def batches(self, epoch: int) -> Iterator[Dict[str, Tensor]]:
         """This rank's share of each global batch. Order and masks depend on (seed, epoch, batch index)
         only, so any world size sees the same union batches and a resumed run the same masks."""
@@ -197,29 +253,64 @@ class MNTPRecipe:
         order = torch.randperm(len(self.chunks), generator=torch.Generator().manual_seed(self.config.seed + epoch))
         for index in range(self.num_batches()):
             rows = order[index * size:(index + 1) * size]
-            # hash of an int tuple is the same in every process (PYTHONHASHSEED only salts str/bytes)
-            generator = torch.Generator().manual_seed(hash((self.config.seed, epoch, index)) % (2 ** 63))
-            masked = mask_tokens(self.chunks[rows], special_ids=self.special_ids, mask_token_id=self.mask_token_id,
-                                 vocab_size=self.vocab_size, mlm_probability=self.config.mlm_probability,
-                                 collator_type=self.config.data_collator_type, generator=generator)
+            masked = self._masked(self.chunks[rows], epoch, index)
             share = math.ceil(len(rows) / world)
             part = slice(rank * share, (rank + 1) * share)
             yield {"input_ids": masked.input_ids[part], "labels": masked.labels[part]}
+
+    def eval_batch(self) -> MaskedBatch:
+        """The held-out chunks, masked the same way at every evaluation (so evaluations compare) and for every
+        world size."""
+        if self.eval_chunks is None:
+            raise ValueError("this MNTP run holds no validation text: give validation_file, or set do_eval or "
+                             "eval_strategy to hold out validation_split_percentage % of the documents")
+        return self._masked(self.eval_chunks, EVAL_MASK_KEY)
 
     def num_samples(self, batch) -> int:
         return int(batch["input_ids"].shape[0])
 
     # -------------------------------------------------------------------------------------- step
-    def loss_parts(self, input_ids: Tensor, labels: Tensor):
-        """(summed CE over this rank's labelled tokens, their count), with the body run packed."""
+    def _labelled(self, input_ids: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """(hidden states of the labelled positions, their targets), with the body run packed."""
         from ..models import forward_packed
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         hidden = forward_packed(self.model.model, input_ids).hidden   # (B*L, H), row-major like labels
         flat = labels.reshape(-1)
         rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        return hidden.index_select(0, rows), flat.index_select(0, rows)
+
+    def loss_parts(self, input_ids: Tensor, labels: Tensor):
+        """(summed CE over this rank's labelled tokens, their count), with the body run packed."""
+        hidden, targets = self._labelled(input_ids, labels)
         weight = self.model.get_output_embeddings().weight
-        loss_sum = lm_head_loss_sum(hidden.index_select(0, rows), weight, flat.index_select(0, rows), self.softcap)
-        return loss_sum, rows.numel()
+        return lm_head_loss_sum(hidden, weight, targets, self.softcap), targets.numel()
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """MNTP loss (mean CE over every labelled held-out token), token accuracy (llm2vec's ``compute_metrics``:
+        the most likely token is the label) and perplexity (exp of the loss), over all ranks: each rank runs
+        every world_size-th held-out chunk in batches of ``per_device_eval_batch_size``."""
+        from ..distributed import is_distributed
+        rank, world = self._world()
+        masked = self.eval_batch()
+        mine = torch.arange(rank, masked.input_ids.shape[0], world)
+        weight = self.model.get_output_embeddings().weight
+        sums = torch.zeros(3, dtype=torch.float64)  # CE sum, correct, labelled tokens
+        size = self.config.per_device_eval_batch_size
+        for start in range(0, mine.numel(), size):
+            rows = mine[start:start + size]
+            hidden, targets = self._labelled(masked.input_ids[rows], masked.labels[rows])
+            loss_sum, correct = lm_head_eval_sums(hidden, weight, targets, self.softcap)
+            sums += torch.tensor([loss_sum, correct, targets.numel()], dtype=torch.float64)
+        if is_distributed():
+            import torch.distributed as dist
+            sums = sums.to(self.device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        loss_sum, correct, tokens = sums.tolist()
+        loss = loss_sum / max(tokens, 1.0)
+        return {"eval_loss": loss, "eval_accuracy": correct / max(tokens, 1.0),
+                "eval_perplexity": math.exp(loss) if loss < 700 else float("inf"), "eval_tokens": int(tokens)}
 
     def train_step(self, batch, grad_scale: float) -> Tensor:
         """Backward of (this rank's CE sum / the union batch's label count) * grad_scale; returns the
