@@ -14,6 +14,12 @@ Impls, all measured in the same run on the same random inputs:
   BlockMask, for every case (T is the same for every full case, so one compile serves them all); GPU only;
 - ``flash_attn``: ``flash_attn_varlen_func`` on the packed layout, when flash-attn is importable.
 
+Sliding-window cases ("window=w", |i - j| < w, as Gemma3's and Mistral's sliding layers made bidirectional):
+ours with ``sliding_window=w`` (the "cuda" backend would run its Triton fallback: skipped), flex with the
+window in its mask_mod, flash-attn with ``window_size=(w - 1, w - 1)``, and SDPA's cuDNN / efficient backends
+with a boolean (B, 1, S, S) band mask (its flash backend takes no mask: skipped). FLOPs count the kept
+pairs only.
+
 Layouts:
 - equal-length cases ("B=..,S=..") are one dense batch: SDPA sees (B, S) with no mask, our op and
   flash-attn see the same tokens packed with cu_seqlens;
@@ -78,8 +84,9 @@ class Problem:
     """One batch of random q, k, v in the packed layout, and the views every impl needs."""
 
     def __init__(self, lengths: Sequence[int], heads: Tuple[int, int], head_dim: int, dtype: torch.dtype,
-                 device: torch.device, varlen: bool, seed: int = 0):
+                 device: torch.device, varlen: bool, seed: int = 0, window: Optional[int] = None):
         torch.manual_seed(seed)
+        self.window = window
         self.lengths = [int(n) for n in lengths]
         self.hq, self.hkv = heads
         self.head_dim = head_dim
@@ -98,13 +105,22 @@ class Problem:
     @property
     def shape(self) -> str:
         heads = f"Hq={self.hq},Hkv={self.hkv},D={self.head_dim}"
+        if self.window is not None:
+            heads += f",window={self.window}"
         if self.varlen:
             return f"B={self.batch},T={self.total},Smax={self.max_seqlen},{heads},varlen=lognormal,sdpa=pad+mask"
         return f"B={self.batch},S={self.max_seqlen},{heads}"
 
     @property
     def flops(self) -> float:
-        return 4.0 * sum(n * n for n in self.lengths) * self.hq * self.head_dim
+        return 4.0 * sum(self._pairs(n) for n in self.lengths) * self.hq * self.head_dim
+
+    def _pairs(self, n: int) -> int:
+        """(query, key) pairs that attend in a sequence of n tokens: n^2, or |i - j| < window only."""
+        w = self.window
+        if w is None or w >= n:
+            return n * n
+        return n + 2 * sum(n - d for d in range(1, w))
 
     @property
     def score_elements(self) -> int:
@@ -134,6 +150,11 @@ class Problem:
                 lengths = torch.tensor(self.lengths, device=self.device)
                 mask = torch.arange(self.max_seqlen, device=self.device)[None, :] < lengths[:, None]
                 self._padded = (pad(self.q), pad(self.k), pad(self.v), mask[:, None, None, :])
+            if self.window is not None:  # the band |i - j| < window, on top of the key-padding mask
+                positions = torch.arange(self.max_seqlen, device=self.device)
+                band = ((positions[:, None] - positions[None, :]).abs() < self.window)[None, None]
+                q, k, v, mask = self._padded
+                self._padded = (q, k, v, band if mask is None else band & mask)
         return self._padded
 
 
@@ -186,10 +207,12 @@ def _ours(p: Problem, backend: str, backward: bool, variant: int = 0):
                            f"(> BENCH_SCORE_LIMIT={SCORE_LIMIT:.2e})")
         if backend == "cuda":  # the Hopper kernel (csrc/attention.cu); elsewhere it would time Triton's fallback
             from llm2vec_fast import cuda_backend
+            if p.window is not None:
+                raise SkipImpl("the cuda backend runs sliding windows on its Triton fallback (the triton row)")
             if not cuda_backend.attention_kernel_supported(p.q, p.k, p.v, p.cu_seqlens, False, 0.0):
                 raise SkipImpl("the cuda attention kernel needs sm_90 and bf16/fp16 with head dim 64/128 "
                                "(it would run the Triton fallback)")
-        cu, max_seqlen = p.cu_seqlens, p.max_seqlen
+        cu, max_seqlen, window = p.cu_seqlens, p.max_seqlen, p.window
 
         if variant:
             from llm2vec_fast import cuda_backend
@@ -202,7 +225,7 @@ def _ours(p: Problem, backend: str, backward: bool, variant: int = 0):
                     cuda_backend.use_attention_variant(previous)
         else:
             def forward(q, k, v):
-                return lf.flash_attention(q, k, v, cu, max_seqlen, backend=backend)
+                return lf.flash_attention(q, k, v, cu, max_seqlen, sliding_window=window, backend=backend)
 
         return _timed(name, p, forward, (p.q, p.k, p.v), backward)
     return setup
@@ -220,6 +243,8 @@ def _sdpa(p: Problem, name: str, backend_name: str, backward: bool):
     def setup():
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = getattr(SDPBackend, backend_name)
+        if name == "sdpa_flash" and p.window is not None:
+            raise SkipImpl("SDPA's flash backend takes no mask, so no sliding window")
         if name == "eager" and p.score_elements > SCORE_LIMIT:
             raise SkipImpl(f"eager would materialise {p.score_elements:.2e} scores "
                            f"(> BENCH_SCORE_LIMIT={SCORE_LIMIT:.2e})")
@@ -267,19 +292,26 @@ def _compiled_flex() -> Callable:
     return _FLEX["fn"]
 
 
-def _document_mask_mod(doc_ids: torch.Tensor) -> Callable:
-    """One mask_mod function per (device, T), reading a persistent buffer that each case overwrites,
-    so the compiled flex kernel is reused across cases instead of recompiled for a new closure."""
-    key = (str(doc_ids.device), doc_ids.numel())
+def _document_mask_mod(doc_ids: torch.Tensor, window: Optional[int]) -> Callable:
+    """One mask_mod function per (device, T, windowed), reading persistent buffers that each case overwrites
+    (the documents; the window), so the compiled flex kernel is reused across cases instead of recompiled for
+    a new closure."""
+    key = (str(doc_ids.device), doc_ids.numel(), window is not None)
     if key not in _DOC_BUFFERS:
         buffer = doc_ids.clone()
+        width = torch.zeros((), dtype=torch.int32, device=doc_ids.device)
 
-        def document_mask(b, h, q_idx, kv_idx):
-            return buffer[q_idx] == buffer[kv_idx]
+        if window is None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return buffer[q_idx] == buffer[kv_idx]
+        else:
+            def mask_mod(b, h, q_idx, kv_idx):  # packed positions: within a document they differ as in it
+                return (buffer[q_idx] == buffer[kv_idx]) & ((q_idx - kv_idx).abs() < width)
 
-        _DOC_BUFFERS[key] = (buffer, document_mask)
-    buffer, mask_mod = _DOC_BUFFERS[key]
+        _DOC_BUFFERS[key] = (buffer, (width, mask_mod))
+    buffer, (width, mask_mod) = _DOC_BUFFERS[key]
     buffer.copy_(doc_ids)
+    width.fill_(window or 0)
     return mask_mod
 
 
@@ -289,7 +321,7 @@ def _flex(p: Problem, backward: bool):
             raise SkipImpl("flex runs on a CUDA GPU only in this suite")
         from torch.nn.attention.flex_attention import create_block_mask
         flex = _compiled_flex()
-        block_mask = create_block_mask(_document_mask_mod(p.doc_ids()), None, None, p.total, p.total,
+        block_mask = create_block_mask(_document_mask_mod(p.doc_ids(), p.window), None, None, p.total, p.total,
                                        device=p.device)
 
         def forward(q, k, v):  # (T, H, D) -> (1, H, T, D) views
@@ -310,9 +342,10 @@ def _flash_attn(p: Problem, backward: bool):
         if p.device.type != "cuda":
             raise SkipImpl("flash_attn runs on a CUDA GPU only")
         cu, max_seqlen = p.cu_seqlens, p.max_seqlen
+        window = (p.window - 1, p.window - 1) if p.window is not None else (-1, -1)
 
         def forward(q, k, v):
-            return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=False)
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=False, window_size=window)
 
         return _timed("flash_attn", p, forward, (p.q, p.k, p.v), backward)
     return setup
@@ -338,6 +371,7 @@ def problems(quick: bool, device: torch.device) -> Iterator[Problem]:
         yield Problem(lognormal_lengths(QUICK_TOKENS, 48, 0.6, 8, 128, seed=0), QUICK_HEADS, 64, dtype, device,
                       varlen=True)
         yield Problem([128] * (QUICK_TOKENS // 128), QUICK_HEADS, 64, dtype, device, varlen=False)
+        yield Problem([128] * (QUICK_TOKENS // 128), QUICK_HEADS, 64, dtype, device, varlen=False, window=32)
         return
     # The encoder's mix (issue 3): lognormal lengths with mean ~200, capped at 512; then a long-tailed mix.
     yield Problem(lognormal_lengths(FULL_TOKENS, 170, 0.75, 8, 512, seed=0), FULL_HEADS, 128, torch.bfloat16,
@@ -348,6 +382,10 @@ def problems(quick: bool, device: torch.device) -> Iterator[Problem]:
         for seqlen in FULL_SEQLENS:
             yield Problem([seqlen] * (FULL_TOKENS // seqlen), FULL_HEADS, head_dim, torch.bfloat16, device,
                           varlen=False)
+    # Sliding windows: a Gemma3 (4B+) layer's 1024 and a Mistral-style 4096, on 8k-token sequences.
+    for window in (1024, 4096):
+        yield Problem([8192] * (FULL_TOKENS // 8192), FULL_HEADS, 128, torch.bfloat16, device, varlen=False,
+                      window=window)
 
 
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:

@@ -1,4 +1,5 @@
-"""Flash attention for packed (varlen) batches in Triton: forward and backward, GQA, softcap, dropout.
+"""Flash attention for packed (varlen) batches in Triton: forward and backward, GQA, softcap, dropout,
+sliding windows.
 
 Layout: q (T, Hq, D), k/v (T, Hkv, D), int32 cu_seqlens (B+1); lse (Hq, T) float32, natural log.
 Every program works inside one sequence (grid axis 1) and one head (axis 2), with its tiles aligned to
@@ -13,6 +14,11 @@ blocks to accumulate dK and dV; a separate kernel owns a block of queries and ac
 
 Dropout keeps P[h, i, j] when philox(seed; key j, query token i, head h) >= p, so the backward
 regenerates the forward's mask. With dropout_p == 0 the DROPOUT branch is compiled out.
+
+Sliding window (WINDOW, ``window`` = w >= 1): query i sees key j only where |i - j| < w (and j <= i when
+causal; Mistral's, Gemma2's and Gemma3's sliding layers made symmetric). Every kernel visits only the
+tiles a block's window reaches, so the cost grows with w, not with the sequence: the forward masks the
+tiles on the window's two edges and runs the tiles that every row of the block sees without a mask.
 
 Precision: fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 inputs use full-fp32
 ("ieee") dots, not tf32. Softmax statistics are fp32 throughout.
@@ -62,12 +68,21 @@ def _sequence_span(CU_SEQLENS, seq):
 
 
 @triton.jit
+def _in_window(rows, cols, window):
+    """|row - col| < window, broadcast over the tile."""
+    distance = rows - cols
+    return (distance < window) & (distance > -window)
+
+
+@triton.jit
 def _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed, scale, softcap,
-                    dropout_p, stride_kt, stride_kh, stride_vt, stride_vh, lo, hi, MASKED: tl.constexpr,
+                    dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh, lo, hi, MASKED: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Online softmax over the key tiles [lo, hi) of one query block; MASKED adds the key-padding and
-    causal masks, which tiles wholly inside the sequence (and below the diagonal) do not need."""
+                    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi) of one query block; MASKED adds the key-padding, causal
+    and window masks, which tiles wholly inside the sequence, below the diagonal and inside every row's
+    window do not need."""
     dim_ok = dims < HEAD_DIM
     for block_start in range(lo, hi, BLOCK_N):
         cols = block_start + tl.arange(0, BLOCK_N)
@@ -90,10 +105,15 @@ def _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, k
             keep = col_ok[None, :]
             if CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
+            if WINDOW:
+                keep = keep & _in_window(rows[:, None], cols[None, :], window)
             s = tl.where(keep, s, float("-inf"))
-        # Every row sees at least one real key in the block's first tile (key 0 <= row under causal), so
-        # the running max is finite from the first tile on.
+        # Without a window every row sees a real key in the block's first tile (key 0 <= row under causal),
+        # so the running max is finite from the first tile on. With one, a row's window may start past the
+        # first tiles: subtract 0 instead of -inf there (its p and l stay 0), never exp2(-inf - -inf).
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if WINDOW and MASKED:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -109,11 +129,11 @@ def _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, k
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CU_SEQLENS,
-    seed, scale, softcap, dropout_p,
+    seed, scale, softcap, dropout_p, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     group, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -135,23 +155,41 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Key tiles in order, the same order whichever phase runs them (batch invariance): first the tiles
-    # that need no mask (every key real and, under causal, at or before every row of this block), then
-    # the rest (the sequence's last partial tile, the causal diagonal) with masks.
+    # Key tiles in ascending order, whichever phase runs them (batch invariance: every bound below is a
+    # position inside the sequence), in three phases: the window's left edge with masks, then the tiles
+    # that need no mask (every key real, under causal at or before every row of this block, inside every
+    # row's window), then the rest (the window's right edge, the causal diagonal, the sequence's last
+    # partial tile) with masks. Without a window the first phase is empty.
+    first_row = block_m * BLOCK_M
     end = seqlen
     unmasked_end = (seqlen // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        end = tl.minimum(seqlen, (block_m + 1) * BLOCK_M)
-        unmasked_end = tl.minimum(unmasked_end, ((block_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+        end = tl.minimum(seqlen, first_row + BLOCK_M)
+        unmasked_end = tl.minimum(unmasked_end, ((first_row + 1) // BLOCK_N) * BLOCK_N)
+    lo = 0
+    unmasked_start = 0
+    if WINDOW:
+        lo = (tl.maximum(first_row - window + 1, 0) // BLOCK_N) * BLOCK_N  # the tile of the first row's first key
+        if not CAUSAL:
+            end = tl.minimum(end, first_row + BLOCK_M + window - 1)  # past the last row's last key
+        # Tiles every row sees whole: start >= (last row) - window + 1 and start + BLOCK_N <= first row + window.
+        unmasked_start = tl.minimum(tl.cdiv(tl.maximum(first_row + BLOCK_M - window, lo), BLOCK_N) * BLOCK_N, end)
+        unmasked_end = tl.maximum(unmasked_start, tl.minimum(unmasked_end, ((first_row + window) // BLOCK_N) * BLOCK_N))
     acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
-                                    scale, softcap, dropout_p, stride_kt, stride_kh, stride_vt, stride_vh,
-                                    0, unmasked_end, False, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP, DROPOUT,
-                                    IEEE, INTERPRET)
+                                    scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh,
+                                    lo, unmasked_start, True, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP, DROPOUT,
+                                    WINDOW, IEEE, INTERPRET)
     acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
-                                    scale, softcap, dropout_p, stride_kt, stride_kh, stride_vt, stride_vh,
+                                    scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh,
+                                    unmasked_start, unmasked_end, False, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP,
+                                    DROPOUT, WINDOW, IEEE, INTERPRET)
+    acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
+                                    scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh,
                                     unmasked_end, end, True, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP, DROPOUT,
-                                    IEEE, INTERPRET)
+                                    WINDOW, IEEE, INTERPRET)
 
+    if WINDOW:  # the block's rows past the sequence's end may reach no key: keep them finite (never stored)
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
     tl.store(O + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :], acc.to(O.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
@@ -178,12 +216,12 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
-    seed, scale, softcap, dropout_p,
+    seed, scale, softcap, dropout_p, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     group, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
     """One block of keys of one KV head: dK, dV summed over its query heads and every query block.
@@ -214,11 +252,15 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DOUT], tl.float32)
 
     first_row = 0
+    rows_end = seqlen
     if CAUSAL:  # queries before this key block never see it
         first_row = (block_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    if WINDOW:  # nor do queries farther than the window from all its keys
+        first_row = tl.maximum(first_row, (tl.maximum(block_n * BLOCK_N - window + 1, 0) // BLOCK_M) * BLOCK_M)
+        rows_end = tl.minimum(seqlen, block_n * BLOCK_N + BLOCK_N + window - 1)
     for g in range(0, group):
         head = kv_head * group + g
-        for row_start in range(first_row, seqlen, BLOCK_M):
+        for row_start in range(first_row, rows_end, BLOCK_M):
             rows = row_start + tl.arange(0, BLOCK_M)
             row_ok = rows < seqlen
             tokens = (start + rows).to(tl.int64)
@@ -243,6 +285,8 @@ def _attn_bwd_dkdv(
             keep = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 keep = keep & (cols[:, None] <= rows[None, :])
+            if WINDOW:
+                keep = keep & _in_window(rows[None, :], cols[:, None], window)
             p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)  # P^T, recomputed from the saved lse
             dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)  # (dO V^T)^T
             p_dropped_t = p_t
@@ -267,12 +311,12 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
-    seed, scale, softcap, dropout_p,
+    seed, scale, softcap, dropout_p, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh,
     group, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One block of queries of one head: dQ = scale * dS K over every key block."""
@@ -296,10 +340,14 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + head * stride_lh + tokens, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    lo = 0
     end = seqlen
     if CAUSAL:
         end = tl.minimum(seqlen, (block_m + 1) * BLOCK_M)
-    for block_start in range(0, end, BLOCK_N):
+    if WINDOW:  # the key tiles this block's windows reach
+        lo = (tl.maximum(block_m * BLOCK_M - window + 1, 0) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(end, (block_m + 1) * BLOCK_M + window - 1)
+    for block_start in range(lo, end, BLOCK_N):
         cols = block_start + tl.arange(0, BLOCK_N)
         col_ok = cols < seqlen
         key_tokens = (start + cols).to(tl.int64)
@@ -311,6 +359,8 @@ def _attn_bwd_dq(
         keep = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
+        if WINDOW:
+            keep = keep & _in_window(rows[:, None], cols[None, :], window)
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
         if DROPOUT:
@@ -364,7 +414,7 @@ FORWARD_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 
 DKDV_MAX_OUTPUT_COLUMNS = 128
 DKDV_CONFIGS = {
     64: [(32, 64, 4, 2), (32, 128, 8, 2)],
-    128: [(16, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+    128: [(16, 64, 8, 2), (32, 64, 8, 2)],  # (16, 64, 4, 2) dropped: 254 registers, spilled with a window
     256: [(16, 64, 8, 2)],
 }
 DKDV_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]}
@@ -376,7 +426,7 @@ DQ_CONFIGS = {
 DQ_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(32, 16, 4, 1)], 256: [(16, 16, 4, 1)]}
 # The CPU interpreter runs one fixed config (autotuning there would only measure numpy).
 INTERPRETER_BLOCK = 32
-AUTOTUNE_KEY = ["seqlen_bucket", "group", "HEAD_DIM", "CAUSAL", "SOFTCAP", "DROPOUT", "IEEE"]
+AUTOTUNE_KEY = ["seqlen_bucket", "group", "HEAD_DIM", "CAUSAL", "SOFTCAP", "DROPOUT", "WINDOW", "IEEE"]
 
 
 def _configs(table, block_d):
@@ -406,13 +456,14 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _flags(q, head_dim, causal, softcap, dropout_p):
+def _flags(q, head_dim, causal, softcap, dropout_p, window):
     return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=bool(causal),
-                SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, INTERPRET=interpreting())
+                SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0, WINDOW=window > 0, IEEE=q.dtype == torch.float32,
+                INTERPRET=interpreting())
 
 
-def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
-    """Returns (out (T, Hq, D) like q, lse (Hq, T) float32)."""
+def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, window=0):
+    """Returns (out (T, Hq, D) like q, lse (Hq, T) float32). ``window`` > 0: |i - j| < window only."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     total, hq, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
@@ -420,18 +471,19 @@ def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dro
     lse = torch.empty((hq, total), device=q.device, dtype=torch.float32)
     if total == 0 or max_seqlen == 0:
         return out, lse
-    flags = _flags(q, head_dim, causal, softcap, dropout_p)
+    flags = _flags(q, head_dim, causal, softcap, dropout_p, window)
     kernel, fixed = _kernel(_attn_fwd, {False: FORWARD_CONFIGS, True: FORWARD_CONFIGS_FP32}, flags["BLOCK_D"],
                             flags["IEEE"])
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch, hq)  # noqa: E731
-    kernel[grid](q, k, v, out, lse, cu_seqlens, seed, softmax_scale, softcap, dropout_p,
+    kernel[grid](q, k, v, out, lse, cu_seqlens, seed, softmax_scale, softcap, dropout_p, window,
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                  out.stride(0), out.stride(1), lse.stride(0), hq // k.shape[1], _seqlen_bucket(max_seqlen),
                  **flags, **fixed)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed,
+             window=0):
     """Returns (dq, dk, dv) in the inputs' dtypes; deterministic (no atomics)."""
     dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
     total, hq, head_dim = q.shape
@@ -439,7 +491,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_sc
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     if total == 0 or max_seqlen == 0:
         return dq, dk, dv
-    flags = _flags(q, head_dim, causal, softcap, dropout_p)
+    flags = _flags(q, head_dim, causal, softcap, dropout_p, window)
     block_d = flags["BLOCK_D"]
     delta = torch.empty_like(lse)
     block_t = 64
@@ -452,13 +504,13 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_sc
     block_dout = min(block_d, DKDV_MAX_OUTPUT_COLUMNS)
     column_slices = block_d // block_dout
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch, k.shape[1] * column_slices)  # noqa: E731
-    kernel[grid](q, k, v, dout, lse, delta, dk, dv, cu_seqlens, seed, softmax_scale, softcap, dropout_p,
+    kernel[grid](q, k, v, dout, lse, delta, dk, dv, cu_seqlens, seed, softmax_scale, softcap, dropout_p, window,
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                  dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                  lse.stride(0), group, bucket, BLOCK_DOUT=block_dout, **flags, **fixed)
     kernel, fixed = _kernel(_attn_bwd_dq, {False: DQ_CONFIGS, True: DQ_CONFIGS_FP32}, block_d, flags["IEEE"])
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch, hq)  # noqa: E731
-    kernel[grid](q, k, v, dout, lse, delta, dq, cu_seqlens, seed, softmax_scale, softcap, dropout_p,
+    kernel[grid](q, k, v, dout, lse, delta, dq, cu_seqlens, seed, softmax_scale, softcap, dropout_p, window,
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                  dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), group, bucket,
                  **flags, **fixed)
@@ -489,18 +541,20 @@ def AOT_CONFIGS():
     kernels = ((_attn_fwd, "fwd", {False: FORWARD_CONFIGS, True: FORWARD_CONFIGS_FP32}),
                (_attn_bwd_dkdv, "dkdv", {False: DKDV_CONFIGS, True: DKDV_CONFIGS_FP32}),
                (_attn_bwd_dq, "dq", {False: DQ_CONFIGS, True: DQ_CONFIGS_FP32}))
-    cases = []  # (dtype, head_dim, softcap+dropout, first config only)
+    cases = []  # (dtype, head_dim, softcap+dropout, first config only, sliding window)
     for block_d in (64, 128, 256):
-        cases += [("bf16", block_d, False, False), ("bf16", block_d, True, False), ("fp32", block_d, True, False)]
-    cases += [("bf16", 80, False, True), ("bf16", 96, True, True), ("fp16", 128, False, True)]
+        cases += [("bf16", block_d, False, False, False), ("bf16", block_d, True, False, False),
+                  ("fp32", block_d, True, False, False), ("bf16", block_d, True, False, True)]
+    cases += [("bf16", 80, False, True, False), ("bf16", 96, True, True, False), ("fp16", 128, False, True, False)]
     configs = []
     for fn, label, tables in kernels:
-        for dtype, head_dim, extras, first_only in cases:
+        for dtype, head_dim, extras, first_only, windowed in cases:
             block_d = triton.next_power_of_2(head_dim)
             table = tables[dtype == "fp32"][block_d]
             for block_m, block_n, warps, stages in table[:1] if first_only else table:
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=False,
-                                  SOFTCAP=extras, DROPOUT=extras, IEEE=dtype == "fp32", INTERPRET=False)
+                                  SOFTCAP=extras, DROPOUT=extras, WINDOW=windowed, IEEE=dtype == "fp32",
+                                  INTERPRET=False)
                 if fn is _attn_bwd_dkdv:
                     constexprs["BLOCK_DOUT"] = min(block_d, DKDV_MAX_OUTPUT_COLUMNS)
                 pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
@@ -510,7 +564,7 @@ def AOT_CONFIGS():
                 configs.append(KernelConfig(
                     fn, signature, constexprs, num_warps=warps, num_stages=stages, matrix=dtype != "fp32",
                     name=f"attn_{label}_{dtype}_d{head_dim}_m{block_m}n{block_n}w{warps}s{stages}"
-                         f"{'_softcap_dropout' if extras else ''}"))
+                         f"{'_softcap_dropout' if extras else ''}{'_window' if windowed else ''}"))
     constexprs = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64)
     configs.append(KernelConfig(_attn_bwd_preprocess, aot_signature(
         _attn_bwd_preprocess, {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32"}, constexprs), constexprs,

@@ -154,14 +154,18 @@ def _fallback(direction: str):
     raise RuntimeError("no fallback implementation of flash_attention is registered")
 
 
-def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed,
+                            window=0):
     """(out (T, Hq, D) like q, lse (Hq, T) float32).
 
     The Hopper kernel of ``csrc/attention.cu`` (TMA + wgmma) when :func:`attention_kernel_supported`;
-    otherwise (causal, dropout, fp32, other head dims, a GPU other than sm_90, misaligned or
-    non-nested strides) the Triton forward registered with ``dispatch`` (the torch reference where
+    otherwise (causal, dropout, a sliding window, fp32, other head dims, a GPU other than sm_90, misaligned
+    or non-nested strides) the Triton forward registered with ``dispatch`` (the torch reference where
     triton is not installed). The lse convention is the Triton kernel's, so either backward works.
     The kernel variant (v1 / v2) is :func:`attention_variant`'s."""
+    if window:
+        return _fallback("forward")(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p,
+                                    seed, window=window)
     if attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p):
         variant = attention_variant()
         if variant == 0:  # the extension's own default (and builds that predate the argument)
@@ -173,10 +177,10 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
 
 
 def flash_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
-                             dropout_p, seed):
+                             dropout_p, seed, window=0):
     """(dq, dk, dv): the Triton backward registered with ``dispatch`` (no CUDA backward yet)."""
-    return _fallback("backward")(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
-                                 dropout_p, seed)
+    args = (dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
+    return _fallback("backward")(*args, window=window) if window else _fallback("backward")(*args)
 
 
 def register() -> None:

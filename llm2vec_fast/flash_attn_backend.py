@@ -31,21 +31,31 @@ def _check_dropout(dropout_p):
                          f"from llm2vec_fast's seed), got dropout_p={dropout_p}; use backend='triton' or 'torch'")
 
 
-def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+def _window_sizes(causal, window):
+    """flash-attn's (left, right) window for |i - j| < window (and j <= i when causal); -1: unbounded."""
+    if not window:
+        return -1, -1
+    return window - 1, 0 if causal else window - 1
+
+
+def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, window=0):
     _check_dropout(dropout_p)
+    left, right = _window_sizes(causal, window)
     result = _call(_interface()._flash_attn_varlen_forward, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens,
                    cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dropout_p=0.0,
-                   softmax_scale=softmax_scale, causal=causal, window_size_left=-1, window_size_right=-1,
+                   softmax_scale=softmax_scale, causal=causal, window_size_left=left, window_size_right=right,
                    softcap=softcap, alibi_slopes=None, return_softmax=False)
     out, lse = result[0], result[1]
     return out, lse.float()
 
 
-def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed,
+             window=0):
     _check_dropout(dropout_p)
+    left, right = _window_sizes(causal, window)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _call(_interface()._flash_attn_varlen_backward, dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq,
           dk=dk, dv=dv, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-          max_seqlen_k=max_seqlen, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size_left=-1,
-          window_size_right=-1, softcap=softcap, alibi_slopes=None, deterministic=True, rng_state=None)
+          max_seqlen_k=max_seqlen, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size_left=left,
+          window_size_right=right, softcap=softcap, alibi_slopes=None, deterministic=True, rng_state=None)
     return dq, dk, dv

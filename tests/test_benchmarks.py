@@ -48,6 +48,8 @@ def check_results(data: dict) -> None:
         impls = {row["impl"] for row in data["rows"] if row["op"] == op}
         assert impls & OURS, f"{op}: none of our impls in {impls}"
         assert impls - OURS, f"{op}: no baseline in {impls}"
+    windowed = {row["impl"] for row in data["rows"] if row["op"] == "attention_fwd" and "window=" in row["shape"]}
+    assert windowed & OURS and windowed - OURS, f"sliding-window attention: ours and a baseline, got {windowed}"
 
 
 def check_files(out_dir: str) -> dict:

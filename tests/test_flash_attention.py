@@ -64,8 +64,9 @@ def rand_like(x, seed):
     return torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
 
 
-def oracle(q, k, v, cu_seqlens, *, causal, scale, softcap, keep=None, dropout_p=0.0):
-    """float64 attention by definition, one (sequence, head) at a time.
+def oracle(q, k, v, cu_seqlens, *, causal, scale, softcap, keep=None, dropout_p=0.0, window=None):
+    """float64 attention by definition, one (sequence, head) at a time; ``window`` w: key j of query i
+    only where |i - j| < w.
 
     ``keep`` (Hq, T, >= max length) bool is an explicit dropout keep mask: query token t of head h keeps
     key j (its position within the sequence) where keep[h, t, j]; kept probabilities are scaled by
@@ -91,6 +92,10 @@ def oracle(q, k, v, cu_seqlens, *, causal, scale, softcap, keep=None, dropout_p=
             if causal:
                 future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
                 logits = logits.masked_fill(future, float("-inf"))
+            if window is not None:
+                far = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(window) | \
+                    torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-window)
+                logits = logits.masked_fill(far, float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             if keep is not None:
                 probs = probs * keep[h, start:end, :n].to(torch.float64) / (1.0 - dropout_p)
@@ -120,7 +125,7 @@ def max_err(a, b):
 
 
 def check_error_bounds(q, k, v, cu, max_seqlen, *, causal, scale, softcap, backend, truth,
-                       fwd_factor=2.0, bwd_factor=3.0, fwd_atol=1e-5, bwd_atol=1e-4, call=None):
+                       fwd_factor=2.0, bwd_factor=3.0, fwd_atol=1e-5, bwd_atol=1e-4, call=None, window=None):
     """flash-attention's criterion for low precision.
 
     |ours - truth| <= fwd_factor * |torch in the same dtype - truth| + fwd_atol, and bwd_factor for the
@@ -137,7 +142,7 @@ def check_error_bounds(q, k, v, cu, max_seqlen, *, causal, scale, softcap, backe
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     if call is None:
         out = lf.flash_attention(*leaves, cu, max_seqlen, causal=causal, softmax_scale=scale, softcap=softcap,
-                                 backend=backend)
+                                 sliding_window=window, backend=backend)
     else:
         out = call(*leaves)
     grads = torch.autograd.grad(out, leaves, dout)
@@ -147,7 +152,7 @@ def check_error_bounds(q, k, v, cu, max_seqlen, *, causal, scale, softcap, backe
 
     base_leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     base_out, _ = attention(*base_leaves, cu, max_seqlen, causal, default_scale(q.shape[-1], scale), softcap, 0.0, 0,
-                            compute_dtype=None)
+                            window or 0, compute_dtype=None)
     base_grads = torch.autograd.grad(base_out, base_leaves, dout)
 
     report = []
@@ -743,6 +748,10 @@ BAD_INPUTS = [
     pytest.param(dict(dropout_p=-0.1), ValueError, r"dropout_p must be >= 0, got -0\.1", id="dropout-negative"),
     pytest.param(dict(dropout_p=1.0), ValueError, r"dropout_p must be < 1, got 1\.0", id="dropout-one"),
     pytest.param(dict(dropout_p=1.5), ValueError, r"dropout_p must be < 1, got 1\.5", id="dropout-over"),
+    pytest.param(dict(sliding_window=0), ValueError, r"sliding_window must be >= 1, got 0", id="window-zero"),
+    pytest.param(dict(sliding_window=-4), ValueError, r"sliding_window must be >= 1, got -4", id="window-negative"),
+    pytest.param(dict(sliding_window=2.5), TypeError, r"sliding_window must be an int, got float", id="window-float"),
+    pytest.param(dict(sliding_window=True), TypeError, r"sliding_window must be an int, got bool", id="window-bool"),
     pytest.param(dict(backend="nope"), ValueError,
                  r"backend='nope': unknown backend; available backends for flash_attention on cpu: \['auto', 'torch'",
                  id="backend-unknown"),
@@ -782,12 +791,13 @@ def test_valid_edge_arguments_are_accepted(overrides):
 def test_opcheck_forward_and_backward(dropout):
     q, k, v, cu = rand_packed([3, 0, 9], 4, 2, 64, seed=80, requires_grad=True)
     p, seed = (0.2, torch.tensor([77])) if dropout else (0.0, None)
-    args = (q, k, v, cu, 9, True, 0.125, 4.0, p, seed, "torch")
+    window = 4 if dropout else 0  # the window argument too, once
+    args = (q, k, v, cu, 9, True, 0.125, 4.0, p, seed, "torch", window)
     torch.library.opcheck(FWD_OP.default, args)
     out, lse = FWD_OP(*args)
     dout = rand_like(out, 10)
     bargs = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, 9, True, 0.125, 4.0, p, seed,
-             "torch")
+             "torch", window)
     torch.library.opcheck(BWD_OP.default, bargs)
 
 
@@ -882,11 +892,11 @@ def triton_run(q, k, v, cu, max_seqlen=None, dout=None, **options):
 
 
 def reference_run(q, k, v, cu, max_seqlen, dout, *, causal, scale, softcap, dropout_p=0.0, mask=None,
-                  compute_dtype=torch.float32):
+                  compute_dtype=torch.float32, window=0):
     """The torch reference (autograd) on fresh leaves, optionally replaying a kernel's dropout mask."""
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out, lse = attention(*leaves, cu, max_seqlen, causal, scale, softcap, dropout_p, 0, compute_dtype=compute_dtype,
-                         dropout_mask=mask)
+    out, lse = attention(*leaves, cu, max_seqlen, causal, scale, softcap, dropout_p, 0, window,
+                         compute_dtype=compute_dtype, dropout_mask=mask)
     return out.detach(), lse, torch.autograd.grad(out, leaves, dout)
 
 
@@ -1219,7 +1229,123 @@ def test_triton_opcheck_forward_and_backward():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 11. GPU: every backend that runs on CUDA, at real sizes
+# 11. sliding windows (|i - j| < w): reference, public op, triton
+# ----------------------------------------------------------------------------------------------------
+WINDOW_LENGTHS = [70, 1, 0, 33, 5]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 5, 32, 33])
+def test_window_reference_matches_oracle(causal, window):
+    """The reference's window mask is the definition (float64), and the window changes the result."""
+    q, k, v, cu = rand_packed(WINDOW_LENGTHS, 4, 2, 64, dtype=torch.float64, seed=200 + window)
+    out, lse = attention(q, k, v, cu, 70, causal, 0.125, 0.0, 0.0, 0, window, compute_dtype=torch.float64)
+    out_true, lse_true = oracle(q, k, v, cu, causal=causal, scale=0.125, softcap=0.0, window=window)
+    assert_close64(out, out_true, atol=1e-12, rtol=1e-12, what="windowed out")
+    assert_close64(lse, lse_true, atol=1e-6, rtol=1e-6, what="windowed lse (float32)")
+    unwindowed, _ = oracle(q, k, v, cu, causal=causal, scale=0.125, softcap=0.0)
+    assert max_err(out, unwindowed) > 1e-3
+
+
+@pytest.mark.parametrize("causal,softcap", [(False, 0.0), (True, 2.0)])
+def test_window_public_op_matches_fp64_autograd(causal, softcap):
+    """flash_attention(sliding_window=w) on the default backend: forward and gradients vs the float64 oracle."""
+    q, k, v, cu = rand_packed(WINDOW_LENGTHS, 8, 2, 64, seed=210, requires_grad=True)
+    out = lf.flash_attention(q, k, v, cu, causal=causal, softcap=softcap, sliding_window=7)
+    dout = rand_like(out, 211)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    out_true, _ = oracle(q64, k64, v64, cu, causal=causal, scale=0.125, softcap=softcap, window=7)
+    grads_true = torch.autograd.grad(out_true, (q64, k64, v64), dout.double())
+    assert_close64(out, out_true, atol=2e-6, rtol=1e-5, what="out")
+    for name, g, g_true in zip("qkv", grads, grads_true):
+        assert_close64(g, g_true, atol=1e-5, rtol=1e-4, what=f"d{name}")
+
+
+def test_window_reaching_every_key_is_no_window():
+    """A window no shorter than the longest sequence changes nothing: the same bits as without one."""
+    q, k, v, cu = rand_packed(WINDOW_LENGTHS, 4, 2, 64, seed=220)
+    plain = lf.flash_attention(q, k, v, cu)
+    for window in (70, 71, 10**12):
+        assert torch.equal(lf.flash_attention(q, k, v, cu, sliding_window=window), plain)
+    assert not torch.equal(lf.flash_attention(q, k, v, cu, sliding_window=69), plain)
+
+
+# (dtype, lengths, Hq, Hkv, D, causal, softcap, window). The interpreter tiles by 32: windows of 2, 5, 33
+# have no tile inside every row's window; 40 and 64 do (the unmasked middle phase runs).
+TRITON_WINDOW_CASES = [
+    pytest.param(torch.float32, WINDOW_LENGTHS, 4, 2, 64, False, 0.0, 5, id="fp32-gqa2-w5"),
+    pytest.param(torch.float32, [100, 64, 1], 2, 2, 64, True, 0.0, 33, id="fp32-causal-w33"),
+    pytest.param(torch.float32, [130, 17, 0], 8, 1, 128, False, 2.0, 40, id="fp32-gqa8-d128-cap2-w40"),
+    pytest.param(torch.bfloat16, [130, 17, 1], 4, 1, 64, False, 0.0, 40, id="bf16-gqa4-w40"),
+    pytest.param(torch.float16, [150, 0, 3], 4, 4, 64, True, 0.0, 64, id="fp16-causal-w64"),
+    pytest.param(torch.bfloat16, [65, 0, 3], 2, 1, 96, False, 0.0, 2, id="bf16-d96-w2"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,lengths,hq,hkv,d,causal,softcap,window", TRITON_WINDOW_CASES)
+def test_triton_window_matches_reference(dtype, lengths, hq, hkv, d, causal, softcap, window):
+    """fp32: the windowed fp32 reference to fp32 rounding (forward, lse and gradients); fp16/bf16: within 2x / 3x
+    of PyTorch's own error in that dtype against the float64 oracle."""
+    q, k, v, cu = triton_packed(lengths, hq, hkv, d, dtype=dtype, seed=230 + window)
+    max_seqlen, sm = max(lengths), d ** -0.5
+    if dtype == torch.float32:
+        dout = rand_like(q, 231)
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        out, lse = FWD_OP(*leaves, cu, max_seqlen, causal, sm, softcap, 0.0, None, "triton", window)
+        grads = torch.autograd.grad(out, leaves, dout)
+        out_ref, lse_ref, grads_ref = reference_run(q, k, v, cu, max_seqlen, dout, causal=causal, scale=sm,
+                                                    softcap=softcap, window=window)
+        assert_close64(out, out_ref, **FP32_OUT_TOL, what="windowed out")
+        assert_close64(lse, lse_ref, atol=1e-5, rtol=1e-5, what="windowed lse")
+        for name, g, g_ref in zip("qkv", grads, grads_ref):
+            assert g_ref.abs().max() > 1e-3
+            assert_close64(g, g_ref, **FP32_GRAD_TOL, what=f"windowed d{name}")
+    else:
+        def truth(q64, k64, v64):
+            return oracle(q64, k64, v64, cu, causal=causal, scale=sm, softcap=softcap, window=window)[0]
+
+        check_error_bounds(q, k, v, cu, max_seqlen, causal=causal, scale=None, softcap=softcap, backend="triton",
+                           truth=truth, window=window)
+
+
+@needs_triton
+def test_triton_window_with_dropout_replays_kernel_mask(kfa):
+    """Window, softcap and dropout together: the reference given the kernel's mask and the same window."""
+    lengths, hq, hkv, d, p, seed, window = [90, 0, 7], 4, 2, 64, 0.3, 11, 40
+    q, k, v, cu = triton_packed(lengths, hq, hkv, d, seed=240, requires_grad=True)
+    out, lse = FWD_OP(q, k, v, cu, 90, False, 0.2, 3.0, p, torch.tensor([seed]), "triton", window)
+    dout = rand_like(out, 241)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    mask = kfa.dropout_mask(cu, 90, hq, p, seed)
+    out_ref, lse_ref, grads_ref = reference_run(q, k, v, cu, 90, dout, causal=False, scale=0.2, softcap=3.0,
+                                                dropout_p=p, mask=mask, window=window)
+    assert_close64(out, out_ref, **FP32_OUT_TOL, what="out")
+    assert_close64(lse, lse_ref, atol=1e-5, rtol=1e-5, what="lse")
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert_close64(g, g_ref, **FP32_GRAD_TOL, what=f"d{name}")
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_window_batch_invariance_bitwise(kfa, causal):
+    """With a window, too, a sequence's outputs and gradients do not depend on its neighbours in the pack."""
+    hq, hkv, d, n = 2, 1, 64, 75
+    mine = [rand_like(torch.empty(n, h, d, device=TRITON_DEVICE, dtype=torch.bfloat16), 250 + i)
+            for i, h in enumerate((hq, hkv, hkv))]
+    my_dout = rand_like(mine[0], 253)
+    alone = run_in_pack(mine, [], [], my_dout=my_dout, causal=causal, sliding_window=40)
+    for before, after in [([5], []), ([1, 0, 33], [2, 0]), ([0] * 3, [1] * 5)]:
+        got = run_in_pack(mine, before, after, my_dout=my_dout, causal=causal, sliding_window=40)
+        same_key = kfa._seqlen_bucket(max(before + [n] + after)) == kfa._seqlen_bucket(n)
+        checked = ("out", "dq", "dk", "dv") if dispatch.triton_interpreting() or same_key else ("out",)
+        for name, x, y in zip(checked, got, alone):
+            assert torch.equal(x, y), (name, before, after, max_err(x, y))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 12. GPU: every backend that runs on CUDA, at real sizes
 # ----------------------------------------------------------------------------------------------------
 GPU_LENGTHS = [1000, 7, 513, 0, 1200, 1, 800, 575]  # T = 4096, varlen with empty and length-1 sequences
 
@@ -1255,6 +1381,33 @@ def test_gpu_backend_within_bound_of_torch(backend, dtype, causal, softcap):
                             compute_dtype=torch.float64)
     assert lse.shape == (hq, q.shape[0]) and lse.dtype == torch.float32
     torch.testing.assert_close(lse, lse_true, atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", dispatch.BACKENDS)
+@pytest.mark.parametrize("causal,window", [(False, 256), (True, 100), (False, 64)])
+def test_gpu_window_within_bound_of_torch(backend, causal, window):
+    """Sliding windows at real sizes (GQA 4, bf16): every backend (cuda through its Triton fallback) within
+    the bound, lse included; the window matters on these lengths."""
+    _cuda_backend_or_skip(backend)
+    hq, hkv, d = 32, 8, 128
+    q, k, v, cu = rand_packed(GPU_LENGTHS, hq, hkv, d, dtype=torch.bfloat16, seed=95, device="cuda")
+    max_seqlen = max(GPU_LENGTHS)
+    sm = d ** -0.5
+
+    def truth(q64, k64, v64):
+        return attention(q64, k64, v64, cu, max_seqlen, causal, sm, 0.0, 0.0, 0, window,
+                         compute_dtype=torch.float64)[0]
+
+    check_error_bounds(q, k, v, cu, max_seqlen, causal=causal, scale=None, softcap=0.0, backend=backend,
+                       truth=truth, window=window)
+    _, lse = FWD_OP(q, k, v, cu, max_seqlen, causal, sm, 0.0, 0.0, None, backend, window)
+    _, lse_true = attention(q.double(), k.double(), v.double(), cu, max_seqlen, causal, sm, 0.0, 0.0, 0, window,
+                            compute_dtype=torch.float64)
+    torch.testing.assert_close(lse, lse_true, atol=1e-2, rtol=1e-3)
+    unwindowed = lf.flash_attention(q, k, v, cu, max_seqlen, causal=causal, backend=backend)
+    assert max_err(lf.flash_attention(q, k, v, cu, max_seqlen, causal=causal, sliding_window=window,
+                                      backend=backend), unwindowed) > 1e-3
 
 
 @pytest.mark.gpu

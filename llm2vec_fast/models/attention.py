@@ -23,9 +23,10 @@ bidirectional stays causal. Dropout is what the module passes (its ``attention_d
 
 Sliding windows: a layer with ``sliding_window=w`` lets query i see key j only where |i - j| < w
 (and j <= i when causal): the causal window made symmetric, and what transformers' flash-attention
-path does for non-causal windows. The kernel has no window, so a layer whose longest sequence is
-longer than w runs :func:`windowed_attention` (plain PyTorch, banded, exact but slower) instead;
-for sequences of at most w tokens the window changes nothing and the kernel runs.
+path does for non-causal windows. The kernels take the window (``flash_attention(sliding_window=w)``,
+visiting only the tiles it reaches); the torch backend runs :func:`windowed_attention` (plain PyTorch,
+banded: O(S * w) memory, where its reference would pad to (S, S)). For sequences of at most w tokens the
+window changes nothing and is dropped.
 
 Batch invariance: attention computes each sequence on its own (the kernels by construction; the
 torch reference backend is called one sequence at a time, since it pads to the batch's longest).
@@ -43,17 +44,12 @@ from transformers.modeling_utils import AttentionInterface
 
 from .. import dispatch
 from ..ops import flash_attention
-from ..reference.attention import uses_cpu_flash
+from ..reference.attention import uses_cpu_flash, window_keeps
 from ..validation import cu_seqlens_values, register_cu_seqlens
 
 ATTN_IMPLEMENTATION = "llm2vec_fast"
 BACKEND_ATTRIBUTE = "llm2vec_fast_backend"  # set on attention modules by set_attention_backend
 WINDOW_QUERY_BLOCK = 1024  # queries per block in windowed_attention (bounds its memory)
-
-
-def window_keeps(query_pos: Tensor, key_pos: Tensor, window: int) -> Tensor:
-    """The one definition of the bidirectional sliding window: |i - j| < window."""
-    return (query_pos - key_pos).abs() < window
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -131,11 +127,16 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, wind
 
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, causal: bool,
                    scale: float, softcap: float, dropout_p: float, window: Optional[int], backend: str) -> Tensor:
-    if window is not None and max_seqlen > window:
+    resolved = dispatch.resolve("flash_attention", backend, q.device)
+    if window is not None and max_seqlen <= window:
+        window = None  # the window reaches every key
+    if window is not None and resolved == "torch":
+        # The torch reference pads and materialises (S, S) scores: the banded version keeps memory O(S * w).
         return windowed_attention(q, k, v, cu_seqlens, window, causal=causal, softmax_scale=scale,
                                   softcap=softcap, dropout_p=dropout_p)
-    options = dict(causal=causal, softmax_scale=scale, softcap=softcap, dropout_p=dropout_p, backend=backend)
-    if (cu_seqlens.numel() > 2 and dispatch.resolve("flash_attention", backend, q.device) == "torch"
+    options = dict(causal=causal, softmax_scale=scale, softcap=softcap, dropout_p=dropout_p, sliding_window=window,
+                   backend=backend)
+    if (cu_seqlens.numel() > 2 and resolved == "torch"
             and not uses_cpu_flash(q.device, softcap, dropout_p)):
         # The reference pads every sequence to max_seqlen, and its reductions' rounding depends on that
         # padded length; one sequence at a time keeps each result independent of the rest of the batch.

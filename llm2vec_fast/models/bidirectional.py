@@ -8,7 +8,7 @@
 - a forward pre-hook on the decoder body (the ``XxxModel``) that, for a padded batch, gives each
   sequence positions counted from its first real token (RoPE: a left-padded sequence equals the
   sequence alone) and, where a sliding-window layer is shorter than the batch, hands "eager"/"sdpa"/
-  "flex" the window |i - j| < w (see ``attention.window_keeps``) instead of transformers' own
+  "flex" the window |i - j| < w (see ``reference.attention.window_keeps``) instead of transformers' own
   bidirectional window (|i - j| <= w), so that every implementation agrees with the kernel path.
 No modeling code is copied: any model of a supported family, including peft-wrapped ones, works.
 
@@ -30,7 +30,8 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from .attention import ATTN_IMPLEMENTATION, set_attention_backend, window_keeps
+from ..reference.attention import window_keeps
+from .attention import ATTN_IMPLEMENTATION, set_attention_backend
 from .lean import lean_layers
 from .packing import PackedBatch, pack, repad
 

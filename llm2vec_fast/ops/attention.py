@@ -21,56 +21,60 @@ from ..validation import (HEAD_DIMS, check_cu_seqlens, check_number, check_same_
 OP = "flash_attention"
 
 
+# ``window`` (0: none) is the last argument, with a default, so that calls written before it still work.
 @torch.library.custom_op("llm2vec_fast::flash_attention_forward", mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
              softmax_scale: float, softcap: float, dropout_p: float, seed: Optional[Tensor],
-             backend: str) -> Tuple[Tensor, Tensor]:
+             backend: str, window: int = 0) -> Tuple[Tensor, Tensor]:
     seed_value = int(seed.item()) if seed is not None else 0
-    return dispatch.implementation(OP, backend).forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale,
-                                                         softcap, dropout_p, seed_value)
+    implementation = dispatch.implementation(OP, backend)
+    args = (q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed_value)
+    return implementation.forward(*args, window=window) if window else implementation.forward(*args)
 
 
 @_forward.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend, window=0):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("llm2vec_fast::flash_attention_backward", mutates_args=())
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
               max_seqlen: int, causal: bool, softmax_scale: float, softcap: float, dropout_p: float,
-              seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+              seed: Optional[Tensor], backend: str, window: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     seed_value = int(seed.item()) if seed is not None else 0
-    dq, dk, dv = dispatch.implementation(OP, backend).backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
-                                                               causal, softmax_scale, softcap, dropout_p, seed_value)
+    implementation = dispatch.implementation(OP, backend)
+    args = (dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed_value)
+    dq, dk, dv = implementation.backward(*args, window=window) if window else implementation.backward(*args)
     return dq, dk, dv
 
 
 @_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend,
+      window=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # backends return contiguous
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend, window = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # a statistic for the backward, not a differentiable output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
     ctx.options = (max_seqlen, causal, softmax_scale, softcap, dropout_p)
-    ctx.backend = backend
+    ctx.backend, ctx.window = backend, window
 
 
 def _autograd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, causal, softmax_scale, softcap, dropout_p = ctx.options
     dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale,
-                           softcap, dropout_p, seed, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                           softcap, dropout_p, seed, ctx.backend, ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p):
+def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, sliding_window):
     """Raises on bad input; returns the longest packed sequence's length when it was read."""
     packed = cu_seqlens is not None
     longest = None
@@ -110,12 +114,15 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, d
         check_number("softmax_scale", softmax_scale, low=0, low_inclusive=False, high=math.inf, high_inclusive=False)
     check_number("softcap", softcap, low=0, high=math.inf, high_inclusive=False)
     check_number("dropout_p", dropout_p, low=0, high=1, high_inclusive=False)
+    if sliding_window is not None:
+        check_number("sliding_window", sliding_window, low=1, integer=True)
     return longest
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor] = None,
                     max_seqlen: Optional[int] = None, *, causal: bool = False, softmax_scale: Optional[float] = None,
-                    softcap: float = 0.0, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+                    softcap: float = 0.0, dropout_p: float = 0.0, sliding_window: Optional[int] = None,
+                    backend: str = "auto") -> Tensor:
     """Attention without a causal mask unless ``causal=True``.
 
     Layouts: packed ``q`` (T, Hq, D), ``k``/``v`` (T, Hkv, D) with int32 ``cu_seqlens`` (B+1, from 0 to
@@ -126,9 +133,12 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
     torch's default CPU generator (so ``torch.manual_seed`` makes it reproducible). Each backend draws
     its own mask from that seed (torch: torch's RNG; triton: philox). Zero-length sequences are
     allowed. Returns q's shape and dtype. fp32 inputs: full fp32 matrix work (no tf32) in every backend.
+    ``sliding_window`` = w (an int >= 1) lets query i see key j only where |i - j| < w, on top of ``causal``
+    (transformers' sliding layers, made symmetric without causality); a window no shorter than the longest
+    sequence changes nothing. The cuda backend runs windowed calls on its Triton fallback.
     ``backend``: "auto", "torch", "triton", "cuda" or "flash_attn" (see ``llm2vec_fast.dispatch``).
     """
-    longest = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p)
+    longest = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, sliding_window)
     # flash-attn's dropout cannot be replayed from our seed: "auto" never picks it for dropout.
     backend = dispatch.resolve(OP, backend, q.device, cannot=("flash_attn",) if dropout_p > 0 else ())
     dense_shape = None
@@ -146,6 +156,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     # The seed lives on the CPU (drawn from its default generator) so kernels read it without a sync.
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0 else None
+    # A window that reaches every key of the longest sequence is no window: 0 keeps the unwindowed kernels.
+    window = int(sliding_window) if sliding_window is not None and sliding_window < max_seqlen else 0
     out, _ = _forward(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, float(softcap), float(dropout_p), seed,
-                      backend)
+                      backend, window)
     return out.reshape(dense_shape) if dense_shape is not None else out

@@ -27,6 +27,11 @@ def dropout_keep_mask(shape, dropout_p: float, seed: int, device) -> torch.Tenso
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
 
 
+def window_keeps(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """The one definition of the sliding window (the kernels' ``_in_window``): |i - j| < window."""
+    return (query_pos - key_pos).abs() < window
+
+
 class _Padded:
     """One packed batch laid out as padded, grouped (B, Hkv, G*S, D) blocks."""
 
@@ -57,20 +62,25 @@ class _Padded:
         out = out.index_put((self.seq_id, self.pos), mask).permute(0, 2, 1, 3)
         return out.reshape(self.batch, self.hkv, self.group, self.seqlen, self.seqlen)
 
-    def keep(self, causal: bool):
-        """Which (row, key) pairs attend, broadcastable to (B, Hkv, G, S, S)."""
+    def keep(self, causal: bool, window: int = 0):
+        """Which (row, key) pairs attend, broadcastable to (B, Hkv, G, S, S): real keys, at or before the row
+        when causal, and within |row - key| < window when window > 0."""
         cols = torch.arange(self.seqlen, device=self.lengths.device)
         keep = (cols[None, :] < self.lengths[:, None])[:, None, None, None, :]
-        return keep & (cols[None, :] <= cols[:, None]) if causal else keep
+        if causal:
+            keep = keep & (cols[None, :] <= cols[:, None])
+        if window > 0:
+            keep = keep & window_keeps(cols[:, None], cols[None, :], window)
+        return keep
 
 
-def _logits_and_probs(layout: _Padded, qp, kp, causal, softmax_scale, softcap):
+def _logits_and_probs(layout: _Padded, qp, kp, causal, softmax_scale, softcap, window=0):
     """Returns (capped logits S, probabilities P, lse), each (B, Hkv, G, S, S) / (B, Hkv, G, S)."""
     logits = torch.matmul(qp, kp.transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.view(layout.batch, layout.hkv, layout.group, layout.seqlen, layout.seqlen)
-    masked = logits.masked_fill(~layout.keep(causal), float("-inf"))
+    masked = logits.masked_fill(~layout.keep(causal, window), float("-inf"))
     # A softmax that stays finite on padding rows (every key masked): probability 0 there, not NaN.
     if masked.shape[-1] == 0:  # every sequence is empty: nothing attends
         row_max = masked.new_zeros((*masked.shape[:-1], 1))
@@ -91,15 +101,16 @@ def _keep_mask(layout: _Padded, probs, dropout_p, seed, dropout_mask):
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float, softcap: float,
-              dropout_p: float, seed: int, *, compute_dtype=torch.float32, dropout_mask=None):
+              dropout_p: float, seed: int, window: int = 0, *, compute_dtype=torch.float32, dropout_mask=None):
     """Returns (out (T, Hq, D) in q's dtype, lse (Hq, T) float32). Differentiable by autograd.
 
+    ``window`` > 0 keeps the keys with |i - j| < window only (a sliding window, on top of causal).
     ``compute_dtype=None`` computes in the input dtype (to measure PyTorch's own rounding error).
     ``dropout_mask`` (Hq, T, >= max_seqlen) bool replaces the seeded mask, e.g. to replay a kernel's.
     """
     layout = _Padded(q, k, cu_seqlens, max_seqlen, compute_dtype or q.dtype)
     qp, kp, vp = layout.pad(q, True), layout.pad(k, False), layout.pad(v, False)
-    _, probs, lse = _logits_and_probs(layout, qp, kp, causal, softmax_scale, softcap)
+    _, probs, lse = _logits_and_probs(layout, qp, kp, causal, softmax_scale, softcap, window)
     if dropout_p > 0:
         probs = probs * _keep_mask(layout, probs, dropout_p, seed, dropout_mask) / (1.0 - dropout_p)
     out = torch.matmul(probs.flatten(2, 3), vp)  # (B, Hkv, G*S, D)
@@ -145,25 +156,25 @@ def _cpu_flash_forward(q, k, v, cu_seqlens, causal: bool, softmax_scale: float):
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def uses_cpu_flash(device: torch.device, softcap: float, dropout_p: float) -> bool:
+def uses_cpu_flash(device: torch.device, softcap: float, dropout_p: float, window: int = 0) -> bool:
     """Whether the torch backend's forward takes the per-sequence CPU flash path (batch invariant)."""
-    return device.type == "cpu" and softcap == 0 and dropout_p == 0 and _CPU_FLASH is not None
+    return device.type == "cpu" and softcap == 0 and dropout_p == 0 and window == 0 and _CPU_FLASH is not None
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed):
+def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, window=0):
     with torch.no_grad():
-        if uses_cpu_flash(q.device, softcap, dropout_p):
+        if uses_cpu_flash(q.device, softcap, dropout_p, window):
             return _cpu_flash_forward(q, k, v, cu_seqlens, causal, softmax_scale)
-        return attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
+        return attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, window)
 
 
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
-                       dropout_p, seed, *, compute_dtype=torch.float32, dropout_mask=None):
+                       dropout_p, seed, window=0, *, compute_dtype=torch.float32, dropout_mask=None):
     """(dq, dk, dv) in the inputs' dtypes, by the formulas in the module docstring."""
     layout = _Padded(q, k, cu_seqlens, max_seqlen, compute_dtype or q.dtype)
     qp, kp, vp = layout.pad(q, True), layout.pad(k, False), layout.pad(v, False)
     grad_out = layout.pad(dout, True)
-    logits, probs, _ = _logits_and_probs(layout, qp, kp, causal, softmax_scale, softcap)
+    logits, probs, _ = _logits_and_probs(layout, qp, kp, causal, softmax_scale, softcap, window)
     grad_probs = torch.matmul(grad_out, vp.transpose(-1, -2)).view_as(probs)  # dO V^T
     dropped = probs
     if dropout_p > 0:
