@@ -43,6 +43,43 @@ def test_encode_on_the_gpu_matches_the_cpu(checkpoint, backend):
     assert (_cosines(pooled[nonzero], got[nonzero]) > 0.999).all()
 
 
+def _gemma3_with_a_short_window(folder: str) -> str:
+    """A tiny Gemma3 whose sliding layer's window (5) is shorter than most inputs, with the llama tokenizer."""
+    import shutil
+
+    from transformers import Gemma3TextConfig
+
+    from llm2vec_fast.models import Gemma3BiModel
+    from test_encoder import CASE_FILES, FIXTURES
+    config = Gemma3TextConfig(vocab_size=704, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
+                              sliding_window=5, layer_types=["sliding_attention", "full_attention"], bos_token_id=1,
+                              eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    Gemma3BiModel(config).save_pretrained(folder)
+    for name in CASE_FILES[1:]:
+        shutil.copy(os.path.join(FIXTURES, "llama", name), folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["llama_causal", "gemma3_window"])
+def test_causal_and_windowed_encoders_on_the_gpu(checkpoints, tmp_path, case):  # noqa: F811
+    """The packed causal path (enable_bidirectional=False) and a sliding window in the Triton kernels, bf16 on the
+    GPU, against float32 on the CPU."""
+    from llm2vec_fast import LLM2Vec
+    if case == "llama_causal":
+        folder, options = checkpoints("llama_causal"), dict(enable_bidirectional=False, pooling_mode="last_token")
+    else:
+        folder, options = _gemma3_with_a_short_window(str(tmp_path / "gemma3")), {}
+    texts = [t for t in INPUTS if isinstance(t, str)]
+    expected = LLM2Vec.from_pretrained(folder, **options).encode(texts, show_progress_bar=False, device="cpu")
+    encoder = LLM2Vec.from_pretrained(folder, dtype=torch.bfloat16, **options)
+    assert encoder._packable()
+    got = encoder.encode(texts, show_progress_bar=False, device="cuda")
+    nonzero = expected.norm(dim=1) > 0
+    assert torch.isfinite(got).all() and (_cosines(got[nonzero], expected[nonzero]) > 0.995).all()
+
+
 def test_mntp_trains_on_the_gpu_in_bf16(tmp_path):
     from llm2vec_fast.training.loop import Trainer
     from llm2vec_fast.training.mntp import MNTPRecipe
