@@ -293,6 +293,40 @@ def test_grad_cache_equals_full_batch_with_dropout(files, tmp_path):
     assert max(float((other[k] - want[k]).abs().max()) for k in want) > 1e-4
 
 
+def test_matryoshka_loss_is_the_weighted_sum_over_prefixes(files, tmp_path):
+    """matryoshka_dims / matryoshka_weights: the loss is sum_i w_i * loss(first d_i dimensions), computed here
+    by hand on the same embeddings, with its gradient; GradCache gives the same gradients."""
+    import llm2vec_fast as lf
+    dims, weights = [128, 32, 8], [1.0, 0.5, 0.25]
+    recipe = SupervisedRecipe(supervised_config(files, tmp_path, per_device_train_batch_size=4, matryoshka_dims=dims,
+                                                matryoshka_weights=weights))
+    batch = next(iter(recipe.batches(0)))
+    plan = recipe.encoder.plan(batch.items())
+    emb = embed(recipe.encoder, plan.input_ids, plan.embed_counts).detach().requires_grad_(True)
+    got = recipe.loss(emb, batch)
+    n = len(batch.queries)
+    want = sum(w * lf.contrastive_loss(emb[:n, :d], emb[n:2 * n, :d], emb[2 * n:, :d], scale=50.0)
+               for d, w in zip(dims, weights))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    full_only = lf.contrastive_loss(emb[:n], emb[n:2 * n], emb[2 * n:], scale=50.0)
+    assert abs(float(got) - float(full_only)) > 1e-3  # the prefixes count
+    (grad,) = torch.autograd.grad(got, emb)
+    (grad_want,) = torch.autograd.grad(want, emb)
+    torch.testing.assert_close(grad, grad_want, rtol=1e-5, atol=1e-7)
+    assert float(grad[:, 32:].abs().max()) > 0 and float(grad[:, :8].abs().max()) > 0
+    # GradCache (chunks of 5 sequences) == the plain step, with the Matryoshka loss.
+    recipe.model.zero_grad(set_to_none=True)
+    plain_loss = recipe.train_step(batch, 1.0)
+    plain = lora_grads(recipe.model)
+    recipe.model.zero_grad(set_to_none=True)
+    recipe.config.grad_cache_chunk_size = 5
+    cached_loss = recipe.train_step(batch, 1.0)
+    torch.testing.assert_close(cached_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(lora_grads(recipe.model), plain, label="Matryoshka GradCache")
+    with pytest.raises(ValueError, match=r"'matryoshka_dims' must be <= the model's hidden size 128, got \[256, 8\]"):
+        SupervisedRecipe(supervised_config(files, tmp_path, matryoshka_dims=[256, 8]))
+
+
 def test_grad_cache_equals_plain_step_supervised(files, tmp_path):
     """The real code paths, dropout off: GradCache (chunks of 5 sequences) == one forward of the batch."""
     batch_config = dict(per_device_train_batch_size=6, grad_cache_chunk_size=None)
@@ -424,6 +458,14 @@ def test_config_defaults_and_alias(files, tmp_path):
     ("supervised", {"instructions": ["x"]}, TypeError, "instructions"),
     ("supervised", {"dataset_file_path": "/nonexistent/echo"}, ValueError, "dataset_file_path"),
     ("supervised", {"dataset_file_path": None}, ValueError, "dataset_file_path"),
+    ("supervised", {"matryoshka_dims": [64, 0]}, ValueError, r"'matryoshka_dims' .*distinct sizes > 0"),
+    ("supervised", {"matryoshka_dims": [64, 64]}, ValueError, r"'matryoshka_dims' .*distinct"),
+    ("supervised", {"matryoshka_dims": []}, ValueError, r"'matryoshka_dims' must be a non-empty list"),
+    ("supervised", {"matryoshka_dims": [64.5]}, TypeError, r"'matryoshka_dims'"),
+    ("simcse", {"matryoshka_dims": [64, 32], "matryoshka_weights": [1.0]}, ValueError,
+     r"'matryoshka_weights' needs one weight per entry"),
+    ("simcse", {"matryoshka_weights": [1.0]}, ValueError, r"'matryoshka_weights' needs one weight"),
+    ("simcse", {"matryoshka_dims": [64, 32], "matryoshka_weights": [0, 0]}, ValueError, r"one > 0"),
 ])
 def test_bad_configs(files, tmp_path, kind, change, exc, match):
     make = simcse_config if kind == "simcse" else supervised_config
@@ -465,6 +507,7 @@ DIST_CASES = [  # (name, recipe kind, config overrides, which batch of epoch 0)
     ("supervised", "supervised", {}, 0),
     ("supervised_grad_cache", "supervised", {"grad_cache_chunk_size": 3}, 1),
     ("simcse_uneven", "simcse", {"per_device_train_batch_size": 4, "dataset_file_path": "eleven"}, 1),
+    ("supervised_matryoshka", "supervised", {"matryoshka_dims": [128, 16], "matryoshka_weights": [1.0, 0.5]}, 0),
 ]
 
 

@@ -47,13 +47,19 @@ Item = Tuple[str, str]  # (instruction, text), as LLM2Vec.plan takes it
 class ContrastiveConfig(TrainConfig):
     """Fields both contrastive recipes share. ``doc_max_length`` and ``skip_instruction`` are the encoder's
     (llm2vec's defaults); they shape the tokenisation and are saved in ``llm2vec_config.json``. The inherited
-    ``grad_cache_chunk_size`` counts sequences (queries, positives and negatives alike) per forward."""
+    ``grad_cache_chunk_size`` counts sequences (queries, positives and negatives alike) per forward.
+
+    Matryoshka (``matryoshka_dims``, e.g. ``[4096, 1024, 256]``): the loss is the sum over those sizes d of
+    ``matryoshka_weights[i]`` (default 1) times the contrastive loss of the embeddings' first d dimensions
+    (sentence-transformers' ``MatryoshkaLoss``), so that truncated embeddings (``truncate_dim``) stay useful."""
 
     dataset_file_path: Optional[str] = None
     pooling_mode: str = "mean"
     loss_scale: float = 20.0
     skip_instruction: bool = True
     doc_max_length: int = 400
+    matryoshka_dims: Optional[List[int]] = None
+    matryoshka_weights: Optional[List[float]] = None
 
     def validate(self) -> None:
         super().validate()
@@ -61,6 +67,17 @@ class ContrastiveConfig(TrainConfig):
             raise ValueError(f"config key 'pooling_mode' must be one of {POOLING_MODES}, got {self.pooling_mode!r}")
         if self.loss_scale <= 0:
             raise ValueError(f"config key 'loss_scale' must be > 0, got {self.loss_scale!r}")
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if dims is not None:
+            if not dims or any(d <= 0 for d in dims) or len(set(dims)) != len(dims):
+                raise ValueError(f"config key 'matryoshka_dims' must be a non-empty list of distinct sizes > 0, "
+                                 f"got {dims!r}")
+        if weights is not None:
+            if dims is None or len(weights) != len(dims):
+                raise ValueError(f"config key 'matryoshka_weights' needs one weight per entry of 'matryoshka_dims' "
+                                 f"({dims!r}), got {weights!r}")
+            if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+                raise ValueError(f"config key 'matryoshka_weights' must be >= 0 with one > 0, got {weights!r}")
         if self.doc_max_length <= 0:
             raise ValueError(f"config key 'doc_max_length' must be > 0, got {self.doc_max_length!r}")
         if self.dataset_file_path is None:
@@ -336,6 +353,10 @@ class ContrastiveRecipe:
         self.model = self.encoder.model
         self.tokenizer = self.encoder.tokenizer
         self.model.train()
+        hidden = self.encoder._hidden_size()
+        if config.matryoshka_dims is not None and max(config.matryoshka_dims) > hidden:
+            raise ValueError(f"config key 'matryoshka_dims' must be <= the model's hidden size {hidden}, got "
+                             f"{config.matryoshka_dims!r}")
 
     def _load_data(self) -> None:
         raise NotImplementedError
@@ -349,12 +370,22 @@ class ContrastiveRecipe:
         return len(batch.queries)
 
     def loss(self, embeddings, batch: ContrastiveBatch):
-        """The union batch's loss from this rank's embeddings, laid out as ``batch.items()``."""
+        """The union batch's loss from this rank's embeddings, laid out as ``batch.items()``: the contrastive
+        loss, or its weighted sum over the Matryoshka sizes (each a prefix of every embedding)."""
         from ..ops import contrastive_loss
         n = len(batch.queries)
-        q, d_pos, d_neg = embeddings[:n], embeddings[n:2 * n], embeddings[2 * n:]
-        return contrastive_loss(q, d_pos, d_neg if len(batch.negatives) else None, scale=float(self.config.loss_scale),
-                                gather=True)
+        cfg = self.config
+        sizes = cfg.matryoshka_dims or [embeddings.shape[1]]
+        weights = cfg.matryoshka_weights or [1.0] * len(sizes)
+        terms = []
+        for size, weight in zip(sizes, weights):
+            if weight == 0:
+                continue
+            prefix = embeddings[:, :size]
+            q, d_pos, d_neg = prefix[:n], prefix[n:2 * n], prefix[2 * n:]
+            terms.append(weight * contrastive_loss(q, d_pos, d_neg if len(batch.negatives) else None,
+                                                   scale=float(cfg.loss_scale), gather=True))
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def train_step(self, batch: ContrastiveBatch, grad_scale: float):
         """Forward + backward of this rank's part of one global batch; returns the union batch's loss."""
