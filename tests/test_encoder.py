@@ -876,6 +876,29 @@ def test_encode_cli_causal(checkpoints, tmp_path):
         files.main(args)
 
 
+def test_encode_file_truncate_dim(encoders, tmp_path):
+    """truncate_dim keeps the first dimensions, normalised after the cut; recorded, so a resume with another
+    value is refused; out of range is refused before anything is written."""
+    from llm2vec_fast.encoder import files
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    items = INPUTS[:6]
+    source = str(tmp_path / "input.jsonl")
+    write_jsonl(source, items)
+    out = str(tmp_path / "out")
+    files.encode_file(encoder, source, out, truncate_dim=48, normalize_embeddings=True, log=lambda message: None)
+    got = files.load_embeddings(out)
+    full = encoder.encode(items, show_progress_bar=False)[:, :48]
+    want = torch.nn.functional.normalize(full, dim=1).numpy()
+    assert got.shape == (6, 48) and np.allclose(got, want, atol=SAME_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="other settings"):
+        files.encode_file(encoder, source, out, truncate_dim=32, normalize_embeddings=True, log=lambda message: None)
+    for bad in (0, 129, 2.5):
+        with pytest.raises(ValueError, match=r"truncate_dim must be an int in \[1, 128\]"):
+            files.encode_file(encoder, source, str(tmp_path / "bad"), truncate_dim=bad, log=lambda message: None)
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_encode_file_bad_records(encoders, tmp_path):
     from llm2vec_fast.encoder.files import encode_file
     encoder = encoders("llama")

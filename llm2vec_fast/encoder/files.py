@@ -181,15 +181,17 @@ def load_embeddings(output: str, mmap: bool = False) -> np.ndarray:
 
 def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dict[str, Any]] = None,
                 shard_size: int = 10_000, output_dtype: str = "float32", text_field: str = "text",
-                instruction_field: str = "instruction", instruction: str = "", log=print,
-                **encode_kwargs) -> Dict[str, Any]:
+                instruction_field: str = "instruction", instruction: str = "", truncate_dim: Optional[int] = None,
+                log=print, **encode_kwargs) -> Dict[str, Any]:
     """Encodes ``input_path`` into shards under ``output`` (resuming a previous run there); returns the index.
 
     ``instruction`` goes before every text whose row has no instruction of its own (e.g. the retrieval
     instruction when encoding queries; documents usually have none). ``settings`` (e.g. the model path
     and options) are recorded and must match on resume, together with whether the model is bidirectional,
     the encoder's pooling settings, ``instruction``, ``shard_size``, ``output_dtype`` and the input's
-    identity. ``encode_kwargs`` go to ``encoder.encode`` (batch_size, device, normalize_embeddings, ...).
+    identity. ``truncate_dim`` keeps each embedding's first dimensions (a Matryoshka-trained model),
+    normalised after the cut when ``normalize_embeddings``. ``encode_kwargs`` go to ``encoder.encode``
+    (batch_size, device, normalize_embeddings, ...).
     """
     if not isinstance(instruction, str):
         raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
@@ -197,6 +199,11 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     if output_dtype not in STORAGE_DTYPES:
         raise ValueError(f"output_dtype must be one of {sorted(STORAGE_DTYPES)}, got {output_dtype!r}")
+    hidden = encoder._hidden_size()
+    if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
+                                     or not 0 < truncate_dim <= hidden):
+        raise ValueError(f"truncate_dim must be an int in [1, {hidden}] (the model's hidden size), got "
+                         f"{truncate_dim!r}")
     os.makedirs(output, exist_ok=True)
     from ..models.bidirectional import is_bidirectional  # torch: imported when a file is encoded
     recorded = dict(settings or {}, bidirectional=is_bidirectional(encoder.model),
@@ -204,10 +211,13 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
                     doc_max_length=encoder.doc_max_length, skip_instruction=encoder.skip_instruction,
                     normalize_embeddings=bool(encode_kwargs.get("normalize_embeddings", False)),
                     shard_size=shard_size, output_dtype=output_dtype, text_field=text_field,
-                    instruction_field=instruction_field, instruction=instruction)
+                    instruction_field=instruction_field, instruction=instruction, truncate_dim=truncate_dim)
     recorded = json.loads(json.dumps(recorded))  # as it reads back from index.json
     identity = input_identity(input_path)
-    dim = encoder._hidden_size()
+    dim = truncate_dim or hidden
+    normalize = bool(encode_kwargs.get("normalize_embeddings", False))
+    if truncate_dim is not None:
+        encode_kwargs = dict(encode_kwargs, normalize_embeddings=False)  # normalised after the cut
     from ..distributed import rank_and_world  # torch: imported when a file is encoded, not by the CLI parser
     rank, world = rank_and_world()
     if rank == 0:
@@ -236,6 +246,11 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
             continue
         embeddings = encoder.encode([[own or instruction, text] for own, text in chunk], convert_to_numpy=True,
                                     **encode_kwargs)
+        if truncate_dim is not None:
+            embeddings = embeddings[:, :truncate_dim]
+            if normalize:  # as torch's F.normalize: rows of zeros stay zeros
+                norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+                embeddings = embeddings / np.maximum(norms, 1e-12)
         name = SHARD_NAME.format(number)
         path = os.path.join(output, name)
         with open(path + ".tmp", "wb") as f:
@@ -336,6 +351,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-tokens-per-batch", type=int, default=None)
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    parser.add_argument("--truncate-dim", type=int, default=None,
+                        help="keep each embedding's first N dimensions (a Matryoshka-trained model); with "
+                             "--normalize, normalised after the cut")
     parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (default 10000)")
     parser.add_argument("--output-dtype", default="float32", choices=sorted(STORAGE_DTYPES))
     parser.add_argument("--text-field", default="text")
@@ -369,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
         encode_file(encoder, args.input, args.output, settings=settings, shard_size=args.shard_size,
                     output_dtype=args.output_dtype, text_field=args.text_field,
                     instruction_field=args.instruction_field, instruction=args.instruction,
+                    truncate_dim=args.truncate_dim,
                     batch_size=args.batch_size,
                     max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     normalize_embeddings=args.normalize, show_progress_bar=args.progress)
