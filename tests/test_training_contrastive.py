@@ -353,7 +353,7 @@ def test_supervised_batches_come_from_one_dataset(files, tmp_path):
         for query, positive in zip(batch.queries, batch.positives):
             assert query[1] in rows and query == (INSTRUCTIONS[batch.dataset] + ";", query[1])
             assert positive == rows[query[1]].positive and positive[0] == ""
-        assert batch.negatives == [rows[q[1]].negative for q in batch.queries if rows[q[1]].negative is not None]
+        assert batch.negatives == [n for q in batch.queries for n in rows[q[1]].negatives]
         assert all(instruction == "" for instruction, _ in batch.negatives)
     assert [b.queries for b in recipe.batches(0)] == [b.queries for b in epoch0]  # deterministic
     assert [b.queries for b in recipe.batches(1)] != [b.queries for b in epoch0]  # reshuffled per epoch
@@ -392,6 +392,39 @@ def test_instruction_formatting_matches_llm2vec(files, tmp_path):
     assert plan.embed_counts[0] < len(plan.input_ids[0])  # the instruction is not pooled
 
 
+def test_rows_with_several_hard_negatives(files, tmp_path):
+    """A row's list of ``negatives`` (mined hard negatives): every one is a candidate for every query of the
+    batch; the loss is contrastive_loss with all of them; rows may mix one, several and none."""
+    import llm2vec_fast as lf
+    path = tmp_path / "mined.jsonl"
+    rows = []
+    for i in range(8):
+        row = {"dataset": "mined", "query": _sentence(300 + i), "positive": _sentence(400 + i)}
+        if i % 3 == 0:
+            row["negatives"] = [_sentence(500 + 10 * i + j) for j in range(3)]
+        elif i % 3 == 1:
+            row["negative"] = _sentence(600 + i)
+        rows.append(row)
+    _write_jsonl(str(path), rows)
+    data = read_supervised(str(path), {"mined": "Find it"}, ";")
+    assert [len(e.negatives) for e in data["mined"]] == [3, 1, 0, 3, 1, 0, 3, 1]
+    assert data["mined"][0].negatives[2] == ("", _sentence(502))
+    recipe = SupervisedRecipe(supervised_config(files, tmp_path, dataset_file_path=str(path),
+                                                per_device_train_batch_size=8, instructions={"mined": "Find it"}))
+    (batch,) = list(recipe.batches(0))
+    assert len(batch.negatives) == 3 + 1 + 0 + 3 + 1 + 0 + 3 + 1
+    plan = recipe.encoder.plan(batch.items())
+    emb = embed(recipe.encoder, plan.input_ids, plan.embed_counts).detach()
+    torch.testing.assert_close(recipe.loss(emb, batch), lf.contrastive_loss(emb[:8], emb[8:16], emb[16:], scale=50.0))
+    loss = recipe.train_step(batch, 1.0)
+    assert torch.isfinite(loss) and lora_grads(recipe.model)
+    for bad, match in (({"negatives": "one"}, "must be a list of strings"), ({"negatives": [1]}, "list of strings"),
+                       ({"negatives": ["a"], "negative": "b"}, "not both")):
+        _write_jsonl(str(tmp_path / "bad.jsonl"), [dict(rows[0], **bad)])
+        with pytest.raises(ValueError, match=match):
+            read_supervised(str(tmp_path / "bad.jsonl"), {"mined": "Find it"})
+
+
 def test_e5_symmetric_datasets_and_merged_splits(tmp_path):
     """llm2vec's E5 rules: documents of its symmetric datasets carry the instruction; <name>_split1/2 share
     batches under <name>; instruction_suffix "" and merge_splits False turn both off."""
@@ -405,8 +438,8 @@ def test_e5_symmetric_datasets_and_merged_splits(tmp_path):
     data = read_supervised(str(folder), instructions, ";", symmetric, merge_splits=True)
     assert sorted(data) == ["allnli", "nq", "quora_duplicates"] and len(data["allnli"]) == 6
     first, second = data["allnli"][0], data["allnli"][3]  # split1 rows, then split2 rows
-    assert first.query[0] == "Entail;" and first.positive[0] == "" and first.negative[0] == ""
-    assert second.query[0] == "Similar;" and second.positive[0] == "Similar;" and second.negative[0] == "Similar;"
+    assert first.query[0] == "Entail;" and first.positive[0] == "" and first.negatives[0][0] == ""
+    assert second.query[0] == "Similar;" and second.positive[0] == "Similar;" and second.negatives[0][0] == "Similar;"
     assert data["quora_duplicates"][0].positive[0] == "Same;" and data["nq"][0].positive[0] == ""
     plain = read_supervised(str(folder), instructions)
     assert sorted(plain) == ["allnli_split1", "allnli_split2", "nq", "quora_duplicates_split1"]

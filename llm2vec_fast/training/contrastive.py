@@ -6,7 +6,8 @@ Both recipes train a new LoRA on top of the merged MNTP adapter and implement th
 - **SimCSE**: each sentence of a .txt (one per line) or .jsonl (``text``) file is paired with itself;
   attention dropout (``simcse_dropout``, 0.3) is the only noise, so the two copies get different masks.
 - **Supervised**: E5-format rows (query, positive, negative) from a folder of ``<dataset>.jsonl`` files or one
-  .jsonl with a ``dataset`` field. Queries are ``[instruction + ";", query]``, documents ``["", text]`` (the
+  .jsonl with a ``dataset`` field; a row may give a list of ``negatives`` instead (e.g. mined hard negatives),
+  each a candidate for every query of the batch, as llm2vec's one negative is. Queries are ``[instruction + ";", query]``, documents ``["", text]`` (the
   strings of llm2vec's E5 loader, see :class:`SupervisedConfig`; tokenised by llm2vec's encoding of those
   inputs: separator, embed mask, skip_instruction). Every global batch comes from one dataset.
 
@@ -145,10 +146,11 @@ class SupervisedConfig(ContrastiveConfig):
 
 @dataclass
 class Example:
-    """One supervised row: the query with its instruction, the positive, the hard negative (or None)."""
+    """One supervised row: the query with its instruction, the positive, its hard negatives (none, llm2vec's
+    one ``negative``, or a row's list of ``negatives``)."""
     query: Item
     positive: Item
-    negative: Optional[Item]
+    negatives: List[Item] = field(default_factory=list)
 
 
 @dataclass
@@ -170,6 +172,20 @@ def _string(row: dict, key: str, where: str, required: bool = True) -> Optional[
         return None
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _negatives(row: dict, where: str) -> List[str]:
+    """A row's hard negatives: llm2vec's ``negative`` (a string), or ``negatives`` (a list of strings, e.g.
+    mined ones); not both."""
+    if "negative" in row and "negatives" in row:
+        raise ValueError(f"{where}: give 'negative' (a string) or 'negatives' (a list of strings), not both")
+    if "negatives" not in row:
+        negative = _string(row, "negative", where, required=False)
+        return [] if negative is None else [negative]
+    value = row["negatives"]
+    if not isinstance(value, list) or not all(isinstance(text, str) for text in value):
+        raise ValueError(f"{where}: field 'negatives' must be a list of strings, got {value!r}")
     return value
 
 
@@ -212,10 +228,9 @@ def read_supervised(path: str, instructions: Dict[str, str], instruction_suffix:
                 break
             instruction += instruction_suffix
             document_instruction = instruction if name in symmetric else ""
-            negative = _string(row, "negative", where, required=False)
             examples.append(Example(query=(instruction, _string(row, "query", where)),
                                     positive=(document_instruction, _string(row, "positive", where)),
-                                    negative=None if negative is None else (document_instruction, negative)))
+                                    negatives=[(document_instruction, text) for text in _negatives(row, where)]))
         if examples:
             key = name.replace("_split1", "").replace("_split2", "") if merge_splits else name
             data.setdefault(key, []).extend(examples)
@@ -470,4 +485,4 @@ class SupervisedRecipe(ContrastiveRecipe):
                                           self.config.seed, epoch):
             examples = [self.data[name][i] for i in shard(rows, rank, world)]
             yield ContrastiveBatch(queries=[e.query for e in examples], positives=[e.positive for e in examples],
-                                   negatives=[e.negative for e in examples if e.negative is not None], dataset=name)
+                                   negatives=[n for e in examples for n in e.negatives], dataset=name)
