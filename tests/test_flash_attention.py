@@ -1311,6 +1311,32 @@ def test_triton_window_matches_reference(dtype, lengths, hq, hkv, d, causal, sof
 
 
 @needs_triton
+@pytest.mark.skipif(not dispatch.triton_interpreting(), reason="sets the interpreter's block shape")
+@pytest.mark.parametrize("block_m,block_n", [(64, 32), (32, 64), (16, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [70, None])
+def test_triton_with_the_gpu_block_shapes(kfa, monkeypatch, block_m, block_n, causal, window):
+    """The GPU configs tile queries and keys differently (BLOCK_M != BLOCK_N); the interpreter's one config
+    does not. Here it runs those shapes, so every bound (the causal diagonal; the window's left edge, unmasked
+    middle and right edge; the dK/dV row range) is exercised where tiles of the two kinds do not line up."""
+    original = kfa._kernel
+
+    def shaped(kernel, tables, block_d, fp32):
+        fn, fixed = original(kernel, tables, block_d, fp32)
+        return fn, dict(fixed, BLOCK_M=block_m, BLOCK_N=block_n)
+    monkeypatch.setattr(kfa, "_kernel", shaped)
+    lengths = [200, 1, 0, 77]
+    q, k, v, cu = triton_packed(lengths, 4, 2, 64, seed=260 + block_m)
+    dout = rand_like(q, 261)
+    out, grads = triton_run(q, k, v, cu, None, dout, causal=causal, sliding_window=window)
+    out_ref, _, grads_ref = reference_run(q, k, v, cu, 200, dout, causal=causal, scale=0.125, softcap=0.0,
+                                          window=window or 0)
+    assert_close64(out, out_ref, **FP32_OUT_TOL, what=f"{block_m}x{block_n} out")
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert_close64(g, g_ref, **FP32_GRAD_TOL, what=f"{block_m}x{block_n} d{name}")
+
+
+@needs_triton
 def test_triton_window_with_dropout_replays_kernel_mask(kfa):
     """Window, softcap and dropout together: the reference given the kernel's mask and the same window."""
     lengths, hq, hkv, d, p, seed, window = [90, 0, 7], 4, 2, 64, 0.3, 11, 40
