@@ -832,14 +832,15 @@ def test_torch_compile_fullgraph_matches_eager():
 @given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=4),
        hkv=st.sampled_from([1, 2]), ratio=st.sampled_from([1, 2, 4, 8]), d=st.sampled_from([64, 80, 96, 128, 256]),
        causal=st.booleans(), softcap=st.sampled_from([0.0, 2.0, 30.0]),
-       scale=st.one_of(st.none(), st.floats(0.01, 1.0)), seed=st.integers(0, 2**31 - 1))
-def test_property_matches_oracle(lengths, hkv, ratio, d, causal, softcap, scale, seed):
+       scale=st.one_of(st.none(), st.floats(0.01, 1.0)), window=st.one_of(st.none(), st.integers(1, 45)),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_matches_oracle(lengths, hkv, ratio, d, causal, softcap, scale, window, seed):
     hq = hkv * ratio
     q, k, v, cu = rand_packed(lengths, hq, hkv, d, seed=seed, requires_grad=True)
-    out = lf.flash_attention(q, k, v, cu, causal=causal, softmax_scale=scale, softcap=softcap)
+    out = lf.flash_attention(q, k, v, cu, causal=causal, softmax_scale=scale, softcap=softcap, sliding_window=window)
     sm = default_scale(d, scale)
     q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
-    out_true, _ = oracle(q64, k64, v64, cu, causal=causal, scale=sm, softcap=softcap)
+    out_true, _ = oracle(q64, k64, v64, cu, causal=causal, scale=sm, softcap=softcap, window=window)
     assert out.shape == q.shape
     assert_close64(out, out_true, atol=2e-5, rtol=1e-5, what="out")
     if sum(lengths) > 0:
