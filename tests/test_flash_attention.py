@@ -848,7 +848,9 @@ def test_property_matches_oracle(lengths, hkv, ratio, d, causal, softcap, scale,
         grads = torch.autograd.grad(out, (q, k, v), dout)
         grads_true = torch.autograd.grad(out_true, (q64, k64, v64), dout.double())
         for name, g, g_true in zip("qkv", grads, grads_true):
-            assert_close64(g, g_true, atol=5e-5, rtol=1e-4, what=f"d{name}")
+            # fp32 rounding grows with the gradients' size (a sharp softmax at scale ~1 gives entries ~30)
+            atol = 5e-5 * max(1.0, float(g_true.abs().max()))
+            assert_close64(g, g_true, atol=atol, rtol=1e-4, what=f"d{name}")
 
 
 # ----------------------------------------------------------------------------------------------------
