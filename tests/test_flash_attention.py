@@ -801,16 +801,17 @@ def test_opcheck_forward_and_backward(dropout):
     torch.library.opcheck(BWD_OP.default, bargs)
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    """A model-like function (packed, GQA, causal, softcap) compiled with inductor, fullgraph: same output
-    and gradients as eager."""
+@pytest.mark.parametrize("window", [None, 6])
+def test_torch_compile_fullgraph_matches_eager(window):
+    """A model-like function (packed, GQA, causal, softcap, with and without a sliding window) compiled with
+    inductor, fullgraph: same output and gradients as eager."""
     torch._dynamo.reset()
     lengths, hq, hkv, d = [11, 0, 20], 4, 2, 64
     q, k, v, cu = rand_packed(lengths, hq, hkv, d, seed=81, requires_grad=True)
     w = rand_like(torch.empty(d, d), 82) * 0.1
 
     def fn(q, k, v, cu):
-        out = lf.flash_attention(q @ w, k, v, cu, 20, causal=True, softcap=5.0)
+        out = lf.flash_attention(q @ w, k, v, cu, 20, causal=True, softcap=5.0, sliding_window=window)
         return out.sum(dim=-1)
 
     compiled = torch.compile(fn, fullgraph=True, backend="inductor")
