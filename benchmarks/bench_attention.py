@@ -209,6 +209,8 @@ def _ours(p: Problem, backend: str, backward: bool, variant: int = 0):
             from llm2vec_fast import cuda_backend
             if p.window is not None:
                 raise SkipImpl("the cuda backend runs sliding windows on its Triton fallback (the triton row)")
+            if cuda_backend.attention_switched_off():
+                raise SkipImpl("LLM2VEC_FAST_CUDA_ATTENTION=off (the device check's diagnosis failed)")
             if not cuda_backend.attention_kernel_supported(p.q, p.k, p.v, p.cu_seqlens, False, 0.0):
                 raise SkipImpl("the cuda attention kernel needs sm_90 and bf16/fp16 with head dim 64/128 "
                                "(it would run the Triton fallback)")

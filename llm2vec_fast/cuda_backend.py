@@ -116,31 +116,41 @@ def attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p) -> bool:
 
 
 # Which Hopper kernel runs (csrc/attention.h, AttentionProblem::variant): 0 = the extension's default
-# (v1 until a GPU has measured v2), 1 = v1, 2 = v2 (warp-specialised, FA3-style).
+# (v1 until a GPU has measured v2), 1 = v1, 2 = v2 (warp-specialised, FA3-style); ATTENTION_OFF (-1, "off"):
+# none, the cuda backend's attention runs its Triton fallback (a kill switch: the device check sets it when
+# the kernel fails its first-contact diagnosis, so that the rest of the run is not lost to it).
 ATTENTION_VARIANT_ENV = "LLM2VEC_FAST_CUDA_ATTENTION"
-_ATTENTION_VARIANTS = {"": 0, "default": 0, "v1": 1, "v2": 2}
+ATTENTION_OFF = -1
+_ATTENTION_VARIANTS = {"": 0, "default": 0, "v1": 1, "v2": 2, "off": ATTENTION_OFF}
 _attention_variant: Optional[int] = None
 
 
 def attention_variant() -> int:
     """The kernel variant the ``"cuda"`` attention forward asks for: ``LLM2VEC_FAST_CUDA_ATTENTION``
-    (``v1`` or ``v2``; unset or ``default``: the extension's default), read once on first use, unless
-    :func:`use_attention_variant` set one. Raises ValueError on any other value."""
+    (``v1`` or ``v2``; unset or ``default``: the extension's default; ``off``: :data:`ATTENTION_OFF`), read
+    once on first use, unless :func:`use_attention_variant` set one. Raises ValueError on any other value."""
     global _attention_variant
     if _attention_variant is None:
         raw = os.environ.get(ATTENTION_VARIANT_ENV, "").strip().lower()
         if raw not in _ATTENTION_VARIANTS:
-            raise ValueError(f"{ATTENTION_VARIANT_ENV}={raw!r}: expected v1, v2 or default (unset)")
+            raise ValueError(f"{ATTENTION_VARIANT_ENV}={raw!r}: expected v1, v2, off or default (unset)")
         _attention_variant = _ATTENTION_VARIANTS[raw]
     return _attention_variant
 
 
+def attention_switched_off() -> bool:
+    """Whether the environment turns the Hopper attention kernel off (``LLM2VEC_FAST_CUDA_ATTENTION=off``),
+    whatever variant a caller has set since: tests and benchmarks that name a variant skip then."""
+    return os.environ.get(ATTENTION_VARIANT_ENV, "").strip().lower() == "off"
+
+
 def use_attention_variant(variant: Optional[int]) -> Optional[int]:
-    """Use kernel ``variant`` (0 default, 1 v1, 2 v2) from now on; None re-reads the environment variable
-    on next use. Returns the variant set before (None if none was). For benchmarks and tests."""
+    """Use kernel ``variant`` (0 default, 1 v1, 2 v2, ATTENTION_OFF none) from now on; None re-reads the
+    environment variable on next use. Returns the variant set before (None if none was). For benchmarks
+    and tests."""
     global _attention_variant
-    if variant is not None and variant not in (0, 1, 2):
-        raise ValueError(f"variant must be 0, 1 or 2, got {variant!r}")
+    if variant is not None and variant not in (0, 1, 2, ATTENTION_OFF):
+        raise ValueError(f"variant must be 0, 1, 2 or {ATTENTION_OFF} (off), got {variant!r}")
     previous, _attention_variant = _attention_variant, variant
     return previous
 
@@ -158,16 +168,16 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
                             window=0):
     """(out (T, Hq, D) like q, lse (Hq, T) float32).
 
-    The Hopper kernel of ``csrc/attention.cu`` (TMA + wgmma) when :func:`attention_kernel_supported`;
-    otherwise (causal, dropout, a sliding window, fp32, other head dims, a GPU other than sm_90, misaligned
+    The Hopper kernel of ``csrc/attention.cu`` (TMA + wgmma) when :func:`attention_kernel_supported` (and
+    not switched off, :data:`ATTENTION_OFF`); otherwise (causal, dropout, a sliding window, fp32, other head dims, a GPU other than sm_90, misaligned
     or non-nested strides) the Triton forward registered with ``dispatch`` (the torch reference where
     triton is not installed). The lse convention is the Triton kernel's, so either backward works.
     The kernel variant (v1 / v2) is :func:`attention_variant`'s."""
     if window:
         return _fallback("forward")(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p,
                                     seed, window=window)
-    if attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p):
-        variant = attention_variant()
+    variant = attention_variant()
+    if variant != ATTENTION_OFF and attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p):
         if variant == 0:  # the extension's own default (and builds that predate the argument)
             return tuple(extension().attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale),
                                                        float(softcap)))

@@ -1072,10 +1072,37 @@ def test_attention_variant_from_the_environment(monkeypatch):
         assert cuda_backend.use_attention_variant(2) == 0 and cuda_backend.attention_variant() == 2
         monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v3")
         cuda_backend.use_attention_variant(None)
-        with pytest.raises(ValueError, match=r"LLM2VEC_FAST_CUDA_ATTENTION='v3': expected v1, v2"):
+        with pytest.raises(ValueError, match=r"LLM2VEC_FAST_CUDA_ATTENTION='v3': expected v1, v2, off"):
             cuda_backend.attention_variant()
-        with pytest.raises(ValueError, match=r"variant must be 0, 1 or 2"):
+        with pytest.raises(ValueError, match=r"variant must be 0, 1, 2 or -1 \(off\)"):
             cuda_backend.use_attention_variant(5)
+    finally:
+        cuda_backend.use_extension(previous_ext)
+        cuda_backend.use_attention_variant(previous)
+
+
+def test_attention_kill_switch_runs_the_fallback(monkeypatch):
+    """LLM2VEC_FAST_CUDA_ATTENTION=off: the kernel is never called, even where it would apply; the registered
+    Triton implementation runs instead."""
+    dispatch._load_backends()
+    calls = []
+    fake_ext = types.SimpleNamespace(attention_forward=lambda *a, **kw: calls.append("kernel") or ("out", "lse"))
+    fallback = dispatch.Implementation(lambda *a, **kw: calls.append("triton") or ("t", "t"), lambda *a: None)
+    monkeypatch.setitem(dispatch._REGISTRY, ("flash_attention", "triton"), fallback)
+    monkeypatch.setattr(cuda_backend, "attention_kernel_supported", lambda *a: True)
+    previous_ext = cuda_backend.use_extension(fake_ext)
+    previous = cuda_backend.use_attention_variant(None)
+    try:
+        q = torch.zeros(5, 2, 64, dtype=torch.bfloat16)
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "off")
+        assert cuda_backend.attention_switched_off() and cuda_backend.attention_variant() == cuda_backend.ATTENTION_OFF
+        assert cuda_backend.flash_attention_forward(q, q, q, cu, 5, False, 0.125, 0.0, 0.0, 0) == ("t", "t")
+        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v1")
+        cuda_backend.use_attention_variant(None)
+        assert not cuda_backend.attention_switched_off()
+        assert cuda_backend.flash_attention_forward(q, q, q, cu, 5, False, 0.125, 0.0, 0.0, 0) == ("out", "lse")
+        assert calls == ["triton", "kernel"]
     finally:
         cuda_backend.use_extension(previous_ext)
         cuda_backend.use_attention_variant(previous)
@@ -1720,6 +1747,9 @@ def test_gpu_contrastive_edge_cases_compile_and_opcheck(cuda_ext):
 def _needs_sm90():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the attention kernel runs on sm_90 (H100 / H200) only")
+    if cuda_backend.attention_switched_off():
+        pytest.skip("LLM2VEC_FAST_CUDA_ATTENTION=off: the device check switched the kernel off after its "
+                    "first-contact diagnosis failed (see step (a2) of the log)")
 
 
 @pytest.fixture
