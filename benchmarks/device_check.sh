@@ -155,8 +155,10 @@ if [[ "$DRY_RUN" == 0 ]]; then
 fi
 
 # (b) GPU tests (skipped, or deselected, on the CPU).
+# -rfE: a line per failure or error at the end; the junit file (beside the log) keeps every test's outcome
+# and time when the console tail is cut.
 run_step "(b) pytest -m gpu" "$(step_limit "$TEST_TIMEOUT")" "0 5" \
-  "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+  "$PYTHON" -m pytest -m gpu -q -rfE --durations=15 -p no:cacheprovider --junitxml="$LOG_DIR/gpu_tests.xml" tests
 
 # (c) benchmarks.
 BENCH_LIMIT=$(step_limit 100000)
