@@ -1051,61 +1051,59 @@ def test_attention_falls_back_to_triton(monkeypatch):
     assert calls == [("fwd", True, 0.0), ("bwd",)]
 
 
-def test_attention_variant_from_the_environment(monkeypatch):
-    """LLM2VEC_FAST_CUDA_ATTENTION (v1 / v2 / unset) is read once and reaches the extension as
-    ``variant``; unset passes nothing (the extension's default, v1); a bad value names the choices."""
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The attention forward's calls into a fake extension (each call's keyword arguments), with the kernel
+    taken as applicable and the variant re-read from the environment; restored afterwards."""
     calls = []
     fake = types.SimpleNamespace(attention_forward=lambda *a, **kw: calls.append(kw) or ("out", "lse"))
     monkeypatch.setattr(cuda_backend, "attention_kernel_supported", lambda *a: True)
     previous_ext = cuda_backend.use_extension(fake)
     previous = cuda_backend.use_attention_variant(None)
-    try:
-        q = torch.zeros(5, 2, 64, dtype=torch.bfloat16)
-        cu = torch.tensor([0, 5], dtype=torch.int32)
-        for value, want in (("", {}), ("v2", {"variant": 2}), ("V1", {"variant": 1}), ("default", {})):
-            monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, value)
-            cuda_backend.use_attention_variant(None)
-            assert cuda_backend.flash_attention_forward(q, q, q, cu, 5, False, 0.125, 0.0, 0.0, 0) == ("out", "lse")
-            assert calls.pop() == want, value
-        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v1")  # read once: no effect until reset
-        assert cuda_backend.attention_variant() == 0
-        assert cuda_backend.use_attention_variant(2) == 0 and cuda_backend.attention_variant() == 2
-        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v3")
+    yield calls
+    cuda_backend.use_extension(previous_ext)
+    cuda_backend.use_attention_variant(previous)
+
+
+def _forward_small():
+    q = torch.zeros(5, 2, 64, dtype=torch.bfloat16)
+    return cuda_backend.flash_attention_forward(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5, False, 0.125,
+                                                0.0, 0.0, 0)
+
+
+def test_attention_variant_from_the_environment(monkeypatch, kernel_calls):
+    """LLM2VEC_FAST_CUDA_ATTENTION (v1 / v2 / unset) is read once and reaches the extension as
+    ``variant``; unset passes nothing (the extension's default, v1); a bad value names the choices."""
+    for value, want in (("", {}), ("v2", {"variant": 2}), ("V1", {"variant": 1}), ("default", {})):
+        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, value)
         cuda_backend.use_attention_variant(None)
-        with pytest.raises(ValueError, match=r"LLM2VEC_FAST_CUDA_ATTENTION='v3': expected v1, v2, off"):
-            cuda_backend.attention_variant()
-        with pytest.raises(ValueError, match=r"variant must be 0, 1, 2 or -1 \(off\)"):
-            cuda_backend.use_attention_variant(5)
-    finally:
-        cuda_backend.use_extension(previous_ext)
-        cuda_backend.use_attention_variant(previous)
+        assert _forward_small() == ("out", "lse")
+        assert kernel_calls.pop() == want, value
+    monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v1")  # read once: no effect until reset
+    assert cuda_backend.attention_variant() == 0
+    assert cuda_backend.use_attention_variant(2) == 0 and cuda_backend.attention_variant() == 2
+    monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v3")
+    cuda_backend.use_attention_variant(None)
+    with pytest.raises(ValueError, match=r"LLM2VEC_FAST_CUDA_ATTENTION='v3': expected v1, v2, off"):
+        cuda_backend.attention_variant()
+    with pytest.raises(ValueError, match=r"variant must be 0, 1, 2 or -1 \(off\)"):
+        cuda_backend.use_attention_variant(5)
 
 
-def test_attention_kill_switch_runs_the_fallback(monkeypatch):
+def test_attention_kill_switch_runs_the_fallback(monkeypatch, kernel_calls):
     """LLM2VEC_FAST_CUDA_ATTENTION=off: the kernel is never called, even where it would apply; the registered
     Triton implementation runs instead."""
     dispatch._load_backends()
-    calls = []
-    fake_ext = types.SimpleNamespace(attention_forward=lambda *a, **kw: calls.append("kernel") or ("out", "lse"))
-    fallback = dispatch.Implementation(lambda *a, **kw: calls.append("triton") or ("t", "t"), lambda *a: None)
+    fallback = dispatch.Implementation(lambda *a, **kw: kernel_calls.append("triton") or ("t", "t"), lambda *a: None)
     monkeypatch.setitem(dispatch._REGISTRY, ("flash_attention", "triton"), fallback)
-    monkeypatch.setattr(cuda_backend, "attention_kernel_supported", lambda *a: True)
-    previous_ext = cuda_backend.use_extension(fake_ext)
-    previous = cuda_backend.use_attention_variant(None)
-    try:
-        q = torch.zeros(5, 2, 64, dtype=torch.bfloat16)
-        cu = torch.tensor([0, 5], dtype=torch.int32)
-        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "off")
-        assert cuda_backend.attention_switched_off() and cuda_backend.attention_variant() == cuda_backend.ATTENTION_OFF
-        assert cuda_backend.flash_attention_forward(q, q, q, cu, 5, False, 0.125, 0.0, 0.0, 0) == ("t", "t")
-        monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v1")
-        cuda_backend.use_attention_variant(None)
-        assert not cuda_backend.attention_switched_off()
-        assert cuda_backend.flash_attention_forward(q, q, q, cu, 5, False, 0.125, 0.0, 0.0, 0) == ("out", "lse")
-        assert calls == ["triton", "kernel"]
-    finally:
-        cuda_backend.use_extension(previous_ext)
-        cuda_backend.use_attention_variant(previous)
+    monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "off")
+    assert cuda_backend.attention_switched_off() and cuda_backend.attention_variant() == cuda_backend.ATTENTION_OFF
+    assert _forward_small() == ("t", "t")
+    monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "v1")
+    cuda_backend.use_attention_variant(None)
+    assert not cuda_backend.attention_switched_off()
+    assert _forward_small() == ("out", "lse")
+    assert kernel_calls == ["triton", {"variant": 1}]
 
 
 def test_fake_shapes_attention_with_cuda_backend():
