@@ -75,6 +75,21 @@ def _in_window(rows, cols, window):
 
 
 @triton.jit
+def _key_range(first_row, seqlen, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr):
+    """[lo, end): the keys that the query block starting at ``first_row`` can see, lo on a BLOCK_N tile edge
+    (tiles start at multiples of BLOCK_N from the sequence's start, whatever the block)."""
+    lo = 0
+    end = seqlen
+    if CAUSAL:
+        end = tl.minimum(seqlen, first_row + BLOCK_M)
+    if WINDOW:
+        lo = (tl.maximum(first_row - window + 1, 0) // BLOCK_N) * BLOCK_N  # the tile of the first row's first key
+        end = tl.minimum(end, first_row + BLOCK_M + window - 1)  # past the last row's last key
+    return lo, end
+
+
+@triton.jit
 def _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed, scale, softcap,
                     dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh, lo, hi, MASKED: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
@@ -161,17 +176,12 @@ def _attn_fwd(
     # row's window), then the rest (the window's right edge, the causal diagonal, the sequence's last
     # partial tile) with masks. Without a window the first phase is empty.
     first_row = block_m * BLOCK_M
-    end = seqlen
+    lo, end = _key_range(first_row, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     unmasked_end = (seqlen // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        end = tl.minimum(seqlen, first_row + BLOCK_M)
         unmasked_end = tl.minimum(unmasked_end, ((first_row + 1) // BLOCK_N) * BLOCK_N)
-    lo = 0
-    unmasked_start = 0
+    unmasked_start = lo
     if WINDOW:
-        lo = (tl.maximum(first_row - window + 1, 0) // BLOCK_N) * BLOCK_N  # the tile of the first row's first key
-        if not CAUSAL:
-            end = tl.minimum(end, first_row + BLOCK_M + window - 1)  # past the last row's last key
         # Tiles every row sees whole: start >= (last row) - window + 1 and start + BLOCK_N <= first row + window.
         unmasked_start = tl.minimum(tl.cdiv(tl.maximum(first_row + BLOCK_M - window, lo), BLOCK_N) * BLOCK_N, end)
         unmasked_end = tl.maximum(unmasked_start, tl.minimum(unmasked_end, ((first_row + window) // BLOCK_N) * BLOCK_N))
@@ -340,13 +350,7 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + head * stride_lh + tokens, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo = 0
-    end = seqlen
-    if CAUSAL:
-        end = tl.minimum(seqlen, (block_m + 1) * BLOCK_M)
-    if WINDOW:  # the key tiles this block's windows reach
-        lo = (tl.maximum(block_m * BLOCK_M - window + 1, 0) // BLOCK_N) * BLOCK_N
-        end = tl.minimum(end, (block_m + 1) * BLOCK_M + window - 1)
+    lo, end = _key_range(block_m * BLOCK_M, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for block_start in range(lo, end, BLOCK_N):
         cols = block_start + tl.arange(0, BLOCK_N)
         col_ok = cols < seqlen
