@@ -201,6 +201,31 @@ def test_simcse_trains_a_gemma3_base(files, tmp_path):
     assert float((got - untrained).abs().max()) > 1e-3
 
 
+def test_causal_training_runs_packed(files, tmp_path, monkeypatch):
+    """``bidirectional: false`` (llm2vec's causal variant): the encoder stays causal and still runs packed on our
+    attention (forward_packed with causal=True); the adapter trains and reloads causal."""
+    import llm2vec_fast.encoder.llm2vec as encoder_module
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.models import is_bidirectional
+    from llm2vec_fast.training.loop import Trainer
+    calls = []
+    original = encoder_module.forward_packed
+    monkeypatch.setattr(encoder_module, "forward_packed",
+                        lambda *a, **kw: calls.append(kw.get("causal")) or original(*a, **kw))
+    recipe = SimCSERecipe(simcse_config(files, tmp_path, bidirectional=False, pooling_mode="last_token", max_steps=3,
+                                        simcse_dropout=0.3))
+    assert not is_bidirectional(recipe.model) and recipe.encoder._packable()
+    losses = Trainer(recipe).train()
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))) and calls and set(calls) == {True}
+    recipe.save(str(tmp_path / "final"))
+    texts = recipe.sentences[:4]
+    reloaded = LLM2Vec.from_pretrained(files["mntp"], peft_model_name_or_path=str(tmp_path / "final"),
+                                       enable_bidirectional=False)
+    recipe.model.eval()
+    torch.testing.assert_close(reloaded.encode(texts, show_progress_bar=False),
+                               recipe.encoder.encode(texts, show_progress_bar=False), rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_step(files, tmp_path):
     recipe = SimCSERecipe(simcse_config(files, tmp_path, torch_dtype="bfloat16", simcse_dropout=0.3))
     loss = recipe.train_step(next(iter(recipe.batches(0))), 1.0)

@@ -82,14 +82,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.config.use_cache = False
 
 
-def attention_for(config: TrainConfig) -> str:
-    """Our implementation unless the config names another; a causal (bidirectional=False) model gets
-    "sdpa" by default, since ours encodes bidirectionally."""
-    if config.attn_implementation is None and not config.bidirectional:
-        return "sdpa"
-    return config.attention
-
-
 # ----------------------------------------------------------------------------------------------- MNTP
 def load_mntp_model(config: TrainConfig, device: Optional[torch.device] = None, min_vocab: int = 0):
     """The family's ``XxxBiForMNTP`` with a fresh LoRA on its decoder body (``model.model``), on ``device``;
@@ -101,7 +93,7 @@ def load_mntp_model(config: TrainConfig, device: Optional[torch.device] = None, 
     from ..models import BI_FOR_MNTP
     model_class = BI_FOR_MNTP[config.model_type]
     model = model_class.from_pretrained(config.model_name_or_path, dtype=torch_dtype(config),
-                                        attn_implementation=attention_for(config), **LOAD_KWARGS)
+                                        attn_implementation=config.attention, **LOAD_KWARGS)
     if min_vocab > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(min_vocab)
     if device is not None:
@@ -118,7 +110,8 @@ def load_mntp_model(config: TrainConfig, device: Optional[torch.device] = None, 
 
 # ------------------------------------------------------------------------------------------- encoders
 def load_encoder_model(config: TrainConfig, device: Optional[torch.device] = None, **encoder_kwargs):
-    """An ``LLM2Vec`` for contrastive training: the bidirectional body with the MNTP adapter merged
+    """An ``LLM2Vec`` for contrastive training: the body (bidirectional unless ``bidirectional`` is false: then
+    causal, still packed on our attention) with the MNTP adapter merged
     (``peft_model_name_or_path``, or the adapter found in the base folder, exactly as
     ``LLM2Vec.from_pretrained`` does), then a fresh trainable LoRA. ``encoder_kwargs`` (pooling_mode,
     max_length, ...) go to ``LLM2Vec.from_pretrained``. ``encoder.model`` is the PeftModel to train.
@@ -126,7 +119,7 @@ def load_encoder_model(config: TrainConfig, device: Optional[torch.device] = Non
     from ..encoder import LLM2Vec
     encoder = LLM2Vec.from_pretrained(config.model_name_or_path, peft_model_name_or_path=config.peft_model_name_or_path,
                                       merge_peft=True, enable_bidirectional=config.bidirectional,
-                                      dtype=torch_dtype(config), attn_implementation=attention_for(config),
+                                      dtype=torch_dtype(config), attn_implementation=config.attention,
                                       local_files_only=True, **encoder_kwargs)
     if device is not None:
         encoder.to(device)
