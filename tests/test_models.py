@@ -21,7 +21,8 @@ from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConf
 
 import llm2vec_fast as lf
 from llm2vec_fast.models import (BI_FOR_MNTP, BI_MODELS, ATTN_IMPLEMENTATION, PackedBatch, forward_packed,
-                                 make_bidirectional, pack, pack_sequences, repad, set_attention_backend, unpad)
+                                 is_bidirectional, make_bidirectional, pack, pack_sequences, repad,
+                                 set_attention_backend, unpad)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 TOL = 1e-4
@@ -375,6 +376,13 @@ def test_state_dict_round_trip(family, tmp_path):
                                                      output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert torch.equal(mntp.lm_head.weight, lm.lm_head.weight)
+    # The Auto classes pick the family's class from the checkpoint (and from a config).
+    from llm2vec_fast.models import AutoBiForMNTP, AutoBiModel
+    auto = AutoBiModel.from_pretrained(tmp_path / "base", attn_implementation=ATTN_IMPLEMENTATION)
+    assert type(auto) is BI_MODELS[family] and is_bidirectional(auto)
+    assert all(torch.equal(auto.state_dict()[key], value) for key, value in base.state_dict().items())
+    assert type(AutoBiForMNTP.from_pretrained(tmp_path / "lm")) is BI_FOR_MNTP[family]
+    assert type(AutoBiModel.from_config(tiny_config(family))) is BI_MODELS[family]
     set_attention_backend(model, "torch")
     set_attention_backend(mntp, "torch")
     ids, mask = make_batch(seed=7)
@@ -405,7 +413,12 @@ def test_make_bidirectional_converts_a_loaded_model(family):
 
 
 def test_unsupported_family_raises():
+    from llm2vec_fast.models import AutoBiModel
     config = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=32)
+    with pytest.raises(ValueError, match=r"model_type='gpt2'.* no bidirectional model; supported model types: llama"):
+        AutoBiModel.from_config(config)
+    with pytest.raises(TypeError, match=r"AutoBiModel.from_pretrained"):
+        AutoBiModel()
     with pytest.raises(ValueError, match=r"not supported.*llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text"):
         make_bidirectional(transformers.GPT2Model(config))
     with pytest.raises(TypeError, match="PreTrainedModel"):

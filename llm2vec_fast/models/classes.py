@@ -5,6 +5,7 @@ its ``XxxForCausalLM`` (language-model head kept, for masked next-token predicti
 weights, so state-dict keys equal the base class's and ``from_pretrained`` loads any checkpoint of
 the family. After the base ``__init__`` they call :func:`make_bidirectional`; ``forward`` is the
 family's own (padded batches, any ``attn_implementation``), and ``forward_packed`` is the speed path.
+``AutoBiModel`` / ``AutoBiForMNTP`` pick the class from a checkpoint's or config's ``model_type``.
 """
 from __future__ import annotations
 
@@ -95,3 +96,49 @@ BI_MODELS = {"llama": LlamaBiModel, "mistral": MistralBiModel, "qwen2": Qwen2BiM
 BI_FOR_MNTP = {"llama": LlamaBiForMNTP, "mistral": MistralBiForMNTP, "qwen2": Qwen2BiForMNTP,
                "qwen3": Qwen3BiForMNTP, "gemma": GemmaBiForMNTP, "gemma2": Gemma2BiForMNTP,
                "gemma3_text": Gemma3BiForMNTP}
+
+
+class _AutoBi:
+    """Picks the bidirectional class of a checkpoint's family, like transformers' ``AutoModel``."""
+
+    CLASSES: dict = {}
+    KIND = ""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is not instantiated: use {type(self).__name__}.from_pretrained(path) "
+                        f"or .from_config(config)")
+
+    @classmethod
+    def class_for(cls, config):
+        """The class for ``config`` (a transformers config); ValueError naming the supported model types."""
+        model_type = getattr(config, "model_type", None)
+        if model_type not in cls.CLASSES:
+            raise ValueError(f"{type(config).__name__} (model_type={model_type!r}) has no bidirectional {cls.KIND}; "
+                             f"supported model types: {', '.join(cls.CLASSES)}")
+        return cls.CLASSES[model_type]
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        return cls.class_for(config)(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        """``XxxBi....from_pretrained(path, ...)`` for the family named by the checkpoint's config
+        (``trust_remote_code`` stays off: the supported families are transformers' own)."""
+        from transformers import AutoConfig
+        hub = {key: kwargs[key] for key in ("revision", "local_files_only", "cache_dir", "token") if key in kwargs}
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, **hub)
+        return cls.class_for(config).from_pretrained(path, *args, config=config, **kwargs)
+
+
+class AutoBiModel(_AutoBi):
+    """``AutoBiModel.from_pretrained(path, attn_implementation="llm2vec_fast", dtype=...)``: the family's
+    ``XxxBiModel``."""
+    CLASSES = BI_MODELS
+    KIND = "model"
+
+
+class AutoBiForMNTP(_AutoBi):
+    """``AutoBiForMNTP.from_pretrained(path, ...)``: the family's ``XxxBiForMNTP``."""
+    CLASSES = BI_FOR_MNTP
+    KIND = "MNTP model"

@@ -20,8 +20,8 @@ where autograd would keep their intermediates:
 On one bf16 Mistral-shaped LoRA layer (hidden 512, MLP 1792, all seven projections adapted) that is
 19 KB per token after the forward instead of 52 KB. Only elementwise work and the rank-r matmuls run
 twice: about 8% of the small fp32 CPU training step (``benchmarks/bench_train.py``; a smaller share is
-expected where the base matmuls dominate, not yet measured on a GPU). The autograd graph is unchanged (checkpointing only changes where saved tensors
-come from), so gradients are the same bits in every dtype.
+expected where the base matmuls dominate, not yet measured on a GPU). The autograd graph is unchanged
+(checkpointing only changes where saved tensors come from), so gradients are the same bits in every dtype.
 
 :func:`lean_layers` replaces the ``forward`` of those modules for the duration of the block, and only
 on instances: transformers' and peft's classes are not touched, and nothing survives the block
