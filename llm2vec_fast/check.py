@@ -3,8 +3,8 @@
 Made for an installed wheel on a GPU server, where the repository's tests are not at hand. It prints
 the versions that matter (the package, torch, triton, CUDA, the GPU, and what the CUDA extension was
 built against), then runs every public op with every backend that can run on the device, forward and
-backward, on fresh random inputs (odd varlen lengths, GQA, softcap, all pooling modes, hard negatives),
-and compares each with a float64 evaluation of the same formulas. The bound is flash-attention's: a
+backward, on fresh random inputs (odd varlen lengths, GQA, softcap, sliding windows, all pooling modes, hard
+negatives), and compares each with a float64 evaluation of the same formulas. The bound is flash-attention's: a
 backend may err at most 2x (forward) or 3x (gradients) as much as PyTorch's own evaluation in the same
 dtype, plus a small floor for results that PyTorch happens to get exactly. Exit status 0 when every
 check passes, 1 otherwise.
@@ -128,16 +128,19 @@ def attention_checks(device, dtype, backend: str, quick: bool, generator) -> Ite
     total = int(cu[-1])
     shapes = [(4, 1, 64)] if quick else [(4, 1, 64), (8, 2, 128), (6, 6, 96)]
     for heads_q, heads_kv, dim in shapes:
-        for softcap in (0.0, 30.0):
+        # softcap, and a sliding window shorter than the longer sequences (None: no window)
+        for softcap, window in ((0.0, None), (30.0, None), (0.0, 40)):
             q, k, v = (torch.randn((total, h, dim), generator=generator).to(device, dtype)
                        for h in (heads_q, heads_kv, heads_kv))
             case = f"lengths={lengths},Hq={heads_q},Hkv={heads_kv},D={dim},softcap={softcap:g}"
+            if window is not None:
+                case += f",window={window}"
 
             def exact(q, k, v):  # the padded softmax formula, differentiated by autograd, all in float64
-                return attention(q, k, v, cu.cpu(), longest, False, dim ** -0.5, softcap, 0.0, 0,
+                return attention(q, k, v, cu.cpu(), longest, False, dim ** -0.5, softcap, 0.0, 0, window or 0,
                                  compute_dtype=torch.float64)[0]
             yield from _check_op("flash_attention", backend, case, flash_attention, exact, [q, k, v], ["q", "k", "v"],
-                                 dtype, cu_seqlens=cu, max_seqlen=longest, softcap=softcap)
+                                 dtype, cu_seqlens=cu, max_seqlen=longest, softcap=softcap, sliding_window=window)
 
 
 def _exact_pool(hidden, lengths, embed, mode, normalize):
