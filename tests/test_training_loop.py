@@ -123,6 +123,22 @@ class ToyRecipe:
         torch.save(self.model.state_dict(), os.path.join(folder, "toy.pt"))
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
+    """save_total_limit=2, a checkpoint every step: only the two newest complete checkpoints remain, and a
+    resume from "latest" finds the newest."""
+    from llm2vec_fast.training.loop import Trainer, latest_checkpoint
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    root = str(tmp_path)
+    config = mntp_config(root, max_steps=5, save_steps=1, save_total_limit=2)
+    Trainer(MNTPRecipe(config)).train()
+    kept = sorted(name for name in os.listdir(config.output_dir) if name.startswith("checkpoint-"))
+    assert kept == ["checkpoint-4", "checkpoint-5"]
+    assert latest_checkpoint(config.output_dir) == os.path.join(config.output_dir, "checkpoint-5")
+    unlimited = mntp_config(root, output_dir=os.path.join(root, "all"), max_steps=3, save_steps=1)
+    Trainer(MNTPRecipe(unlimited)).train()
+    assert len([n for n in os.listdir(unlimited.output_dir) if n.startswith("checkpoint-")]) == 3
+
+
 def test_epochs_set_the_step_count(tmp_path):
     from llm2vec_fast.training import TrainConfig
     from llm2vec_fast.training.loop import Trainer
@@ -220,6 +236,7 @@ def _gpt2_folder(root):
     ({"validation_file": "/nonexistent/valid.txt"}, ValueError, ["'validation_file'", "does not exist"]),
     ({"per_device_eval_batch_size": 0}, ValueError, ["'per_device_eval_batch_size'", "> 0"]),
     ({"do_eval": "yes"}, TypeError, ["'do_eval'", "bool"]),
+    ({"save_total_limit": 0}, ValueError, ["'save_total_limit'", "> 0"]),
 ])
 def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, words):
     from llm2vec_fast.training import cli, mntp

@@ -33,7 +33,7 @@ IGNORED_LLM2VEC_KEYS = frozenset({
     "do_train", "do_eval", "do_predict", "overwrite_output_dir", "evaluation_strategy", "eval_strategy",
     "eval_steps", "per_device_eval_batch_size", "remove_unused_columns", "save_only_model", "report_to",
     "run_name", "experiment_id", "logging_dir", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
-    "save_total_limit", "save_strategy", "save_safetensors", "dataloader_num_workers", "dataloader_drop_last",
+    "save_strategy", "save_safetensors", "dataloader_num_workers", "dataloader_drop_last",
     "dataloader_prefetch_factor", "dataloader_pin_memory", "dataloader_persistent_workers",
     "preprocessing_num_workers", "overwrite_cache", "validation_split_percentage", "max_eval_samples", "cache_dir",
     "use_fast_tokenizer", "model_revision", "token", "use_auth_token", "low_cpu_mem_usage",
@@ -90,6 +90,7 @@ class TrainConfig:
     bidirectional: bool = True
     logging_steps: int = 10
     save_steps: int = 500
+    save_total_limit: Optional[int] = None  # keep the newest N complete checkpoints (HF's key); None: all
     max_grad_norm: float = 1.0
     resume_from_checkpoint: Optional[str] = None
     device: Optional[str] = None
@@ -177,6 +178,8 @@ class TrainConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"config key 'attn_implementation' must be one of {ATTN_IMPLEMENTATIONS}, "
                              f"got {self.attn_implementation!r}")
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
+            raise ValueError(f"config key 'save_total_limit' must be > 0 or null, got {self.save_total_limit!r}")
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size <= 0:
             raise ValueError(f"config key 'grad_cache_chunk_size' must be > 0 or null, "
                              f"got {self.grad_cache_chunk_size!r}")

@@ -21,6 +21,7 @@ Checkpoints: ``output_dir/checkpoint-{step}/`` holds ``recipe.save`` output, ``t
 (every trainable parameter, by name: what resuming restores), ``optimizer.pt`` (optimizer + scheduler),
 ``rng_state_{rank}.json`` (python, numpy, torch CPU and CUDA RNGs of each rank) and, written last,
 ``trainer_state.json`` (step, epoch, batch index in epoch, config): a folder without it is incomplete.
+``save_total_limit`` = N keeps the newest N complete checkpoints, removing older ones once a new one is complete.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import time
 from typing import Dict, Iterator, List, Optional
 
@@ -64,16 +66,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The complete (trainer_state.json present) checkpoint-N folder with the highest N, or None."""
+def complete_checkpoints(output_dir: str) -> List[str]:
+    """The complete (trainer_state.json present) checkpoint-N folders, oldest (lowest N) first."""
     if not os.path.isdir(output_dir):
-        return None
+        return []
     found = []
     for name in os.listdir(output_dir):
         match = re.fullmatch(r"checkpoint-(\d+)", name)
         if match and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return max(found)[1] if found else None
+    return [folder for _, folder in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The complete checkpoint-N folder with the highest N, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 class Trainer:
@@ -283,6 +291,10 @@ class Trainer:
                      "total_steps": self.total_steps, "world_size": self.world, "config": self.config.to_dict()}
             with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=2)
+            limit = self.config.save_total_limit
+            if limit is not None:  # only after this one is complete: a crash never leaves fewer than the limit
+                for old in complete_checkpoints(self.config.output_dir)[:-limit]:
+                    shutil.rmtree(old)
         _barrier()
         return folder
 
