@@ -1044,6 +1044,12 @@ class RecordingBar:
     def set_postfix_str(self, text, refresh=True):
         self.postfix = text
 
+    def __enter__(self):  # as encode() uses tqdm
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
 
 ENCODE_ITEMS = INPUTS + ["", ["Retrieve the passage", "what is packing?"], "x", INPUTS[0]]
 
@@ -1077,6 +1083,33 @@ def test_progress_bar_counts_every_text_once(encoders, monkeypatch):
     items = [("", x) if isinstance(x, str) else (x[0], x[1]) for x in ENCODE_ITEMS]
     encoder._encode_items(items, "cpu", bar, batch_size=2, normalize_embeddings=False, max_tokens_per_batch=16)
     assert sum(bar.updates) == len(items) and bar.postfix.endswith("tok/s")
+
+
+def test_repeated_inputs_run_once(encoders, monkeypatch):
+    """An input given several times (the same text, or the same [instruction, text]) goes through the model once;
+    its rows are the same bits, equal to encoding it among distinct inputs; the progress bar still counts every
+    input."""
+    from llm2vec_fast.encoder import llm2vec as module
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    distinct = [INPUTS[0], ["Retrieve the passage", "what is packing?"], INPUTS[2]]
+    items = [distinct[0], distinct[1], distinct[0], distinct[2], distinct[1], distinct[0]]
+    ran = []
+    original = module.LLM2Vec._run_batch
+
+    def counting(self, prepared, normalize):
+        emb = original(self, prepared, normalize)
+        ran.append(emb.shape[0])
+        return emb
+    monkeypatch.setattr(module.LLM2Vec, "_run_batch", counting)
+    bar = RecordingBar()
+    monkeypatch.setattr("tqdm.auto.tqdm", lambda *a, **kw: bar)
+    got = encoder.encode(items, show_progress_bar=False)
+    assert sum(ran) == 3 and sum(bar.updates) == 6
+    assert torch.equal(got[0], got[2]) and torch.equal(got[0], got[5]) and torch.equal(got[1], got[4])
+    ran.clear()
+    want = encoder.encode(distinct, show_progress_bar=False)
+    assert torch.equal(got[[0, 1, 3]], want)
 
 
 def test_a_prepared_batch_runs_without_reading_values(encoders):

@@ -369,7 +369,8 @@ class LLM2Vec(nn.Module):
                devices: Optional[Sequence[str]] = None, pool: Optional[EncodePool] = None,
                distributed: bool = False):
         """Embeds texts and [instruction, text] pairs: (N, hidden) float32 on the CPU, in input order
-        (a numpy array with ``convert_to_numpy=True`` and ``convert_to_tensor=False``).
+        (a numpy array with ``convert_to_numpy=True`` and ``convert_to_tensor=False``). An input given more
+        than once is encoded once (its rows are the same bits).
 
         Batches hold at most ``max_tokens_per_batch`` real tokens (default ``batch_size * max_length``, the
         most a padded batch of ``batch_size`` could hold; at most 1024 on the CPU, where larger packs run
@@ -398,7 +399,14 @@ class LLM2Vec(nn.Module):
                              f"pool={pool!r}, distributed={distributed!r}")
         options = {"batch_size": batch_size, "normalize_embeddings": normalize_embeddings,
                    "max_tokens_per_batch": max_tokens_per_batch}
-        with tqdm(total=len(items), unit="text", desc="Encoding", disable=not show_progress_bar) as bar:
+        # Each distinct input runs once; repeats copy its row (the same bits, and no compute spent on them).
+        first_of: Dict[InputItem, int] = {}
+        inverse = [first_of.setdefault(item, len(first_of)) for item in items]
+        repeats = len(items) - len(first_of)
+        if repeats:
+            items = list(first_of)
+        with tqdm(total=len(items) + repeats, unit="text", desc="Encoding", disable=not show_progress_bar) as bar:
+            bar.update(repeats)
             if devices is not None or pool is not None:
                 own_pool = pool is None
                 if own_pool:
@@ -414,6 +422,8 @@ class LLM2Vec(nn.Module):
                                         self._hidden_size())
             else:
                 out = self._encode_items(items, device, bar, **options)
+        if repeats:
+            out = out[torch.tensor(inverse, dtype=torch.long)]
         if convert_to_tensor:
             convert_to_numpy = False
         return out.numpy() if convert_to_numpy else out
