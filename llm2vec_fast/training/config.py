@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TORCH_DTYPES = ("bfloat16", "float16", "float32", "auto")
+# lr_scheduler_type values (HF's names, built by transformers.get_scheduler from warmup_steps and the step count).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 # attn_implementation values a config may name. llm2vec's configs say "flash_attention_2": that maps to ours
 # (which itself dispatches to flash-attn when installed), so those configs run without the flash_attn package.
 ATTN_IMPLEMENTATIONS = (None, "llm2vec_fast", "flash_attention_2", "sdpa", "eager")
@@ -46,7 +49,6 @@ IGNORED_LLM2VEC_KEYS = frozenset({
 # Keys that would change the training if set to anything but what this trainer does: accepted at these
 # values (llm2vec's, or HF's defaults), refused otherwise, so that a config never trains differently in silence.
 VALUE_CHECKED_KEYS: Dict[str, Tuple[Tuple[Any, ...], str]] = {
-    "lr_scheduler_type": (("linear",), "the schedule here is linear warmup then linear decay"),
     "optim": (("adamw_torch", "adamw_torch_fused", "adamw_hf"), "the optimizer here is torch's AdamW"),
     "line_by_line": ((False,), "MNTP groups the text into fixed-length chunks"),
     "streaming": ((False,), "the data are read from local files"),
@@ -76,6 +78,7 @@ class TrainConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"  # after warmup_steps of linear warmup (see LR_SCHEDULERS)
     num_train_epochs: float = 1.0
     max_steps: int = -1
     seed: int = 42
@@ -173,6 +176,9 @@ class TrainConfig:
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set 'max_steps' (> 0) or 'num_train_epochs' (> 0); got "
                              f"max_steps={self.max_steps!r}, num_train_epochs={self.num_train_epochs!r}")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ValueError(f"config key 'lr_scheduler_type' must be one of {LR_SCHEDULERS}, "
+                             f"got {self.lr_scheduler_type!r}")
         if self.torch_dtype not in TORCH_DTYPES:
             raise ValueError(f"config key 'torch_dtype' must be one of {TORCH_DTYPES}, got {self.torch_dtype!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:

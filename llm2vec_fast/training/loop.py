@@ -2,7 +2,7 @@
 
 A recipe (MNTP, SimCSE, supervised) provides the model and data and does forward + backward; the loop
 owns everything else: gradient accumulation, the cross-rank gradient SUM, clipping, AdamW with linear
-warmup and decay, logging, checkpoints and exact resumption.
+warmup and the ``lr_scheduler_type`` schedule (linear decay by default), logging, checkpoints and exact resumption.
 
 Recipe protocol (duck-typed):
     config: TrainConfig; model: torch.nn.Module (trainable params = requires_grad); tokenizer
@@ -103,8 +103,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
         self.batches_per_epoch = self._batches_per_epoch()
         self.total_steps = self._total_steps()
-        from transformers import get_linear_schedule_with_warmup
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        from transformers import get_scheduler
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=self.total_steps)
         self.step = 0
         self.epoch = 0
         self.batch_index = 0          # micro-batches of self.epoch already consumed
