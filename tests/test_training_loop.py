@@ -123,18 +123,22 @@ class ToyRecipe:
         torch.save(self.model.state_dict(), os.path.join(folder, "toy.pt"))
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant_with_warmup"])
-def test_learning_rate_schedules(tmp_path, schedule):
-    """lr_scheduler_type: linear warmup over warmup_steps, then the named schedule, step by step (the learning
-    rate each step's update used, as logged)."""
+@pytest.mark.parametrize("schedule,warmup_key", [("linear", "warmup_steps"), ("cosine", "warmup_ratio"),
+                                                 ("constant_with_warmup", "warmup_steps")])
+def test_learning_rate_schedules(tmp_path, schedule, warmup_key):
+    """lr_scheduler_type: linear warmup over warmup_steps (or ceil(warmup_ratio * steps)), then the named schedule,
+    step by step (the learning rate each step's update used, as logged); AdamW takes the adam_* keys."""
     import math
 
     from llm2vec_fast.training.loop import LOG_FILE, Trainer
     from llm2vec_fast.training.mntp import MNTPRecipe
     base_lr, warmup, total = 1e-2, 2, 8
-    config = mntp_config(str(tmp_path), max_steps=total, warmup_steps=warmup, learning_rate=base_lr,
-                         lr_scheduler_type=schedule, logging_steps=1)
-    Trainer(MNTPRecipe(config)).train()
+    config = mntp_config(str(tmp_path), max_steps=total, learning_rate=base_lr, lr_scheduler_type=schedule,
+                         logging_steps=1, adam_beta2=0.98, adam_epsilon=1e-6,
+                         **{warmup_key: warmup if warmup_key == "warmup_steps" else 0.2})  # ceil(0.2 * 8) = 2
+    trainer = Trainer(MNTPRecipe(config))
+    assert trainer.optimizer.defaults["betas"] == (0.9, 0.98) and trainer.optimizer.defaults["eps"] == 1e-6
+    trainer.train()
     with open(os.path.join(config.output_dir, LOG_FILE)) as f:
         logged = [json.loads(line)["lr"] for line in f if '"lr"' in line]
 
@@ -262,6 +266,9 @@ def _gpt2_folder(root):
     ({"per_device_eval_batch_size": 0}, ValueError, ["'per_device_eval_batch_size'", "> 0"]),
     ({"do_eval": "yes"}, TypeError, ["'do_eval'", "bool"]),
     ({"save_total_limit": 0}, ValueError, ["'save_total_limit'", "> 0"]),
+    ({"warmup_ratio": 1.0}, ValueError, ["'warmup_ratio'", "[0, 1)"]),
+    ({"adam_beta2": 1.0}, ValueError, ["'adam_beta2'", "[0, 1)"]),
+    ({"adam_epsilon": 0}, ValueError, ["'adam_epsilon'", "> 0"]),
 ])
 def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, words):
     from llm2vec_fast.training import cli, mntp

@@ -78,7 +78,11 @@ class TrainConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    lr_scheduler_type: str = "linear"  # after warmup_steps of linear warmup (see LR_SCHEDULERS)
+    warmup_ratio: float = 0.0  # HF's: warmup over ceil(ratio * total steps) when warmup_steps is 0
+    lr_scheduler_type: str = "linear"  # after the linear warmup (see LR_SCHEDULERS)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     num_train_epochs: float = 1.0
     max_steps: int = -1
     seed: int = 42
@@ -176,6 +180,13 @@ class TrainConfig:
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set 'max_steps' (> 0) or 'num_train_epochs' (> 0); got "
                              f"max_steps={self.max_steps!r}, num_train_epochs={self.num_train_epochs!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"config key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"config key {name!r} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.adam_epsilon <= 0:
+            raise ValueError(f"config key 'adam_epsilon' must be > 0, got {self.adam_epsilon!r}")
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ValueError(f"config key 'lr_scheduler_type' must be one of {LR_SCHEDULERS}, "
                              f"got {self.lr_scheduler_type!r}")

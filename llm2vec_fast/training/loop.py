@@ -100,11 +100,13 @@ class Trainer:
         decay = [p for _, p in self.params if p.ndim >= 2]
         no_decay = [p for _, p in self.params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         self.batches_per_epoch = self._batches_per_epoch()
         self.total_steps = self._total_steps()
         from transformers import get_scheduler
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.total_steps)
         self.step = 0
         self.epoch = 0
