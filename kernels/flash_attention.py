@@ -185,10 +185,11 @@ def _attn_fwd(
         # Tiles every row sees whole: start >= (last row) - window + 1 and start + BLOCK_N <= first row + window.
         unmasked_start = tl.minimum(tl.cdiv(tl.maximum(first_row + BLOCK_M - window, lo), BLOCK_N) * BLOCK_N, end)
         unmasked_end = tl.maximum(unmasked_start, tl.minimum(unmasked_end, ((first_row + window) // BLOCK_N) * BLOCK_N))
-    acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
-                                    scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh,
-                                    lo, unmasked_start, True, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP, DROPOUT,
-                                    WINDOW, IEEE, INTERPRET)
+    if WINDOW:  # (compiled only with a window: without one this phase is empty)
+        acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head,
+                                        seed, scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt,
+                                        stride_vh, lo, unmasked_start, True, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
+                                        SOFTCAP, DROPOUT, WINDOW, IEEE, INTERPRET)
     acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
                                     scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh,
                                     unmasked_start, unmasked_end, False, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP,
