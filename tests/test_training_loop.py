@@ -233,6 +233,23 @@ def test_cli_trains_mntp(valid):
     assert [r["step"] for r in evaluations] == [2] and evaluations[0]["eval_tokens"] > 0
 
 
+def test_cli_prints_the_validated_config(valid, capsys, monkeypatch):
+    """--print-config: every key of the validated config (defaults filled in, llm2vec's aliases resolved), and no
+    model loads."""
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.training import mntp
+
+    def never(*args, **kwargs):
+        raise AssertionError("--print-config loaded a model")
+    monkeypatch.setattr(mntp.MNTPRecipe, "__init__", never)
+    path, _, _ = valid
+    assert main(["train", "mntp", "--config", path, "--set", "learning_rate=3e-4", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["max_steps"] == 2 and printed["learning_rate"] == 3e-4  # stop_after_n_steps -> max_steps
+    assert printed["eval_strategy"] == "steps" and printed["lr_scheduler_type"] == "linear"
+    assert "stop_after_n_steps" not in printed and "dataset_name" not in printed
+
+
 def _gpt2_folder(root):
     folder = root / "gpt2"
     folder.mkdir(exist_ok=True)

@@ -1,4 +1,4 @@
-"""``llm2vec-fast train {mntp,simcse,supervised} --config CONFIG.json [--set key=value ...]``.
+"""``llm2vec-fast train {mntp,simcse,supervised} --config CONFIG.json [--set key=value ...] [--print-config]``.
 
 The config is validated (keys, types, model family, data paths) before anything loads. Run several
 processes with ``torchrun --nproc_per_node N -m llm2vec_fast.cli train ...``.
@@ -19,6 +19,9 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--config", required=True, help="JSON file with llm2vec train_configs keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key; VALUE is parsed as JSON when it can be (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the validated config (every key, defaults filled in, aliases resolved) as JSON "
+                             "and exit without loading a model")
     parser.set_defaults(run=run)
 
 
@@ -77,6 +80,9 @@ def run(args) -> int:
     """Validates the config, builds the recipe and trains it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args)
+    if getattr(args, "print_config", False):
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        return 0
     _, recipe_class = recipe_classes(args.recipe)
     from .loop import Trainer
     import torch.distributed as dist
