@@ -598,7 +598,7 @@ def test_templates_and_eos_texts():
     assert prepare_for_tokenization(joined, "x", "mistral", "eos_token") == "Instruct: !@#$%^&*()a text </s>"
     assert prepare_for_tokenization(joined, "x", "gemma", "eos_token").endswith("a text<eos>")
     assert prepare_for_tokenization(joined, "x", "qwen2", "eos_token").endswith("a text<|endoftext|>")
-    for family in ("gemma2", "gemma3_text", "qwen3"):  # llm2vec 0.2.3 appends nothing for families it does not know
+    for family in ("gemma2", "gemma3_text", "qwen3", "phi3"):  # llm2vec 0.2.3 appends nothing for families it does not know
         assert prepare_for_tokenization(joined, "x", family, "eos_token") == joined
     assert prepare_for_tokenization(joined, "meta-llama/Meta-Llama-3-8B-Instruct", "llama", "eos_token") == (
         "<|start_header_id|>user<|end_header_id|>\n\nInstruct: !@#$%^&*()a text<|eot_id|>")
@@ -721,10 +721,10 @@ def test_unsupported_family_needs_enable_bidirectional_false(tmp_path):
         LLM2Vec._get_model_class(GPT2Config(), enable_bidirectional=True)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_families_beyond_llm2vec(tmp_path, family, checkpoints):
-    """Qwen3, Gemma2 and Gemma3 (which llm2vec 0.2.3 cannot make bidirectional): packed == padded."""
-    from transformers import Gemma2Config, Gemma3TextConfig, Qwen3Config
+    """Qwen3, Gemma2, Gemma3 and Phi-3 (which llm2vec 0.2.3 cannot make bidirectional): packed == padded."""
+    from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
 
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.models import BI_MODELS
@@ -735,6 +735,8 @@ def test_families_beyond_llm2vec(tmp_path, family, checkpoints):
         config = Qwen3Config(**common)
     elif family == "gemma2":
         config = Gemma2Config(query_pre_attn_scalar=64, attn_logit_softcapping=2.0, sliding_window=4096, **common)
+    elif family == "phi3":  # every layer slides, here over 5 tokens
+        config = Phi3Config(sliding_window=5, **{k: v for k, v in common.items() if k != "head_dim"})
     else:  # a window shorter than some inputs, on layer 0
         config = Gemma3TextConfig(query_pre_attn_scalar=64, sliding_window=5,
                                   layer_types=["sliding_attention", "full_attention"], **common)

@@ -1,5 +1,5 @@
-"""Tests of ``llm2vec_fast.models``: bidirectional Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 and the packed
-forward.
+"""Tests of ``llm2vec_fast.models``: bidirectional Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3, Phi-3 and the
+packed forward.
 
 The oracle is the family's plain transformers ``XxxModel`` with ``attn_implementation="eager"`` given an
 explicit bidirectional 4D mask (0 for real keys, the dtype's minimum for padded keys) and explicit
@@ -17,14 +17,14 @@ import textwrap
 import pytest
 import torch
 import transformers
-from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, Phi3Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 
 import llm2vec_fast as lf
 from llm2vec_fast.models import (BI_FOR_MNTP, BI_MODELS, ATTN_IMPLEMENTATION, PackedBatch, forward_packed,
                                  is_bidirectional, make_bidirectional, pack, pack_sequences, repad,
                                  set_attention_backend, unpad)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 TOL = 1e-4
 VOCAB = 100
 # Real lengths in a batch of 4 (odd, unequal, one of length 1).
@@ -53,6 +53,9 @@ def tiny_config(family: str, **overrides):
     elif family == "gemma3_text":  # q/k norms, a local RoPE base on sliding layers; layer 0 slides, layer 1 is full
         config = Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
                                   sliding_window=4096, layer_types=["sliding_attention", "full_attention"], **common)
+    elif family == "phi3":  # fused qkv and gate_up projections; head_dim = hidden / heads
+        config = Phi3Config(num_attention_heads=2, num_key_value_heads=1, sliding_window=None, eos_token_id=2,
+                            bos_token_id=1, **common)
     else:
         raise AssertionError(family)
     for key, value in overrides.items():
@@ -62,7 +65,7 @@ def tiny_config(family: str, **overrides):
 
 def base_classes(family: str):
     names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-             "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
+             "gemma2": "Gemma2", "gemma3_text": "Gemma3", "phi3": "Phi3"}
     body = "Gemma3TextModel" if family == "gemma3_text" else f"{names[family]}Model"
     return getattr(transformers, body), getattr(transformers, f"{names[family]}ForCausalLM")
 
@@ -276,7 +279,7 @@ def test_gemma2_softcap_reaches_the_kernel():
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa", ATTN_IMPLEMENTATION])
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral", "phi3"])
 def test_sliding_window_is_symmetric(family, impl):
     """A window shorter than the sequences: query i sees key j iff |i - j| < window, on the sliding layers."""
     if family == "gemma2" and impl == "sdpa":
@@ -289,7 +292,7 @@ def test_sliding_window_is_symmetric(family, impl):
     if family in ("gemma2", "gemma3_text"):  # layer 0 slides, layer 1 is full
         assert config.layer_types == ["sliding_attention", "full_attention"]
         oracle_mask = {"full_attention": full_4d, "sliding_attention": window_4d}
-    else:  # every Mistral layer slides
+    else:  # every Mistral and Phi-3 layer slides
         oracle_mask = window_4d
     expected = real(reference_hidden(family, state, ids, mask, config=tiny_config(family, sliding_window=window),
                                      mask_4d=oracle_mask), mask)
@@ -419,7 +422,7 @@ def test_unsupported_family_raises():
         AutoBiModel.from_config(config)
     with pytest.raises(TypeError, match=r"AutoBiModel.from_pretrained"):
         AutoBiModel()
-    with pytest.raises(ValueError, match=r"not supported.*llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text"):
+    with pytest.raises(ValueError, match=r"not supported.*llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3"):
         make_bidirectional(transformers.GPT2Model(config))
     with pytest.raises(TypeError, match="PreTrainedModel"):
         make_bidirectional(torch.nn.Linear(2, 2))
@@ -433,13 +436,13 @@ def test_unsupported_family_raises():
 
 
 @pytest.mark.parametrize("family,impl", [
-    (family, impl) for family in ("llama", "qwen2", "gemma2", "gemma3_text", "mistral")
+    (family, impl) for family in ("llama", "qwen2", "gemma2", "gemma3_text", "mistral", "phi3")
     for impl in ("eager", "sdpa", ATTN_IMPLEMENTATION) if (family, impl) != ("gemma2", "sdpa")  # no softcap in sdpa
 ])
 def test_causal_packed_forward_equals_each_sequence_alone(family, impl):
     """``causal=True`` (llm2vec's enable_bidirectional=False): each packed sequence equals the causal model on
     that sequence alone, with a sliding window shorter than the sequences where the family has one."""
-    windowed = family in ("mistral", "gemma2", "gemma3_text")
+    windowed = family in ("mistral", "gemma2", "gemma3_text", "phi3")
     config = tiny_config(family, sliding_window=3) if windowed else tiny_config(family)
     config._attn_implementation = impl
     torch.manual_seed(11)

@@ -283,6 +283,7 @@ def _gpt2_folder(root):
     ({"per_device_eval_batch_size": 0}, ValueError, ["'per_device_eval_batch_size'", "> 0"]),
     ({"do_eval": "yes"}, TypeError, ["'do_eval'", "bool"]),
     ({"save_total_limit": 0}, ValueError, ["'save_total_limit'", "> 0"]),
+    ({"lora_target_modules": []}, ValueError, ["'lora_target_modules'", "at least one"]),
     ({"warmup_ratio": 1.0}, ValueError, ["'warmup_ratio'", "[0, 1)"]),
     ({"adam_beta2": 1.0}, ValueError, ["'adam_beta2'", "[0, 1)"]),
     ({"adam_epsilon": 0}, ValueError, ["'adam_epsilon'", "> 0"]),

@@ -30,6 +30,9 @@ def make_base(folder: str, family: str = "mistral", seed: int = 0, **overrides) 
     common = dict(vocab_size=704, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64, bos_token_id=1, eos_token_id=2, max_position_embeddings=512,
                   initializer_range=0.1)  # logits of a useful size: the frozen LM head bounds them
+    if family == "phi3":  # head_dim = hidden / heads there
+        common.update(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, pad_token_id=2)
+        common.pop("head_dim")
     if family in ("gemma2", "gemma3_text"):
         common.update(query_pre_attn_scalar=64, final_logit_softcapping=5.0, sliding_window=4096)
     common.update(overrides)
@@ -149,7 +152,7 @@ def test_chunked_cross_entropy_of_no_rows_is_zero_with_a_graph():
     assert float(loss) == 0.0 and torch.count_nonzero(weight.grad) == 0
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "phi3"])
 def test_mntp_loss_is_llm2vecs_causal_lm_loss(tmp_path, family):
     """Our loss (packed body, labelled rows only, chunked head) == llm2vec's: the causal-LM head's
     shifted CE over the full (B, L, V) logits, computed here in float64 (Gemma2/3: with their softcap)."""

@@ -1,5 +1,5 @@
-"""Bidirectional transformers 5 models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3) and their packed
-forward.
+"""Bidirectional transformers 5 models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3, Phi-3) and their
+packed forward.
 
     from llm2vec_fast.models import AutoBiModel   # or the family's class, e.g. MistralBiModel
     model = AutoBiModel.from_pretrained(path, attn_implementation="llm2vec_fast", dtype=torch.bfloat16)
@@ -15,15 +15,16 @@ from .bidirectional import (SUPPORTED_MODEL_TYPES, PackedOutput, decoder_body, f
                             layer_windows, make_bidirectional)
 from .classes import (BI_FOR_MNTP, BI_MODELS, AutoBiForMNTP, AutoBiModel, Gemma2BiForMNTP, Gemma2BiModel,
                       Gemma3BiForMNTP, Gemma3BiModel, GemmaBiForMNTP, GemmaBiModel, LlamaBiForMNTP, LlamaBiModel,
-                      MistralBiForMNTP, MistralBiModel, Qwen2BiForMNTP, Qwen2BiModel, Qwen3BiForMNTP, Qwen3BiModel)
+                      MistralBiForMNTP, MistralBiModel, Phi3BiForMNTP, Phi3BiModel, Qwen2BiForMNTP, Qwen2BiModel,
+                      Qwen3BiForMNTP, Qwen3BiModel)
 from .packing import PackedBatch, pack, pack_sequences, repad, unpad
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "BI_MODELS", "BI_FOR_MNTP", "AutoBiModel", "AutoBiForMNTP",
     "LlamaBiModel", "MistralBiModel", "Qwen2BiModel", "Qwen3BiModel", "GemmaBiModel", "Gemma2BiModel",
-    "Gemma3BiModel",
+    "Gemma3BiModel", "Phi3BiModel",
     "LlamaBiForMNTP", "MistralBiForMNTP", "Qwen2BiForMNTP", "Qwen3BiForMNTP", "GemmaBiForMNTP", "Gemma2BiForMNTP",
-    "Gemma3BiForMNTP",
+    "Gemma3BiForMNTP", "Phi3BiForMNTP",
     "make_bidirectional", "is_bidirectional", "forward_packed", "PackedOutput", "decoder_body", "layer_windows",
     "set_attention_backend", "llm2vec_fast_attention", "windowed_attention",
     "PackedBatch", "pack", "pack_sequences", "unpad", "repad",

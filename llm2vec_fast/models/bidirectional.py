@@ -35,16 +35,24 @@ from .attention import ATTN_IMPLEMENTATION, set_attention_backend
 from .lean import lean_layers
 from .packing import PackedBatch, pack, repad
 
-# model_type -> whether the family's XxxModel.forward accepts a dict of masks keyed by layer type
-# ("full_attention", "sliding_attention"); the others take one mask for all layers.
-FAMILIES: Dict[str, bool] = {
-    "llama": False,
-    "mistral": False,
-    "qwen2": True,
-    "qwen3": True,
-    "gemma": False,
-    "gemma2": True,
-    "gemma3_text": True,
+@dataclass(frozen=True)
+class Family:
+    """What the generic mechanism needs to know of a family: whether its ``XxxModel.forward`` accepts a dict of
+    masks keyed by layer type ("full_attention", "sliding_attention"; the others take one mask for all layers),
+    and whether every layer slides when the config has a ``sliding_window`` but no ``layer_types``."""
+    masks_by_layer_type: bool
+    every_layer_slides: bool = False
+
+
+FAMILIES: Dict[str, Family] = {
+    "llama": Family(False),
+    "mistral": Family(False, every_layer_slides=True),
+    "qwen2": Family(True),
+    "qwen3": Family(True),
+    "gemma": Family(False),
+    "gemma2": Family(True),
+    "gemma3_text": Family(True),
+    "phi3": Family(False, every_layer_slides=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 _HOOK_FLAG = "_llm2vec_fast_bidirectional_hook"
@@ -88,7 +96,8 @@ def layer_windows(config) -> List[Optional[int]]:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return [window if kind == "sliding_attention" else None for kind in layer_types[:layers]]
-    if config.model_type == "mistral":  # every Mistral layer passes config.sliding_window
+    family = FAMILIES.get(config.model_type)
+    if family is not None and family.every_layer_slides:  # every layer passes config.sliding_window
         return [int(window)] * layers
     return [None] * layers
 
@@ -143,7 +152,7 @@ def bidirectional_masks(body: PreTrainedModel, batch_size: int, seqlen: int, att
         extra = _and(within, _symmetric_window(window) if window is not None else None)
         by_window[window] = create_bidirectional_mask(config=config, inputs_embeds=shape_only,
                                                       attention_mask=attention_mask, and_mask_function=extra)
-    if FAMILIES[config.model_type]:
+    if FAMILIES[config.model_type].masks_by_layer_type:
         sliding = [w for w in by_window if w is not None]
         full = by_window.get(None)
         return {"full_attention": full, "sliding_attention": by_window[sliding[0]] if sliding else full}
@@ -185,7 +194,7 @@ def _before_forward(body: PreTrainedModel, args: Tuple, kwargs: Dict) -> Optiona
 
 
 def make_bidirectional(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.Module:
-    """Makes a loaded Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 or Gemma3 model bidirectional, in place.
+    """Makes a loaded Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 or Phi-3 model bidirectional, in place.
 
     Works on the family's ``XxxModel``, ``XxxForCausalLM`` (or any model whose ``base_model`` is
     one), also inside peft. ``backend`` picks the flash_attention backend for

@@ -1,4 +1,4 @@
-"""Bidirectional drop-ins for the seven supported families.
+"""Bidirectional drop-ins for the eight supported families.
 
 ``XxxBiModel`` subclasses the family's ``XxxModel`` (what ``AutoModel`` loads) and ``XxxBiForMNTP``
 its ``XxxForCausalLM`` (language-model head kept, for masked next-token prediction). Each adds no
@@ -13,8 +13,8 @@ from typing import Optional
 
 from torch import Tensor
 from transformers import (Gemma2ForCausalLM, Gemma2Model, Gemma3ForCausalLM, Gemma3TextModel, GemmaForCausalLM,
-                          GemmaModel, LlamaForCausalLM, LlamaModel, MistralForCausalLM, MistralModel, Qwen2ForCausalLM,
-                          Qwen2Model, Qwen3ForCausalLM, Qwen3Model)
+                          GemmaModel, LlamaForCausalLM, LlamaModel, MistralForCausalLM, MistralModel, Phi3ForCausalLM,
+                          Phi3Model, Qwen2ForCausalLM, Qwen2Model, Qwen3ForCausalLM, Qwen3Model)
 
 from .bidirectional import PackedOutput, forward_packed, make_bidirectional
 from .packing import PackedBatch
@@ -62,6 +62,10 @@ class Gemma3BiModel(BidirectionalMixin, Gemma3TextModel):
     symmetric: |i - j| < window, which is transformers' own rule for ``use_bidirectional_attention``)."""
 
 
+class Phi3BiModel(BidirectionalMixin, Phi3Model):
+    """Bidirectional ``Phi3Model`` (Phi-3 / Phi-3.5 / Phi-4 text models; sliding windows symmetric)."""
+
+
 class LlamaBiForMNTP(BidirectionalMixin, LlamaForCausalLM):
     """Bidirectional ``LlamaForCausalLM`` for MNTP training."""
 
@@ -90,12 +94,16 @@ class Gemma3BiForMNTP(BidirectionalMixin, Gemma3ForCausalLM):
     """Bidirectional ``Gemma3ForCausalLM`` (text-only Gemma 3) for MNTP training."""
 
 
+class Phi3BiForMNTP(BidirectionalMixin, Phi3ForCausalLM):
+    """Bidirectional ``Phi3ForCausalLM`` for MNTP training."""
+
+
 BI_MODELS = {"llama": LlamaBiModel, "mistral": MistralBiModel, "qwen2": Qwen2BiModel, "qwen3": Qwen3BiModel,
              "gemma": GemmaBiModel, "gemma2": Gemma2BiModel,
-             "gemma3_text": Gemma3BiModel}
+             "gemma3_text": Gemma3BiModel, "phi3": Phi3BiModel}
 BI_FOR_MNTP = {"llama": LlamaBiForMNTP, "mistral": MistralBiForMNTP, "qwen2": Qwen2BiForMNTP,
                "qwen3": Qwen3BiForMNTP, "gemma": GemmaBiForMNTP, "gemma2": Gemma2BiForMNTP,
-               "gemma3_text": Gemma3BiForMNTP}
+               "gemma3_text": Gemma3BiForMNTP, "phi3": Phi3BiForMNTP}
 
 
 class _AutoBi:

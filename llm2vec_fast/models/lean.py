@@ -42,7 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+# A gated MLP ``down(act(gate(x)) * up(x))`` comes in two layouts: separate gate/up projections (Llama, Mistral,
+# Qwen, Gemma) or one fused ``gate_up_proj`` whose output halves are gate and up (Phi-3).
+_SPLIT = ("gate_proj", "up_proj", "down_proj", "act_fn")
+_FUSED = ("gate_up_proj", "down_proj", "activation_fn")
 
 
 def _silu_like(act: nn.Module) -> bool:
@@ -54,10 +57,22 @@ def _from_transformers(module: nn.Module, suffix: str) -> bool:
     return type(module).__name__.endswith(suffix) and type(module).__module__.startswith("transformers.models.")
 
 
+def _has(module: nn.Module, names) -> bool:
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in names)
+
+
 def is_gated_mlp(module: nn.Module) -> bool:
-    """A transformers gated MLP (``XxxMLP`` with gate/up/down projections and ``act_fn``)."""
-    return _from_transformers(module, "MLP") and all(
-        isinstance(getattr(module, name, None), nn.Module) for name in _PROJECTIONS)
+    """A transformers gated MLP (``XxxMLP`` with gate/up/down projections and ``act_fn``, or Phi-3's fused
+    ``gate_up_proj`` with ``activation_fn``)."""
+    return _from_transformers(module, "MLP") and (_has(module, _SPLIT) or _has(module, _FUSED))
+
+
+def _gate_up(mlp: nn.Module, x: Tensor):
+    """(act, gate(x), up(x)) as the family computes them (gate before up: the order of LoRA dropout's draws)."""
+    if hasattr(mlp, "gate_up_proj"):
+        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        return mlp.activation_fn, gate, up
+    return mlp.act_fn, mlp.gate_proj(x), mlp.up_proj(x)
 
 
 def is_rms_norm(module: nn.Module) -> bool:
@@ -71,11 +86,11 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def lean_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
-    """``mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))`` with the activation and the
-    product written into gate(x)'s buffer (no gradients)."""
-    hidden = mlp.gate_proj(x)
-    hidden = F.silu(hidden, inplace=True) if _silu_like(mlp.act_fn) else mlp.act_fn(hidden)
-    hidden.mul_(mlp.up_proj(x))
+    """``mlp.down_proj(act(gate(x)) * up(x))`` with the activation and the product written into gate(x)'s buffer
+    (no gradients)."""
+    act, hidden, up = _gate_up(mlp, x)
+    hidden = F.silu(hidden, inplace=True) if _silu_like(act) else act(hidden)
+    hidden.mul_(up)
     return mlp.down_proj(hidden)
 
 
@@ -119,8 +134,7 @@ def _mlp_forward_for(mlp: nn.Module):
             return original(mlp, x, *args, **kwargs)
         if not torch.is_grad_enabled():
             return lean_mlp_forward(mlp, x)
-        # gate_proj before up_proj, as transformers calls them (the order of LoRA dropout's RNG draws)
-        return mlp.down_proj(_recompute(_act_times, mlp.act_fn, mlp.gate_proj(x), mlp.up_proj(x)))
+        return mlp.down_proj(_recompute(_act_times, *_gate_up(mlp, x)))
     return forward
 
 

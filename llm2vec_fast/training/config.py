@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The same seven projections where a family fuses them (Phi-3: one qkv_proj, one gate_up_proj).
+LORA_TARGETS_BY_FAMILY = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 TORCH_DTYPES = ("bfloat16", "float16", "float32", "auto")
 # lr_scheduler_type values (HF's names, built by transformers.get_scheduler from warmup_steps and the step count).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -90,7 +92,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_target_modules: Optional[List[str]] = None  # None: every projection of the family (lora_targets)
     gradient_checkpointing: bool = True
     torch_dtype: str = "bfloat16"
     attn_implementation: Optional[str] = None
@@ -195,6 +197,9 @@ class TrainConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"config key 'attn_implementation' must be one of {ATTN_IMPLEMENTATIONS}, "
                              f"got {self.attn_implementation!r}")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ValueError("config key 'lora_target_modules' must name at least one module, or be null (every "
+                             "projection of the family), got []")
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ValueError(f"config key 'save_total_limit' must be > 0 or null, got {self.save_total_limit!r}")
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size <= 0:
@@ -226,6 +231,14 @@ class TrainConfig:
             raise ValueError(f"config key 'model_name_or_path': model family {model_type!r} of {folder!r} is not "
                              f"supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
         return model_type
+
+    @property
+    def lora_targets(self) -> List[str]:
+        """``lora_target_modules``, or by default every attention and MLP projection of the model's family
+        (q, k, v, o, gate, up, down; llm2vec's choice)."""
+        if self.lora_target_modules is not None:
+            return list(self.lora_target_modules)
+        return list(LORA_TARGETS_BY_FAMILY.get(self.model_type, DEFAULT_LORA_TARGETS))
 
     @property
     def attention(self) -> str:

@@ -56,7 +56,7 @@ def load_tokenizer(path: str):
 def lora_config(config: TrainConfig):
     from peft import LoraConfig
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), bias="none", task_type=None)
+                      target_modules=config.lora_targets, bias="none", task_type=None)
 
 
 def add_lora(module: torch.nn.Module, config: TrainConfig):
@@ -65,7 +65,7 @@ def add_lora(module: torch.nn.Module, config: TrainConfig):
     Raises ValueError naming the missing modules when ``lora_target_modules`` matches nothing."""
     from peft import get_peft_model
     names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
-    missing = [t for t in config.lora_target_modules if t not in names]
+    missing = [t for t in config.lora_targets if t not in names]
     if missing:
         raise ValueError(f"config key 'lora_target_modules': {missing} not found in {type(module).__name__}")
     return get_peft_model(module, lora_config(config))
