@@ -86,11 +86,12 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def lean_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
-    """``mlp.down_proj(act(gate(x)) * up(x))`` with the activation and the product written into gate(x)'s buffer
-    (no gradients)."""
+    """``mlp.down_proj(act(gate(x)) * up(x))`` with the activation written into gate(x)'s buffer, and the product
+    too where gate(x) is a buffer of its own (no gradients). A fused gate_up output's halves are strided views:
+    there the product is a new contiguous tensor, so that down_proj reads the layout the family's forward gives it."""
     act, hidden, up = _gate_up(mlp, x)
     hidden = F.silu(hidden, inplace=True) if _silu_like(act) else act(hidden)
-    hidden.mul_(up)
+    hidden = hidden.mul_(up) if hidden.is_contiguous() else hidden * up
     return mlp.down_proj(hidden)
 
 
