@@ -3,11 +3,13 @@
 
     python benchmarks/run.py [--quick] [--ops attention,pool,loss] [--out DIR] [--device auto|cpu|cuda]
                              [--impls NAME,...] [--skip-impls NAME,...] [--time-budget SECONDS] [--no-plot]
+                             [--first OP,...]
     python -m benchmarks.run ...            (the same)
 
 ``--quick``: tiny sizes on whatever device (CPU here), through the same code paths as the full H100
 sizes. ``--out`` defaults to ``$OUT`` if set, else ``benchmarks/results/``. Ops run cheapest first
-(pool, loss, attention) so that a ``--time-budget`` cut (or SIGTERM from ``timeout``) loses the least;
+(pool, loss, attention) so that a ``--time-budget`` cut (or SIGTERM from ``timeout``) loses the least, after
+those named by ``--first`` (the device check puts the headline goals, encode and train, there);
 results are rewritten after every op, and on SIGTERM/Ctrl-C the partial results are written before
 exiting with status 2. The markdown summary table is printed last. On the CPU torch runs one thread
 (``BENCH_CPU_THREADS`` overrides): CPU numbers are a smoke test, and one thread stays steady on a busy box.
@@ -35,6 +37,12 @@ EXECUTION_ORDER = ("pool", "loss", "model", "encode", "attention", "train")
 DEFAULT_OUT = os.path.join(harness.REPO_ROOT, "benchmarks", "results")
 
 
+def execution_order(ops: Sequence[str], first: Sequence[str] = ()) -> List[str]:
+    """The order the chosen ops run in: ``first`` (those of them chosen, as given), then the rest cheapest first."""
+    lead = [op for op in first if op in ops]
+    return lead + [op for op in EXECUTION_ORDER if op in ops and op not in lead]
+
+
 def resolve_device(device: Optional[str]) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,9 +55,10 @@ def resolve_device(device: Optional[str]) -> torch.device:
 def run_suite(*, quick: bool = False, ops: Sequence[str] = tuple(SUITES), out: Optional[str] = None,
               device: Optional[str] = None, impls: Optional[Sequence[str]] = None,
               skip_impls: Sequence[str] = (), time_budget: Optional[float] = None, plot: bool = True,
-              log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Runs the chosen ops and writes the results. Returns {"paths", "results", "markdown", "interrupted"}."""
-    unknown = [op for op in ops if op not in SUITES]
+              first: Sequence[str] = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Runs the chosen ops (``first`` ahead of the rest, see :func:`execution_order`) and writes the results.
+    Returns {"paths", "results", "markdown", "interrupted"}."""
+    unknown = [op for op in list(ops) + list(first) if op not in SUITES]
     if unknown:
         raise ValueError(f"unknown ops {unknown}; choose from {list(SUITES)}")
     out = out or os.environ.get("OUT") or DEFAULT_OUT
@@ -57,7 +66,7 @@ def run_suite(*, quick: bool = False, ops: Sequence[str] = tuple(SUITES), out: O
     meta = harness.environment(dev)
     deadline = time.monotonic() + time_budget if time_budget else None
     log(f"benchmarks: {'quick' if quick else 'full'} sizes on {meta['gpu_name'] or 'cpu'}, ops "
-        f"{','.join(op for op in EXECUTION_ORDER if op in ops)}, torch {meta['torch']}, triton {meta['triton']}, "
+        f"{','.join(execution_order(ops, first))}, torch {meta['torch']}, triton {meta['triton']}, "
         f"commit {meta['commit'][:12]}" + (f", time budget {time_budget:g} s" if time_budget else ""))
     rows: List[harness.Row] = []
     method_notes: List[str] = []
@@ -74,7 +83,7 @@ def run_suite(*, quick: bool = False, ops: Sequence[str] = tuple(SUITES), out: O
     if dev.type == "cpu":  # CPU timings are only a smoke test; one thread is far steadier on a busy machine
         torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", 1)))
     try:
-        for op in (op for op in EXECUTION_ORDER if op in ops):
+        for op in execution_order(ops, first):
             module = importlib.import_module(SUITES[op])
             getattr(module, "NOTES", []).clear()
             modules.append(module)
@@ -119,13 +128,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds; impls that would start later are skipped (results still written)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--first", default="",
+                        help="run these ops first, in this order (e.g. encode,train: the headline goals before a "
+                             "--time-budget cut); the rest run cheapest first")
     args = parser.parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     impls = [name.strip() for name in args.impls.split(",") if name.strip()] if args.impls else None
     skip_impls = [name.strip() for name in args.skip_impls.split(",") if name.strip()]
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    first = [op.strip() for op in args.first.split(",") if op.strip()]
     result = run_suite(quick=args.quick, ops=ops, out=args.out, device=args.device, impls=impls, skip_impls=skip_impls,
-                       time_budget=args.time_budget, plot=not args.no_plot)
+                       time_budget=args.time_budget, plot=not args.no_plot, first=first)
     print()
     for kind, path in result["paths"].items():
         print(f"wrote {kind}: {path}")

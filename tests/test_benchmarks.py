@@ -65,6 +65,17 @@ def check_files(out_dir: str) -> dict:
         return json.load(f)
 
 
+def test_execution_order_puts_the_named_ops_first():
+    from benchmarks import run
+    every = list(run.SUITES)
+    assert run.execution_order(every) == list(run.EXECUTION_ORDER)  # cheapest first
+    assert run.execution_order(every, ["encode", "train"]) == ["encode", "train", "pool", "loss", "model",
+                                                                "attention"]
+    assert run.execution_order(["pool", "attention"], ["train", "attention"]) == ["attention", "pool"]
+    with pytest.raises(ValueError, match="unknown ops"):
+        run.run_suite(quick=True, ops=["pool"], first=["nope"], device="cpu")
+
+
 def test_quick_run_writes_the_results_schema(tmp_path):
     from benchmarks import run
 
