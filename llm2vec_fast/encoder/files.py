@@ -215,9 +215,6 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
     recorded = json.loads(json.dumps(recorded))  # as it reads back from index.json
     identity = input_identity(input_path)
     dim = truncate_dim or hidden
-    normalize = bool(encode_kwargs.get("normalize_embeddings", False))
-    if truncate_dim is not None:
-        encode_kwargs = dict(encode_kwargs, normalize_embeddings=False)  # normalised after the cut
     from ..distributed import rank_and_world  # torch: imported when a file is encoded, not by the CLI parser
     rank, world = rank_and_world()
     if rank == 0:
@@ -245,12 +242,7 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
         if number % world != rank:  # another rank's shard
             continue
         embeddings = encoder.encode([[own or instruction, text] for own, text in chunk], convert_to_numpy=True,
-                                    **encode_kwargs)
-        if truncate_dim is not None:
-            embeddings = embeddings[:, :truncate_dim]
-            if normalize:  # as torch's F.normalize: rows of zeros stay zeros
-                norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-                embeddings = embeddings / np.maximum(norms, 1e-12)
+                                    truncate_dim=truncate_dim, **encode_kwargs)
         name = SHARD_NAME.format(number)
         path = os.path.join(output, name)
         with open(path + ".tmp", "wb") as f:
@@ -380,15 +372,15 @@ def run(args: argparse.Namespace) -> int:
         if args.attn_implementation:
             model_kwargs["attn_implementation"] = args.attn_implementation
         encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=args.merge_peft,
-                                          enable_bidirectional=not args.causal, pooling_mode=args.pooling_mode, max_length=args.max_length,
-                                          doc_max_length=args.doc_max_length, skip_instruction=args.skip_instruction,
+                                          enable_bidirectional=not args.causal, pooling_mode=args.pooling_mode,
+                                          max_length=args.max_length, doc_max_length=args.doc_max_length,
+                                          skip_instruction=args.skip_instruction,
                                           **model_kwargs)
         settings = {"model": args.model, "peft": args.peft, "merge_peft": args.merge_peft, "dtype": args.dtype}
         encode_file(encoder, args.input, args.output, settings=settings, shard_size=args.shard_size,
                     output_dtype=args.output_dtype, text_field=args.text_field,
                     instruction_field=args.instruction_field, instruction=args.instruction,
-                    truncate_dim=args.truncate_dim,
-                    batch_size=args.batch_size,
+                    truncate_dim=args.truncate_dim, batch_size=args.batch_size,
                     max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     normalize_embeddings=args.normalize, show_progress_bar=args.progress)
     finally:

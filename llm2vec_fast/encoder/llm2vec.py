@@ -367,10 +367,11 @@ class LLM2Vec(nn.Module):
                convert_to_numpy: bool = False, convert_to_tensor: bool = False, device: Optional[str] = None, *,
                normalize_embeddings: bool = False, max_tokens_per_batch: Optional[int] = None,
                devices: Optional[Sequence[str]] = None, pool: Optional[EncodePool] = None,
-               distributed: bool = False):
+               distributed: bool = False, truncate_dim: Optional[int] = None):
         """Embeds texts and [instruction, text] pairs: (N, hidden) float32 on the CPU, in input order
         (a numpy array with ``convert_to_numpy=True`` and ``convert_to_tensor=False``). An input given more
-        than once is encoded once (its rows are the same bits).
+        than once is encoded once (its rows are the same bits). ``truncate_dim`` keeps each row's first
+        dimensions (a Matryoshka-trained model); ``normalize_embeddings`` then normalises after the cut.
 
         Batches hold at most ``max_tokens_per_batch`` real tokens (default ``batch_size * max_length``, the
         most a padded batch of ``batch_size`` could hold; at most 1024 on the CPU, where larger packs run
@@ -394,10 +395,14 @@ class LLM2Vec(nn.Module):
         if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or
                                                  isinstance(max_tokens_per_batch, bool) or max_tokens_per_batch < 1):
             raise ValueError(f"max_tokens_per_batch must be a positive int, got {max_tokens_per_batch!r}")
+        if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
+                                         or truncate_dim < 1):
+            raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
         if sum(x is not None and x is not False for x in (devices, pool, distributed)) > 1:
             raise ValueError(f"give at most one of devices=, pool= and distributed=True, got devices={devices!r}, "
                              f"pool={pool!r}, distributed={distributed!r}")
-        options = {"batch_size": batch_size, "normalize_embeddings": normalize_embeddings,
+        # With a cut, the rows are normalised after it (below), not in the pooling.
+        options = {"batch_size": batch_size, "normalize_embeddings": normalize_embeddings and truncate_dim is None,
                    "max_tokens_per_batch": max_tokens_per_batch}
         # Each distinct input runs once; repeats copy its row (the same bits, and no compute spent on them).
         first_of: Dict[InputItem, int] = {}
@@ -424,6 +429,10 @@ class LLM2Vec(nn.Module):
                 out = self._encode_items(items, device, bar, **options)
         if repeats:
             out = out[torch.tensor(inverse, dtype=torch.long)]
+        if truncate_dim is not None:
+            out = out[:, :truncate_dim]
+            if normalize_embeddings:
+                out = torch.nn.functional.normalize(out, dim=-1)
         if convert_to_tensor:
             convert_to_numpy = False
         return out.numpy() if convert_to_numpy else out

@@ -95,9 +95,6 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
                 raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
             if truncate_dim is None:
                 truncate_dim = self.truncate_dim
-            if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
-                                             or truncate_dim < 1):
-                raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
             if chunk_size is not None:
                 raise NotImplementedError("chunk_size is not supported: the pool splits the inputs by length itself")
             if pool is not None and not isinstance(pool, EncodePool):
@@ -123,12 +120,8 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
             target = None if several else (device if device is not None else str(self.device))
             embeddings = llm2vec.encode([[i, t] for i, t in items], batch_size=batch_size,
                                         show_progress_bar=show_progress_bar, device=target,
-                                        normalize_embeddings=normalize_embeddings and truncate_dim is None,
+                                        normalize_embeddings=normalize_embeddings, truncate_dim=truncate_dim,
                                         **several)
-            if truncate_dim is not None:
-                embeddings = embeddings[:, :truncate_dim]
-                if normalize_embeddings:
-                    embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
             if precision != "float32" and len(embeddings):
                 # sentence-transformers' own quantiser: int8/uint8 ranges from these embeddings, binary packed
                 # 8 dimensions a byte, as SentenceTransformer.encode does.
