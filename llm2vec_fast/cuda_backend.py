@@ -169,28 +169,26 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
     """(out (T, Hq, D) like q, lse (Hq, T) float32).
 
     The Hopper kernel of ``csrc/attention.cu`` (TMA + wgmma) when :func:`attention_kernel_supported` (and
-    not switched off, :data:`ATTENTION_OFF`); otherwise (causal, dropout, a sliding window, fp32, other head dims, a GPU other than sm_90, misaligned
-    or non-nested strides) the Triton forward registered with ``dispatch`` (the torch reference where
+    not switched off, :data:`ATTENTION_OFF`); otherwise (causal, dropout, a sliding window, fp32, other head
+    dims, a GPU other than sm_90, misaligned or non-nested strides) the Triton forward registered with ``dispatch`` (the torch reference where
     triton is not installed). The lse convention is the Triton kernel's, so either backward works.
     The kernel variant (v1 / v2) is :func:`attention_variant`'s."""
-    if window:
-        return _fallback("forward")(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p,
-                                    seed, window=window)
     variant = attention_variant()
-    if variant != ATTENTION_OFF and attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p):
+    if not window and variant != ATTENTION_OFF and attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p):
         if variant == 0:  # the extension's own default (and builds that predate the argument)
             return tuple(extension().attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale),
                                                        float(softcap)))
         return tuple(extension().attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale),
                                                    float(softcap), variant=variant))
-    return _fallback("forward")(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
+    return _fallback("forward")(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed,
+                                window=window)
 
 
 def flash_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
                              dropout_p, seed, window=0):
     """(dq, dk, dv): the Triton backward registered with ``dispatch`` (no CUDA backward yet)."""
-    args = (dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed)
-    return _fallback("backward")(*args, window=window) if window else _fallback("backward")(*args)
+    return _fallback("backward")(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
+                                 dropout_p, seed, window=window)
 
 
 def register() -> None:

@@ -1041,8 +1041,8 @@ def test_attention_falls_back_to_triton(monkeypatch):
     """Calls the kernel cannot run go to the registered Triton implementation, forward and backward."""
     dispatch._load_backends()
     calls = []
-    fake = dispatch.Implementation(lambda *a: calls.append(("fwd", a[5], a[8])) or "fwd",
-                                   lambda *a: calls.append(("bwd",)) or "bwd")
+    fake = dispatch.Implementation(lambda *a, **kw: calls.append(("fwd", a[5], a[8])) or "fwd",
+                                   lambda *a, **kw: calls.append(("bwd",)) or "bwd")
     monkeypatch.setitem(dispatch._REGISTRY, ("flash_attention", "triton"), fake)
     q = torch.zeros(5, 2, 64, dtype=torch.bfloat16)
     cu = torch.tensor([0, 5], dtype=torch.int32)
@@ -1094,7 +1094,8 @@ def test_attention_kill_switch_runs_the_fallback(monkeypatch, kernel_calls):
     """LLM2VEC_FAST_CUDA_ATTENTION=off: the kernel is never called, even where it would apply; the registered
     Triton implementation runs instead."""
     dispatch._load_backends()
-    fallback = dispatch.Implementation(lambda *a, **kw: kernel_calls.append("triton") or ("t", "t"), lambda *a: None)
+    fallback = dispatch.Implementation(lambda *a, **kw: kernel_calls.append("triton") or ("t", "t"),
+                                       lambda *a, **kw: None)
     monkeypatch.setitem(dispatch._REGISTRY, ("flash_attention", "triton"), fallback)
     monkeypatch.setenv(cuda_backend.ATTENTION_VARIANT_ENV, "off")
     assert cuda_backend.attention_switched_off() and cuda_backend.attention_variant() == cuda_backend.ATTENTION_OFF

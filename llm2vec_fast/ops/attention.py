@@ -27,9 +27,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: in
              softmax_scale: float, softcap: float, dropout_p: float, seed: Optional[Tensor],
              backend: str, window: int = 0) -> Tuple[Tensor, Tensor]:
     seed_value = int(seed.item()) if seed is not None else 0
-    implementation = dispatch.implementation(OP, backend)
-    args = (q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed_value)
-    return implementation.forward(*args, window=window) if window else implementation.forward(*args)
+    return dispatch.implementation(OP, backend).forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale,
+                                                         softcap, dropout_p, seed_value, window=window)
 
 
 @_forward.register_fake
@@ -42,9 +41,9 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
               max_seqlen: int, causal: bool, softmax_scale: float, softcap: float, dropout_p: float,
               seed: Optional[Tensor], backend: str, window: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     seed_value = int(seed.item()) if seed is not None else 0
-    implementation = dispatch.implementation(OP, backend)
-    args = (dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed_value)
-    dq, dk, dv = implementation.backward(*args, window=window) if window else implementation.backward(*args)
+    dq, dk, dv = dispatch.implementation(OP, backend).backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                                               causal, softmax_scale, softcap, dropout_p, seed_value,
+                                                               window=window)
     return dq, dk, dv
 
 
