@@ -7,9 +7,10 @@ Both recipes train a new LoRA on top of the merged MNTP adapter and implement th
   attention dropout (``simcse_dropout``, 0.3) is the only noise, so the two copies get different masks.
 - **Supervised**: E5-format rows (query, positive, negative) from a folder of ``<dataset>.jsonl`` files or one
   .jsonl with a ``dataset`` field; a row may give a list of ``negatives`` instead (e.g. mined hard negatives),
-  each a candidate for every query of the batch, as llm2vec's one negative is. Queries are ``[instruction + ";", query]``, documents ``["", text]`` (the
-  strings of llm2vec's E5 loader, see :class:`SupervisedConfig`; tokenised by llm2vec's encoding of those
-  inputs: separator, embed mask, skip_instruction). Every global batch comes from one dataset.
+  each a candidate for every query of the batch, as llm2vec's one negative is. Queries are
+  ``[instruction + ";", query]``, documents ``["", text]`` (the strings of llm2vec's E5 loader, see
+  :class:`SupervisedConfig`; tokenised by llm2vec's encoding of those inputs: separator, embed mask,
+  skip_instruction). Every global batch comes from one dataset.
 
 The work is the encoder's: :func:`embed` is ``LLM2Vec._embed_batch`` (packed forward, no compute on padding, our
 attention, ``llm2vec_fast.pool``) run with gradient, and the loss is ``llm2vec_fast.contrastive_loss`` with

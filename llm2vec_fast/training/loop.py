@@ -125,8 +125,12 @@ class Trainer:
         cfg = self.config
         if cfg.max_steps > 0:
             return cfg.max_steps
-        per_epoch = max(self.batches_per_epoch // cfg.gradient_accumulation_steps, 1)
-        return max(math.ceil(cfg.num_train_epochs * per_epoch), 1)
+        return max(math.ceil(cfg.num_train_epochs * self.steps_per_epoch), 1)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (at least one)."""
+        return max(self.batches_per_epoch // self.config.gradient_accumulation_steps, 1)
 
     # ----------------------------------------------------------------------------------------- data
     def _micro_batches(self) -> Iterator:
@@ -213,8 +217,7 @@ class Trainer:
         strategy = getattr(cfg, "eval_strategy", "no")
         if strategy == "steps" and self.step % (getattr(cfg, "eval_steps", None) or cfg.logging_steps) == 0:
             return True
-        steps_per_epoch = max(self.batches_per_epoch // cfg.gradient_accumulation_steps, 1)
-        if strategy == "epoch" and self.step % steps_per_epoch == 0:
+        if strategy == "epoch" and self.step % self.steps_per_epoch == 0:
             return True
         return self.step == self.total_steps and getattr(cfg, "do_eval", False)
 
