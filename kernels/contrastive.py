@@ -162,7 +162,7 @@ import torch  # noqa: E402
 
 # (BLOCK_A, BLOCK_C, BLOCK_K, num_warps, num_stages) for the score-tile kernels on a GPU.
 GPU_CONFIG = (128, 128, 64, 8, 3)
-GPU_CONFIG_FP32 = (64, 64, 32, 4, 2)
+GPU_CONFIG_FP32 = (64, 64, 32, 8, 2)
 INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
 CHUNK_ELEMENTS = 1 << 26  # E chunk: 64 Mi elements (128 MiB in bf16) of recomputed gradient scores
 ROW_BLOCK, DIM_BLOCK = 16, 128  # the row-wise norm kernels

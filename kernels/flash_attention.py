@@ -69,9 +69,9 @@ def _sequence_span(CU_SEQLENS, seq):
 
 @triton.jit
 def _in_window(rows, cols, window):
-    """|row - col| < window, broadcast over the tile."""
-    distance = rows - cols
-    return (distance < window) & (distance > -window)
+    """|row - col| < window, broadcast over the tile, as one unsigned compare (fewer registers):
+    -window < row - col < window  <=>  0 <= row - col + window - 1 < 2 * window - 1."""
+    return (rows - cols + (window - 1)).to(tl.uint32) < (2 * window - 1).to(tl.uint32)
 
 
 @triton.jit
@@ -91,15 +91,21 @@ def _key_range(first_row, seqlen, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed, scale, softcap,
-                    dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh, lo, hi, MASKED: tl.constexpr,
+                    dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh, lo, hi, gap_lo, gap_hi,
+                    MASKED: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
                     INTERPRET: tl.constexpr):
-    """Online softmax over the key tiles [lo, hi) of one query block; MASKED adds the key-padding, causal
-    and window masks, which tiles wholly inside the sequence, below the diagonal and inside every row's
-    window do not need."""
+    """Online softmax over the key tiles [lo, gap_lo) and then [gap_hi, hi) of one query block (one loop,
+    so that a window's two masked edges cost one copy of the loop's registers); MASKED adds the
+    key-padding, causal and window masks, which tiles wholly inside the sequence, below the diagonal and
+    inside every row's window do not need."""
     dim_ok = dims < HEAD_DIM
-    for block_start in range(lo, hi, BLOCK_N):
+    gap = gap_hi - gap_lo  # a multiple of BLOCK_N
+    for tile_start in range(lo, hi - gap, BLOCK_N):
+        block_start = tile_start
+        if MASKED:  # past the gap: continue from its end
+            block_start = tile_start + tl.where(tile_start >= gap_lo, gap, 0)
         cols = block_start + tl.arange(0, BLOCK_N)
         key_tokens = (start + cols).to(tl.int64)
         k_ptrs = K + key_tokens[None, :] * stride_kt + kv_head * stride_kh + dims[:, None]  # K^T: (BLOCK_D, BLOCK_N)
@@ -125,12 +131,15 @@ def _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, k
             s = tl.where(keep, s, float("-inf"))
         # Without a window every row sees a real key in the block's first tile (key 0 <= row under causal),
         # so the running max is finite from the first tile on. With one, a row's window may start past the
-        # first tiles: subtract 0 instead of -inf there (its p and l stay 0), never exp2(-inf - -inf).
+        # first tiles: there subtract 0 instead of -inf (its p and l stay 0), never exp2(-inf - -inf). The
+        # running max itself stays -inf: were it 0, a later tile's scores below -126 (base 2) would all
+        # underflow against it.
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_subtracted = m_new
         if WINDOW and MASKED:
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+            m_subtracted = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_subtracted)
+        p = tl.exp2(s - m_subtracted[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -170,11 +179,13 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Key tiles in ascending order, whichever phase runs them (batch invariance: every bound below is a
-    # position inside the sequence), in three phases: the window's left edge with masks, then the tiles
-    # that need no mask (every key real, under causal at or before every row of this block, inside every
-    # row's window), then the rest (the window's right edge, the causal diagonal, the sequence's last
-    # partial tile) with masks. Without a window the first phase is empty.
+    # Key tiles in two phases, each in ascending order (batch invariance: every bound below is a position
+    # inside the sequence): first the tiles that need no mask [unmasked_start, unmasked_end) (every key
+    # real, under causal at or before every row of this block, inside every row's window), then the rest
+    # with masks, as one loop over [lo, end) that skips the first phase's tiles: a window's left edge, then
+    # its right edge, the causal diagonal and the sequence's last partial tile. Without a window the left
+    # edge is empty. One masked loop, not one per edge: with softcap, dropout and a window, two masked
+    # copies spilled registers on Hopper under triton 3.6.
     first_row = block_m * BLOCK_M
     lo, end = _key_range(first_row, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     unmasked_end = (seqlen // BLOCK_N) * BLOCK_N
@@ -185,19 +196,14 @@ def _attn_fwd(
         # Tiles every row sees whole: start >= (last row) - window + 1 and start + BLOCK_N <= first row + window.
         unmasked_start = tl.minimum(tl.cdiv(tl.maximum(first_row + BLOCK_M - window, lo), BLOCK_N) * BLOCK_N, end)
         unmasked_end = tl.maximum(unmasked_start, tl.minimum(unmasked_end, ((first_row + window) // BLOCK_N) * BLOCK_N))
-    if WINDOW:  # (compiled only with a window: without one this phase is empty)
-        acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head,
-                                        seed, scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt,
-                                        stride_vh, lo, unmasked_start, True, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                        SOFTCAP, DROPOUT, WINDOW, IEEE, INTERPRET)
     acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
                                     scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh,
-                                    unmasked_start, unmasked_end, False, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP,
-                                    DROPOUT, WINDOW, IEEE, INTERPRET)
+                                    unmasked_start, unmasked_end, unmasked_end, unmasked_end, False, HEAD_DIM, BLOCK_D,
+                                    BLOCK_N, CAUSAL, SOFTCAP, DROPOUT, WINDOW, IEEE, INTERPRET)
     acc, m_i, l_i = _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, kv_head, head, seed,
                                     scale, softcap, dropout_p, window, stride_kt, stride_kh, stride_vt, stride_vh,
-                                    unmasked_end, end, True, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, SOFTCAP, DROPOUT,
-                                    WINDOW, IEEE, INTERPRET)
+                                    lo, end, unmasked_start, unmasked_end, True, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
+                                    SOFTCAP, DROPOUT, WINDOW, IEEE, INTERPRET)
 
     if WINDOW:  # the block's rows past the sequence's end may reach no key: keep them finite (never stored)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -293,12 +299,14 @@ def _attn_bwd_dkdv(
 
             s_t = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)
             s_t, capped_t = _scores_to_log2(s_t, scale, softcap, SOFTCAP)
-            keep = col_ok[:, None] & row_ok[None, :]
+            # P^T, recomputed from the saved lse. No padding mask (fewer registers): a padding key (k = v = 0)
+            # feeds only its own dK/dV rows, which are never stored, and a padding query (q = dO = 0,
+            # lse = delta = 0) has p = 1, dp = 0 and ds = 0, so it adds exactly 0 to every key.
+            p_t = tl.exp2(s_t - lse[None, :])
             if CAUSAL:
-                keep = keep & (cols[:, None] <= rows[None, :])
+                p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
             if WINDOW:
-                keep = keep & _in_window(rows[None, :], cols[:, None], window)
-            p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)  # P^T, recomputed from the saved lse
+                p_t = tl.where(_in_window(rows[None, :], cols[:, None], window), p_t, 0.0)
             dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)  # (dO V^T)^T
             p_dropped_t = p_t
             if DROPOUT:
@@ -405,12 +413,13 @@ import torch  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per BLOCK_D (head dim rounded up to a power of two). Every
 # config here compiles for sm_90 without register spills, within shared memory, and (bf16/fp16) to
-# wgmma, plain and with softcap + dropout (CI's aot_check); configs that spilled were dropped.
+# wgmma, plain and with softcap + dropout (+ window), under CI's triton and under the GPU machine's 3.6
+# (CI's aot_check runs both); configs that spilled under either were dropped or given more warps.
 # All forward configs of one BLOCK_D share BLOCK_N: the order of the softmax reduction must not depend
 # on which config the autotuner picks, or batch invariance would break across seqlen buckets.
 FORWARD_CONFIGS = {
     64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2)],
     256: [(128, 32, 8, 2)],
 }
 FORWARD_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]}
@@ -422,7 +431,7 @@ DKDV_CONFIGS = {
     128: [(16, 64, 8, 2), (32, 64, 8, 2)],  # (16, 64, 4, 2) dropped: 254 registers, spilled with a window
     256: [(16, 64, 8, 2)],
 }
-DKDV_CONFIGS_FP32 = {64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]}
+DKDV_CONFIGS_FP32 = {64: [(32, 32, 8, 1)], 128: [(32, 32, 8, 1)], 256: [(16, 32, 8, 1)]}
 DQ_CONFIGS = {
     64: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
     128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],

@@ -198,3 +198,12 @@ def test_cli_broken_kernel_module_fails(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "bad_kernels:bad: compile:" in proc.stdout
     assert "undefined_in_kernel" in proc.stdout
+
+
+def test_cli_expect_triton_guards_the_version(tmp_path):
+    import triton
+    proc = _cli("--paths", str(tmp_path), "--expect-triton", "0.0.1")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"--expect-triton 0.0.1, but the imported triton is {triton.__version__}" in proc.stderr
+    proc = _cli("--paths", str(tmp_path), "--expect-triton", triton.__version__)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -632,7 +632,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--jobs", "-j", type=int, default=None,
                     help="parallel compile processes (default: the number of CPUs, at most 16)")
     ap.add_argument("--verbose", "-v", action="store_true", help="print the full error of each failure")
+    ap.add_argument("--expect-triton", default=None, metavar="VERSION",
+                    help="exit 2 unless the imported triton is this version (guards a side install that did "
+                         "not take, e.g. PYTHONPATH=side-folder for the GPU machine's older triton)")
     args = ap.parse_args(argv)
+    if args.expect_triton is not None and _triton_version() != args.expect_triton:
+        print(f"aot_check: --expect-triton {args.expect_triton}, but the imported triton is "
+              f"{_triton_version()}", file=sys.stderr)
+        return 2
     jobs = args.jobs if args.jobs is not None else min(os.cpu_count() or 1, 16)
 
     try:
