@@ -52,8 +52,15 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Looked up once, at import: under torch.compile, dynamo of torch 2.11 (the GPU machine's) refuses to trace
+# importlib's find_spec, which broke fullgraph compiles of every public op. Building the extension later
+# in the same process is not seen until the next one (as with any compiled module).
+_IMPORTABLE = {module: importlib.util.find_spec(module) is not None
+               for module in ("triton", "flash_attn", f"{__package__}._C")}
+
+
 def _importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    return _IMPORTABLE[module]
 
 
 def _backend_runs_on(backend: str, device: torch.device) -> bool:
@@ -63,7 +70,7 @@ def _backend_runs_on(backend: str, device: torch.device) -> bool:
     if backend == "triton":
         return _importable("triton") and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting()))
     if backend == "cuda":
-        return device.type == "cuda" and _importable("llm2vec_fast._C")
+        return device.type == "cuda" and _importable(f"{__package__}._C")
     if backend == "flash_attn":
         return device.type == "cuda" and _importable("flash_attn")
     return False

@@ -287,3 +287,21 @@ def test_registry_restored_after_registering():
     assert _ORIGINAL_REGISTRY, "the registry fixture ran earlier in this file"
     assert dispatch._REGISTRY == _ORIGINAL_REGISTRY
     assert dispatch.AUTO_TABLE == _ORIGINAL_AUTO_TABLE
+
+
+def test_resolving_a_backend_never_looks_up_modules(monkeypatch):
+    """Under torch.compile, dynamo of torch 2.11 (the GPU machine's) refuses to trace importlib's
+    find_spec: resolving per call must only read what was looked up at import, for every op, backend
+    and device."""
+    import importlib.util
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("find_spec called while resolving a backend")
+
+    dispatch._load_backends()
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    for op in dispatch.OPS:
+        for device in (CPU, CUDA):
+            dispatch.resolve(op, "auto", device)
+            for backend in dispatch.BACKENDS:
+                dispatch._backend_runs_on(backend, device)
