@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
