@@ -281,6 +281,42 @@ def test_packed_equals_padded(checkpoints, case, mode):
     assert torch.allclose(d, a[:8], atol=SAME_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("impl", ["llm2vec_fast", "sdpa"])
+def test_encode_tokens(checkpoints, impl):
+    """Token embeddings: per input, the hidden states of every token it was encoded with, equal to that
+    input's own forward; mean pooling of its last embed_count rows is encode's embedding; None gives
+    dicts whose sentence_embedding is encode's, from the same forward. Packed and padded paths."""
+    from llm2vec_fast import LLM2Vec
+    encoder = LLM2Vec.from_pretrained(checkpoints("llama"), max_length=64, doc_max_length=24,
+                                      **({} if impl == "llm2vec_fast" else {"attn_implementation": impl}))
+    assert encoder._packable() == (impl == "llm2vec_fast")
+    items = INPUTS[:9] + [""]  # "": no tokens at all
+    plan = encoder.plan(as_items(items))
+    tokens = encoder.encode_tokens(items, max_tokens_per_batch=40)  # several batches
+    assert isinstance(tokens, list) and len(tokens) == len(items)
+    pooled = encoder.encode(items, show_progress_bar=False)
+    for i, (t, ids, n) in enumerate(zip(tokens, plan.input_ids, plan.embed_counts)):
+        assert t.dtype == torch.float32 and t.device.type == "cpu" and t.shape == (len(ids), encoder._hidden_size()), i
+        if not ids:
+            continue
+        with torch.no_grad():
+            alone = encoder.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        assert torch.allclose(t, alone, atol=SAME_ATOL, rtol=0), i
+        assert torch.allclose(t[-min(n, len(ids)):].mean(0), pooled[i], atol=SAME_ATOL, rtol=0), i
+    outputs = encoder.encode_tokens(items, output_value=None, normalize_embeddings=True, max_tokens_per_batch=40)
+    normalized = encoder.encode(items, show_progress_bar=False, normalize_embeddings=True)
+    for i, (out, ids) in enumerate(zip(outputs, plan.input_ids)):
+        assert set(out) == {"input_ids", "token_embeddings", "sentence_embedding"}
+        assert out["input_ids"].tolist() == ids
+        assert torch.equal(out["token_embeddings"], tokens[i])
+        assert torch.allclose(out["sentence_embedding"], normalized[i], atol=SAME_ATOL, rtol=0), i
+    assert encoder.encode_tokens("one text")[0].shape[0] == len(encoder.plan(as_items(["one text"])).input_ids[0])
+    with pytest.raises(ValueError, match="output_value must be 'token_embeddings' or None, got 'sentence'"):
+        encoder.encode_tokens(items, output_value="sentence")
+    with pytest.raises(ValueError, match="max_tokens_per_batch must be a positive int, got 0"):
+        encoder.encode_tokens(items, max_tokens_per_batch=0)
+
+
 def test_tokenize_is_llm2vecs_padded_batch(encoders):
     """tokenize: left padding with pad = eos, embed_mask over the last n positions."""
     encoder = encoders("mistral")
@@ -1010,8 +1046,18 @@ def test_sentence_transformers_adapter(encoders):
     with torch.no_grad():
         out = model[0](features)["sentence_embedding"]
     assert torch.allclose(out, expected[:2], atol=SAME_ATOL)
-    with pytest.raises(ValueError, match="token_embeddings"):
-        model.encode(texts, output_value="token_embeddings")
+    # Token embeddings (a list of tensors, as sentence-transformers gives), prompts applied; None: dicts.
+    tokens = model.encode(texts, output_value="token_embeddings", prompt_name="query")
+    want = encoder.encode_tokens([[instruction, t] for t in texts])
+    assert isinstance(tokens, list) and len(tokens) == 5
+    assert all(torch.equal(a, b) for a, b in zip(tokens, want))
+    assert torch.equal(model.encode(texts[0], output_value="token_embeddings"), encoder.encode_tokens(texts[:1])[0])
+    dicts = model.encode(texts, output_value=None)
+    assert torch.allclose(torch.stack([d["sentence_embedding"] for d in dicts]), expected, atol=SAME_ATOL)
+    with pytest.raises(ValueError, match="output_value must be .*got 'hidden'"):
+        model.encode(texts, output_value="hidden")
+    with pytest.raises(ValueError, match="runs in this process only"):
+        model.encode(texts, output_value="token_embeddings", device=["cpu", "cpu"])
     # Quantised precisions: sentence-transformers' own quantiser on our float32 embeddings.
     for precision, dtype, width in (("int8", np.int8, 128), ("uint8", np.uint8, 128), ("binary", np.int8, 16),
                                     ("ubinary", np.uint8, 16)):

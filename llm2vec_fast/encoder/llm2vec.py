@@ -349,17 +349,22 @@ class LLM2Vec(nn.Module):
         return _PreparedBatch(ids=_to(ids, device, pin), mask=_to(mask, device, pin), embed=_to(embed, device, pin),
                               keep=(ids, mask, embed))
 
+    def _batch_hidden(self, prepared: "_PreparedBatch") -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The forward of one prepared batch: the last hidden states, packed (T, H) or padded (B, S, H), and
+        the layout arguments that pool them (cu_seqlens or attention_mask, and embed_mask)."""
+        if prepared.packed is not None:
+            out = self._forward_packed(prepared.packed)
+            return out.hidden, {"cu_seqlens": out.cu_seqlens, "embed_mask": prepared.embed.to(out.hidden.device)}
+        with lean_layers(self.model):  # encode runs without gradients: the MLPs compute in place
+            hidden = self.model(input_ids=prepared.ids, attention_mask=prepared.mask).last_hidden_state
+        return hidden, {"attention_mask": prepared.mask.to(hidden.device),
+                        "embed_mask": prepared.embed.to(hidden.device)}
+
     def _run_batch(self, prepared: "_PreparedBatch", normalize: bool) -> Tensor:
         """The device side of one batch: the forward and the pooling, only enqueued on a CUDA device (no host
         sync on the packed path with the llm2vec_fast attention). (B, H) float32 on the output device."""
-        if prepared.packed is not None:
-            out = self._forward_packed(prepared.packed)
-            embed = prepared.embed.to(out.hidden.device)
-            return self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=embed, normalize=normalize)
-        with lean_layers(self.model):  # encode runs without gradients: the MLPs compute in place
-            hidden = self.model(input_ids=prepared.ids, attention_mask=prepared.mask).last_hidden_state
-        return self._pool(hidden, attention_mask=prepared.mask.to(hidden.device),
-                          embed_mask=prepared.embed.to(hidden.device), normalize=normalize)
+        hidden, layout = self._batch_hidden(prepared)
+        return self._pool(hidden, normalize=normalize, **layout)
 
     # ------------------------------------------------------------------------------------------ encode
 
@@ -390,11 +395,7 @@ class LLM2Vec(nn.Module):
 
         items = normalize_inputs(sentences)
         self._check_mode()
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or
-                                                 isinstance(max_tokens_per_batch, bool) or max_tokens_per_batch < 1):
-            raise ValueError(f"max_tokens_per_batch must be a positive int, got {max_tokens_per_batch!r}")
+        _check_batching(batch_size, max_tokens_per_batch)
         if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
                                          or truncate_dim < 1):
             raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
@@ -450,17 +451,7 @@ class LLM2Vec(nn.Module):
         event has completed). The progress bar counts a batch (texts and tokens/s) once it has completed on
         the device. On the CPU every batch completes before the next is prepared (no pinned memory).
         """
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        target_device = _target_device(self.model, device)
-        budget = max_tokens_per_batch
-        if budget is None:
-            budget = batch_size * self.max_length
-            if target_device.type == "cpu":
-                budget = min(budget, CPU_TOKEN_BUDGET)
-        self.eval()
-        if getattr(_unwrap(self.model), "hf_device_map", None) is None:
-            self.to(device)
+        target_device, budget = self._ready(device, batch_size, max_tokens_per_batch)
         packable = self._packable()
         hidden_size = self._hidden_size()
         out = torch.zeros((len(items), hidden_size), dtype=torch.float32)
@@ -508,6 +499,75 @@ class LLM2Vec(nn.Module):
                     del chunk
                 progress.settle(in_flight, keep=0)
         return out
+
+    def _ready(self, device: Optional[str], batch_size: int,
+               max_tokens_per_batch: Optional[int]) -> Tuple[torch.device, int]:
+        """Eval mode on ``device`` (default CUDA when available; a model dispatched with a device_map stays
+        where it is): (the output device, the token budget per batch)."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        target_device = _target_device(self.model, device)
+        budget = max_tokens_per_batch
+        if budget is None:
+            budget = batch_size * self.max_length
+            if target_device.type == "cpu":
+                budget = min(budget, CPU_TOKEN_BUDGET)
+        self.eval()
+        if getattr(_unwrap(self.model), "hf_device_map", None) is None:
+            self.to(device)
+        return target_device, budget
+
+    def encode_tokens(self, sentences: Union[str, Sequence], batch_size: int = 32, show_progress_bar: bool = False,
+                      device: Optional[str] = None, *, max_tokens_per_batch: Optional[int] = None,
+                      output_value: str = "token_embeddings", normalize_embeddings: bool = False):
+        """Per input, the last hidden state of every token the model reads for it (special tokens and the
+        instruction included; the text's own tokens, which mean pooling uses under skip_instruction, are
+        the last ones): a list of (n_i, hidden) float32 CPU tensors in input order, as
+        sentence-transformers' ``output_value="token_embeddings"``. Same tokenisation, batching and forward
+        as :meth:`encode` (one process; no out-of-memory splitting).
+
+        ``output_value=None`` returns, per input, a dict of ``input_ids`` (long), ``token_embeddings`` and
+        ``sentence_embedding`` (pooled from the same forward, L2-normalised with ``normalize_embeddings``).
+        """
+        from tqdm.auto import tqdm
+
+        if output_value not in ("token_embeddings", None):
+            raise ValueError(f"output_value must be 'token_embeddings' or None, got {output_value!r}")
+        items = normalize_inputs(sentences)
+        self._check_mode()
+        _check_batching(batch_size, max_tokens_per_batch)
+        _, budget = self._ready(device, batch_size, max_tokens_per_batch)
+        packable = self._packable()
+        plan = self.plan(items)
+        lengths = [len(ids) for ids in plan.input_ids]
+        tokens: List[Optional[Tensor]] = [None] * len(items)
+        pooled: List[Optional[Tensor]] = [None] * len(items)
+        order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+        with torch.no_grad(), tqdm(total=len(items), unit="text", desc="Encoding tokens",
+                                   disable=not show_progress_bar) as bar:
+            bar.update(len(items) - len(order))
+            for batch in token_batches(order, lengths, budget, padded=not packable):
+                prepared = self._prepare_batch([plan.input_ids[i] for i in batch],
+                                               [plan.embed_counts[i] for i in batch])
+                hidden, layout = self._batch_hidden(prepared)
+                if output_value is None:
+                    for i, row in zip(batch, self._pool(hidden, normalize=normalize_embeddings, **layout).cpu()):
+                        pooled[i] = row
+                hidden = hidden.float().cpu()
+                if hidden.dim() == 2:  # packed: consecutive sequences in batch order
+                    per_input = hidden.split([lengths[i] for i in batch])
+                else:  # padded on the right (positions from 0 in every row)
+                    per_input = [hidden[row, :lengths[i]] for row, i in enumerate(batch)]
+                for i, states in zip(batch, per_input):
+                    tokens[i] = states.clone()
+                bar.update(len(batch))
+        width = self._hidden_size()
+        tokens = [t if t is not None else torch.zeros((0, width)) for t in tokens]  # inputs without tokens
+        if output_value == "token_embeddings":
+            return tokens
+        return [{"input_ids": torch.tensor(ids, dtype=torch.long), "token_embeddings": t,
+                 "sentence_embedding": p if p is not None else torch.zeros(width)}
+                for ids, t, p in zip(plan.input_ids, tokens, pooled)]
 
     def _chunk_plans(self, items: Sequence[InputItem], ahead: bool) -> Iterator[Tuple[int, Plan]]:
         """(first input, plan) per ``PLAN_CHUNK`` inputs. With ``ahead`` the next chunk is tokenised on a
@@ -620,6 +680,14 @@ class _Progress:
                 entry.event.synchronize()  # waits for this batch only: later ones stay queued on the device
             in_flight.pop(0)
             self.done(entry.texts, entry.tokens)
+
+
+def _check_batching(batch_size, max_tokens_per_batch) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or
+                                             isinstance(max_tokens_per_batch, bool) or max_tokens_per_batch < 1):
+        raise ValueError(f"max_tokens_per_batch must be a positive int, got {max_tokens_per_batch!r}")
 
 
 def _to(x: Tensor, device, non_blocking: bool) -> Tensor:

@@ -18,10 +18,11 @@ Supported: ``encode`` / ``encode_query`` / ``encode_document`` on a string or a 
 ``similarity`` / ``similarity_pairwise`` (cosine by default); ``get_sentence_embedding_dimension``;
 several processes through ``start_multi_process_pool`` / ``encode(..., pool=pool)`` /
 ``stop_multi_process_pool`` or ``encode(..., device=["cuda:0", "cuda:1"])`` (``LLM2Vec``'s pool: one model
-load per process);
+load per process); ``output_value="token_embeddings"`` (a list of (tokens, D) tensors, every token
+the model read, from ``LLM2Vec.encode_tokens``) or ``None`` (per text a dict of input_ids,
+token_embeddings and sentence_embedding), in this process only;
 ``isinstance(model, SentenceTransformer)``; the module's ``tokenize``/``forward`` (llm2vec's padded
-features, differentiable). Not supported (raise ValueError or NotImplementedError):
-``output_value="token_embeddings"``, ``chunk_size``,
+features, differentiable). Not supported (raise ValueError or NotImplementedError): ``chunk_size``,
 saving or loading through sentence-transformers (use ``LLM2Vec.save`` / ``from_pretrained``), training
 with ``fit``/the trainer.
 """
@@ -89,8 +90,9 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
             if inputs is None:
                 inputs = kwargs.pop("sentences", None)
             kwargs.pop("task", None)
-            if output_value != "sentence_embedding":
-                raise ValueError(f"output_value={output_value!r} is not supported (only 'sentence_embedding')")
+            if output_value not in ("sentence_embedding", "token_embeddings", None):
+                raise ValueError(f"output_value must be 'sentence_embedding', 'token_embeddings' or None, got "
+                                 f"{output_value!r}")
             if precision not in PRECISIONS:
                 raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
             if truncate_dim is None:
@@ -117,6 +119,17 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
                 items = [(prompt if not instruction else instruction, text) for instruction, text in items]
             if show_progress_bar is None:
                 show_progress_bar = False
+            if output_value != "sentence_embedding":
+                # As SentenceTransformer.encode: a list of (tokens, D) tensors, or of dicts with None; the
+                # convert_to_* and precision options apply to sentence embeddings only.
+                if several:
+                    raise ValueError(f"output_value={output_value!r} runs in this process only: pass one device, "
+                                     f"not pool= or a device list")
+                outputs = llm2vec.encode_tokens([[i, t] for i, t in items], batch_size=batch_size,
+                                                show_progress_bar=show_progress_bar,
+                                                device=device if device is not None else str(self.device),
+                                                output_value=output_value, normalize_embeddings=normalize_embeddings)
+                return outputs[0] if single else outputs
             target = None if several else (device if device is not None else str(self.device))
             embeddings = llm2vec.encode([[i, t] for i, t in items], batch_size=batch_size,
                                         show_progress_bar=show_progress_bar, device=target,
@@ -170,7 +183,8 @@ def supported_features() -> List[str]:
     """What the adapter supports (for documentation and tests)."""
     return ["encode", "encode_query", "encode_document", "similarity", "similarity_pairwise",
             "get_sentence_embedding_dimension", "prompts", "normalize_embeddings", "truncate_dim", "precision",
-            "convert_to_numpy", "convert_to_tensor", "start_multi_process_pool", "pool", "device list"]
+            "convert_to_numpy", "convert_to_tensor", "start_multi_process_pool", "pool", "device list",
+            "output_value token_embeddings / None"]
 
 
 __all__ = ["LLM2VecModule", "to_sentence_transformer", "supported_features"]
