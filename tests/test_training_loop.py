@@ -287,6 +287,8 @@ def _gpt2_folder(root):
     ({"warmup_ratio": 1.0}, ValueError, ["'warmup_ratio'", "[0, 1)"]),
     ({"adam_beta2": 1.0}, ValueError, ["'adam_beta2'", "[0, 1)"]),
     ({"adam_epsilon": 0}, ValueError, ["'adam_epsilon'", "> 0"]),
+    ({"report_to": "mlflow"}, ValueError, ["'report_to'", "'mlflow'"]),
+    ({"report_to": 3}, TypeError, ["'report_to'", "3"]),
 ])
 def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, words):
     from llm2vec_fast.training import cli, mntp
@@ -373,3 +375,80 @@ def test_cli_argument_errors(valid, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llm2vec_fast.training.contrastive", types.ModuleType("contrastive"))
     with pytest.raises(ImportError, match="SimCSEConfig"):
         cli.recipe_classes("simcse")
+
+
+# ------------------------------------------------------------------------------------------ report_to
+class _FakeSummaryWriter:
+    """torch.utils.tensorboard's SummaryWriter, recording (tag, value, step) (tensorboard is not a dependency)."""
+    instances = []
+
+    def __init__(self, log_dir=None):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _FakeSummaryWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def _fake_wandb():
+    calls = []
+    module = types.ModuleType("wandb")
+    module.init = lambda **kwargs: calls.append(("init", kwargs))
+    module.log = lambda data, step: calls.append(("log", data, step))
+    module.finish = lambda: calls.append(("finish",))
+    return module, calls
+
+
+def test_report_to_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """report_to ["tensorboard", "wandb"]: every log.jsonl record (training and evaluation) goes to both as
+    Hugging Face's scalar names at its step; the writer is closed and the run finished at the end, even when a
+    step raises. Fake modules stand in for the packages (not dependencies)."""
+    from llm2vec_fast.training import reporting
+    from llm2vec_fast.training.loop import LOG_FILE, Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    board = types.ModuleType("torch.utils.tensorboard")
+    board.SummaryWriter = _FakeSummaryWriter
+    wandb, calls = _fake_wandb()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setattr(reporting, "installed", lambda name: True)
+    _FakeSummaryWriter.instances.clear()
+    config = mntp_config(str(tmp_path), max_steps=4, logging_steps=2, report_to=["tensorboard", "wandb"],
+                         run_name="tiny", do_eval=True, validation_split_percentage=20)
+    Trainer(MNTPRecipe(config)).train()
+    with open(os.path.join(config.output_dir, LOG_FILE)) as f:
+        records = [json.loads(line) for line in f]
+    assert any("eval_loss" in r for r in records)
+    expected = [(reporting.scalar_name(k), float(v), r["step"]) for r in records for k, v in r.items() if k != "step"]
+    (writer,) = _FakeSummaryWriter.instances
+    assert writer.log_dir == os.path.join(config.output_dir, "runs") and writer.closed
+    assert writer.scalars == expected
+    assert ("train/learning_rate", records[0]["lr"], 2) in writer.scalars
+    assert ("eval/loss", [r for r in records if "eval_loss" in r][0]["eval_loss"], 4) in writer.scalars
+    assert calls[0][0] == "init" and calls[0][1]["name"] == "tiny" and calls[0][1]["config"]["max_steps"] == 4
+    assert [(name, step) for name, *rest in calls[1:-1] for step in rest[1:]] == [("log", r["step"]) for r in records]
+    assert calls[-1] == ("finish",)
+    # a run that fails still closes its integrations
+    failing = MNTPRecipe(mntp_config(str(tmp_path), output_dir=str(tmp_path / "failing"), max_steps=4,
+                                     report_to="tensorboard", logging_dir=str(tmp_path / "tb")))
+    _crash_after(failing, 1)
+    with pytest.raises(Crash):
+        Trainer(failing).train()
+    assert _FakeSummaryWriter.instances[-1].closed and _FakeSummaryWriter.instances[-1].log_dir == str(tmp_path / "tb")
+
+
+def test_report_to_values(monkeypatch):
+    from llm2vec_fast.training import reporting
+    monkeypatch.setattr(reporting, "installed", lambda name: name == "tensorboard")
+    assert reporting.resolve_report_to(None) == [] and reporting.resolve_report_to("none") == []
+    assert reporting.resolve_report_to("all") == ["tensorboard"]
+    assert reporting.resolve_report_to(["tensorboard", "tensorboard"]) == ["tensorboard"]
+    with pytest.raises(ValueError, match=r"names 'wandb', which needs the wandb package: pip install wandb"):
+        reporting.resolve_report_to(["tensorboard", "wandb"])
+    with pytest.raises(ValueError, match=r"'report_to' takes 'none', 'all' or names from .*got 'mlflow'"):
+        reporting.resolve_report_to("mlflow")
+    assert reporting.scalar_name("eval_accuracy") == "eval/accuracy"
+    assert reporting.scalar_name("samples_per_s") == "train/samples_per_s"

@@ -16,7 +16,9 @@ import logging
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple, Union
+
+from .reporting import resolve_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,8 @@ ATTN_IMPLEMENTATIONS = (None, "llm2vec_fast", "flash_attention_2", "sdpa", "eage
 # precision is torch_dtype's): accepted so those files load unchanged, and reported once in the log.
 IGNORED_LLM2VEC_KEYS = frozenset({
     "do_train", "do_eval", "do_predict", "overwrite_output_dir", "evaluation_strategy", "eval_strategy",
-    "eval_steps", "per_device_eval_batch_size", "remove_unused_columns", "save_only_model", "report_to",
-    "run_name", "experiment_id", "logging_dir", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
+    "eval_steps", "per_device_eval_batch_size", "remove_unused_columns", "save_only_model",
+    "experiment_id", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
     "save_strategy", "save_safetensors", "dataloader_num_workers", "dataloader_drop_last",
     "dataloader_prefetch_factor", "dataloader_pin_memory", "dataloader_persistent_workers",
     "preprocessing_num_workers", "overwrite_cache", "validation_split_percentage", "max_eval_samples", "cache_dir",
@@ -104,6 +106,10 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None
     device: Optional[str] = None
     disable_tqdm: bool = False
+    # Hugging Face's: "none", "all", or integrations ("tensorboard", "wandb"); see training/reporting.py.
+    report_to: Optional[Union[str, List[str]]] = None
+    run_name: Optional[str] = None
+    logging_dir: Optional[str] = None  # TensorBoard's event files; None: <output_dir>/runs
     grad_cache_chunk_size: Optional[int] = None
     # Each step inside models.lean.lean_layers: MLP activations, RMSNorms and LoRA terms recomputed in the
     # backward (same gradients, about a third of the activation memory per layer, some elementwise work twice).
@@ -189,6 +195,7 @@ class TrainConfig:
                 raise ValueError(f"config key {name!r} must be in [0, 1), got {getattr(self, name)!r}")
         if self.adam_epsilon <= 0:
             raise ValueError(f"config key 'adam_epsilon' must be > 0, got {self.adam_epsilon!r}")
+        resolve_report_to(self.report_to)
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ValueError(f"config key 'lr_scheduler_type' must be one of {LR_SCHEDULERS}, "
                              f"got {self.lr_scheduler_type!r}")

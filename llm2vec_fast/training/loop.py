@@ -45,6 +45,7 @@ import torch.distributed as dist
 from ..distributed import rank_and_world
 from ..models.lean import lean_layers
 from .model_setup import seed_everything
+from .reporting import Reporters, resolve_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class Trainer:
         self.epoch = 0
         self.batch_index = 0          # micro-batches of self.epoch already consumed
         self.step_losses: List[float] = []
+        self.reporters: Optional[Reporters] = None  # report_to's integrations, open while train() runs
 
     # ----------------------------------------------------------------------------------------- sizing
     def _batches_per_epoch(self) -> int:
@@ -168,6 +170,19 @@ class Trainer:
         log_file = os.path.join(cfg.output_dir, LOG_FILE)
         if resume is None and self.rank == 0 and os.path.exists(log_file):
             os.remove(log_file)  # a fresh run starts a fresh log; a resumed one appends
+        names = resolve_report_to(cfg.report_to) if self.rank == 0 else []
+        if names:
+            self.reporters = Reporters(names, output_dir=cfg.output_dir, logging_dir=cfg.logging_dir,
+                                       run_name=cfg.run_name, config=cfg.to_dict())
+        try:
+            return self._train_steps()
+        finally:
+            if self.reporters is not None:
+                self.reporters.close()
+                self.reporters = None
+
+    def _train_steps(self) -> List[float]:
+        cfg = self.config
         bar = self._progress_bar()
         batches = self._micro_batches()
         window_losses: List[float] = []
@@ -248,6 +263,8 @@ class Trainer:
 
     def _write_record(self, record: Dict) -> None:
         if self.rank == 0:
+            if self.reporters is not None:
+                self.reporters.log(record)
             os.makedirs(self.config.output_dir, exist_ok=True)  # (evaluate() may run before any training)
             with open(os.path.join(self.config.output_dir, LOG_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
