@@ -28,7 +28,7 @@ import torch
 
 from . import dispatch
 
-EXTENSION = "llm2vec_fast._C"
+EXTENSION = dispatch.EXTENSION
 BUILD_HINT = ("build it with a CUDA toolkit and a CUDA build of torch: CUDA_HOME=/usr/local/cuda "
               "pip install --no-build-isolation -e . (or python setup.py build_ext --inplace)")
 
@@ -170,8 +170,9 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
 
     The Hopper kernel of ``csrc/attention.cu`` (TMA + wgmma) when :func:`attention_kernel_supported` (and
     not switched off, :data:`ATTENTION_OFF`); otherwise (causal, dropout, a sliding window, fp32, other head
-    dims, a GPU other than sm_90, misaligned or non-nested strides) the Triton forward registered with ``dispatch`` (the torch reference where
-    triton is not installed). The lse convention is the Triton kernel's, so either backward works.
+    dims, a GPU other than sm_90, misaligned or non-nested strides) the Triton forward registered with
+    ``dispatch`` (the torch reference where triton is not installed). The lse convention is the Triton
+    kernel's, so either backward works.
     The kernel variant (v1 / v2) is :func:`attention_variant`'s."""
     variant = attention_variant()
     if not window and variant != ATTENTION_OFF and attention_kernel_supported(q, k, v, cu_seqlens, causal, dropout_p):

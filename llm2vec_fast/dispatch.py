@@ -55,8 +55,8 @@ def triton_interpreting() -> bool:
 # Looked up once, at import: under torch.compile, dynamo of torch 2.11 (the GPU machine's) refuses to trace
 # importlib's find_spec, which broke fullgraph compiles of every public op. Building the extension later
 # in the same process is not seen until the next one (as with any compiled module).
-_IMPORTABLE = {module: importlib.util.find_spec(module) is not None
-               for module in ("triton", "flash_attn", f"{__package__}._C")}
+EXTENSION = f"{__package__}._C"  # the compiled CUDA extension (csrc/)
+_IMPORTABLE = {module: importlib.util.find_spec(module) is not None for module in ("triton", "flash_attn", EXTENSION)}
 
 
 def _importable(module: str) -> bool:
@@ -70,7 +70,7 @@ def _backend_runs_on(backend: str, device: torch.device) -> bool:
     if backend == "triton":
         return _importable("triton") and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting()))
     if backend == "cuda":
-        return device.type == "cuda" and _importable(f"{__package__}._C")
+        return device.type == "cuda" and _importable(EXTENSION)
     if backend == "flash_attn":
         return device.type == "cuda" and _importable("flash_attn")
     return False

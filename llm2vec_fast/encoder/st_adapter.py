@@ -114,9 +114,9 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
                     raise ValueError(f"prompt_name {prompt_name!r} not found in prompts {sorted(self.prompts)}")
                 prompt = self.prompts[prompt_name]
             single = isinstance(inputs, str)
-            items = normalize_inputs(inputs)
-            if prompt:
-                items = [(prompt if not instruction else instruction, text) for instruction, text in items]
+            pairs = [[prompt if prompt and not instruction else instruction, text]
+                     for instruction, text in normalize_inputs(inputs)]
+            own_device = device if device is not None else str(self.device)
             if show_progress_bar is None:
                 show_progress_bar = False
             if output_value != "sentence_embedding":
@@ -125,14 +125,12 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
                 if several:
                     raise ValueError(f"output_value={output_value!r} runs in this process only: pass one device, "
                                      f"not pool= or a device list")
-                outputs = llm2vec.encode_tokens([[i, t] for i, t in items], batch_size=batch_size,
-                                                show_progress_bar=show_progress_bar,
-                                                device=device if device is not None else str(self.device),
-                                                output_value=output_value, normalize_embeddings=normalize_embeddings)
+                outputs = llm2vec.encode_tokens(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                                device=own_device, output_value=output_value,
+                                                normalize_embeddings=normalize_embeddings)
                 return outputs[0] if single else outputs
-            target = None if several else (device if device is not None else str(self.device))
-            embeddings = llm2vec.encode([[i, t] for i, t in items], batch_size=batch_size,
-                                        show_progress_bar=show_progress_bar, device=target,
+            embeddings = llm2vec.encode(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                        device=None if several else own_device,
                                         normalize_embeddings=normalize_embeddings, truncate_dim=truncate_dim,
                                         **several)
             if precision != "float32" and len(embeddings):
