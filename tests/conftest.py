@@ -11,3 +11,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_sessionstart(session):
+    """Load the kernel modules once, under the run's own TRITON_INTERPRET: triton.jit picks the interpreter or
+    the GPU compiler when a kernel is defined, so a test that clears the variable (to check dispatch without the
+    interpreter) must not be the one that first imports them, or every later test gets GPU-only kernels."""
+    from llm2vec_fast import dispatch
+
+    dispatch._load_backends()
