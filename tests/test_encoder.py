@@ -310,7 +310,17 @@ def test_encode_tokens(checkpoints, impl):
         assert out["input_ids"].tolist() == ids
         assert torch.equal(out["token_embeddings"], tokens[i])
         assert torch.allclose(out["sentence_embedding"], normalized[i], atol=SAME_ATOL, rtol=0), i
+    # truncate_dim cuts sentence_embedding as encode does (normalised after the cut), not the token states.
+    cut = encoder.encode_tokens(items, output_value=None, normalize_embeddings=True, truncate_dim=24,
+                                max_tokens_per_batch=40)
+    want = encoder.encode(items, show_progress_bar=False, normalize_embeddings=True, truncate_dim=24)
+    for i, out in enumerate(cut):
+        assert out["sentence_embedding"].shape == (24,) and torch.equal(out["token_embeddings"], tokens[i]), i
+        assert torch.allclose(out["sentence_embedding"], want[i], atol=SAME_ATOL, rtol=0), i
+    assert torch.allclose(want[:-1].norm(dim=1), torch.ones(len(items) - 1), atol=1e-5)  # "" stays zero
     assert encoder.encode_tokens("one text")[0].shape[0] == len(encoder.plan(as_items(["one text"])).input_ids[0])
+    with pytest.raises(ValueError, match="truncate_dim must be a positive int, got -3"):
+        encoder.encode_tokens(items, output_value=None, truncate_dim=-3)
     with pytest.raises(ValueError, match="output_value must be 'token_embeddings' or None, got 'sentence'"):
         encoder.encode_tokens(items, output_value="sentence")
     with pytest.raises(ValueError, match="max_tokens_per_batch must be a positive int, got 0"):
@@ -1054,6 +1064,9 @@ def test_sentence_transformers_adapter(encoders):
     assert torch.equal(model.encode(texts[0], output_value="token_embeddings"), encoder.encode_tokens(texts[:1])[0])
     dicts = model.encode(texts, output_value=None)
     assert torch.allclose(torch.stack([d["sentence_embedding"] for d in dicts]), expected, atol=SAME_ATOL)
+    dicts = model.encode(texts, output_value=None, truncate_dim=40)  # cut as sentence-transformers cuts it
+    assert torch.allclose(torch.stack([d["sentence_embedding"] for d in dicts]), expected[:, :40], atol=SAME_ATOL)
+    assert all(d["token_embeddings"].shape[1] == 128 for d in dicts)
     with pytest.raises(ValueError, match="output_value must be .*got 'hidden'"):
         model.encode(texts, output_value="hidden")
     with pytest.raises(ValueError, match="runs in this process only"):

@@ -396,9 +396,7 @@ class LLM2Vec(nn.Module):
         items = normalize_inputs(sentences)
         self._check_mode()
         _check_batching(batch_size, max_tokens_per_batch)
-        if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
-                                         or truncate_dim < 1):
-            raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
+        _check_truncate_dim(truncate_dim)
         if sum(x is not None and x is not False for x in (devices, pool, distributed)) > 1:
             raise ValueError(f"give at most one of devices=, pool= and distributed=True, got devices={devices!r}, "
                              f"pool={pool!r}, distributed={distributed!r}")
@@ -430,10 +428,7 @@ class LLM2Vec(nn.Module):
                 out = self._encode_items(items, device, bar, **options)
         if repeats:
             out = out[torch.tensor(inverse, dtype=torch.long)]
-        if truncate_dim is not None:
-            out = out[:, :truncate_dim]
-            if normalize_embeddings:
-                out = torch.nn.functional.normalize(out, dim=-1)
+        out = _truncate(out, truncate_dim, normalize_embeddings)
         if convert_to_tensor:
             convert_to_numpy = False
         return out.numpy() if convert_to_numpy else out
@@ -519,7 +514,8 @@ class LLM2Vec(nn.Module):
 
     def encode_tokens(self, sentences: Union[str, Sequence], batch_size: int = 32, show_progress_bar: bool = False,
                       device: Optional[str] = None, *, max_tokens_per_batch: Optional[int] = None,
-                      output_value: str = "token_embeddings", normalize_embeddings: bool = False):
+                      output_value: str = "token_embeddings", normalize_embeddings: bool = False,
+                      truncate_dim: Optional[int] = None):
         """Per input, the last hidden state of every token the model reads for it (special tokens and the
         instruction included; the text's own tokens, which mean pooling uses under skip_instruction, are
         the last ones): a list of (n_i, hidden) float32 CPU tensors in input order, as
@@ -527,7 +523,8 @@ class LLM2Vec(nn.Module):
         as :meth:`encode` (one process; no out-of-memory splitting).
 
         ``output_value=None`` returns, per input, a dict of ``input_ids`` (long), ``token_embeddings`` and
-        ``sentence_embedding`` (pooled from the same forward, L2-normalised with ``normalize_embeddings``).
+        ``sentence_embedding`` (pooled from the same forward; ``truncate_dim`` keeps its first dimensions,
+        as sentence-transformers cuts it, and ``normalize_embeddings`` L2-normalises it after the cut).
         """
         from tqdm.auto import tqdm
 
@@ -536,6 +533,7 @@ class LLM2Vec(nn.Module):
         items = normalize_inputs(sentences)
         self._check_mode()
         _check_batching(batch_size, max_tokens_per_batch)
+        _check_truncate_dim(truncate_dim)
         _, budget = self._ready(device, batch_size, max_tokens_per_batch)
         packable = self._packable()
         plan = self.plan(items)
@@ -551,7 +549,10 @@ class LLM2Vec(nn.Module):
                                                [plan.embed_counts[i] for i in batch])
                 hidden, layout = self._batch_hidden(prepared)
                 if output_value is None:
-                    for i, row in zip(batch, self._pool(hidden, normalize=normalize_embeddings, **layout).cpu()):
+                    # With a cut, the rows are normalised after it (as in encode), not in the pooling.
+                    rows = self._pool(hidden, normalize=normalize_embeddings and truncate_dim is None, **layout)
+                    rows = _truncate(rows.cpu(), truncate_dim, normalize_embeddings)
+                    for i, row in zip(batch, rows):
                         pooled[i] = row
                 hidden = hidden.float().cpu()
                 if hidden.dim() == 2:  # packed: consecutive sequences in batch order
@@ -566,7 +567,7 @@ class LLM2Vec(nn.Module):
         if output_value == "token_embeddings":
             return tokens
         return [{"input_ids": torch.tensor(ids, dtype=torch.long), "token_embeddings": t,
-                 "sentence_embedding": p if p is not None else torch.zeros(width)}
+                 "sentence_embedding": p if p is not None else _truncate(torch.zeros(1, width), truncate_dim, False)[0]}
                 for ids, t, p in zip(plan.input_ids, tokens, pooled)]
 
     def _chunk_plans(self, items: Sequence[InputItem], ahead: bool) -> Iterator[Tuple[int, Plan]]:
@@ -688,6 +689,21 @@ def _check_batching(batch_size, max_tokens_per_batch) -> None:
     if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or
                                              isinstance(max_tokens_per_batch, bool) or max_tokens_per_batch < 1):
         raise ValueError(f"max_tokens_per_batch must be a positive int, got {max_tokens_per_batch!r}")
+
+
+def _check_truncate_dim(truncate_dim) -> None:
+    if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
+                                     or truncate_dim < 1):
+        raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
+
+
+def _truncate(rows: Tensor, truncate_dim: Optional[int], normalize: bool) -> Tensor:
+    """(N, D) rows cut to their first ``truncate_dim`` dimensions (a Matryoshka-trained model), then
+    L2-normalised with ``normalize``; rows that are not cut are returned as they are."""
+    if truncate_dim is None:
+        return rows
+    rows = rows[:, :truncate_dim]
+    return torch.nn.functional.normalize(rows, dim=-1) if normalize else rows
 
 
 def _to(x: Tensor, device, non_blocking: bool) -> Tensor:

@@ -20,7 +20,8 @@ several processes through ``start_multi_process_pool`` / ``encode(..., pool=pool
 ``stop_multi_process_pool`` or ``encode(..., device=["cuda:0", "cuda:1"])`` (``LLM2Vec``'s pool: one model
 load per process); ``output_value="token_embeddings"`` (a list of (tokens, D) tensors, every token
 the model read, from ``LLM2Vec.encode_tokens``) or ``None`` (per text a dict of input_ids,
-token_embeddings and sentence_embedding), in this process only;
+token_embeddings and sentence_embedding, the last cut to ``truncate_dim`` as sentence-transformers cuts it
+and, unlike sentence-transformers, normalised with ``normalize_embeddings``), in this process only;
 ``isinstance(model, SentenceTransformer)``; the module's ``tokenize``/``forward`` (llm2vec's padded
 features, differentiable). Not supported (raise ValueError or NotImplementedError): ``chunk_size``,
 saving or loading through sentence-transformers (use ``LLM2Vec.save`` / ``from_pretrained``), training
@@ -127,7 +128,8 @@ def to_sentence_transformer(encoder, *, prompts: Optional[Dict[str, str]] = None
                                      f"not pool= or a device list")
                 outputs = llm2vec.encode_tokens(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar,
                                                 device=own_device, output_value=output_value,
-                                                normalize_embeddings=normalize_embeddings)
+                                                normalize_embeddings=normalize_embeddings,
+                                                **({} if output_value else {"truncate_dim": truncate_dim}))
                 return outputs[0] if single else outputs
             embeddings = llm2vec.encode(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar,
                                         device=None if several else own_device,
