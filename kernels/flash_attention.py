@@ -497,8 +497,9 @@ def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dro
 
 
 def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed,
-             window=0):
-    """Returns (dq, dk, dv) in the inputs' dtypes; deterministic (no atomics)."""
+             window=0, dlse=None):
+    """Returns (dq, dk, dv) in the inputs' dtypes; deterministic (no atomics). ``dlse`` (Hq, T): the gradient
+    with respect to the lse output, when a loss uses it."""
     dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
     total, hq, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
@@ -512,6 +513,8 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_sc
     _attn_bwd_preprocess[(triton.cdiv(total, block_t), hq)](
         out, dout, delta, total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t)
+    if dlse is not None:  # d lse_i / d s_ij = P_ij: dS = P * (dP - (delta - dlse))
+        delta.sub_(dlse)
     group = hq // k.shape[1]
     bucket = _seqlen_bucket(max_seqlen)
     kernel, fixed = _kernel(_attn_bwd_dkdv, {False: DKDV_CONFIGS, True: DKDV_CONFIGS_FP32}, block_d, flags["IEEE"])

@@ -155,15 +155,6 @@ def use_attention_variant(variant: Optional[int]) -> Optional[int]:
     return previous
 
 
-def _fallback(direction: str):
-    """The Triton implementation registered with dispatch (the torch reference where triton is missing)."""
-    dispatch._load_backends()
-    for backend in ("triton", "torch"):
-        if (ATTENTION_OP, backend) in dispatch._REGISTRY:
-            return getattr(dispatch.implementation(ATTENTION_OP, backend), direction)
-    raise RuntimeError("no fallback implementation of flash_attention is registered")
-
-
 def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed,
                             window=0):
     """(out (T, Hq, D) like q, lse (Hq, T) float32).
@@ -181,15 +172,15 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
                                                        float(softcap)))
         return tuple(extension().attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale),
                                                    float(softcap), variant=variant))
-    return _fallback("forward")(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed,
-                                window=window)
+    return dispatch.fallback(ATTENTION_OP).forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
+                                                   dropout_p, seed, window=window)
 
 
 def flash_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
-                             dropout_p, seed, window=0):
+                             dropout_p, seed, window=0, dlse=None):
     """(dq, dk, dv): the Triton backward registered with ``dispatch`` (no CUDA backward yet)."""
-    return _fallback("backward")(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
-                                 dropout_p, seed, window=window)
+    return dispatch.fallback(ATTENTION_OP).backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal,
+                                                    softmax_scale, softcap, dropout_p, seed, window=window, dlse=dlse)
 
 
 def register() -> None:

@@ -48,6 +48,13 @@ def implementation(op: str, backend: str) -> Implementation:
     return _REGISTRY[(op, backend)]
 
 
+def fallback(op: str) -> Implementation:
+    """What a backend runs for calls its kernels do not take: the Triton implementation, or the torch
+    reference where triton is not installed."""
+    _load_backends()
+    return _REGISTRY.get((op, "triton")) or _REGISTRY[(op, "torch")]
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

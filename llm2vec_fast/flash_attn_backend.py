@@ -4,11 +4,14 @@ Registered only when ``flash_attn`` is importable (CUDA). It follows the same fo
 contract as the other backends. flash-attn draws its dropout mask from its own RNG state, which our
 seed cannot replay, so this backend accepts ``dropout_p == 0`` only (use ``"triton"`` for dropout).
 The private functions' keyword names changed across flash-attn 2.x releases, so arguments are passed
-by the names the installed version declares.
+by the names the installed version declares. Its backward drops the gradient of the lse output, so a
+backward that needs it (``flash_attention(..., return_lse=True)``) runs on ``dispatch.fallback``.
 """
 import inspect
 
 import torch
+
+from . import dispatch
 
 
 def _interface():
@@ -50,8 +53,12 @@ def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dro
 
 
 def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed,
-             window=0):
+             window=0, dlse=None):
     _check_dropout(dropout_p)
+    if dlse is not None:  # flash-attn's backward drops the lse gradient: the Triton (or torch) one takes it
+        return dispatch.fallback("flash_attention").backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal,
+                                                             softmax_scale, softcap, dropout_p, seed, window=window,
+                                                             dlse=dlse)
     left, right = _window_sizes(causal, window)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _call(_interface()._flash_attn_varlen_backward, dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq,

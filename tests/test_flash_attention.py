@@ -125,38 +125,49 @@ def max_err(a, b):
 
 
 def check_error_bounds(q, k, v, cu, max_seqlen, *, causal, scale, softcap, backend, truth,
-                       fwd_factor=2.0, bwd_factor=3.0, fwd_atol=1e-5, bwd_atol=1e-4, call=None, window=None):
+                       fwd_factor=2.0, bwd_factor=3.0, fwd_atol=1e-5, bwd_atol=1e-4, call=None, window=None,
+                       with_lse=False):
     """flash-attention's criterion for low precision.
 
     |ours - truth| <= fwd_factor * |torch in the same dtype - truth| + fwd_atol, and bwd_factor for the
     gradients, with "torch in the same dtype" = the reference with ``compute_dtype=None`` (autograd).
     ``truth(q, k, v) -> out`` is a float64 differentiable function of the float64 copies of the inputs.
     ``call(q, k, v) -> out`` (packed), when given, replaces the packed ``flash_attention`` call under test
-    (e.g. to go through the dense layout).
+    (e.g. to go through the dense layout). ``with_lse``: ``truth`` and ``call`` return (out, lse), ours
+    runs with ``return_lse=True``, the loss weighs lse too (random weights) and lse is bounded like out.
     """
     dout = rand_like(q, seed=99)
     q64, k64, v64 = (x.detach().to(torch.float64).requires_grad_(True) for x in (q, k, v))
-    out_true = truth(q64, k64, v64)
-    grads_true = torch.autograd.grad(out_true, (q64, k64, v64), dout.to(torch.float64))
+    true = truth(q64, k64, v64)
+    out_true, lse_true = true if with_lse else (true, None)
+    dlse = rand_like(lse_true, seed=98).float() if with_lse else None
+
+    def loss(out, lse):  # <out, dout> (+ <lse, dlse>) in float64
+        value = (out.to(torch.float64) * dout.to(torch.float64)).sum()
+        return value + (lse.to(torch.float64) * dlse.to(torch.float64)).sum() if with_lse else value
+
+    grads_true = torch.autograd.grad(loss(out_true, lse_true), (q64, k64, v64))
 
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     if call is None:
-        out = lf.flash_attention(*leaves, cu, max_seqlen, causal=causal, softmax_scale=scale, softcap=softcap,
-                                 sliding_window=window, backend=backend)
+        result = lf.flash_attention(*leaves, cu, max_seqlen, causal=causal, softmax_scale=scale, softcap=softcap,
+                                    sliding_window=window, return_lse=with_lse, backend=backend)
     else:
-        out = call(*leaves)
-    grads = torch.autograd.grad(out, leaves, dout)
+        result = call(*leaves)
+    out, lse = result if with_lse else (result, None)
+    grads = torch.autograd.grad(loss(out, lse), leaves)
     assert out.dtype == q.dtype and out.shape == q.shape
     for g, x in zip(grads, (q, k, v)):
         assert g.dtype == x.dtype and g.shape == x.shape
 
     base_leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    base_out, _ = attention(*base_leaves, cu, max_seqlen, causal, default_scale(q.shape[-1], scale), softcap, 0.0, 0,
-                            window or 0, compute_dtype=None)
-    base_grads = torch.autograd.grad(base_out, base_leaves, dout)
+    base_out, base_lse = attention(*base_leaves, cu, max_seqlen, causal, default_scale(q.shape[-1], scale), softcap,
+                                   0.0, 0, window or 0, compute_dtype=None)
+    base_grads = torch.autograd.grad(loss(base_out, base_lse), base_leaves)
 
     report = []
-    for name, ours, base, true, factor, atol in [
+    checks = [("lse", lse, base_lse, lse_true, fwd_factor, fwd_atol)] if with_lse else []
+    for name, ours, base, true, factor, atol in checks + [
         ("out", out, base_out, out_true, fwd_factor, fwd_atol),
         ("dq", grads[0], base_grads[0], grads_true[0], bwd_factor, bwd_atol),
         ("dk", grads[1], base_grads[1], grads_true[1], bwd_factor, bwd_atol),
@@ -386,13 +397,13 @@ def test_reference_manual_backward_in_input_dtype(dtype, dropout_p):
 
 
 def test_lse_output_gradient_is_not_silently_dropped():
-    """The custom op returns lse as an output. Either it is marked non-differentiable, or a loss that uses it
-    gets the true gradient d lse / d q; a silent zero gradient is wrong."""
+    """The custom op returns lse as an output. Without lse_grad it is marked non-differentiable (a loss
+    cannot use it by mistake); with lse_grad a loss that uses it gets the true gradient d lse / d q."""
     q, k, v, cu = rand_packed([5, 12], 4, 2, 64, seed=31, requires_grad=True)
     sm = 0.125
     _, lse = FWD_OP(q, k, v, cu, 12, False, sm, 0.0, 0.0, None, "torch")
-    if not lse.requires_grad:
-        return  # marked non-differentiable: acceptable
+    assert not lse.requires_grad
+    _, lse = FWD_OP(q, k, v, cu, 12, False, sm, 0.0, 0.0, None, "torch", 0, True)
     (dq,) = torch.autograd.grad(lse.sum(), q, allow_unused=True)
     q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
     _, lse_true = oracle(q64, k64, v64, cu, causal=False, scale=sm, softcap=0.0)
@@ -484,16 +495,21 @@ def test_dropout_public_op_backward_uses_forward_seed(monkeypatch):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
-def directional_derivative_check(backend, device="cpu", dtype=torch.float32, eps=1e-2, rtol=2e-3):
+def directional_derivative_check(backend, device="cpu", dtype=torch.float32, eps=1e-2, rtol=2e-3, with_lse=False):
     """Backend-agnostic: with the RNG re-seeded before each call (same mask), the gradient's directional
-    derivative matches central differences. A backward with any other mask would be far off."""
+    derivative matches central differences. A backward with any other mask would be far off. ``with_lse``:
+    the loss weighs the lse output too (its gradient under dropout: lse is taken before dropout)."""
     lengths, hq, hkv, d, p = [24, 0, 9], 4, 2, 64, 0.3
     q, k, v, cu = rand_packed(lengths, hq, hkv, d, seed=43, device=device, dtype=dtype, requires_grad=True)
     dout = rand_like(q, 7)
+    dlse = rand_like(torch.empty(hq, q.shape[0], device=device), 8) * 10 if with_lse else None
 
     def loss(qq, kk, vv):
         torch.manual_seed(2024)
-        out = lf.flash_attention(qq, kk, vv, cu, dropout_p=p, causal=True, backend=backend)
+        out = lf.flash_attention(qq, kk, vv, cu, dropout_p=p, causal=True, return_lse=with_lse, backend=backend)
+        if with_lse:
+            out, lse = out
+            return (out.double() * dout.double()).sum() + (lse.double() * dlse.double()).sum()
         return (out.double() * dout.double()).sum()
 
     grads = torch.autograd.grad(loss(q, k, v), (q, k, v))
@@ -512,8 +528,9 @@ def directional_derivative_check(backend, device="cpu", dtype=torch.float32, eps
     assert abs(other.item() - plus.item()) > 1e-3
 
 
-def test_dropout_backward_is_derivative_of_forward():
-    directional_derivative_check("auto")
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_dropout_backward_is_derivative_of_forward(with_lse):
+    directional_derivative_check("auto", with_lse=with_lse)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -791,28 +808,32 @@ def test_valid_edge_arguments_are_accepted(overrides):
 def test_opcheck_forward_and_backward(dropout):
     q, k, v, cu = rand_packed([3, 0, 9], 4, 2, 64, seed=80, requires_grad=True)
     p, seed = (0.2, torch.tensor([77])) if dropout else (0.0, None)
-    window = 4 if dropout else 0  # the window argument too, once
-    args = (q, k, v, cu, 9, True, 0.125, 4.0, p, seed, "torch", window)
+    window = 4 if dropout else 0  # the window argument too, once; and a differentiable lse with its gradient
+    args = (q, k, v, cu, 9, True, 0.125, 4.0, p, seed, "torch", window, dropout)
     torch.library.opcheck(FWD_OP.default, args)
     out, lse = FWD_OP(*args)
     dout = rand_like(out, 10)
     bargs = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, 9, True, 0.125, 4.0, p, seed,
-             "torch", window)
+             "torch", window, rand_like(lse, 11) if dropout else None)
     torch.library.opcheck(BWD_OP.default, bargs)
 
 
 @pytest.mark.parametrize("window", [None, 6])
 def test_torch_compile_fullgraph_matches_eager(window):
-    """A model-like function (packed, GQA, causal, softcap, with and without a sliding window) compiled with
-    inductor, fullgraph: same output and gradients as eager."""
+    """A model-like function (packed, GQA, causal, softcap, with and without a sliding window; the second
+    also uses the lse output) compiled with inductor, fullgraph: same output and gradients as eager."""
     torch._dynamo.reset()
     lengths, hq, hkv, d = [11, 0, 20], 4, 2, 64
     q, k, v, cu = rand_packed(lengths, hq, hkv, d, seed=81, requires_grad=True)
     w = rand_like(torch.empty(d, d), 82) * 0.1
 
     def fn(q, k, v, cu):
-        out = lf.flash_attention(q @ w, k, v, cu, 20, causal=True, softcap=5.0, sliding_window=window)
-        return out.sum(dim=-1)
+        if window is None:
+            out = lf.flash_attention(q @ w, k, v, cu, 20, causal=True, softcap=5.0)
+            return out.sum(dim=-1)
+        out, lse = lf.flash_attention(q @ w, k, v, cu, 20, causal=True, softcap=5.0, sliding_window=window,
+                                      return_lse=True)
+        return out.sum(dim=-1) + lse.t()
 
     compiled = torch.compile(fn, fullgraph=True, backend="inductor")
     out_c = compiled(q, k, v, cu)
@@ -1073,9 +1094,10 @@ def test_triton_public_op_dropout_backward_uses_forward_seed(kfa, monkeypatch):
 
 
 @needs_triton
-def test_triton_dropout_backward_is_derivative_of_forward():
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_triton_dropout_backward_is_derivative_of_forward(with_lse):
     """Central differences of the public op, re-seeded before each call, match its gradient."""
-    directional_derivative_check("triton", device=TRITON_DEVICE)
+    directional_derivative_check("triton", device=TRITON_DEVICE, with_lse=with_lse)
 
 
 @needs_triton
@@ -1555,3 +1577,119 @@ def test_gpu_triton_batch_invariance_bitwise(causal):
         got = run_in_pack(mine, before, after, max_seqlen=8192, my_dout=my_dout, causal=causal)
         for name, x, y in zip(("out", "dq", "dk", "dv"), got, first):
             assert torch.equal(x, y), (name, before, after, max_err(x, y))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 13. return_lse: the logsumexp as a differentiable output (flash-attn's softmax_lse, with its gradient)
+# ----------------------------------------------------------------------------------------------------
+LSE_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton),
+                pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("flash_attn", marks=pytest.mark.gpu)]
+LSE_FP32_BACKENDS = LSE_BACKENDS[:3]  # flash-attn takes fp16/bf16 only
+# (lengths, Hq, Hkv, D, causal, softcap, softmax_scale, window): GQA ratios 1, 2, 4 and 8, odd lengths
+# with empty sequences, causal, softcap, a custom scale and a window each on and off.
+LSE_CASES = [
+    pytest.param(ODD_LENGTHS, 4, 4, 64, False, 0.0, None, None, id="mha-d64"),
+    pytest.param(ODD_LENGTHS, 4, 2, 80, True, 0.0, None, None, id="gqa2-d80-causal"),
+    pytest.param([40, 0, 77, 1], 4, 1, 64, False, 2.0, 0.3, None, id="gqa4-cap2-scale"),
+    pytest.param([17, 113, 0, 1], 8, 1, 128, False, 0.0, None, 9, id="gqa8-d128-window9"),
+]
+
+
+def _lse_device(backend):
+    """Where ``backend`` runs these tests: cuda and flash_attn on the GPU (skipped where they cannot)."""
+    if backend in ("cuda", "flash_attn"):
+        _cuda_backend_or_skip(backend)
+        return "cuda"
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("backend", LSE_FP32_BACKENDS)
+@pytest.mark.parametrize("lengths,hq,hkv,d,causal,softcap,scale,window", LSE_CASES)
+def test_lse_and_its_gradient_match_fp64_autograd(backend, lengths, hq, hkv, d, causal, softcap, scale, window):
+    """fp32: lse and the gradients of <out, dout> + <lse, dlse> equal float64 autograd through the oracle."""
+    q, k, v, cu = rand_packed(lengths, hq, hkv, d, seed=200 + d, device=_lse_device(backend), requires_grad=True)
+    sm = default_scale(d, scale)
+    out, lse = lf.flash_attention(q, k, v, cu, causal=causal, softmax_scale=scale, softcap=softcap,
+                                  sliding_window=window, return_lse=True, backend=backend)
+    assert lse.shape == (hq, q.shape[0]) and lse.dtype == torch.float32 and lse.requires_grad
+    dout, dlse = rand_like(out, 201), rand_like(lse, 202)
+    grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    out_true, lse_true = oracle(q64, k64, v64, cu, causal=causal, scale=sm, softcap=softcap, window=window)
+    loss_true = (out_true * dout.double()).sum() + (lse_true * dlse.double()).sum()
+    grads_true = torch.autograd.grad(loss_true, (q64, k64, v64), retain_graph=True)
+    assert_close64(lse, lse_true, atol=2e-5, rtol=1e-5, what=f"{backend} lse")
+    assert_close64(out, out_true, **FP32_OUT_TOL, what=f"{backend} out")
+    # The lse term is not negligible: without it the gradients are far off (the check can fail).
+    (dq_without,) = torch.autograd.grad((out_true * dout.double()).sum(), (q64,))
+    assert max_err(dq_without, grads_true[0]) > 1e-2
+    for name, g, g_true in zip("qkv", grads, grads_true):
+        assert_close64(g, g_true, **FP32_GRAD_TOL, what=f"{backend} d{name} with dlse")
+
+
+@pytest.mark.parametrize("backend", LSE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_lse_gradient_low_precision_within_bound_of_torch(backend, dtype):
+    """fp16/bf16, GQA 4 with a window and softcap: lse and out within 2x, the gradients (lse term included)
+    within 3x of PyTorch's own error in that dtype, against the float64 oracle."""
+    lengths, hq, hkv, d, softcap, window = [1, 57, 0, 33], 8, 2, 64, 3.0, 12
+    q, k, v, cu = rand_packed(lengths, hq, hkv, d, dtype=dtype, seed=210, device=_lse_device(backend))
+
+    def truth(q64, k64, v64):
+        return oracle(q64, k64, v64, cu, causal=False, scale=d ** -0.5, softcap=softcap, window=window)
+
+    check_error_bounds(q, k, v, cu, max(lengths), causal=False, scale=None, softcap=softcap, backend=backend,
+                       truth=truth, window=window, with_lse=True)
+
+
+@pytest.mark.parametrize("backend", LSE_FP32_BACKENDS)
+def test_return_lse_layouts_and_unused_lse(backend):
+    """Dense inputs give lse (B, Hq, S), the packed lse rearranged; out is the same bits with or without
+    return_lse, and so are the gradients when the loss does not use lse."""
+    batch, seqlen, hq, hkv, d = 3, 19, 4, 2, 64
+    device = _lse_device(backend)
+    q, k, v, cu = rand_packed([seqlen] * batch, hq, hkv, d, seed=220, device=device, requires_grad=True)
+    out, lse = lf.flash_attention(q, k, v, cu, return_lse=True, backend=backend)
+    dense = [x.detach().reshape(batch, seqlen, *x.shape[1:]).requires_grad_(True) for x in (q, k, v)]
+    dense_out, dense_lse = lf.flash_attention(*dense, return_lse=True, backend=backend)
+    assert dense_out.shape == (batch, seqlen, hq, d) and dense_lse.shape == (batch, hq, seqlen)
+    assert torch.equal(dense_lse, lse.reshape(hq, batch, seqlen).transpose(0, 1))
+    assert torch.equal(dense_out.reshape(out.shape), out)
+    plain = lf.flash_attention(q, k, v, cu, backend=backend)
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, out)
+    dout = rand_like(out, 221)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                                                   torch.autograd.grad(plain, (q, k, v), dout)))
+    # Dense lse carries its gradient too (to the dense inputs).
+    dlse = rand_like(dense_lse, 222)
+    grads = torch.autograd.grad((dense_out * dout.reshape(dense_out.shape)).sum() + (dense_lse * dlse).sum(), dense)
+    packed = torch.autograd.grad((out * dout).sum() + (lse * dlse.transpose(0, 1).reshape(hq, -1)).sum(), (q, k, v))
+    for g, g_packed in zip(grads, packed):
+        assert_close64(g.reshape(g_packed.shape), g_packed, atol=1e-6, rtol=1e-6, what="dense vs packed")
+
+
+def test_return_lse_must_be_a_bool():
+    q, k, v, cu = rand_packed([5], 2, 1, 64, seed=230)
+    with pytest.raises(TypeError, match="return_lse must be a bool, got str 'yes'"):
+        lf.flash_attention(q, k, v, cu, return_lse="yes")
+
+
+def test_lse_gradient_through_flash_attn_and_cuda_backends_takes_the_fallback(monkeypatch):
+    """flash-attn's backward drops dlse, and the CUDA extension has no backward: with a dlse both hand the
+    whole backward to dispatch.fallback (Triton, else torch); without one flash-attn's own backward runs."""
+    from llm2vec_fast import cuda_backend, flash_attn_backend
+    q, k, v, cu = rand_packed([9, 4], 4, 2, 64, seed=240)
+    out, lse = attention_forward(q, k, v, cu, 9, False, 0.125, 0.0, 0.0, 0)
+    dout, dlse = rand_like(out, 241), rand_like(lse, 242)
+    want = attention_backward(dout, q, k, v, out, lse, cu, 9, False, 0.125, 0.0, 0.0, 0, dlse=dlse)
+    reference = dispatch.implementation("flash_attention", "torch")
+    monkeypatch.setattr(dispatch, "fallback", lambda op: reference)
+    for module in (flash_attn_backend, cuda_backend):
+        backward = module.backward if module is flash_attn_backend else module.flash_attention_backward
+        got = backward(dout, q, k, v, out, lse, cu, 9, False, 0.125, 0.0, 0.0, 0, dlse=dlse)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), module.__name__
+    called = []
+    monkeypatch.setattr(flash_attn_backend, "_interface", lambda: called.append(True) or pytest.fail("stop"))
+    with pytest.raises(pytest.fail.Exception):
+        flash_attn_backend.backward(dout, q, k, v, out, lse, cu, 9, False, 0.125, 0.0, 0.0, 0)
+    assert called == [True]

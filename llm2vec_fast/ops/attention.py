@@ -21,53 +21,60 @@ from ..validation import (HEAD_DIMS, check_cu_seqlens, check_number, check_same_
 OP = "flash_attention"
 
 
-# ``window`` (0: none) is the last argument, with a default, so that calls written before it still work.
+# ``window`` (0: none) and ``lse_grad`` come last, with defaults, so that calls written before them still work.
+# ``lse_grad``: the lse output is differentiable (return_lse=True); otherwise it is a statistic for the backward.
 @torch.library.custom_op("llm2vec_fast::flash_attention_forward", mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
              softmax_scale: float, softcap: float, dropout_p: float, seed: Optional[Tensor],
-             backend: str, window: int = 0) -> Tuple[Tensor, Tensor]:
+             backend: str, window: int = 0, lse_grad: bool = False) -> Tuple[Tensor, Tensor]:
     seed_value = int(seed.item()) if seed is not None else 0
     return dispatch.implementation(OP, backend).forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale,
                                                          softcap, dropout_p, seed_value, window=window)
 
 
 @_forward.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend, window=0):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend, window=0,
+      lse_grad=False):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("llm2vec_fast::flash_attention_backward", mutates_args=())
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
               max_seqlen: int, causal: bool, softmax_scale: float, softcap: float, dropout_p: float,
-              seed: Optional[Tensor], backend: str, window: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+              seed: Optional[Tensor], backend: str, window: int = 0,
+              dlse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``dlse`` (Hq, T) float32: the gradient of the loss with respect to the lse output, when it is used."""
     seed_value = int(seed.item()) if seed is not None else 0
     dq, dk, dv = dispatch.implementation(OP, backend).backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
                                                                causal, softmax_scale, softcap, dropout_p, seed_value,
-                                                               window=window)
+                                                               window=window, dlse=dlse)
     return dq, dk, dv
 
 
 @_backward.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend,
-      window=0):
+      window=0, dlse=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # backends return contiguous
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend, window = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, backend, window, lse_grad = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)  # a statistic for the backward, not a differentiable output
+    if not lse_grad:
+        ctx.mark_non_differentiable(lse)  # a statistic for the backward, not a differentiable output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
     ctx.options = (max_seqlen, causal, softmax_scale, softcap, dropout_p)
-    ctx.backend, ctx.window = backend, window
+    ctx.backend, ctx.window, ctx.lse_grad = backend, window, lse_grad
 
 
 def _autograd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, causal, softmax_scale, softcap, dropout_p = ctx.options
+    # d lse_i / d s_ij = P_ij, so dS = P * (dP - rowsum(dO * O) + dlse): every backend takes dlse off its delta.
+    dlse = dlse.float() if ctx.lse_grad else None
     dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale,
-                           softcap, dropout_p, seed, ctx.backend, ctx.window)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                           softcap, dropout_p, seed, ctx.backend, ctx.window, dlse)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -121,7 +128,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, d
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor] = None,
                     max_seqlen: Optional[int] = None, *, causal: bool = False, softmax_scale: Optional[float] = None,
                     softcap: float = 0.0, dropout_p: float = 0.0, sliding_window: Optional[int] = None,
-                    backend: str = "auto") -> Tensor:
+                    return_lse: bool = False, backend: str = "auto"):
     """Attention without a causal mask unless ``causal=True``.
 
     Layouts: packed ``q`` (T, Hq, D), ``k``/``v`` (T, Hkv, D) with int32 ``cu_seqlens`` (B+1, from 0 to
@@ -135,9 +142,16 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
     ``sliding_window`` = w (an int >= 1) lets query i see key j only where |i - j| < w, on top of ``causal``
     (transformers' sliding layers, made symmetric without causality); a window no shorter than the longest
     sequence changes nothing. The cuda backend runs windowed calls on its Triton fallback.
+    ``return_lse=True`` returns ``(out, lse)``: lse is each query row's softmax logsumexp (natural log, over
+    the capped, scaled logits, before dropout), float32, (Hq, T) packed or (B, Hq, S) dense, flash-attn's
+    ``softmax_lse`` layouts. Unlike flash-attn's, it is differentiable: a loss that uses it (merging partial
+    attentions, ring attention) gets its true gradient. (The flash_attn backend's backward then runs on the
+    Triton or torch backend, whose formulas take that gradient.)
     ``backend``: "auto", "torch", "triton", "cuda" or "flash_attn" (see ``llm2vec_fast.dispatch``).
     """
     longest = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, sliding_window)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
     # flash-attn's dropout cannot be replayed from our seed: "auto" never picks it for dropout.
     backend = dispatch.resolve(OP, backend, q.device, cannot=("flash_attn",) if dropout_p > 0 else ())
     dense_shape = None
@@ -157,6 +171,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0 else None
     # A window that reaches every key of the longest sequence is no window: 0 keeps the unwindowed kernels.
     window = int(sliding_window) if sliding_window is not None and sliding_window < max_seqlen else 0
-    out, _ = _forward(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, float(softcap), float(dropout_p), seed,
-                      backend, window)
-    return out.reshape(dense_shape) if dense_shape is not None else out
+    out, lse = _forward(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, float(softcap), float(dropout_p), seed,
+                        backend, window, return_lse)
+    if dense_shape is not None:  # back to (B, S, Hq, D), and lse (Hq, B*S) to (B, Hq, S)
+        out = out.reshape(dense_shape)
+        lse = lse.reshape(lse.shape[0], dense_shape[0], dense_shape[1]).transpose(0, 1)
+    return (out, lse) if return_lse else out

@@ -9,9 +9,10 @@ KV head along the row axis, (B, Hkv, G*S, D), so K and V are read per KV head an
 
 The backward is written out (the same formulas a flash kernel uses) rather than taken from autograd,
 so it also serves as the oracle for kernel backwards:
-    dV = Pd^T dO,  dP = (dO V^T) * Z/(1-p),  dS = P * (dP - rowsum(P * dP)),
+    dV = Pd^T dO,  dP = (dO V^T) * Z/(1-p),  dS = P * (dP - rowsum(P * dP) + dlse),
     dX = dS * (1 - (S/c)^2) under softcap c,  dQ = scale * dX K,  dK = scale * dX^T Q,
-where X = scale * Q K^T, S the (capped) logits, P = softmax(S), Z the dropout keep mask, Pd = P*Z/(1-p).
+where X = scale * Q K^T, S the (capped) logits, P = softmax(S), Z the dropout keep mask, Pd = P*Z/(1-p),
+and dlse the gradient with respect to the lse output (0 when only the output is used).
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ class _Padded:
 
     def pad(self, x, grouped: bool):
         """(T, H, D) -> (B, H, S, D), or (B, Hkv, G*S, D) for query-head tensors when ``grouped``."""
-        out = x.new_zeros((self.batch, self.seqlen, x.shape[1], self.head_dim), dtype=self.dtype)
+        out = x.new_zeros((self.batch, self.seqlen, x.shape[1], x.shape[-1]), dtype=self.dtype)
         out = out.index_put((self.seq_id, self.pos), x.to(self.dtype)).permute(0, 2, 1, 3)
-        return out.reshape(self.batch, self.hkv, self.group * self.seqlen, self.head_dim) if grouped else out
+        return out.reshape(self.batch, self.hkv, self.group * self.seqlen, x.shape[-1]) if grouped else out
 
     def unpad(self, x, heads: int):
         """(B, heads, S, D) or grouped (B, Hkv, G*S, D) -> (T, heads, D)."""
@@ -90,7 +91,8 @@ def _logits_and_probs(layout: _Padded, qp, kp, causal, softmax_scale, softcap, w
     expo = torch.exp(masked - row_max)
     denom = expo.sum(dim=-1, keepdim=True)
     probs = expo / torch.where(denom == 0, torch.ones_like(denom), denom)
-    lse = (row_max + torch.log(denom)).squeeze(-1).detach()  # -inf on padding rows only
+    # Differentiable (row_max is a detached shift, exact for any constant): -inf on padding rows only.
+    lse = (row_max + torch.log(denom)).squeeze(-1)
     return logits, probs, lse
 
 
@@ -102,7 +104,7 @@ def _keep_mask(layout: _Padded, probs, dropout_p, seed, dropout_mask):
 
 def attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float, softcap: float,
               dropout_p: float, seed: int, window: int = 0, *, compute_dtype=torch.float32, dropout_mask=None):
-    """Returns (out (T, Hq, D) in q's dtype, lse (Hq, T) float32). Differentiable by autograd.
+    """Returns (out (T, Hq, D) in q's dtype, lse (Hq, T) float32), both differentiable by autograd.
 
     ``window`` > 0 keeps the keys with |i - j| < window only (a sliding window, on top of causal).
     ``compute_dtype=None`` computes in the input dtype (to measure PyTorch's own rounding error).
@@ -169,8 +171,9 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, so
 
 
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, softcap,
-                       dropout_p, seed, window=0, *, compute_dtype=torch.float32, dropout_mask=None):
-    """(dq, dk, dv) in the inputs' dtypes, by the formulas in the module docstring."""
+                       dropout_p, seed, window=0, dlse=None, *, compute_dtype=torch.float32, dropout_mask=None):
+    """(dq, dk, dv) in the inputs' dtypes, by the formulas in the module docstring (``dlse`` (Hq, T): the
+    gradient with respect to the lse output, when a loss uses it)."""
     layout = _Padded(q, k, cu_seqlens, max_seqlen, compute_dtype or q.dtype)
     qp, kp, vp = layout.pad(q, True), layout.pad(k, False), layout.pad(v, False)
     grad_out = layout.pad(dout, True)
@@ -182,7 +185,10 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, 
         dropped = probs * keep_scaled
         grad_probs = grad_probs * keep_scaled
     grad_v = torch.matmul(dropped.flatten(2, 3).transpose(-1, -2), grad_out)  # sums the G query heads
-    grad_logits = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True))
+    row_term = (probs * grad_probs).sum(dim=-1, keepdim=True)
+    if dlse is not None:  # (Hq, T) -> (B, Hkv, G, S, 1), like the row term
+        row_term = row_term - layout.pad(dlse.t().unsqueeze(-1), True).view_as(row_term)
+    grad_logits = probs * (grad_probs - row_term)
     if softcap > 0:
         grad_logits = grad_logits * (1 - (logits / softcap) ** 2)
     grad_logits = grad_logits.flatten(2, 3) * softmax_scale  # (B, Hkv, G*S, S)
