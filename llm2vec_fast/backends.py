@@ -15,10 +15,12 @@ if importlib.util.find_spec("triton") is not None:
     from .kernels import contrastive as _triton_contrastive
     from .kernels import flash_attention as _triton_attention
     from .kernels import pooling as _triton_pooling
+    from .kernels import rms_norm as _triton_rms_norm
 
     dispatch.register("flash_attention", "triton", _triton_attention.forward, _triton_attention.backward)
     dispatch.register("pool", "triton", _triton_pooling.forward, _triton_pooling.backward)
     dispatch.register("contrastive_loss", "triton", _triton_contrastive.forward, _triton_contrastive.backward)
+    dispatch.register("rms_norm", "triton", _triton_rms_norm.forward, _triton_rms_norm.backward)
 
 if importlib.util.find_spec("flash_attn") is not None:
     from . import flash_attn_backend as _flash_attn

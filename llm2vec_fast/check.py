@@ -4,7 +4,7 @@ Made for an installed wheel on a GPU server, where the repository's tests are no
 the versions that matter (the package, torch, triton, CUDA, the GPU, and what the CUDA extension was
 built against), then runs every public op with every backend that can run on the device, forward and
 backward, on fresh random inputs (odd varlen lengths, GQA, softcap, sliding windows, all pooling modes, hard
-negatives), and compares each with a float64 evaluation of the same formulas. The bound is flash-attention's: a
+negatives, both RMSNorm casting modes), and compares each with a float64 evaluation of the same formulas. The bound is flash-attention's: a
 backend may err at most 2x (forward) or 3x (gradients) as much as PyTorch's own evaluation in the same
 dtype, plus a small floor for results that PyTorch happens to get exactly. Exit status 0 when every
 check passes, 1 otherwise.
@@ -208,8 +208,24 @@ def contrastive_checks(device, dtype, backend: str, quick: bool, generator) -> I
                              ["q", "d_pos", "d_neg"], dtype)
 
 
+def rms_norm_checks(device, dtype, backend: str, quick: bool, generator) -> Iterator[Result]:
+    from .ops.normalization import rms_norm
+    rows, dim = (37, 200) if quick else (113, 4096)
+    x = (torch.randn((rows, dim), generator=generator) + 0.2).to(device, dtype)
+    weight = (0.5 * torch.randn(dim, generator=generator)).to(device, dtype)
+    for mode, offset in (("llama", 0.0), ("gemma", 1.0)):
+        case = f"rows={rows},D={dim},casting_mode={mode}"
+
+        def norm(x, weight, **kwargs):
+            return rms_norm(x, weight, 1e-6, offset=offset, casting_mode=mode, **kwargs)
+
+        def exact(x, weight):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + weight)
+        yield from _check_op("rms_norm", backend, case, norm, exact, [x, weight], ["x", "weight"], dtype)
+
+
 CHECKS: Dict[str, Callable] = {"flash_attention": attention_checks, "pool": pool_checks,
-                               "contrastive_loss": contrastive_checks}
+                               "contrastive_loss": contrastive_checks, "rms_norm": rms_norm_checks}
 
 
 def run_checks(device: torch.device, backends: Optional[Sequence[str]] = None, dtypes: Optional[Sequence] = None,

@@ -17,7 +17,7 @@ def test_check_command_passes_here(capsys, monkeypatch):
     assert checked == ({"triton"} if "triton" in backends else {"torch"})
 
 
-@pytest.mark.parametrize("op", ["pool", "contrastive_loss", "flash_attention"])
+@pytest.mark.parametrize("op", ["pool", "contrastive_loss", "flash_attention", "rms_norm"])
 def test_check_catches_a_wrong_backend(monkeypatch, op):
     """A backend whose forward is off by 1e-3 relative fails (its gradients may too: attention's and the
     loss's backward read the forward's outputs); pooling's correct backward still passes."""
@@ -43,6 +43,7 @@ def test_exact_formulas_agree_with_the_reference():
     """The check's float64 formulas and the torch backend agree (else every bound is meaningless)."""
     results = check.run_checks(torch.device("cpu"), backends=["torch"], quick=True)
     assert results and all(r.error < 1e-4 for r in results)
+    assert {r.op for r in results} == set(dispatch.OPS) == set(check.CHECKS)
 
 
 @pytest.mark.gpu

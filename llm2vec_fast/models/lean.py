@@ -2,6 +2,12 @@
 
 Three kinds of modules change, inside a ``with lean_layers(model):`` block only.
 
+**On a GPU** (:data:`FUSED_NORM_BACKENDS`), RMSNorms run the fused ``rms_norm`` op, with or without
+gradients: one read and one write per row where transformers' forward makes about six passes over fp32
+copies (upcast, square, mean, scale, downcast, weight), and a backward that keeps x and one float per row.
+Same function (the casting of each family reproduced; checked on a probe per class before first use), not
+the same bits: the mean of squares is summed in another order.
+
 **Without gradients** (encoding): each gated MLP, ``down(act(gate(x)) * up(x))``, writes the activation
 and the product into gate(x)'s buffer (SiLU in place, then ``mul_``), instead of holding four
 (T, intermediate) buffers, the largest of a layer (4 MiB per 1,024 fp32 tokens of a hidden-256 model,
@@ -139,12 +145,61 @@ def _mlp_forward_for(mlp: nn.Module):
     return forward
 
 
+# Device type -> backend of the fused ``rms_norm`` op that lean RMSNorms run on that device. Not on the CPU,
+# where transformers' forward is as fast and the packed model's outputs stay its very bits.
+FUSED_NORM_BACKENDS = {"cuda": "auto"}
+_NORM_PROBES: dict = {}  # (class, dtype, device type) -> whether the fused op reproduced the module's forward
+
+
+def _norm_style(norm: nn.Module):
+    """(casting_mode, offset, eps) of a transformers RMSNorm, or None for a form the op does not take."""
+    name = type(norm).__name__
+    if name.startswith("Gemma") and isinstance(getattr(norm, "eps", None), float):
+        return "gemma", 1.0, norm.eps  # (1 + weight), all in float32
+    if isinstance(getattr(norm, "variance_epsilon", None), float):
+        return "llama", 0.0, norm.variance_epsilon  # weight * n.to(input_dtype)
+    return None
+
+
+def _fused_norm(norm: nn.Module, original, x: Tensor):
+    """``x -> rms_norm(x, ...)`` standing for ``original`` (transformers' forward) where that is the same
+    function, else None. The first call per (class, dtype, device type) compares both on a random probe, so
+    an RMSNorm whose forward changes in a transformers release keeps its own forward."""
+    from ..ops.normalization import rms_norm
+
+    backend = FUSED_NORM_BACKENDS.get(x.device.type)
+    style = _norm_style(norm)
+    if backend is None or style is None or not x.is_floating_point() or x.numel() == 0:
+        return None
+    mode, offset, eps = style
+    if mode == "llama" and norm.weight.dtype != x.dtype:  # transformers would return the promoted dtype
+        return None
+
+    def fused(inputs: Tensor) -> Tensor:
+        return rms_norm(inputs, norm.weight, eps, offset=offset, casting_mode=mode, backend=backend)
+
+    key = (type(norm), x.dtype, x.device.type)
+    if key not in _NORM_PROBES:
+        with torch.no_grad():
+            probe = torch.randn((5, x.shape[-1]), device=x.device).to(x.dtype)
+            theirs, ours = original(norm, probe), fused(probe)
+            tolerance = 4 * torch.finfo(x.dtype).eps
+            _NORM_PROBES[key] = bool(theirs.dtype == ours.dtype and theirs.shape == ours.shape and
+                                     torch.allclose(ours.float(), theirs.float(), rtol=tolerance, atol=tolerance))
+    return fused if _NORM_PROBES[key] else None
+
+
 def _norm_forward_for(norm: nn.Module):
     original = type(norm).forward
     plain = original.__get__(norm)  # transformers' forward, bound (what the backward reruns)
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
-        if _plain(args, kwargs) or not torch.is_grad_enabled():
+        if _plain(args, kwargs):
+            return original(norm, x, *args, **kwargs)
+        fused = _fused_norm(norm, original, x)
+        if fused is not None:  # one kernel; its backward keeps x, the weight and one float per row
+            return fused(x)
+        if not torch.is_grad_enabled():
             return original(norm, x, *args, **kwargs)
         return _recompute(plain, x)
     return forward

@@ -2,5 +2,6 @@
 from .attention import flash_attention
 from .contrastive import contrastive_loss
 from .pooling import pool
+from .normalization import rms_norm
 
-__all__ = ["flash_attention", "pool", "contrastive_loss"]
+__all__ = ["flash_attention", "pool", "contrastive_loss", "rms_norm"]

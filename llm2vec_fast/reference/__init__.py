@@ -6,7 +6,9 @@ from .. import dispatch
 from .attention import attention_backward, attention_forward
 from .contrastive import infonce_backward, infonce_forward
 from .pooling import pool_backward, pool_forward
+from .rms_norm import rms_norm_backward, rms_norm_forward
 
 dispatch.register("flash_attention", "torch", attention_forward, attention_backward)
 dispatch.register("pool", "torch", pool_forward, pool_backward)
 dispatch.register("contrastive_loss", "torch", infonce_forward, infonce_backward)
+dispatch.register("rms_norm", "torch", rms_norm_forward, rms_norm_backward)

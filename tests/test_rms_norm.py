@@ -1,0 +1,334 @@
+"""Tests of ``llm2vec_fast.rms_norm``: the reference against float64 formulas and transformers' own RMSNorm
+modules (bit for bit), every backend against them (the triton kernels through the interpreter under
+``make test``, on a GPU otherwise), gradients, bad input, the custom-op registration, and the lean layers
+that run it inside the models.
+
+The interpreter casts float32 to bfloat16 by truncation (round toward zero) where a GPU rounds to nearest
+(fp16 it rounds to nearest): a bf16 output there may be one unit in the last place further from the truth
+than the GPU's, so the bf16 bound under the interpreter carries that one unit more.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import llm2vec_fast as lf
+from llm2vec_fast import dispatch
+from llm2vec_fast.reference.rms_norm import rms_norm_backward, rms_norm_forward
+
+FWD_OP = torch.ops.llm2vec_fast.rms_norm_forward
+BWD_OP = torch.ops.llm2vec_fast.rms_norm_backward
+STYLES = [("llama", 0.0), ("gemma", 1.0)]  # (casting_mode, offset) of the families
+
+
+def _interpreting() -> bool:
+    return dispatch.triton_interpreting()
+
+
+def _triton_device():
+    if _interpreting():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def backends_and_devices():
+    """(backend, device) pairs that run here: torch on the CPU; triton in the interpreter or on a GPU."""
+    pairs = [pytest.param("torch", "cpu", id="torch")]
+    dispatch._load_backends()
+    device = _triton_device()
+    skip = ("rms_norm", "triton") not in dispatch._REGISTRY or device is None
+    pairs.append(pytest.param("triton", device or "cpu", id="triton", marks=pytest.mark.skipif(
+        skip, reason="triton runs in the interpreter (TRITON_INTERPRET=1) or on a GPU")))
+    return pairs
+
+
+def randn(*shape, seed, dtype=torch.float32, device="cpu", shift=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) + shift).to(device=device, dtype=dtype)
+
+
+def exact(x, weight, eps, offset):
+    """The definition in float64: x / sqrt(mean(x^2) + eps) * (offset + weight), differentiable."""
+    x, weight = x.double(), weight.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight)
+
+
+def grads_of(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return (out,) + torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+
+def max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. the reference: float64 formulas, and transformers' modules bit for bit
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("casting_mode,offset", STYLES)
+def test_reference_matches_fp64_formula_and_its_gradient(casting_mode, offset):
+    x, weight = randn(2, 17, 113, seed=1, dtype=torch.float64), randn(113, seed=2, dtype=torch.float64) * 0.3
+    grad_out = randn(2, 17, 113, seed=3, dtype=torch.float64)
+    got = grads_of(lambda a, w: lf.rms_norm(a.float(), w.float(), 1e-5, offset=offset, casting_mode=casting_mode,
+                                            backend="torch"), [x, weight], grad_out)
+    want = grads_of(lambda a, w: exact(a, w, 1e-5, offset), [x, weight], grad_out)
+    for name, g, w in zip(("out", "dx", "dweight"), got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-5, msg=name)
+    assert max_err(want[2], 0 * want[2]) > 1e-2  # the weight gradient is not trivially zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_reference_is_transformers_modules_bit_for_bit(dtype):
+    """Llama-style (Llama, Mistral, Qwen2, Qwen3, Phi-3) and Gemma-style (Gemma 1/2/3) modules: the same bits
+    forward, and the same gradients as autograd through the module (bitwise in fp32)."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    dim = 96
+    x = randn(7, dim, seed=4, dtype=dtype)
+    for module, mode, offset, eps in ((LlamaRMSNorm(dim, eps=1e-5), "llama", 0.0, 1e-5),
+                                      (Qwen3RMSNorm(dim, eps=1e-6), "llama", 0.0, 1e-6),
+                                      (Gemma2RMSNorm(dim, eps=1e-6), "gemma", 1.0, 1e-6)):
+        module = module.to(dtype)
+        with torch.no_grad():
+            module.weight.copy_(randn(dim, seed=5, dtype=dtype) * 0.5)
+        ours = lf.rms_norm(x, module.weight, eps, offset=offset, casting_mode=mode, backend="torch")
+        assert torch.equal(ours, module(x)), type(module).__name__
+        if dtype == torch.float32:
+            grad_out = randn(7, dim, seed=6)
+            xs = x.clone().requires_grad_(True)
+            theirs = torch.autograd.grad(module(xs), (xs, module.weight), grad_out)
+            mine = grads_of(lambda a, w: lf.rms_norm(a, w, eps, offset=offset, casting_mode=mode, backend="torch"),
+                            [x, module.weight], grad_out)[1:]
+            for a, b in zip(mine, theirs):
+                torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-6)
+
+
+def test_casting_modes_differ_where_they_should():
+    """bf16: llama rounds n before the weight multiplies it, gemma rounds once; not the same bits."""
+    x, weight = randn(64, 256, seed=7, dtype=torch.bfloat16), randn(256, seed=8, dtype=torch.bfloat16)
+    llama = lf.rms_norm(x, weight, casting_mode="llama", backend="torch")
+    gemma = lf.rms_norm(x, weight, casting_mode="gemma", backend="torch")
+    assert not torch.equal(llama, gemma) and max_err(llama, gemma) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. every backend against the reference and the float64 formula
+# ---------------------------------------------------------------------------------------------------
+# (leading shape, D): odd row counts and widths, one row, a 3-D input, a width past one block of 1024.
+SHAPES = [((1,), 17), ((113,), 64), ((3, 17), 113), ((5,), 1500)]
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("casting_mode,offset", STYLES)
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_fp32_matches_the_reference(backend, device, casting_mode, offset, shape, dim):
+    x = randn(*shape, dim, seed=10 + dim, device=device, shift=0.3)
+    weight = randn(dim, seed=11, device=device) * 0.4
+    grad_out = randn(*shape, dim, seed=12, device=device)
+
+    def run(name):
+        return grads_of(lambda a, w: lf.rms_norm(a, w, 1e-6, offset=offset, casting_mode=casting_mode, backend=name),
+                        [x, weight], grad_out)
+
+    got, want = run(backend), run("torch")
+    truth = grads_of(lambda a, w: exact(a, w, 1e-6, offset), [x.cpu().double(), weight.cpu().double()], grad_out.cpu())
+    for name, g, w, t in zip(("out", "dx", "dweight"), got, want, truth):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"{backend} {name} vs reference")
+        torch.testing.assert_close(g.double().cpu(), t, atol=5e-5, rtol=1e-5, msg=f"{backend} {name} vs float64")
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("casting_mode,offset", STYLES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_within_bound_of_torch(backend, device, casting_mode, offset, dtype):
+    """fp16/bf16 against the float64 formula: within 2x (out) / 3x (gradients) of the error of the torch
+    reference in that dtype (transformers' own computation), plus an ulp under the interpreter for bf16."""
+    rows, dim = 37, 1000
+    x = randn(rows, dim, seed=20, dtype=dtype, device=device, shift=0.2)
+    weight = randn(dim, seed=21, dtype=dtype, device=device) * 0.5
+    grad_out = randn(rows, dim, seed=22, dtype=dtype, device=device)
+
+    def run(name):
+        return grads_of(lambda a, w: lf.rms_norm(a, w, 1e-6, offset=offset, casting_mode=casting_mode, backend=name),
+                        [x, weight], grad_out)
+
+    got, base = run(backend), run("torch")
+    truth = grads_of(lambda a, w: exact(a, w, 1e-6, offset), [x.cpu().double(), weight.cpu().double()], grad_out.cpu())
+    truncating = backend == "triton" and _interpreting() and dtype == torch.bfloat16
+    report = []
+    for name, g, b, t, factor in zip(("out", "dx", "dweight"), got, base, truth, (2.0, 3.0, 3.0)):
+        assert torch.isfinite(g).all(), name
+        ours, torch_err = max_err(g.cpu(), t), max_err(b.cpu(), t)
+        assert torch_err > 0, f"{name}: torch in {dtype} is exact, so the bound says nothing"
+        slack = 2.0 ** -7 * t.abs().max().item() if truncating else 0.0  # one bf16 ulp at the largest value
+        report.append(f"{name}: ours {ours:.3g}, torch {torch_err:.3g}")
+        assert ours <= factor * torch_err + slack + 1e-6, "; ".join(report)
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+def test_edge_shapes_and_non_contiguous_rows(backend, device):
+    """No rows gives empty outputs and a zero weight gradient; a strided view gives the contiguous input's
+    result; a row of zeros gives zeros (rstd = 1/sqrt(eps)), never NaN."""
+    weight = randn(40, seed=30, device=device)
+    empty = torch.empty(0, 40, device=device, requires_grad=True)
+    out = lf.rms_norm(empty, weight, backend=backend)
+    assert out.shape == (0, 40)
+    (grad_w,) = torch.autograd.grad(lf.rms_norm(empty, weight.requires_grad_(True), backend=backend).sum(), weight)
+    assert torch.equal(grad_w, torch.zeros_like(weight))
+    weight = weight.detach()
+    wide = randn(9, 80, seed=31, device=device)
+    view = wide[:, ::2]  # last-dim stride 2
+    torch.testing.assert_close(lf.rms_norm(view, weight, backend=backend),
+                               lf.rms_norm(view.contiguous(), weight, backend=backend), atol=0, rtol=0)
+    zeros = torch.zeros(3, 40, device=device)
+    out = lf.rms_norm(zeros, weight, backend=backend)
+    assert torch.isfinite(out).all() and torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.skipif(_triton_device() != "cpu", reason="sets the interpreter's program count")
+def test_triton_weight_gradient_sums_partials_over_uneven_row_runs(monkeypatch):
+    """The backward's per-program partial weight gradients (rows split unevenly over programs) sum to the
+    reference's, for 1, 3 and 7 programs over 17 rows."""
+    from llm2vec_fast.kernels import rms_norm as kernel
+    x, weight, grad_out = randn(17, 33, seed=40), randn(33, seed=41), randn(17, 33, seed=42)
+    want = grads_of(lambda a, w: lf.rms_norm(a, w, backend="torch"), [x, weight], grad_out)
+    for programs in (1, 3, 7):
+        monkeypatch.setattr(kernel, "BACKWARD_PROGRAMS_CPU", programs)
+        got = grads_of(lambda a, w: lf.rms_norm(a, w, backend="triton"), [x, weight], grad_out)
+        torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5, msg=f"{programs} programs")
+
+
+@pytest.mark.skipif(_triton_device() != "cpu", reason="patches the interpreter's width limit")
+def test_triton_rows_wider_than_its_limit_run_on_the_reference(monkeypatch):
+    from llm2vec_fast.kernels import rms_norm as kernel
+    monkeypatch.setattr(kernel, "MAX_D", 32)
+    x, weight = randn(4, 40, seed=43), randn(40, seed=44)
+    calls = []
+    monkeypatch.setattr(kernel, "rms_norm_forward", lambda *a: calls.append(1) or rms_norm_forward(*a))
+    monkeypatch.setattr(kernel, "rms_norm_backward", lambda *a: calls.append(2) or rms_norm_backward(*a))
+    got = grads_of(lambda a, w: lf.rms_norm(a, w, backend="triton"), [x, weight], randn(4, 40, seed=45))
+    want = grads_of(lambda a, w: lf.rms_norm(a, w, backend="torch"), [x, weight], randn(4, 40, seed=45))
+    assert calls == [1, 2]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. bad input, registration
+# ---------------------------------------------------------------------------------------------------
+BAD_INPUTS = [
+    (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor, got list"),
+    (dict(x=torch.ones(3, 8, dtype=torch.int64)), TypeError, r"x must have dtype in .*got int64"),
+    (dict(weight=torch.ones(7)), ValueError, r"weight must have x.shape\[-1\] = 8 elements, got shape \(7,\)"),
+    (dict(weight=torch.ones(2, 8)), ValueError, r"weight must have 1 dimensions, got shape \(2, 8\)"),
+    (dict(x=torch.tensor(1.0)), ValueError, "x must have at least 1 dimension"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps="1e-6"), TypeError, "eps must be a number, got str"),
+    (dict(offset=math.nan), ValueError, "offset must be a number, got nan"),
+    (dict(casting_mode="none"), ValueError, r"casting_mode must be one of \['llama', 'gemma'\], got 'none'"),
+    (dict(backend="flash_attn"), ValueError, r"backend"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,pattern", BAD_INPUTS)
+def test_bad_input_raises_naming_argument_and_value(overrides, error, pattern):
+    args = dict(x=torch.ones(3, 8), weight=torch.ones(8), eps=1e-6, offset=0.0, casting_mode="llama", backend="auto")
+    args.update(overrides)
+    with pytest.raises(error, match=pattern):
+        lf.rms_norm(args.pop("x"), args.pop("weight"), args.pop("eps"), **args)
+
+
+def test_opcheck_and_fullgraph_compile():
+    x, weight = randn(6, 24, seed=50, shift=0.1), randn(24, seed=51)
+    for mode, offset in STYLES:
+        args = (x.requires_grad_(True), weight.requires_grad_(True), 1e-6, offset, mode, "torch")
+        torch.library.opcheck(FWD_OP.default, args)
+        y, rstd = FWD_OP(*args)
+        torch.library.opcheck(BWD_OP.default, (randn(6, 24, seed=52), x.detach(), weight.detach(), rstd, 1e-6,
+                                               offset, mode, "torch"))
+    torch._dynamo.reset()
+
+    def fn(a, w):
+        return lf.rms_norm(a @ a.new_ones(24, 24) * 0.1, w, casting_mode="gemma", offset=1.0).sum(-1)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    grad_out = randn(6, seed=53)
+    got = grads_of(compiled, [x, weight], grad_out)
+    want = grads_of(fn, [x, weight], grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. inside the models: lean layers run the fused op where FUSED_NORM_BACKENDS names the device
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(_triton_device() != "cpu", reason="runs the triton op on the CPU through the interpreter")
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+def test_lean_layers_run_the_fused_norm_in_the_models(monkeypatch, family):
+    """A packed forward with the fused norms (triton, interpreted) matches the one with transformers' norms,
+    with and without gradients; every RMSNorm (Qwen3's q/k norms too) went through the op."""
+    from test_models import bi_model, make_batch
+
+    from llm2vec_fast.models import forward_packed
+    from llm2vec_fast.models import lean
+    from llm2vec_fast.ops import normalization as op_module
+
+    model = bi_model(family)
+    torch.manual_seed(60)
+    for module in model.modules():  # non-trivial norm weights (transformers initialises them to 1 or 0)
+        if lean.is_rms_norm(module):
+            with torch.no_grad():
+                module.weight.normal_(0.0, 0.3)
+    norms = sum(lean.is_rms_norm(m) for m in model.modules())
+    ids, mask = make_batch(seed=61)
+    with torch.no_grad():
+        plain = forward_packed(model, ids, mask).hidden
+    calls = []
+    real = op_module.rms_norm
+    monkeypatch.setattr(op_module, "rms_norm", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+    monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {"cpu": "triton"})
+    monkeypatch.setattr(lean, "_NORM_PROBES", {})
+    with torch.no_grad():
+        fused = forward_packed(model, ids, mask).hidden
+    assert len(calls) >= norms and set(calls) == {"triton"}
+    assert all(lean._NORM_PROBES.values()) and lean._NORM_PROBES
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+    # With gradients (training): the same loss gradient as transformers' norms give.
+    weights = [m.weight for m in model.modules() if lean.is_rms_norm(m)]
+    out = forward_packed(model, ids, mask).hidden
+    fused_grads = torch.autograd.grad(out.square().sum(), weights)
+    monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {})
+    out = forward_packed(model, ids, mask).hidden
+    plain_grads = torch.autograd.grad(out.square().sum(), weights)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_lean_norm_keeps_transformers_forward_when_the_probe_disagrees(monkeypatch):
+    """An RMSNorm whose forward is not what its style says (here: a patched Llama norm that adds 1) fails the
+    probe and keeps its own forward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from llm2vec_fast.models import lean
+
+    class ShiftedRMSNorm(LlamaRMSNorm):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) + 1
+
+    ShiftedRMSNorm.__module__ = LlamaRMSNorm.__module__  # looks like a transformers module to is_rms_norm
+    norm = ShiftedRMSNorm(16)
+    monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {"cpu": "torch"})
+    monkeypatch.setattr(lean, "_NORM_PROBES", {})
+    x = randn(3, 16, seed=70)
+    assert lean._fused_norm(norm, ShiftedRMSNorm.forward, x) is None
+    assert lean._NORM_PROBES == {(ShiftedRMSNorm, torch.float32, "cpu"): False}
+    plain_norm = LlamaRMSNorm(16)
+    fused = lean._fused_norm(plain_norm, LlamaRMSNorm.forward, x)
+    assert fused is not None and torch.equal(fused(x), plain_norm(x))
