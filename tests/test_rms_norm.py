@@ -313,7 +313,7 @@ def test_lean_layers_run_the_fused_norm_in_the_models(monkeypatch, family):
 
 def test_lean_norm_keeps_transformers_forward_when_the_probe_disagrees(monkeypatch):
     """An RMSNorm whose forward is not what its style says (here: a patched Llama norm that adds 1) fails the
-    probe and keeps its own forward."""
+    probe and keeps its own forward; the probe leaves the global RNG as it was."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from llm2vec_fast.models import lean
@@ -327,8 +327,17 @@ def test_lean_norm_keeps_transformers_forward_when_the_probe_disagrees(monkeypat
     monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {"cpu": "torch"})
     monkeypatch.setattr(lean, "_NORM_PROBES", {})
     x = randn(3, 16, seed=70)
-    assert lean._fused_norm(norm, ShiftedRMSNorm.forward, x) is None
+    rng = torch.get_rng_state()
+    with pytest.warns(RuntimeWarning, match="does not reproduce ShiftedRMSNorm"):
+        assert lean._fused_norm(norm, ShiftedRMSNorm.forward, x) is None
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe draws from its own generator (dropout unchanged)
     assert lean._NORM_PROBES == {(ShiftedRMSNorm, torch.float32, "cpu"): False}
     plain_norm = LlamaRMSNorm(16)
     fused = lean._fused_norm(plain_norm, LlamaRMSNorm.forward, x)
     assert fused is not None and torch.equal(fused(x), plain_norm(x))
+    assert lean._fused_norm(plain_norm, LlamaRMSNorm.forward, x.double()) is None  # a dtype the op does not take
+    # A kernel that raises: reported once, and the class keeps its own forward.
+    monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {"cpu": "cuda"})  # no extension here: rms_norm raises
+    monkeypatch.setattr(lean, "_NORM_PROBES", {})
+    with pytest.warns(RuntimeWarning, match="fused rms_norm failed on LlamaRMSNorm"):
+        assert lean._fused_norm(plain_norm, LlamaRMSNorm.forward, x) is None
