@@ -23,8 +23,9 @@ from llm2vec_fast import dispatch
 from .harness import Case, SkipImpl, randn
 
 OPS = ("rms_norm", "rms_norm_fwd_bwd")
-FULL_TOKENS, FULL_DIMS = 16384, (4096, 8192)
-QUICK_TOKENS, QUICK_DIMS = 256, (64,)
+# (rows, D): per-head q/k norms (Qwen3: 16k tokens x 32 heads of 128), then 7B- and 70B-class hidden sizes.
+FULL_SHAPES = ((16384 * 32, 128), (16384, 4096), (16384, 8192))
+QUICK_SHAPES = ((256, 64),)
 EPS = 1e-5
 
 METHOD_NOTES = [
@@ -83,9 +84,8 @@ def impls(x: torch.Tensor, weight: torch.Tensor, with_backward: bool) -> List[Tu
 
 
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:
-    tokens, dims = (QUICK_TOKENS, QUICK_DIMS) if quick else (FULL_TOKENS, FULL_DIMS)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for dim in dims:
+    for tokens, dim in QUICK_SHAPES if quick else FULL_SHAPES:
         x = randn((tokens, dim), dtype, device)
         weight = randn((dim,), dtype, device, scale=0.5)
         element = x.element_size()
