@@ -25,7 +25,7 @@
 # than its timeout, so it skips the impls it has no time for and still writes its results.
 #
 # Environment: PYTHON (default python3), OUT, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST, DRY_RUN,
-# DEVICE_CHECK_BUDGET_S, BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_OPS (default attention,pool,norm,loss,model,encode,train),
+# DEVICE_CHECK_BUDGET_S, BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_OPS (default attention,pool,fused,loss,model,encode,train),
 # BENCH_FIRST (default encode,train: run before the others, which go cheapest first), BENCH_TRAIN_SEARCH_S (45),
 # BENCH_EXTRA_ARGS (more benchmarks/run.py arguments, e.g. "--skip-impls flex,eager").
 set -euo pipefail
@@ -52,7 +52,7 @@ OUT_DIR=${OUT:-benchmarks/results}
 BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-150}
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
-BENCH_OPS=${BENCH_OPS:-attention,pool,norm,loss,model,encode,train}
+BENCH_OPS=${BENCH_OPS:-attention,pool,fused,loss,model,encode,train}
 # The headline goals run first (issue 5's encode, issue 7's SimCSE step), so that a budget cut falls on the
 # long attention sweep; the SimCSE step's largest-batch search gets 45 s per impl unless set.
 BENCH_FIRST=${BENCH_FIRST:-encode,train}

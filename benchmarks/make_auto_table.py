@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Benchmark row op -> public op.
 PUBLIC_OP = {"attention_fwd": "flash_attention", "attention_bwd": "flash_attention", "pool": "pool",
              "contrastive_loss_fwd": "contrastive_loss", "contrastive_loss_fwd_bwd": "contrastive_loss",
-             "rms_norm": "rms_norm", "rms_norm_fwd_bwd": "rms_norm"}
+             "rms_norm": "rms_norm", "rms_norm_fwd_bwd": "rms_norm", "gated_activation": "gated_activation",
+             "gated_activation_fwd_bwd": "gated_activation"}
 CANDIDATES = ("triton", "cuda")
 TABLE_PATTERN = re.compile(r"^AUTO_TABLE: Dict\[str, str\] = \{.*?\}$", re.MULTILINE | re.DOTALL)
 

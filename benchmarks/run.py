@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs the benchmark suite and writes <out>/<device>-<date>-<shortsha>[-quick].{json,md,png}.
 
-    python benchmarks/run.py [--quick] [--ops attention,pool,norm,loss] [--out DIR] [--device auto|cpu|cuda]
+    python benchmarks/run.py [--quick] [--ops attention,pool,fused,loss] [--out DIR] [--device auto|cpu|cuda]
                              [--impls NAME,...] [--skip-impls NAME,...] [--time-budget SECONDS] [--no-plot]
                              [--first OP,...]
     python -m benchmarks.run ...            (the same)
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 
-SUITES = {"attention": "benchmarks.bench_attention", "pool": "benchmarks.bench_pool", "norm": "benchmarks.bench_norm",
+SUITES = {"attention": "benchmarks.bench_attention", "pool": "benchmarks.bench_pool", "fused": "benchmarks.bench_fused",
           "loss": "benchmarks.bench_loss",
           "model": "benchmarks.bench_model", "encode": "benchmarks.bench_encode", "train": "benchmarks.bench_train"}
-EXECUTION_ORDER = ("pool", "norm", "loss", "model", "encode", "attention", "train")
+EXECUTION_ORDER = ("pool", "fused", "loss", "model", "encode", "attention", "train")
 DEFAULT_OUT = os.path.join(harness.REPO_ROOT, "benchmarks", "results")
 
 

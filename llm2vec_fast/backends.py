@@ -14,6 +14,7 @@ from . import dispatch
 if importlib.util.find_spec("triton") is not None:
     from .kernels import contrastive as _triton_contrastive
     from .kernels import flash_attention as _triton_attention
+    from .kernels import gated as _triton_gated
     from .kernels import pooling as _triton_pooling
     from .kernels import rms_norm as _triton_rms_norm
 
@@ -21,6 +22,7 @@ if importlib.util.find_spec("triton") is not None:
     dispatch.register("pool", "triton", _triton_pooling.forward, _triton_pooling.backward)
     dispatch.register("contrastive_loss", "triton", _triton_contrastive.forward, _triton_contrastive.backward)
     dispatch.register("rms_norm", "triton", _triton_rms_norm.forward, _triton_rms_norm.backward)
+    dispatch.register("gated_activation", "triton", _triton_gated.forward, _triton_gated.backward)
 
 if importlib.util.find_spec("flash_attn") is not None:
     from . import flash_attn_backend as _flash_attn

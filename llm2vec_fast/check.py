@@ -4,7 +4,7 @@ Made for an installed wheel on a GPU server, where the repository's tests are no
 the versions that matter (the package, torch, triton, CUDA, the GPU, and what the CUDA extension was
 built against), then runs every public op with every backend that can run on the device, forward and
 backward, on fresh random inputs (odd varlen lengths, GQA, softcap, sliding windows, all pooling modes, hard
-negatives, both RMSNorm casting modes), and compares each with a float64 evaluation of the same formulas.
+negatives, both RMSNorm casting modes, SwiGLU and GeGLU), and compares each with a float64 evaluation of the same formulas.
 The bound is flash-attention's: a backend may err at most 2x (forward) or 3x (gradients) as much as
 PyTorch's own evaluation in the same dtype, plus a small floor for results that PyTorch happens to get
 exactly. Exit status 0 when every check passes, 1 otherwise.
@@ -224,8 +224,27 @@ def rms_norm_checks(device, dtype, backend: str, quick: bool, generator) -> Iter
         yield from _check_op("rms_norm", backend, case, norm, exact, [x, weight], ["x", "weight"], dtype)
 
 
+def gated_checks(device, dtype, backend: str, quick: bool, generator) -> Iterator[Result]:
+    from .ops.gated import gated_activation
+    from .reference.gated import GELU_TANH_CUBIC, GELU_TANH_SCALE
+    rows, width = (37, 300) if quick else (113, 14336)
+    gate, up = ((2 * torch.randn((rows, width), generator=generator)).to(device, dtype) for _ in range(2))
+    for activation in ("silu", "gelu_tanh"):
+        case = f"rows={rows},I={width},activation={activation}"
+
+        def fused(gate, up, **kwargs):
+            return gated_activation(gate, up, activation, **kwargs)
+
+        def exact(gate, up):
+            if activation == "silu":
+                return gate * torch.sigmoid(gate) * up
+            return 0.5 * gate * (1 + torch.tanh(GELU_TANH_SCALE * (gate + GELU_TANH_CUBIC * gate ** 3))) * up
+        yield from _check_op("gated_activation", backend, case, fused, exact, [gate, up], ["gate", "up"], dtype)
+
+
 CHECKS: Dict[str, Callable] = {"flash_attention": attention_checks, "pool": pool_checks,
-                               "contrastive_loss": contrastive_checks, "rms_norm": rms_norm_checks}
+                               "contrastive_loss": contrastive_checks, "rms_norm": rms_norm_checks,
+                               "gated_activation": gated_checks}
 
 
 def run_checks(device: torch.device, backends: Optional[Sequence[str]] = None, dtypes: Optional[Sequence] = None,

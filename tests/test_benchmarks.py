@@ -22,7 +22,7 @@ ROW_TYPES = {"op": (str,), "impl": (str,), "shape": (str,), "dtype": (str,), "ms
              "tflops": (float, int, type(None)), "gbps": (float, int, type(None)),
              "peak_mem_mb": (float, int, type(None))}
 OPS = ("attention_fwd", "attention_bwd", "pool", "contrastive_loss_fwd", "contrastive_loss_fwd_bwd", "rms_norm",
-       "rms_norm_fwd_bwd")
+       "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd")
 OURS = {"torch", "triton", "cuda"}
 
 
@@ -43,7 +43,7 @@ def check_results(data: dict) -> None:
         assert row["ms"] > 0
         if row["op"].startswith(("attention", "contrastive_loss")):
             assert row["tflops"] is not None and row["tflops"] > 0, row
-        if row["op"] in ("pool", "rms_norm", "rms_norm_fwd_bwd"):
+        if row["op"] in ("pool", "rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd"):
             assert row["gbps"] is not None and row["gbps"] > 0, row
     for op in OPS:
         impls = {row["impl"] for row in data["rows"] if row["op"] == op}
@@ -70,7 +70,7 @@ def test_execution_order_puts_the_named_ops_first():
     from benchmarks import run
     every = list(run.SUITES)
     assert run.execution_order(every) == list(run.EXECUTION_ORDER)  # cheapest first
-    assert run.execution_order(every, ["encode", "train"]) == ["encode", "train", "pool", "norm", "loss", "model",
+    assert run.execution_order(every, ["encode", "train"]) == ["encode", "train", "pool", "fused", "loss", "model",
                                                                 "attention"]
     assert run.execution_order(["pool", "attention"], ["train", "attention"]) == ["attention", "pool"]
     with pytest.raises(ValueError, match="unknown ops"):

@@ -270,7 +270,7 @@ def test_opcheck_and_fullgraph_compile():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. inside the models: lean layers run the fused op where FUSED_NORM_BACKENDS names the device
+# 4. inside the models: lean layers run the fused op where FUSED_BACKENDS names the device
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(_triton_device() != "cpu", reason="runs the triton op on the CPU through the interpreter")
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
@@ -296,20 +296,25 @@ def test_lean_layers_run_the_fused_norm_in_the_models(monkeypatch, family):
     calls = []
     real = op_module.rms_norm
     monkeypatch.setattr(op_module, "rms_norm", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
-    monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {"cpu": "triton"})
-    monkeypatch.setattr(lean, "_NORM_PROBES", {})
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "triton"})
+    monkeypatch.setattr(lean, "_PROBES", {})
     with torch.no_grad():
         fused = forward_packed(model, ids, mask).hidden
     assert len(calls) >= norms and set(calls) == {"triton"}
-    assert all(lean._NORM_PROBES.values()) and lean._NORM_PROBES
+    assert all(lean._PROBES.values()) and lean._PROBES
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
-    # With gradients (training): the same loss gradient as transformers' norms give.
+    # With gradients, inside lean_layers as training runs: the same gradients as transformers' norms give.
     weights = [m.weight for m in model.modules() if lean.is_rms_norm(m)]
-    out = forward_packed(model, ids, mask).hidden
-    fused_grads = torch.autograd.grad(out.square().sum(), weights)
-    monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {})
-    out = forward_packed(model, ids, mask).hidden
-    plain_grads = torch.autograd.grad(out.square().sum(), weights)
+    calls.clear()
+    with lean.lean_layers(model):
+        out = forward_packed(model, ids, mask).hidden
+        fused_grads = torch.autograd.grad(out.square().sum(), weights)
+    assert len(calls) == norms
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {})
+    with lean.lean_layers(model):
+        out = forward_packed(model, ids, mask).hidden
+        plain_grads = torch.autograd.grad(out.square().sum(), weights)
+    assert len(calls) == norms
     for a, b in zip(fused_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
@@ -327,20 +332,20 @@ def test_lean_norm_keeps_transformers_forward_when_the_probe_disagrees(monkeypat
 
     ShiftedRMSNorm.__module__ = LlamaRMSNorm.__module__  # looks like a transformers module to is_rms_norm
     norm = ShiftedRMSNorm(16)
-    monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {"cpu": "torch"})
-    monkeypatch.setattr(lean, "_NORM_PROBES", {})
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "torch"})
+    monkeypatch.setattr(lean, "_PROBES", {})
     x = randn(3, 16, seed=70)
     rng = torch.get_rng_state()
     with pytest.warns(RuntimeWarning, match="does not reproduce ShiftedRMSNorm"):
         assert lean._fused_norm(norm, ShiftedRMSNorm.forward, x) is None
     assert torch.equal(torch.get_rng_state(), rng)  # the probe draws from its own generator (dropout unchanged)
-    assert lean._NORM_PROBES == {(ShiftedRMSNorm, torch.float32, "cpu"): False}
+    assert lean._PROBES == {("rms_norm", ShiftedRMSNorm, torch.float32, "cpu"): False}
     plain_norm = LlamaRMSNorm(16)
     fused = lean._fused_norm(plain_norm, LlamaRMSNorm.forward, x)
     assert fused is not None and torch.equal(fused(x), plain_norm(x))
     assert lean._fused_norm(plain_norm, LlamaRMSNorm.forward, x.double()) is None  # a dtype the op does not take
     # A kernel that raises: reported once, and the class keeps its own forward.
-    monkeypatch.setattr(lean, "FUSED_NORM_BACKENDS", {"cpu": "cuda"})  # no extension here: rms_norm raises
-    monkeypatch.setattr(lean, "_NORM_PROBES", {})
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "cuda"})  # no extension here: rms_norm raises
+    monkeypatch.setattr(lean, "_PROBES", {})
     with pytest.warns(RuntimeWarning, match="fused rms_norm failed on LlamaRMSNorm"):
         assert lean._fused_norm(plain_norm, LlamaRMSNorm.forward, x) is None

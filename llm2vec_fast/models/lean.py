@@ -2,11 +2,12 @@
 
 Three kinds of modules change, inside a ``with lean_layers(model):`` block only.
 
-**On a GPU** (:data:`FUSED_NORM_BACKENDS`), RMSNorms run the fused ``rms_norm`` op, with or without
-gradients: one read and one write per row where transformers' forward makes about six passes over fp32
-copies (upcast, square, mean, scale, downcast, weight), and a backward that keeps x and one float per row.
-Same function (the casting of each family reproduced; checked on a probe per class before first use), not
-the same bits: the mean of squares is summed in another order.
+**On a GPU** (:data:`FUSED_BACKENDS`), with or without gradients, RMSNorms run the fused ``rms_norm`` op
+(one read and one write per row where transformers' forward makes about six passes over fp32 copies, and a
+backward that keeps x and one float per row) and gated MLPs the fused ``gated_activation`` (act(gate) * up in
+one pass, into gate's buffer without gradients; with them it keeps gate and up, as the recompute below does,
+without running a second forward). Same functions (each family's rounding reproduced; checked on a random
+probe per class, dtype and device before first use), not always the same bits: sums run in another order.
 
 **Without gradients** (encoding): each gated MLP, ``down(act(gate(x)) * up(x))``, writes the activation
 and the product into gate(x)'s buffer (SiLU in place, then ``mul_``), instead of holding four
@@ -97,6 +98,9 @@ def lean_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     too where gate(x) is a buffer of its own (no gradients). A fused gate_up output's halves are strided views:
     there the product is a new contiguous tensor, so that down_proj reads the layout the family's forward gives it."""
     act, hidden, up = _gate_up(mlp, x)
+    fused = _fused_gate(act, hidden)
+    if fused is not None:  # one pass, into gate(x)'s buffer where it has its own
+        return mlp.down_proj(fused(hidden, up, inplace=hidden.is_contiguous()))
     hidden = F.silu(hidden, inplace=True) if _silu_like(act) else act(hidden)
     hidden = hidden.mul_(up) if hidden.is_contiguous() else hidden * up
     return mlp.down_proj(hidden)
@@ -142,15 +146,56 @@ def _mlp_forward_for(mlp: nn.Module):
             return original(mlp, x, *args, **kwargs)
         if not torch.is_grad_enabled():
             return lean_mlp_forward(mlp, x)
-        return mlp.down_proj(_recompute(_act_times, *_gate_up(mlp, x)))
+        act, gate, up = _gate_up(mlp, x)
+        fused = _fused_gate(act, gate)
+        if fused is not None:  # keeps gate and up, as the recompute does, and needs no second forward
+            return mlp.down_proj(fused(gate, up))
+        return mlp.down_proj(_recompute(_act_times, act, gate, up))
     return forward
 
 
-# Device type -> backend of the fused ``rms_norm`` op that lean RMSNorms run on that device. Not on the CPU,
-# where transformers' forward is as fast and the packed model's outputs stay its very bits.
-FUSED_NORM_BACKENDS = {"cuda": "auto"}
-_FUSED_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_NORM_PROBES: dict = {}  # (class, dtype, device type) -> whether the fused op reproduced the module's forward
+# Device type -> backend of the fused ops (``rms_norm``, ``gated_activation``) that lean RMSNorms and gated MLPs
+# run on that device. Not on the CPU, where transformers' forward is as fast and the outputs stay its very bits.
+FUSED_BACKENDS = {"cuda": "auto"}
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# (op, module or activation class, dtype, device type) -> whether the fused op reproduced transformers' forward
+_PROBES: dict = {}
+
+
+def _fusion_backend(x: Tensor):
+    """The backend fused ops run on for ``x``, or None where transformers' own forward runs."""
+    if x.dtype not in _FUSED_DTYPES or x.numel() == 0:
+        return None
+    return FUSED_BACKENDS.get(x.device.type)
+
+
+def _agrees(op: str, owner: type, x: Tensor, shapes, theirs, ours) -> bool:
+    """Whether ``ours`` reproduces ``theirs`` (transformers' computation) to a few units in the last place on
+    random inputs of ``shapes`` like x, checked once per (op, owner class, dtype, device type). A disagreement
+    or an error is reported once, and that class keeps transformers' forward: an optional fusion must never
+    stop or change a model (a release of transformers may change a forward)."""
+    key = (op, owner, x.dtype, x.device.type)
+    if key in _PROBES:
+        return _PROBES[key]
+    name = f"{owner.__name__} ({x.dtype}, {x.device.type})"
+    try:
+        with torch.no_grad():
+            generator = torch.Generator(device=x.device).manual_seed(0)  # leaves the global RNG (dropout) alone
+            inputs = [torch.randn(shape, device=x.device, generator=generator).to(x.dtype) for shape in shapes]
+            expected, got = theirs(*inputs), ours(*inputs)
+            tolerance = 4 * torch.finfo(x.dtype).eps
+            same = bool(expected.dtype == got.dtype and expected.shape == got.shape and
+                        torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance))
+    except Exception as error:  # noqa: BLE001 - reported, and transformers' forward runs instead
+        warnings.warn(f"llm2vec_fast: the fused {op} failed on {name} ({type(error).__name__}: {error}); that class "
+                      f"keeps transformers' forward", RuntimeWarning)
+        same = False
+    else:
+        if not same:
+            warnings.warn(f"llm2vec_fast: the fused {op} does not reproduce {name}'s forward; that class keeps "
+                          f"transformers' forward", RuntimeWarning)
+    _PROBES[key] = same
+    return same
 
 
 def _norm_style(norm: nn.Module):
@@ -165,13 +210,11 @@ def _norm_style(norm: nn.Module):
 
 def _fused_norm(norm: nn.Module, original, x: Tensor):
     """``x -> rms_norm(x, ...)`` standing for ``original`` (transformers' forward) where that is the same
-    function, else None. The first call per (class, dtype, device type) compares both on a random probe, so
-    an RMSNorm whose forward changes in a transformers release keeps its own forward."""
+    function (checked by :func:`_agrees`), else None."""
     from ..ops.normalization import rms_norm
 
-    backend = FUSED_NORM_BACKENDS.get(x.device.type)
-    style = _norm_style(norm)
-    if backend is None or style is None or x.dtype not in _FUSED_NORM_DTYPES or x.numel() == 0:
+    backend, style = _fusion_backend(x), _norm_style(norm)
+    if backend is None or style is None:
         return None
     mode, offset, eps = style
     if mode == "llama" and norm.weight.dtype != x.dtype:  # transformers would return the promoted dtype
@@ -180,32 +223,34 @@ def _fused_norm(norm: nn.Module, original, x: Tensor):
     def fused(inputs: Tensor) -> Tensor:
         return rms_norm(inputs, norm.weight, eps, offset=offset, casting_mode=mode, backend=backend)
 
-    key = (type(norm), x.dtype, x.device.type)
-    if key not in _NORM_PROBES:
-        _NORM_PROBES[key] = _probe(norm, original, fused, x)
-    return fused if _NORM_PROBES[key] else None
+    agrees = _agrees("rms_norm", type(norm), x, [(5, x.shape[-1])], lambda probe: original(norm, probe), fused)
+    return fused if agrees else None
 
 
-def _probe(norm: nn.Module, original, fused, x: Tensor) -> bool:
-    """Whether ``fused`` reproduces ``original`` on random rows like x's (a few units in the last place);
-    a disagreement or an error is reported once, and that class keeps transformers' forward."""
-    name = f"{type(norm).__name__} ({x.dtype}, {x.device.type})"
-    try:
-        with torch.no_grad():
-            generator = torch.Generator(device=x.device).manual_seed(0)  # leaves the global RNG (dropout) alone
-            probe = torch.randn((5, x.shape[-1]), device=x.device, generator=generator).to(x.dtype)
-            theirs, ours = original(norm, probe), fused(probe)
-            tolerance = 4 * torch.finfo(x.dtype).eps
-            same = bool(theirs.dtype == ours.dtype and theirs.shape == ours.shape and
-                        torch.allclose(ours.float(), theirs.float(), rtol=tolerance, atol=tolerance))
-    except Exception as error:  # noqa: BLE001 - an optional fusion must not stop the model
-        warnings.warn(f"llm2vec_fast: the fused rms_norm failed on {name} ({type(error).__name__}: {error}); "
-                      f"that class keeps transformers' forward", RuntimeWarning)
-        return False
-    if not same:
-        warnings.warn(f"llm2vec_fast: the fused rms_norm does not reproduce {name}'s forward; that class keeps "
-                      f"transformers' forward", RuntimeWarning)
-    return same
+def _activation_name(act: nn.Module):
+    """The ``gated_activation`` name of a transformers activation module, or None for one it does not take."""
+    if _silu_like(act):
+        return "silu"
+    if type(act).__name__ in ("GELUTanh", "PytorchGELUTanh"):
+        return "gelu_tanh"
+    return None
+
+
+def _fused_gate(act: nn.Module, gate: Tensor):
+    """``(gate, up, inplace) -> act(gate) * up`` through ``gated_activation`` where that is ``act``'s product
+    (checked by :func:`_agrees`), else None."""
+    from ..ops.gated import gated_activation
+
+    backend, activation = _fusion_backend(gate), _activation_name(act)
+    if backend is None or activation is None:
+        return None
+
+    def fused(gate: Tensor, up: Tensor, inplace: bool = False) -> Tensor:
+        return gated_activation(gate, up, activation, inplace=inplace, backend=backend)
+
+    shapes = [(5, gate.shape[-1])] * 2
+    agrees = _agrees("gated_activation", type(act), gate, shapes, lambda g, u: act(g) * u, fused)
+    return fused if agrees else None
 
 
 def _norm_forward_for(norm: nn.Module):

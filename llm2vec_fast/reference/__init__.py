@@ -5,6 +5,7 @@ Each module registers its forward/backward pair as the ``"torch"`` backend of it
 from .. import dispatch
 from .attention import attention_backward, attention_forward
 from .contrastive import infonce_backward, infonce_forward
+from .gated import gated_backward, gated_forward
 from .pooling import pool_backward, pool_forward
 from .rms_norm import rms_norm_backward, rms_norm_forward
 
@@ -12,3 +13,4 @@ dispatch.register("flash_attention", "torch", attention_forward, attention_backw
 dispatch.register("pool", "torch", pool_forward, pool_backward)
 dispatch.register("contrastive_loss", "torch", infonce_forward, infonce_backward)
 dispatch.register("rms_norm", "torch", rms_norm_forward, rms_norm_backward)
+dispatch.register("gated_activation", "torch", gated_forward, gated_backward)

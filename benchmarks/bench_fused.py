@@ -1,0 +1,129 @@
+"""Fused elementwise ops, judged in GB/s: ``rms_norm`` and ``gated_activation`` (SwiGLU), each forward (no
+grad: what encoding runs) and forward + backward (training: ops ``rms_norm_fwd_bwd``,
+``gated_activation_fwd_bwd``).
+
+Impls, on the same inputs:
+- ours: ``lf.rms_norm(x, weight, casting_mode="llama", backend=b)`` / ``lf.gated_activation(gate, up, "silu",
+  backend=b)`` for every backend that runs here;
+- ``transformers_eager``: what the models run without us: ``LlamaRMSNorm.forward`` (upcast, square, mean,
+  rsqrt, scale, downcast, weight: several passes over fp32 copies), ``act_fn(gate) * up``;
+- ``liger``: Liger-Kernel's ``LigerRMSNorm`` (casting_mode="llama") and ``LigerSiLUMulFunction``, when
+  liger-kernel is importable (on a GPU).
+
+GB/s counts the bytes a one-pass kernel must move, the same for every impl, so an impl that makes more
+passes pays for them in time. rms_norm: forward reads x and writes y (2 * N * D * elem); forward + backward
+also reads x and dy and writes dx (5 in all; the weight and the per-row statistics are negligible).
+gated_activation: forward reads gate and up and writes the product (3 * N * I * elem); forward + backward
+also reads dy, gate and up and writes d gate and d up (8 in all).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Sequence, Tuple
+
+import torch
+
+import llm2vec_fast as lf
+from llm2vec_fast import dispatch
+
+from .harness import Case, SkipImpl, randn
+
+OPS = ("rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd")
+# (rows, D): per-head q/k norms (Qwen3: 16k tokens x 32 heads of 128), then 7B- and 70B-class hidden sizes.
+NORM_SHAPES = ((16384 * 32, 128), (16384, 4096), (16384, 8192))
+GATED_SHAPES = ((16384, 14336),)  # Mistral-7B's MLP over 16k tokens
+QUICK_NORM_SHAPES, QUICK_GATED_SHAPES = ((256, 64),), ((64, 96),)
+EPS = 1e-5
+
+METHOD_NOTES = [
+    "rms_norm (casting_mode=llama) and gated_activation (silu): GB/s = one pass's bytes for every impl (rms_norm "
+    "fwd 2, fwd+bwd 5; gated fwd 3, fwd+bwd 8 tensors of the input's size); transformers_eager is LlamaRMSNorm / "
+    "act_fn(gate) * up, liger is LigerRMSNorm / LigerSiLUMulFunction.",
+]
+
+
+def _liger(module: str, name: str, device: torch.device):
+    """``name`` from liger-kernel's ``module``; SkipImpl where liger-kernel is not installed or not on a GPU."""
+    import importlib
+    if device.type != "cuda":
+        raise SkipImpl("liger-kernel runs on a GPU only")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise SkipImpl(f"liger-kernel's {module}.{name} is not importable ({error})") from None
+
+
+def _llama_norm(weight: torch.Tensor) -> torch.nn.Module:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    module = LlamaRMSNorm(weight.shape[0], eps=EPS).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    return module
+
+
+def _liger_norm(weight: torch.Tensor) -> torch.nn.Module:
+    LigerRMSNorm = _liger("liger_kernel.transformers.rms_norm", "LigerRMSNorm", weight.device)
+    module = LigerRMSNorm(weight.shape[0], eps=EPS, casting_mode="llama").to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    return module
+
+
+def _timed(fn: Callable, inputs: Sequence[torch.Tensor], with_backward: bool) -> Callable:
+    """fn(*inputs) without gradients, or its gradients with respect to every input."""
+    if not with_backward:
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
+        return forward
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    grad = randn(inputs[0].shape, inputs[0].dtype, inputs[0].device)
+
+    def forward_backward():
+        return torch.autograd.grad(fn(*leaves), leaves, grad)
+    return forward_backward
+
+
+def _ours(op: str, device: torch.device) -> List[str]:
+    return [b for b in ("triton", "cuda", "torch") if b in dispatch.available_backends(op, device)]
+
+
+def norm_impls(x: torch.Tensor, weight: torch.Tensor, with_backward: bool) -> List[Tuple[str, Callable]]:
+    def ours(name):
+        return lambda: _timed(lambda t: lf.rms_norm(t, weight, EPS, backend=name), [x], with_backward)
+
+    def module(make):
+        return lambda: _timed(make(weight), [x], with_backward)
+
+    return ([(name, ours(name)) for name in _ours("rms_norm", x.device)] +
+            [("transformers_eager", module(_llama_norm)), ("liger", module(_liger_norm))])
+
+
+def gated_impls(gate: torch.Tensor, up: torch.Tensor, with_backward: bool) -> List[Tuple[str, Callable]]:
+    from transformers.activations import ACT2FN
+    act = ACT2FN["silu"]
+
+    def ours(name):
+        return lambda: _timed(lambda g, u: lf.gated_activation(g, u, "silu", backend=name), [gate, up],
+                              with_backward)
+
+    def liger():
+        return _timed(_liger("liger_kernel.ops.swiglu", "LigerSiLUMulFunction", gate.device).apply, [gate, up],
+                      with_backward)
+
+    return ([(name, ours(name)) for name in _ours("gated_activation", gate.device)] +
+            [("transformers_eager", lambda: _timed(lambda g, u: act(g) * u, [gate, up], with_backward)),
+             ("liger", liger)])
+
+
+def cases(quick: bool, device: torch.device) -> Iterator[Case]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for rows, dim in QUICK_NORM_SHAPES if quick else NORM_SHAPES:
+        x, weight = randn((rows, dim), dtype, device), randn((dim,), dtype, device, scale=0.5)
+        for op, with_backward, tensors in (("rms_norm", False, 2), ("rms_norm_fwd_bwd", True, 5)):
+            yield Case(op, f"T={rows},D={dim}", dtype, norm_impls(x, weight, with_backward),
+                       nbytes=float(tensors * x.numel() * x.element_size()))
+    for rows, width in QUICK_GATED_SHAPES if quick else GATED_SHAPES:
+        gate, up = randn((rows, width), dtype, device, scale=2.0), randn((rows, width), dtype, device)
+        for op, with_backward, tensors in (("gated_activation", False, 3), ("gated_activation_fwd_bwd", True, 8)):
+            yield Case(op, f"T={rows},I={width},activation=silu", dtype, gated_impls(gate, up, with_backward),
+                       nbytes=float(tensors * gate.numel() * gate.element_size()))

@@ -1,0 +1,264 @@
+"""Tests of ``llm2vec_fast.gated_activation`` (act(gate) * up: SwiGLU and GeGLU): the reference against
+float64 formulas and transformers' ``act_fn(gate) * up`` (bit for bit), every backend against them (the
+triton kernels through the interpreter under ``make test``, on a GPU otherwise), strided and in-place
+forms, gradients, bad input, the custom-op registration, and the lean gated MLPs that run it in the models.
+
+The interpreter casts float32 to bfloat16 by truncation where a GPU rounds to nearest, and the op rounds
+twice (act(gate), then the product, as transformers does): under the interpreter the bf16 bound carries
+two bf16 units in the last place more.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import llm2vec_fast as lf
+from llm2vec_fast import dispatch
+from llm2vec_fast.reference.gated import GELU_TANH_CUBIC, GELU_TANH_SCALE
+
+FWD_OP = torch.ops.llm2vec_fast.gated_activation_forward
+INPLACE_OP = torch.ops.llm2vec_fast.gated_activation_inplace
+BWD_OP = torch.ops.llm2vec_fast.gated_activation_backward
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _triton_device():
+    if dispatch.triton_interpreting():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def backends_and_devices():
+    """(backend, device) pairs that run here: torch on the CPU; triton in the interpreter or on a GPU."""
+    dispatch._load_backends()
+    device = _triton_device()
+    skip = ("gated_activation", "triton") not in dispatch._REGISTRY or device is None
+    return [pytest.param("torch", "cpu", id="torch"),
+            pytest.param("triton", device or "cpu", id="triton", marks=pytest.mark.skipif(
+                skip, reason="triton runs in the interpreter (TRITON_INTERPRET=1) or on a GPU"))]
+
+
+def randn(*shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+
+def exact(gate, up, activation):
+    """The definition in float64, differentiable."""
+    gate, up = gate.double(), up.double()
+    if activation == "silu":
+        return gate * torch.sigmoid(gate) * up
+    return 0.5 * gate * (1 + torch.tanh(GELU_TANH_SCALE * (gate + GELU_TANH_CUBIC * gate ** 3))) * up
+
+
+def transformers_product(gate, up, activation):
+    """transformers' own ``act_fn(gate) * up``."""
+    from transformers.activations import ACT2FN
+    return ACT2FN["silu" if activation == "silu" else "gelu_pytorch_tanh"](gate) * up
+
+
+def grads_of(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return (out,) + torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+
+def max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. the reference
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_matches_fp64_formula_and_its_gradient(activation):
+    gate, up = randn(7, 113, seed=1, scale=2.0), randn(7, 113, seed=2)
+    grad_out = randn(7, 113, seed=3)
+    got = grads_of(lambda g, u: lf.gated_activation(g, u, activation, backend="torch"), [gate, up], grad_out)
+    want = grads_of(lambda g, u: exact(g, u, activation), [gate.double(), up.double()], grad_out)
+    for name, g, w in zip(("out", "dgate", "dup"), got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-6, rtol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_is_transformers_product_bit_for_bit(dtype, activation):
+    gate, up = randn(9, 300, seed=4, dtype=dtype, scale=3.0), randn(9, 300, seed=5, dtype=dtype)
+    ours = lf.gated_activation(gate, up, activation, backend="torch")
+    assert torch.equal(ours, transformers_product(gate, up, activation))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. every backend
+# ---------------------------------------------------------------------------------------------------
+# (leading shape, I): one element, odd sizes, a 3-D input, a width past one 1024-column block.
+SHAPES = [((1,), 1), ((17,), 113), ((3, 5), 17), ((2,), 2049)]
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape,width", SHAPES)
+def test_fp32_matches_the_reference_and_fp64(backend, device, activation, shape, width):
+    gate = randn(*shape, width, seed=10 + width, device=device, scale=2.5)
+    up, grad_out = randn(*shape, width, seed=11, device=device), randn(*shape, width, seed=12, device=device)
+
+    def run(name):
+        return grads_of(lambda g, u: lf.gated_activation(g, u, activation, backend=name), [gate, up], grad_out)
+
+    got, want = run(backend), run("torch")
+    truth = grads_of(lambda g, u: exact(g, u, activation), [gate.cpu().double(), up.cpu().double()], grad_out.cpu())
+    for name, g, w, t in zip(("out", "dgate", "dup"), got, want, truth):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"{backend} {name} vs reference")
+        torch.testing.assert_close(g.double().cpu(), t, atol=1e-5, rtol=1e-5, msg=f"{backend} {name} vs float64")
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_within_bound_of_torch(backend, device, activation, dtype):
+    """fp16/bf16 against float64: within 2x (out) / 3x (gradients) of transformers' own computation in that
+    dtype, plus two bf16 units in the last place under the interpreter."""
+    gate = randn(37, 1000, seed=20, dtype=dtype, device=device, scale=3.0)
+    up, grad_out = randn(37, 1000, seed=21, dtype=dtype, device=device), randn(37, 1000, seed=22, dtype=dtype,
+                                                                             device=device)
+    got = grads_of(lambda g, u: lf.gated_activation(g, u, activation, backend=backend), [gate, up], grad_out)
+    base = grads_of(lambda g, u: transformers_product(g, u, activation), [gate, up], grad_out)
+    truth = grads_of(lambda g, u: exact(g, u, activation), [gate.cpu().double(), up.cpu().double()], grad_out.cpu())
+    truncating = backend == "triton" and dispatch.triton_interpreting() and dtype == torch.bfloat16
+    report = []
+    for name, g, b, t, factor in zip(("out", "dgate", "dup"), got, base, truth, (2.0, 3.0, 3.0)):
+        assert torch.isfinite(g).all(), name
+        ours, torch_err = max_err(g.cpu(), t), max_err(b.cpu(), t)
+        assert torch_err > 0, f"{name}: torch in {dtype} is exact, so the bound says nothing"
+        slack = 2.0 ** -6 * t.abs().max().item() if truncating else 0.0
+        report.append(f"{name}: ours {ours:.3g}, torch {torch_err:.3g}")
+        assert ours <= factor * torch_err + slack + 1e-6, "; ".join(report)
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+def test_strided_halves_in_place_and_empty(backend, device):
+    """The two halves of a fused (N, 2I) gate_up output are read in place; inplace=True writes into gate (the
+    same values as the functional form) and returns it; an empty input gives an empty output."""
+    fused = randn(13, 2 * 40, seed=30, device=device, scale=2.0)
+    gate, up = fused.chunk(2, dim=-1)
+    assert gate.stride() == (80, 1)
+    want = lf.gated_activation(gate.contiguous(), up.contiguous(), backend=backend)
+    torch.testing.assert_close(lf.gated_activation(gate, up, backend=backend), want, atol=1e-6, rtol=1e-6)
+    own = gate.contiguous()
+    with torch.no_grad():
+        out = lf.gated_activation(own, up, "silu", inplace=True, backend=backend)
+    assert out is own and torch.equal(own, want)
+    empty = torch.empty(0, 40, device=device)
+    assert lf.gated_activation(empty, empty, backend=backend).shape == (0, 40)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. bad input, registration
+# ---------------------------------------------------------------------------------------------------
+BAD_INPUTS = [
+    (dict(gate=[1.0]), TypeError, "gate must be a torch.Tensor, got list"),
+    (dict(up=torch.ones(3, 7)), ValueError, r"up must have gate's shape \(3, 8\), got \(3, 7\)"),
+    (dict(up=torch.ones(3, 8, dtype=torch.float16)), TypeError, "up must have the same dtype as gate"),
+    (dict(gate=torch.ones(3, 8, dtype=torch.int32), up=torch.ones(3, 8, dtype=torch.int32)), TypeError,
+     "gate must have dtype in"),
+    (dict(activation="relu"), ValueError, r"activation must be one of \['silu', 'gelu_tanh'\], got 'relu'"),
+    (dict(inplace=1), TypeError, "inplace must be a bool, got int 1"),
+    (dict(gate=torch.ones(8, 3).t(), up=torch.ones(3, 8), inplace=True), ValueError, "needs a contiguous gate"),
+    (dict(gate=torch.ones(3, 8, requires_grad=True), inplace=True), ValueError, "computes no gradients"),
+    (dict(backend="flash_attn"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,pattern", BAD_INPUTS)
+def test_bad_input_raises_naming_argument_and_value(overrides, error, pattern):
+    args = dict(gate=torch.ones(3, 8), up=torch.ones(3, 8), activation="silu", backend="auto")
+    args.update(overrides)
+    with pytest.raises(error, match=pattern):
+        lf.gated_activation(args.pop("gate"), args.pop("up"), args.pop("activation"), **args)
+
+
+def test_opcheck_and_fullgraph_compile():
+    gate, up = randn(6, 24, seed=50, scale=2.0), randn(6, 24, seed=51)
+    for activation in ACTIVATIONS:
+        torch.library.opcheck(FWD_OP.default, (gate.requires_grad_(True), up.requires_grad_(True), activation,
+                                               "torch"))
+        torch.library.opcheck(INPLACE_OP.default, (gate.detach().clone(), up.detach(), activation, "torch"))
+        torch.library.opcheck(BWD_OP.default, (randn(6, 24, seed=52), gate.detach(), up.detach(), activation,
+                                               "torch"))
+    torch._dynamo.reset()
+
+    def fn(g, u):
+        return lf.gated_activation(g * 1.5, u, "gelu_tanh").sum(-1)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    grad_out = randn(6, seed=53)
+    for g, w in zip(grads_of(compiled, [gate, up], grad_out), grads_of(fn, [gate, up], grad_out)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. inside the models: lean gated MLPs run the fused op where FUSED_BACKENDS names the device
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(_triton_device() != "cpu", reason="runs the triton op on the CPU through the interpreter")
+@pytest.mark.parametrize("family,activation", [("mistral", "silu"), ("gemma", "gelu_tanh"), ("phi3", "silu")])
+def test_lean_mlps_run_the_fused_op_in_the_models(monkeypatch, family, activation):
+    """A packed forward with the fused MLP products (triton, interpreted; Phi-3's from the strided halves of its
+    fused gate_up projection) matches transformers' products, with and without gradients, every MLP going
+    through the op (in place without gradients where gate has its own buffer)."""
+    from test_models import bi_model, make_batch
+
+    from llm2vec_fast.models import forward_packed, lean
+    from llm2vec_fast.ops import gated as op_module
+
+    model = bi_model(family)
+    mlps = [m for m in model.modules() if lean.is_gated_mlp(m)]
+    ids, mask = make_batch(seed=62)
+    with torch.no_grad():
+        plain = forward_packed(model, ids, mask).hidden
+    calls = []
+    real = op_module.gated_activation
+
+    def recording(gate, up, act, **kwargs):
+        calls.append((act, kwargs["inplace"], kwargs["backend"]))
+        return real(gate, up, act, **kwargs)
+
+    monkeypatch.setattr(op_module, "gated_activation", recording)
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "triton"})
+    monkeypatch.setattr(lean, "_PROBES", {})
+    with torch.no_grad():
+        fused = forward_packed(model, ids, mask).hidden
+    in_place = family != "phi3"  # Phi-3's gate is a strided half of gate_up's output: a new buffer
+    assert calls[-len(mlps):] == [(activation, in_place, "triton")] * len(mlps)
+    assert lean._PROBES and all(lean._PROBES.values())
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+    # With gradients, inside lean_layers as training runs: the functional, differentiable form.
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    calls.clear()
+    with lean.lean_layers(model):
+        out = forward_packed(model, ids, mask).hidden
+        fused_grads = torch.autograd.grad(out.square().sum(), weights)
+    assert calls == [(activation, False, "triton")] * len(mlps)
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {})
+    with lean.lean_layers(model):
+        out = forward_packed(model, ids, mask).hidden
+        plain_grads = torch.autograd.grad(out.square().sum(), weights)
+    assert len(calls) == len(mlps)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_lean_mlp_keeps_an_activation_the_op_does_not_take(monkeypatch):
+    """GELU without the tanh approximation is not the op's: the MLP keeps its own activation."""
+    from llm2vec_fast.models import lean
+
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "torch"})
+    monkeypatch.setattr(lean, "_PROBES", {})
+    gate = randn(4, 16, seed=70)
+    assert lean._fused_gate(torch.nn.GELU(), gate) is None
+    assert lean._fused_gate(torch.nn.SiLU(), gate) is not None
+    assert lean._fused_gate(torch.nn.SiLU(), gate.double()) is None  # a dtype the op does not take
+    assert math.isclose(len(lean._PROBES), 1)
