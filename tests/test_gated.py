@@ -18,31 +18,12 @@ import llm2vec_fast as lf
 from llm2vec_fast import dispatch
 from llm2vec_fast.reference.gated import GELU_TANH_CUBIC, GELU_TANH_SCALE
 
+from elementwise_support import backends_and_devices, grads_of, max_err, randn, triton_device
+
 FWD_OP = torch.ops.llm2vec_fast.gated_activation_forward
 INPLACE_OP = torch.ops.llm2vec_fast.gated_activation_inplace
 BWD_OP = torch.ops.llm2vec_fast.gated_activation_backward
 ACTIVATIONS = ("silu", "gelu_tanh")
-
-
-def _triton_device():
-    if dispatch.triton_interpreting():
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
-def backends_and_devices():
-    """(backend, device) pairs that run here: torch on the CPU; triton in the interpreter or on a GPU."""
-    dispatch._load_backends()
-    device = _triton_device()
-    skip = ("gated_activation", "triton") not in dispatch._REGISTRY or device is None
-    return [pytest.param("torch", "cpu", id="torch"),
-            pytest.param("triton", device or "cpu", id="triton", marks=pytest.mark.skipif(
-                skip, reason="triton runs in the interpreter (TRITON_INTERPRET=1) or on a GPU"))]
-
-
-def randn(*shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
-    generator = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(device=device, dtype=dtype)
 
 
 def exact(gate, up, activation):
@@ -57,16 +38,6 @@ def transformers_product(gate, up, activation):
     """transformers' own ``act_fn(gate) * up``."""
     from transformers.activations import ACT2FN
     return ACT2FN["silu" if activation == "silu" else "gelu_pytorch_tanh"](gate) * up
-
-
-def grads_of(fn, inputs, grad_out):
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*leaves)
-    return (out,) + torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-
-
-def max_err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,7 +68,7 @@ def test_reference_is_transformers_product_bit_for_bit(dtype, activation):
 SHAPES = [((1,), 1), ((17,), 113), ((3, 5), 17), ((2,), 2049)]
 
 
-@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("backend,device", backends_and_devices("gated_activation"))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape,width", SHAPES)
 def test_fp32_matches_the_reference_and_fp64(backend, device, activation, shape, width):
@@ -115,7 +86,7 @@ def test_fp32_matches_the_reference_and_fp64(backend, device, activation, shape,
         torch.testing.assert_close(g.double().cpu(), t, atol=1e-5, rtol=1e-5, msg=f"{backend} {name} vs float64")
 
 
-@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("backend,device", backends_and_devices("gated_activation"))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_within_bound_of_torch(backend, device, activation, dtype):
@@ -138,7 +109,7 @@ def test_low_precision_within_bound_of_torch(backend, device, activation, dtype)
         assert ours <= factor * torch_err + slack + 1e-6, "; ".join(report)
 
 
-@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("backend,device", backends_and_devices("gated_activation"))
 def test_strided_halves_in_place_and_empty(backend, device):
     """The two halves of a fused (N, 2I) gate_up output are read in place; inplace=True writes into gate (the
     same values as the functional form) and returns it; an empty input gives an empty output."""
@@ -203,7 +174,7 @@ def test_opcheck_and_fullgraph_compile():
 # ---------------------------------------------------------------------------------------------------
 # 4. inside the models: lean gated MLPs run the fused op where FUSED_BACKENDS names the device
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(_triton_device() != "cpu", reason="runs the triton op on the CPU through the interpreter")
+@pytest.mark.skipif(triton_device() != "cpu", reason="runs the triton op on the CPU through the interpreter")
 @pytest.mark.parametrize("family,activation", [("mistral", "silu"), ("gemma", "gelu_tanh"), ("phi3", "silu")])
 def test_lean_mlps_run_the_fused_op_in_the_models(monkeypatch, family, activation):
     """A packed forward with the fused MLP products (triton, interpreted; Phi-3's from the strided halves of its

@@ -18,51 +18,17 @@ import llm2vec_fast as lf
 from llm2vec_fast import dispatch
 from llm2vec_fast.reference.rms_norm import rms_norm_backward, rms_norm_forward
 
+from elementwise_support import backends_and_devices, grads_of, max_err, randn, triton_device
+
 FWD_OP = torch.ops.llm2vec_fast.rms_norm_forward
 BWD_OP = torch.ops.llm2vec_fast.rms_norm_backward
 STYLES = [("llama", 0.0), ("gemma", 1.0)]  # (casting_mode, offset) of the families
-
-
-def _interpreting() -> bool:
-    return dispatch.triton_interpreting()
-
-
-def _triton_device():
-    if _interpreting():
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
-def backends_and_devices():
-    """(backend, device) pairs that run here: torch on the CPU; triton in the interpreter or on a GPU."""
-    pairs = [pytest.param("torch", "cpu", id="torch")]
-    dispatch._load_backends()
-    device = _triton_device()
-    skip = ("rms_norm", "triton") not in dispatch._REGISTRY or device is None
-    pairs.append(pytest.param("triton", device or "cpu", id="triton", marks=pytest.mark.skipif(
-        skip, reason="triton runs in the interpreter (TRITON_INTERPRET=1) or on a GPU")))
-    return pairs
-
-
-def randn(*shape, seed, dtype=torch.float32, device="cpu", shift=0.0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=generator, dtype=torch.float64) + shift).to(device=device, dtype=dtype)
 
 
 def exact(x, weight, eps, offset):
     """The definition in float64: x / sqrt(mean(x^2) + eps) * (offset + weight), differentiable."""
     x, weight = x.double(), weight.double()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight)
-
-
-def grads_of(fn, inputs, grad_out):
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*leaves)
-    return (out,) + torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-
-
-def max_err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,7 +89,7 @@ def test_casting_modes_differ_where_they_should():
 SHAPES = [((1,), 17), ((113,), 64), ((3, 17), 113), ((5,), 1500)]
 
 
-@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("backend,device", backends_and_devices("rms_norm"))
 @pytest.mark.parametrize("casting_mode,offset", STYLES)
 @pytest.mark.parametrize("shape,dim", SHAPES)
 def test_fp32_matches_the_reference(backend, device, casting_mode, offset, shape, dim):
@@ -143,7 +109,7 @@ def test_fp32_matches_the_reference(backend, device, casting_mode, offset, shape
         torch.testing.assert_close(g.double().cpu(), t, atol=5e-5, rtol=1e-5, msg=f"{backend} {name} vs float64")
 
 
-@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("backend,device", backends_and_devices("rms_norm"))
 @pytest.mark.parametrize("casting_mode,offset", STYLES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_within_bound_of_torch(backend, device, casting_mode, offset, dtype):
@@ -160,7 +126,7 @@ def test_low_precision_within_bound_of_torch(backend, device, casting_mode, offs
 
     got, base = run(backend), run("torch")
     truth = grads_of(lambda a, w: exact(a, w, 1e-6, offset), [x.cpu().double(), weight.cpu().double()], grad_out.cpu())
-    truncating = backend == "triton" and _interpreting() and dtype == torch.bfloat16
+    truncating = backend == "triton" and dispatch.triton_interpreting() and dtype == torch.bfloat16
     report = []
     for name, g, b, t, factor in zip(("out", "dx", "dweight"), got, base, truth, (2.0, 3.0, 3.0)):
         assert torch.isfinite(g).all(), name
@@ -171,7 +137,7 @@ def test_low_precision_within_bound_of_torch(backend, device, casting_mode, offs
         assert ours <= factor * torch_err + slack + 1e-6, "; ".join(report)
 
 
-@pytest.mark.parametrize("backend,device", backends_and_devices())
+@pytest.mark.parametrize("backend,device", backends_and_devices("rms_norm"))
 def test_edge_shapes_and_non_contiguous_rows(backend, device):
     """No rows gives empty outputs and a zero weight gradient; a strided view gives the contiguous input's
     result; a row of zeros gives zeros (rstd = 1/sqrt(eps)), never NaN."""
@@ -191,7 +157,7 @@ def test_edge_shapes_and_non_contiguous_rows(backend, device):
     assert torch.isfinite(out).all() and torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.skipif(_triton_device() != "cpu", reason="sets the interpreter's program count")
+@pytest.mark.skipif(triton_device() != "cpu", reason="sets the interpreter's program count")
 @pytest.mark.parametrize("rows,dim", [(17, 1500), (203, 64)], ids=["one-row-tiles", "32-row-tiles"])
 def test_triton_weight_gradient_sums_partials_over_uneven_row_runs(monkeypatch, rows, dim):
     """The backward's per-program partial weight gradients (rows split unevenly over 1, 3 and 7 programs, in
@@ -207,7 +173,7 @@ def test_triton_weight_gradient_sums_partials_over_uneven_row_runs(monkeypatch, 
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, msg=f"dx, {programs} programs")
 
 
-@pytest.mark.skipif(_triton_device() != "cpu", reason="patches the interpreter's width limit")
+@pytest.mark.skipif(triton_device() != "cpu", reason="patches the interpreter's width limit")
 def test_triton_rows_wider_than_its_limit_run_on_the_reference(monkeypatch):
     from llm2vec_fast.kernels import rms_norm as kernel
     monkeypatch.setattr(kernel, "MAX_D", 32)
@@ -272,7 +238,7 @@ def test_opcheck_and_fullgraph_compile():
 # ---------------------------------------------------------------------------------------------------
 # 4. inside the models: lean layers run the fused op where FUSED_BACKENDS names the device
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(_triton_device() != "cpu", reason="runs the triton op on the CPU through the interpreter")
+@pytest.mark.skipif(triton_device() != "cpu", reason="runs the triton op on the CPU through the interpreter")
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
 def test_lean_layers_run_the_fused_norm_in_the_models(monkeypatch, family):
     """A packed forward with the fused norms (triton, interpreted) matches the one with transformers' norms,
