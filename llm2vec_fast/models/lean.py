@@ -96,7 +96,8 @@ def _hooked(module: nn.Module) -> bool:
 def lean_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     """``mlp.down_proj(act(gate(x)) * up(x))`` with the activation written into gate(x)'s buffer, and the product
     too where gate(x) is a buffer of its own (no gradients). A fused gate_up output's halves are strided views:
-    there the product is a new contiguous tensor, so that down_proj reads the layout the family's forward gives it."""
+    there the product is a new contiguous tensor, so that down_proj reads the layout the family's forward gives it.
+    Where :data:`FUSED_BACKENDS` names the device, both steps are one ``gated_activation`` pass."""
     act, hidden, up = _gate_up(mlp, x)
     fused = _fused_gate(act, hidden)
     if fused is not None:  # one pass, into gate(x)'s buffer where it has its own
