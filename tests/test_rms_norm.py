@@ -157,6 +157,25 @@ def test_edge_shapes_and_non_contiguous_rows(backend, device):
     assert torch.isfinite(out).all() and torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("backend,device", backends_and_devices("rms_norm"))
+@pytest.mark.parametrize("casting_mode,offset", STYLES)
+def test_float32_weight_with_bf16_rows(backend, device, casting_mode, offset):
+    """A float32 weight (kept in fp32 while the activations are bf16): y stays bf16, dweight float32, and the
+    backends agree with the reference (which reads the weight in fp32, as the kernels do)."""
+    x = randn(19, 96, seed=35, dtype=torch.bfloat16, device=device, shift=0.2)
+    weight = randn(96, seed=36, device=device, scale=0.3)
+    grad_out = randn(19, 96, seed=37, dtype=torch.bfloat16, device=device)
+
+    def run(name):
+        return grads_of(lambda a, w: lf.rms_norm(a, w, offset=offset, casting_mode=casting_mode, backend=name),
+                        [x, weight], grad_out)
+
+    got, want = run(backend), run("torch")
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    for name, g, w in zip(("out", "dx", "dweight"), got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=0.05, rtol=0.02, msg=name)
+
+
 @pytest.mark.skipif(triton_device() != "cpu", reason="sets the interpreter's program count")
 @pytest.mark.parametrize("rows,dim", [(17, 1500), (203, 64)], ids=["one-row-tiles", "32-row-tiles"])
 def test_triton_weight_gradient_sums_partials_over_uneven_row_runs(monkeypatch, rows, dim):
