@@ -43,6 +43,37 @@ def test_encode_on_the_gpu_matches_the_cpu(checkpoint, backend):
     assert (_cosines(pooled[nonzero], got[nonzero]) > 0.999).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_fused_norms_and_mlps_run_in_gpu_encoding(checkpoint, monkeypatch, dtype):
+    """On the GPU the lean layers' fused rms_norm and gated_activation pass their first-use probes (a failed
+    probe would warn and fall back to transformers' forward, silently slower) and run in every layer."""
+    import warnings
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.models import lean
+    from llm2vec_fast.ops import gated, normalization
+
+    monkeypatch.setattr(lean, "_PROBES", {})
+    calls = {"rms_norm": 0, "gated_activation": 0}
+    for module, name in ((normalization, "rms_norm"), (gated, "gated_activation")):
+        real = getattr(module, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counting)
+    encoder = LLM2Vec.from_pretrained(checkpoint, dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = encoder.encode([t for t in INPUTS if isinstance(t, str)], show_progress_bar=False, device="cuda")
+    fallbacks = [str(w.message) for w in caught if "llm2vec_fast: the fused" in str(w.message)]
+    assert not fallbacks, fallbacks
+    assert {key[0] for key in lean._PROBES} == {"rms_norm", "gated_activation"} and all(lean._PROBES.values())
+    layers = encoder.model.config.num_hidden_layers
+    assert calls["rms_norm"] >= 2 * layers + 1 and calls["gated_activation"] >= layers, calls
+    assert torch.isfinite(got).all()
+
+
 def _gemma3_with_a_short_window(folder: str) -> str:
     """A tiny Gemma3 whose sliding layer's window (5) is shorter than most inputs, with the llama tokenizer."""
     import shutil
