@@ -75,6 +75,8 @@ def forward(gate, up, activation, out=None):
     gate, up = _rows(gate), _rows(up)
     if out is None:
         out = gate.new_empty(gate.shape)
+    elif out.stride(-1) != 1:  # the kernel writes whole rows of unit stride (ops.gated passes a contiguous gate)
+        raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
     rows, cols = gate.shape
     if rows and cols:
         _gated_fwd[(rows * triton.cdiv(cols, BLOCK),)](
