@@ -223,7 +223,8 @@ def test_lean_mlps_run_the_fused_op_in_the_models(monkeypatch, family, activatio
 
 
 def test_lean_mlp_keeps_an_activation_the_op_does_not_take(monkeypatch):
-    """GELU without the tanh approximation is not the op's: the MLP keeps its own activation."""
+    """GELU without the tanh approximation is not the op's: the MLP keeps its own activation; so does every MLP
+    with LLM2VEC_FAST_FUSED_OPS=0."""
     from llm2vec_fast.models import lean
 
     monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "torch"})
@@ -233,3 +234,5 @@ def test_lean_mlp_keeps_an_activation_the_op_does_not_take(monkeypatch):
     assert lean._fused_gate(torch.nn.SiLU(), gate) is not None
     assert lean._fused_gate(torch.nn.SiLU(), gate.double()) is None  # a dtype the op does not take
     assert math.isclose(len(lean._PROBES), 1)
+    monkeypatch.setenv(lean.FUSED_OPS_ENV, "0")  # switched off: transformers' own product everywhere
+    assert lean._fused_gate(torch.nn.SiLU(), gate) is None

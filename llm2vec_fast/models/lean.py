@@ -42,6 +42,7 @@ a variant (DoRA, ...).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Iterator, List
 
@@ -158,6 +159,7 @@ def _mlp_forward_for(mlp: nn.Module):
 # Device type -> backend of the fused ops (``rms_norm``, ``gated_activation``) that lean RMSNorms and gated MLPs
 # run on that device. Not on the CPU, where transformers' forward is as fast and the outputs stay its very bits.
 FUSED_BACKENDS = {"cuda": "auto"}
+FUSED_OPS_ENV = "LLM2VEC_FAST_FUSED_OPS"  # "0": transformers' own norms and MLP products everywhere (A/B, debugging)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (op, module or activation class, dtype, device type) -> whether the fused op reproduced transformers' forward
 _PROBES: dict = {}
@@ -165,7 +167,7 @@ _PROBES: dict = {}
 
 def _fusion_backend(x: Tensor):
     """The backend fused ops run on for ``x``, or None where transformers' own forward runs."""
-    if x.dtype not in _FUSED_DTYPES or x.numel() == 0:
+    if x.dtype not in _FUSED_DTYPES or x.numel() == 0 or os.environ.get(FUSED_OPS_ENV, "1").strip() == "0":
         return None
     return FUSED_BACKENDS.get(x.device.type)
 
