@@ -8,6 +8,7 @@ backward that keeps x and one float per row) and gated MLPs the fused ``gated_ac
 one pass, into gate's buffer without gradients; with them it keeps gate and up, as the recompute below does,
 without running a second forward). Same functions (each family's rounding reproduced; checked on a random
 probe per class, dtype and device before first use), not always the same bits: sums run in another order.
+``LLM2VEC_FAST_FUSED_OPS=0`` switches the fusion off.
 
 **Without gradients** (encoding): each gated MLP, ``down(act(gate(x)) * up(x))``, writes the activation
 and the product into gate(x)'s buffer (SiLU in place, then ``mul_``), instead of holding four
