@@ -4,10 +4,10 @@ Made for an installed wheel on a GPU server, where the repository's tests are no
 the versions that matter (the package, torch, triton, CUDA, the GPU, and what the CUDA extension was
 built against), then runs every public op with every backend that can run on the device, forward and
 backward, on fresh random inputs (odd varlen lengths, GQA, softcap, sliding windows, all pooling modes, hard
-negatives, both RMSNorm casting modes, SwiGLU and GeGLU), and compares each with a float64 evaluation of the same formulas.
-The bound is flash-attention's: a backend may err at most 2x (forward) or 3x (gradients) as much as
-PyTorch's own evaluation in the same dtype, plus a small floor for results that PyTorch happens to get
-exactly. Exit status 0 when every check passes, 1 otherwise.
+negatives, both RMSNorm casting modes, SwiGLU and GeGLU), and compares each with a float64 evaluation of
+the same formulas. The bound is flash-attention's: a backend may err at most 2x (forward) or 3x (gradients)
+as much as PyTorch's own evaluation in the same dtype, plus a small floor for results that PyTorch happens
+to get exactly. Exit status 0 when every check passes, 1 otherwise.
 
     llm2vec-fast check [--device cuda] [--backend triton] [--quick]
 """

@@ -41,3 +41,27 @@ def grads_of(fn, inputs, grad_out):
 
 def max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_matches_reference_and_fp64(backend, names, got, want, truth, *, truth_atol):
+    """fp32: each output of ``backend`` (``got``) equals the torch reference's (``want``: same dtype and shape,
+    to fp32 rounding) and the float64 formula's (``truth``, within ``truth_atol``)."""
+    for name, g, w, t in zip(names, got, want, truth):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"{backend} {name} vs reference")
+        torch.testing.assert_close(g.double().cpu(), t, atol=truth_atol, rtol=1e-5, msg=f"{backend} {name} vs float64")
+
+
+def assert_within_bound_of_torch(names, got, base, truth, *, truncation_ulps=0):
+    """flash-attention's criterion against the float64 ``truth``: the first output within 2x, the gradients
+    within 3x of the error of ``base`` (torch's own computation in the same dtype), plus ``truncation_ulps``
+    bf16 units in the last place at the largest true value (the interpreter truncates where a GPU rounds)."""
+    report = []
+    for index, (name, g, b, t) in enumerate(zip(names, got, base, truth)):
+        factor = 2.0 if index == 0 else 3.0
+        assert torch.isfinite(g).all(), name
+        ours, torch_err = max_err(g.cpu(), t), max_err(b.cpu(), t)
+        assert torch_err > 0, f"{name}: torch in {g.dtype} is exact, so the bound says nothing"
+        slack = truncation_ulps * 2.0 ** -7 * t.abs().max().item()
+        report.append(f"{name}: ours {ours:.3g}, torch {torch_err:.3g}")
+        assert ours <= factor * torch_err + slack + 1e-6, "; ".join(report)

@@ -18,7 +18,8 @@ import llm2vec_fast as lf
 from llm2vec_fast import dispatch
 from llm2vec_fast.reference.rms_norm import rms_norm_backward, rms_norm_forward
 
-from elementwise_support import backends_and_devices, grads_of, max_err, randn, triton_device
+from elementwise_support import (assert_matches_reference_and_fp64, assert_within_bound_of_torch, backends_and_devices,
+                                 grads_of, max_err, randn, triton_device)
 
 FWD_OP = torch.ops.llm2vec_fast.rms_norm_forward
 BWD_OP = torch.ops.llm2vec_fast.rms_norm_backward
@@ -103,10 +104,7 @@ def test_fp32_matches_the_reference(backend, device, casting_mode, offset, shape
 
     got, want = run(backend), run("torch")
     truth = grads_of(lambda a, w: exact(a, w, 1e-6, offset), [x.cpu().double(), weight.cpu().double()], grad_out.cpu())
-    for name, g, w, t in zip(("out", "dx", "dweight"), got, want, truth):
-        assert g.dtype == w.dtype and g.shape == w.shape, name
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"{backend} {name} vs reference")
-        torch.testing.assert_close(g.double().cpu(), t, atol=5e-5, rtol=1e-5, msg=f"{backend} {name} vs float64")
+    assert_matches_reference_and_fp64(backend, ("out", "dx", "dweight"), got, want, truth, truth_atol=5e-5)
 
 
 @pytest.mark.parametrize("backend,device", backends_and_devices("rms_norm"))
@@ -127,14 +125,7 @@ def test_low_precision_within_bound_of_torch(backend, device, casting_mode, offs
     got, base = run(backend), run("torch")
     truth = grads_of(lambda a, w: exact(a, w, 1e-6, offset), [x.cpu().double(), weight.cpu().double()], grad_out.cpu())
     truncating = backend == "triton" and dispatch.triton_interpreting() and dtype == torch.bfloat16
-    report = []
-    for name, g, b, t, factor in zip(("out", "dx", "dweight"), got, base, truth, (2.0, 3.0, 3.0)):
-        assert torch.isfinite(g).all(), name
-        ours, torch_err = max_err(g.cpu(), t), max_err(b.cpu(), t)
-        assert torch_err > 0, f"{name}: torch in {dtype} is exact, so the bound says nothing"
-        slack = 2.0 ** -7 * t.abs().max().item() if truncating else 0.0  # one bf16 ulp at the largest value
-        report.append(f"{name}: ours {ours:.3g}, torch {torch_err:.3g}")
-        assert ours <= factor * torch_err + slack + 1e-6, "; ".join(report)
+    assert_within_bound_of_torch(("out", "dx", "dweight"), got, base, truth, truncation_ulps=1 if truncating else 0)
 
 
 @pytest.mark.parametrize("backend,device", backends_and_devices("rms_norm"))

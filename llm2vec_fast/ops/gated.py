@@ -88,10 +88,9 @@ def gated_activation(gate: Tensor, up: Tensor, activation: str = "silu", *, inpl
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
             raise ValueError("inplace=True computes no gradients: gate and up must not require grad while grad "
                              "mode is on (use inplace=False for training)")
-        rows = gate.view(-1, width) if gate.is_contiguous() else None
-        if rows is None:
+        if not gate.is_contiguous():
             raise ValueError(f"inplace=True needs a contiguous gate (it is written in place), got strides "
                              f"{gate.stride()}")
-        _forward_inplace(rows, up.reshape(-1, width), activation, backend)
+        _forward_inplace(gate.view(-1, width), up.reshape(-1, width), activation, backend)
         return gate
     return _forward(gate.reshape(-1, width), up.reshape(-1, width), activation, backend).reshape(gate.shape)
