@@ -20,7 +20,9 @@
 
 #include "attention.h"
 #include "contrastive.h"
+#include "gated.h"
 #include "pooling.h"
+#include "rms_norm.h"
 
 namespace {
 
@@ -420,6 +422,218 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   return {out, lse};
 }
 
+// ---------------------------------------------------------------------------------------------------
+// rms_norm: contract of llm2vec_fast.reference.rms_norm.rms_norm_forward / rms_norm_backward, except that
+// a call the kernels do not take (rms_norm_plan's `supported`) returns None: the caller runs another backend.
+// ---------------------------------------------------------------------------------------------------
+namespace {
+
+// Rows (N, D) with a contiguous last dim (a copy otherwise); checks shapes and dtypes, then devices.
+at::Tensor rows_of(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined() && t.dim() == 2, fn, ": ", name, " must be 2-D rows (N, D), got ",
+                    t.defined() ? t.sizes() : at::IntArrayRef{});
+  dtype_of(t, fn, name);
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+void check_like(const char* fn, const at::Tensor& ref, const char* ref_name, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), fn, ": ", name, " must have ", ref_name, "'s dtype ",
+                   ref.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), fn, ": ", name, " must have ", ref_name, "'s shape ", ref.sizes(),
+                    ", got ", t.sizes());
+}
+
+// ref on a CUDA device, and the other named tensors on the same one.
+void check_cuda(const char* fn, const char* ref_name, const at::Tensor& ref,
+                std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
+  TORCH_CHECK_VALUE(ref.is_cuda(), fn, ": ", ref_name, " must be a CUDA tensor, got device ", ref.device(),
+                    " (the cuda backend runs on CUDA devices only)");
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK_VALUE(t->device() == ref.device(), fn, ": ", name, " must be on ", ref.device(), " like ", ref_name,
+                      ", got ", t->device());
+  }
+}
+
+struct NormInputs {
+  at::Tensor x, weight, grad_y;
+  l2vf::RmsNormProblem p;
+};
+
+NormInputs prepare_norm(const char* fn, const at::Tensor& x, const at::Tensor& weight, double eps, double offset,
+                        bool gemma, const at::Tensor* grad_y) {
+  NormInputs r;
+  r.x = rows_of(fn, "x", x);
+  TORCH_CHECK_VALUE(weight.defined() && weight.dim() == 1 && weight.size(0) == r.x.size(1), fn,
+                    ": weight must have shape (", r.x.size(1), ",), got ", weight.defined() ? weight.sizes() : at::IntArrayRef{});
+  dtype_of(weight, fn, "weight");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, fn, ": eps must be a finite number > 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(offset), fn, ": offset must be finite, got ", offset);
+  r.weight = weight.contiguous();
+  l2vf::RmsNormProblem& p = r.p;
+  p.dtype = dtype_of(r.x, fn, "x");
+  p.rows = r.x.size(0);
+  p.dim = r.x.size(1);
+  p.x = r.x.data_ptr();
+  p.stride_x = r.x.stride(0);
+  p.weight = r.weight.data_ptr();
+  p.eps = static_cast<float>(eps);
+  p.offset = static_cast<float>(offset);
+  p.gemma = gemma;
+  if (grad_y != nullptr) {
+    r.grad_y = rows_of(fn, "grad_y", *grad_y);
+    check_like(fn, r.x, "x", "grad_y", r.grad_y);
+    p.grad_y = r.grad_y.data_ptr();
+    p.stride_grad_y = r.grad_y.stride(0);
+  }
+  return r;
+}
+
+// The plan, or unsupported when the weight's dtype is not x's (the kernels read both as one type).
+l2vf::RmsNormPlan plan_norm(const NormInputs& r, int sms, bool backward) {
+  if (r.weight.scalar_type() != r.x.scalar_type()) return l2vf::RmsNormPlan{};
+  return l2vf::rms_norm_plan(r.p, sms, backward);
+}
+
+}  // namespace
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                                   double eps, double offset, bool gemma) {
+  const char* fn = "llm2vec_fast._C.rms_norm_forward";
+  const NormInputs r = prepare_norm(fn, x, weight, eps, offset, gemma, nullptr);
+  check_cuda(fn, "x", r.x, {{"weight", &r.weight}});
+  const c10::cuda::CUDAGuard guard(r.x.device());
+  const l2vf::RmsNormPlan plan = plan_norm(r, num_sms(), /*backward=*/false);
+  if (!plan.supported) return std::nullopt;
+  at::Tensor y = at::empty(r.x.sizes(), r.x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor rstd = at::empty({r.p.rows}, r.x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(l2vf::rms_norm_forward(r.p, plan, y.data_ptr(), rstd.data_ptr<float>(),
+                                        at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return std::make_tuple(y, rstd);
+}
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                    const at::Tensor& weight, const at::Tensor& rstd,
+                                                                    double eps, double offset, bool gemma) {
+  const char* fn = "llm2vec_fast._C.rms_norm_backward";
+  const NormInputs r = prepare_norm(fn, x, weight, eps, offset, gemma, &grad_y);
+  TORCH_CHECK_VALUE(rstd.defined() && rstd.dim() == 1 && rstd.size(0) == r.p.rows, fn, ": rstd must have shape (",
+                    r.p.rows, ",), got ", rstd.defined() ? rstd.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_TYPE(rstd.scalar_type() == at::kFloat, fn, ": rstd must be float32 (from rms_norm_forward), got ",
+                   rstd.scalar_type());
+  check_cuda(fn, "x", r.x, {{"weight", &r.weight}, {"grad_y", &r.grad_y}, {"rstd", &rstd}});
+  const c10::cuda::CUDAGuard guard(r.x.device());
+  const l2vf::RmsNormPlan plan = plan_norm(r, num_sms(), /*backward=*/true);
+  if (!plan.supported) return std::nullopt;
+  const at::Tensor rstd_c = rstd.contiguous();
+  at::Tensor grad_x = at::empty(r.x.sizes(), r.x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor partial = at::empty({plan.partial_rows, r.p.dim}, r.x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(l2vf::rms_norm_backward(r.p, plan, rstd_c.data_ptr<float>(), grad_x.data_ptr(),
+                                         partial.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return std::make_tuple(grad_x, partial.sum(0).to(r.weight.scalar_type()));
+}
+
+// The launch plan for these rows (CPU tensors work: launches nothing). num_sms defaults to an H100 SXM's 132.
+pybind11::dict rms_norm_plan(const at::Tensor& x, const at::Tensor& weight, bool backward, int64_t num_sms) {
+  const char* fn = "llm2vec_fast._C.rms_norm_plan";
+  const NormInputs r = prepare_norm(fn, x, weight, 1e-6, 0.0, false, backward ? &x : nullptr);
+  const l2vf::RmsNormPlan plan = plan_norm(r, static_cast<int>(num_sms), backward);
+  pybind11::dict d;
+  d["supported"] = plan.supported;
+  d["vec"] = plan.vec;
+  d["warps_per_row"] = plan.warps_per_row;
+  d["vecs_per_thread"] = plan.vecs_per_thread;
+  d["blocks"] = plan.blocks;
+  d["partial_rows"] = plan.partial_rows;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// gated_activation: contract of llm2vec_fast.reference.gated.gated_forward / gated_backward
+// ---------------------------------------------------------------------------------------------------
+namespace {
+
+struct GatedInputs {
+  at::Tensor gate, up, grad;
+  l2vf::GatedProblem p;
+};
+
+GatedInputs prepare_gated(const char* fn, const at::Tensor& gate, const at::Tensor& up, bool gelu,
+                          const at::Tensor* grad) {
+  GatedInputs r;
+  r.gate = rows_of(fn, "gate", gate);
+  r.up = rows_of(fn, "up", up);
+  check_like(fn, r.gate, "gate", "up", r.up);
+  l2vf::GatedProblem& p = r.p;
+  p.dtype = dtype_of(r.gate, fn, "gate");
+  p.rows = r.gate.size(0);
+  p.cols = r.gate.size(1);
+  p.gate = r.gate.data_ptr();
+  p.stride_gate = r.gate.stride(0);
+  p.up = r.up.data_ptr();
+  p.stride_up = r.up.stride(0);
+  p.gelu = gelu;
+  if (grad != nullptr) {
+    r.grad = rows_of(fn, "grad", *grad);
+    check_like(fn, r.gate, "gate", "grad", r.grad);
+    p.grad = r.grad.data_ptr();
+    p.stride_grad = r.grad.stride(0);
+  }
+  return r;
+}
+
+}  // namespace
+
+at::Tensor gated_forward(const at::Tensor& gate, const at::Tensor& up, bool gelu, const std::optional<at::Tensor>& out) {
+  const char* fn = "llm2vec_fast._C.gated_forward";
+  const GatedInputs r = prepare_gated(fn, gate, up, gelu, nullptr);
+  at::Tensor result;
+  if (out.has_value() && out->defined()) {
+    result = *out;
+    check_like(fn, r.gate, "gate", "out", result);
+    TORCH_CHECK_VALUE(result.size(1) <= 1 || result.stride(1) == 1, fn, ": out must have a contiguous last dim, got "
+                      "strides ", result.strides());
+  } else {
+    result = at::empty(r.gate.sizes(), r.gate.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  check_cuda(fn, "gate", r.gate, {{"up", &r.up}, {"out", &result}});
+  const c10::cuda::CUDAGuard guard(r.gate.device());
+  const l2vf::GatedPlan plan = l2vf::gated_plan(r.p, result.data_ptr(), result.stride(0), /*backward=*/false);
+  C10_CUDA_CHECK(l2vf::gated_forward(r.p, plan, result.data_ptr(), result.stride(0), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
+                                                  bool gelu) {
+  const char* fn = "llm2vec_fast._C.gated_backward";
+  const GatedInputs r = prepare_gated(fn, gate, up, gelu, &grad);
+  check_cuda(fn, "gate", r.gate, {{"up", &r.up}, {"grad", &r.grad}});
+  const c10::cuda::CUDAGuard guard(r.gate.device());
+  const auto contiguous = r.gate.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor grad_gate = at::empty(r.gate.sizes(), contiguous), grad_up = at::empty(r.gate.sizes(), contiguous);
+  const l2vf::GatedPlan plan = l2vf::gated_plan(r.p, grad_gate.data_ptr(), r.p.cols, /*backward=*/true);
+  C10_CUDA_CHECK(l2vf::gated_backward(r.p, plan, grad_gate.data_ptr(), grad_up.data_ptr(),
+                                      at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_gate, grad_up};
+}
+
+// The launch plan (vector width, grid) for these rows; CPU tensors work (launches nothing). The output is
+// a contiguous tensor like gate unless `out` is given.
+pybind11::dict gated_plan(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& out,
+                          bool backward) {
+  const GatedInputs r = prepare_gated("llm2vec_fast._C.gated_plan", gate, up, false, backward ? &gate : nullptr);
+  const at::Tensor target = out.has_value() && out->defined() ? *out : at::empty_like(r.gate, at::MemoryFormat::Contiguous);
+  const l2vf::GatedPlan plan = l2vf::gated_plan(r.p, target.data_ptr(), target.stride(0), backward);
+  pybind11::dict d;
+  d["vec"] = plan.vec;
+  d["col_blocks"] = plan.col_blocks;
+  d["row_blocks"] = plan.row_blocks;
+  return d;
+}
+
 // The launch plan for these inputs, without launching anything (works on CPU tensors: for tests and
 // for the resource report). num_sms defaults to an H100 SXM's 132.
 pybind11::dict pool_plan(const at::Tensor& hidden, const std::optional<at::Tensor>& cu_seqlens,
@@ -451,7 +665,8 @@ pybind11::dict pool_plan(const at::Tensor& hidden, const std::optional<at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.attr("build_info") = L2VF_BUILD_INFO;
-  m.doc() = "llm2vec-fast CUDA kernels (sm_90a): pooling, the contrastive loss and the attention forward. Used through "
+  m.doc() = "llm2vec-fast CUDA kernels (sm_90a): pooling, the contrastive loss, the attention forward, RMSNorm and "
+            "the gated activation. Used through "
             "llm2vec_fast.cuda_backend.";
   m.def("pool_forward", &pool_forward,
         "(B, D) float32 pooled (and optionally L2-normalised) embeddings; same contract as "
@@ -475,6 +690,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "llm2vec_fast.reference.contrastive.infonce_backward",
         py::arg("grad_rows"), py::arg("anchors"), py::arg("candidates"), py::arg("lse"), py::arg("label_offset"),
         py::arg("scale"));
+  m.def("rms_norm_forward", &rms_norm_forward,
+        "(y like x, rstd (N,) float32) of RMSNorm over rows x (N, D); None when the kernels do not take the call "
+        "(see rms_norm_plan); same contract as llm2vec_fast.reference.rms_norm.rms_norm_forward",
+        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("offset"), py::arg("gemma"));
+  m.def("rms_norm_backward", &rms_norm_backward,
+        "(grad_x like x, grad_weight like weight), or None when the kernels do not take the call; same contract as "
+        "llm2vec_fast.reference.rms_norm.rms_norm_backward",
+        py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("rstd"), py::arg("eps"), py::arg("offset"),
+        py::arg("gemma"));
+  m.def("rms_norm_plan", &rms_norm_plan, "The launch plan for these rows (supported, vector width, warps per row, "
+        "vectors per thread, blocks); launches nothing",
+        py::arg("x"), py::arg("weight"), py::arg("backward") = false, py::arg("num_sms") = 132);
+  m.def("gated_forward", &gated_forward,
+        "act(gate) * up for rows (N, I), into out when given (it may be gate); same contract as "
+        "llm2vec_fast.reference.gated.gated_forward",
+        py::arg("gate"), py::arg("up"), py::arg("gelu"), py::arg("out") = py::none());
+  m.def("gated_backward", &gated_backward,
+        "(grad_gate, grad_up), contiguous; same contract as llm2vec_fast.reference.gated.gated_backward",
+        py::arg("grad"), py::arg("gate"), py::arg("up"), py::arg("gelu"));
+  m.def("gated_plan", &gated_plan, "The launch plan (vector width, grid) for these rows; launches nothing",
+        py::arg("gate"), py::arg("up"), py::arg("out") = py::none(), py::arg("backward") = false);
   m.def("attention_forward", &attention_forward,
         "(out (T, Hq, D) in q's dtype, lse (Hq, T) float32) of non-causal attention without dropout on the "
         "packed varlen layout (Hopper sm_90 only: TMA + wgmma); variant 0 = default (v1), 1 = v1, 2 = v2 "

@@ -5,7 +5,8 @@ Same contract as the reference (``llm2vec_fast.reference``): plain functions on 
 
 Registration. The extension's functions are plain pybind11 functions, not ``torch.library`` ops: the
 public ops (``llm2vec_fast::pool_forward`` / ``pool_backward``, ``llm2vec_fast::infonce_forward`` /
-``infonce_backward``, ``llm2vec_fast::flash_attention_forward`` / ``_backward``) already are custom ops with schemas, fake
+``infonce_backward``, ``llm2vec_fast::flash_attention_forward`` / ``_backward``, ``rms_norm_*``,
+``gated_activation_*``) already are custom ops with schemas, fake
 (meta) implementations and the autograd formula, and run the chosen backend inside, so
 ``torch.compile`` sees one opaque op whatever the backend. A second, inner registration would add
 nothing, and a ``TORCH_LIBRARY`` namespace can be defined once per process, which would forbid loading
@@ -183,8 +184,48 @@ def flash_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, ca
                                                     softmax_scale, softcap, dropout_p, seed, window=window, dlse=dlse)
 
 
+# ---------------------------------------------------------------------------------------------------
+# rms_norm: contract of llm2vec_fast.reference.rms_norm.rms_norm_forward / rms_norm_backward
+# ---------------------------------------------------------------------------------------------------
+RMS_NORM_OP = "rms_norm"
+
+
+def rms_norm_forward(x, weight, eps, offset, casting_mode):
+    """(y like x, rstd (N,) float32) from ``csrc/rms_norm.cu`` when its plan takes the rows (16-byte aligned
+    rows, D a multiple of 16 bytes and at most 8192 values, 4096 in float32, weight in x's dtype); otherwise
+    the Triton kernel registered with ``dispatch`` (the extension answers None)."""
+    result = extension().rms_norm_forward(x, weight, float(eps), float(offset), casting_mode == "gemma")
+    if result is None:
+        return dispatch.fallback(RMS_NORM_OP, x.device).forward(x, weight, eps, offset, casting_mode)
+    return tuple(result)
+
+
+def rms_norm_backward(grad_y, x, weight, rstd, eps, offset, casting_mode):
+    """(dx like x, dw like weight), on the same terms as :func:`rms_norm_forward`."""
+    result = extension().rms_norm_backward(grad_y, x, weight, rstd, float(eps), float(offset), casting_mode == "gemma")
+    if result is None:
+        return dispatch.fallback(RMS_NORM_OP, x.device).backward(grad_y, x, weight, rstd, eps, offset, casting_mode)
+    return tuple(result)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gated_activation: contract of llm2vec_fast.reference.gated.gated_forward / gated_backward
+# ---------------------------------------------------------------------------------------------------
+def gated_forward(gate, up, activation, out=None):
+    """act(gate) * up from ``csrc/gated.cu`` (16-byte vectors where every row allows them), into ``out`` when
+    given (it may be gate)."""
+    return extension().gated_forward(gate, up, activation == "gelu_tanh", out)
+
+
+def gated_backward(grad, gate, up, activation):
+    """(d gate, d up), contiguous, in the inputs' dtypes."""
+    return tuple(extension().gated_backward(grad, gate, up, activation == "gelu_tanh"))
+
+
 def register() -> None:
     """Registers the ops this backend implements with ``dispatch``."""
     dispatch.register("pool", "cuda", pool_forward, pool_backward)
     dispatch.register("contrastive_loss", "cuda", infonce_forward, infonce_backward)
     dispatch.register(ATTENTION_OP, "cuda", flash_attention_forward, flash_attention_backward)
+    dispatch.register(RMS_NORM_OP, "cuda", rms_norm_forward, rms_norm_backward)
+    dispatch.register("gated_activation", "cuda", gated_forward, gated_backward)

@@ -48,11 +48,13 @@ def implementation(op: str, backend: str) -> Implementation:
     return _REGISTRY[(op, backend)]
 
 
-def fallback(op: str) -> Implementation:
+def fallback(op: str, device: Optional[torch.device] = None) -> Implementation:
     """What a backend runs for calls its kernels do not take: the Triton implementation, or the torch
-    reference where triton is not installed."""
+    reference where triton is not installed (or cannot run on ``device``, when given)."""
     _load_backends()
-    return _REGISTRY.get((op, "triton")) or _REGISTRY[(op, "torch")]
+    if (op, "triton") in _REGISTRY and (device is None or _backend_runs_on("triton", device)):
+        return _REGISTRY[(op, "triton")]
+    return _REGISTRY[(op, "torch")]
 
 
 def triton_interpreting() -> bool:

@@ -20,3 +20,15 @@ def pytest_sessionstart(session):
     from llm2vec_fast import dispatch
 
     dispatch._load_backends()
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels_in_the_emulator(request, monkeypatch):
+    """Tests marked ``emulated_cuda`` run ``backend="cuda"`` on CPU tensors: the kernels of csrc/ in the CPU
+    emulator, behind the extension's interface (tests/cuda_support.py); yields that emulated extension."""
+    if request.node.get_closest_marker("emulated_cuda") is None:
+        yield None
+        return
+    from cuda_support import run_cuda_backend_in_the_emulator
+
+    yield run_cuda_backend_in_the_emulator(monkeypatch)

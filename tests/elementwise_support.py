@@ -7,6 +7,8 @@ import torch
 
 from llm2vec_fast import dispatch
 
+from cuda_support import CAN_EMULATE
+
 
 def triton_device():
     """Where the triton kernels run here: the CPU under TRITON_INTERPRET=1, else a GPU, else nowhere (None)."""
@@ -16,13 +18,20 @@ def triton_device():
 
 
 def backends_and_devices(op: str):
-    """(backend, device) params for ``op``: torch on the CPU; triton in the interpreter or on a GPU."""
+    """(backend, device) params for ``op``: torch on the CPU; triton in the interpreter or on a GPU; cuda on the
+    CPU through the emulator of csrc/ (``cuda-emulated``, marked ``emulated_cuda``: tests/conftest.py installs
+    it), and on a GPU when the extension is built."""
     dispatch._load_backends()
     device = triton_device()
     skip = (op, "triton") not in dispatch._REGISTRY or device is None
+    built = dispatch._importable(dispatch.EXTENSION)
     return [pytest.param("torch", "cpu", id="torch"),
             pytest.param("triton", device or "cpu", id="triton", marks=pytest.mark.skipif(
-                skip, reason="triton runs in the interpreter (TRITON_INTERPRET=1) or on a GPU"))]
+                skip, reason="triton runs in the interpreter (TRITON_INTERPRET=1) or on a GPU")),
+            pytest.param("cuda", "cpu", id="cuda-emulated", marks=[pytest.mark.emulated_cuda, pytest.mark.skipif(
+                not CAN_EMULATE, reason="the CPU emulator of csrc/ needs g++ and the CUDA headers")]),
+            pytest.param("cuda", "cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not built, reason=f"the CUDA extension {dispatch.EXTENSION} is not built")])]
 
 
 def randn(*shape, seed, dtype=torch.float32, device="cpu", scale=1.0, shift=0.0):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib
 import importlib.util
 import itertools
@@ -36,7 +35,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -47,41 +45,18 @@ import llm2vec_fast as lf
 from llm2vec_fast import cuda_backend, dispatch
 from llm2vec_fast.reference import contrastive as contrastive_reference
 from llm2vec_fast.reference import pooling as reference
-from llm2vec_fast.tools import cuda_build
 
-REPO = Path(__file__).resolve().parents[1]
-CSRC = REPO / "csrc"
-EMULATOR = CSRC / "emulator"
+from cuda_support import CAN_EMULATE, CSRC, CUDA_HOME, CUDA_INCLUDE, DTYPE_CODES, HAS_NVCC, REPO, needs_emulator
+from cuda_support import build_emulator as _build_emulator
+from cuda_support import cubin_report as _cubin_report
+from cuda_support import cuobjdump as _cuobjdump
+from cuda_support import extension as _extension
+
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # a device object only, unless a GPU test allocates on it
 
 MODES = ("mean", "weighted_mean", "last_token", "eos_token", "bos_token")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-CUDA_HOME = cuda_build.find_cuda_home()
-HAS_NVCC = CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc"))
-CAN_BUILD = torch.version.cuda is not None and HAS_NVCC
-needs_build = pytest.mark.skipif(
-    not CAN_BUILD, reason=f"building csrc/ needs a CUDA build of torch (torch.version.cuda={torch.version.cuda}) "
-                          f"and nvcc (CUDA_HOME={CUDA_HOME})")
-CUDA_INCLUDE = os.path.join(CUDA_HOME, "include") if CUDA_HOME else None
-CAN_EMULATE = shutil.which("g++") is not None and CUDA_INCLUDE is not None and \
-    os.path.isfile(os.path.join(CUDA_INCLUDE, "cuda_runtime.h"))
-needs_emulator = pytest.mark.skipif(
-    not CAN_EMULATE, reason="the CPU emulator needs g++ and the CUDA toolkit's headers (CUDA_HOME/include)")
-
-
-def _sources():
-    return sorted(p for p in CSRC.rglob("*") if p.suffix in (".cu", ".cpp", ".h", ".cuh"))
-
-
-def _sources_digest() -> str:
-    h = hashlib.sha256()
-    for p in _sources():
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Plumbing (no compiler needed)
@@ -176,30 +151,10 @@ def test_fake_shapes_contrastive_with_cuda_backend():
 # ---------------------------------------------------------------------------------------------------
 # 2. The extension, built once per session
 # ---------------------------------------------------------------------------------------------------
-def _fresh_inplace_extension():
-    """llm2vec_fast._C if it is importable and newer than every csrc/ source, else None."""
-    spec = importlib.util.find_spec(cuda_backend.EXTENSION)
-    if spec is None or spec.origin is None:
-        return None
-    newest_source = max(p.stat().st_mtime for p in _sources())
-    if os.path.getmtime(spec.origin) < newest_source:
-        return None
-    return importlib.import_module(cuda_backend.EXTENSION)
-
-
 @pytest.fixture(scope="session")
 def ext():
-    """The extension: the in-place llm2vec_fast._C when it is up to date (the device check builds it
-    first), else csrc/ built with cuda_build into a per-user temporary folder that is kept between
-    sessions, so that ninja only recompiles what changed."""
-    module = _fresh_inplace_extension()
-    if module is not None:
-        return module
-    if not CAN_BUILD:
-        pytest.skip(f"building csrc/ needs a CUDA build of torch and nvcc (torch.version.cuda={torch.version.cuda}, "
-                    f"CUDA_HOME={CUDA_HOME})")
-    build_dir = Path(tempfile.gettempdir()) / f"llm2vec_fast_C_test-{os.getuid()}-torch{torch.__version__}"
-    return cuda_build.build(CSRC, name="llm2vec_fast_C_test", build_dir=str(build_dir))
+    """The extension (cuda_support.extension: the up-to-date in-place build, else a test build)."""
+    return _extension()
 
 
 def _signature(fn) -> str:
@@ -360,17 +315,6 @@ def test_plan_blocks_and_workspace(ext):
     assert p["slices"] == 16 and p["nsplit"] > 1 and p["grad_floats"] == 2 * dim
 
 
-def _cuobjdump():
-    candidates = [os.path.join(CUDA_HOME, "bin", "cuobjdump")] if CUDA_HOME else []
-    spec = importlib.util.find_spec("triton")
-    if spec is not None and spec.origin:
-        candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
-    for c in candidates:
-        if os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
-
-
 def _demangled_kernel(name: str) -> str:
     m = re.search(r"(attention_fwd(?:_ws)?_kernel)I(13__nv_bfloat16|6__half)Li(\d+)E", name)
     if m:
@@ -395,24 +339,7 @@ def _demangled_kernel(name: str) -> str:
 @pytest.fixture(scope="session")
 def cubin_report(ext):
     """{kernel: {"sass": text, "regs": int, "stack": int}} from the extension's sm_90a cubin."""
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (CUDA toolkit or triton's wheel)")
-    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", cuda_build.DEFAULT_ARCH_LIST)
-    if "9.0a" not in arches:
-        pytest.skip(f"TORCH_CUDA_ARCH_LIST={arches!r} does not include 9.0a")
-    so = ext.__file__
-    elves = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True).stdout
-    sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", so], capture_output=True, text=True, check=True).stdout
-    res = subprocess.run([tool, "-res-usage", "-arch", "sm_90a", so], capture_output=True, text=True, check=True).stdout
-    kernels = {}
-    for chunk in sass.split("Function : ")[1:]:
-        name = chunk.split()[0]
-        kernels[name] = {"sass": chunk}
-    for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+)", res):
-        kernels.setdefault(m.group(1), {}).update(regs=int(m.group(2)), stack=int(m.group(3)),
-                                                   shared=int(m.group(4)))
-    return {"elves": elves, "kernels": kernels}
+    return _cubin_report(ext)
 
 
 def test_cubin_holds_sm90a_code(cubin_report):
@@ -481,29 +408,8 @@ def test_cubin_no_spills_and_bounded_registers(cubin_report):
 # ---------------------------------------------------------------------------------------------------
 # 3. The kernels on the CPU: csrc/pooling.cu compiled by g++ against csrc/emulator/cuda_emulator.h
 # ---------------------------------------------------------------------------------------------------
-def _build_emulator(sanitize: bool = False) -> Path:
-    out_dir = Path(tempfile.gettempdir()) / f"llm2vec_fast_emulator-{os.getuid()}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"kernels_emulator-{_sources_digest()}{'-asan' if sanitize else ''}.so"
-    if lib.exists():
-        return lib
-    flags = ["-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
-             "-Wno-psabi"]  # -Wno-psabi: GCC's note on passing the 64-byte aligned CUtensorMap by value
-    if sanitize:
-        flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
-    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    sources = [str(EMULATOR / "pooling_emulator.cpp"), str(EMULATOR / "contrastive_emulator.cpp"),
-               str(EMULATOR / "attention_emulator.cpp")]
-    proc = subprocess.run(["g++", *flags, f"-I{CUDA_INCLUDE}", *sources, "-o", str(tmp)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the emulator failed:\n{proc.stderr[-6000:]}")
-    tmp.replace(lib)
-    return lib
-
-
 I64, I32, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_CODES = DTYPE_CODES
 _MODE_CODES = {"mean": 0, "weighted_mean": 1, "last_token": 2, "eos_token": 2, "bos_token": 3}
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -18,6 +20,8 @@ import llm2vec_fast as lf
 from llm2vec_fast import dispatch
 from llm2vec_fast.reference.gated import GELU_TANH_CUBIC, GELU_TANH_SCALE
 
+from cuda_support import cubin_report, needs_build, needs_emulator
+from cuda_support import extension as cuda_extension
 from elementwise_support import (assert_matches_reference_and_fp64, assert_within_bound_of_torch, backends_and_devices,
                                  grads_of, randn, triton_device)
 
@@ -116,6 +120,74 @@ def test_strided_halves_in_place_and_empty(backend, device):
     assert out is own and torch.equal(own, want)
     empty = torch.empty(0, 40, device=device)
     assert lf.gated_activation(empty, empty, backend=backend).shape == (0, 40)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CUDA kernels (csrc/gated.cu): vector width, emulated runs, the cubin
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.emulated_cuda
+@needs_emulator
+@pytest.mark.parametrize("width,half,vec", [(40, 40, 8), (36, 36, 1), (1029, 1032, 1)],
+                         ids=["aligned-halves", "misaligned-up", "odd-width"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_emulated_cuda_kernels_on_fused_halves(_cuda_kernels_in_the_emulator, width, half, vec, activation):
+    """The two halves of a fused bf16 (N, 2I) gate_up output, read where they lie: 16-byte vectors when both
+    halves' rows and the outputs' are 16-byte aligned (I = 40: up starts 80 bytes in), element by element when
+    not (I = 36: up starts 72 bytes in; I = 1029: the contiguous outputs' rows are 2058 bytes apart). Forward
+    (functional and in place) and backward match the reference, over steps of 4 rows with a ragged last one.
+    Into a strided output of aligned rows, an odd width runs in 16-byte vectors ending in a partial one."""
+    emulated = _cuda_kernels_in_the_emulator
+    fused = randn(23, 2 * half, seed=70, dtype=torch.bfloat16, scale=2.0)
+    gate, up = fused[:, :width], fused[:, half:half + width]
+    grad_out = randn(23, width, seed=71, dtype=torch.bfloat16)
+    got = grads_of(lambda g, u: lf.gated_activation(g, u, activation, backend="cuda"), [gate, up], grad_out)
+    assert emulated.last_plan["vec"] == vec
+    want = grads_of(lambda g, u: lf.gated_activation(g, u, activation, backend="torch"), [gate, up], grad_out)
+    for name, g, w in zip(("out", "dgate", "dup"), got, want):
+        assert torch.isfinite(g).all(), name  # the outputs start as NaN: every element was written
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=1e-2, msg=name)
+    own = gate.contiguous()
+    with torch.no_grad():
+        assert lf.gated_activation(own, up, activation, inplace=True, backend="cuda") is own
+    assert torch.equal(own, got[0].detach())
+    assert emulated.launches == {"gated_forward": 2, "gated_backward": 1}
+    padded = torch.full((23, half), 7.0, dtype=torch.bfloat16)
+    emulated.gated_forward(gate, up, activation == "gelu_tanh", out=padded[:, :width])
+    assert emulated.last_plan["vec"] == (8 if width == 1029 else vec)  # 16-byte rows now, a partial last vector
+    assert torch.equal(padded[:, :width], got[0].detach()) and (padded[:, width:] == 7).all()
+
+
+@needs_build
+def test_cuda_extension_gated_plan_and_checks():
+    """The extension's plan for CPU tensors (launches nothing) and its argument checks, before any CUDA work."""
+    ext = cuda_extension()
+    fused = torch.randn(9, 80, dtype=torch.bfloat16)
+    assert ext.gated_plan(fused[:, :40], fused[:, 40:]) == {"vec": 8, "col_blocks": 1, "row_blocks": 3}
+    assert ext.gated_plan(fused[:, :36], fused[:, 36:72])["vec"] == 1
+    rows = torch.randn(300000, 3000)
+    assert ext.gated_plan(rows[:, :1000], rows[:, 1000:2000]) == {"vec": 4, "col_blocks": 1, "row_blocks": 65535}
+    with pytest.raises(ValueError, match="up must have gate's shape"):
+        ext.gated_forward(fused[:, :40], fused[:, :39], False)
+    with pytest.raises(TypeError, match="gate must have dtype float32, float16 or bfloat16"):
+        ext.gated_forward(torch.ones(2, 8, dtype=torch.int32), torch.ones(2, 8, dtype=torch.int32), False)
+    with pytest.raises(ValueError, match="gate must be a CUDA tensor"):
+        ext.gated_backward(fused[:, :40], fused[:, :40], fused[:, 40:], True)
+
+
+@needs_build
+def test_cuda_cubin_gated_kernels_use_16_byte_accesses_without_spills():
+    report = cubin_report(cuda_extension())["kernels"]
+    seen = set()
+    for name, kernel in report.items():
+        found = re.search(r"(gated_(?:fwd|bwd)_kernel)I(13__nv_bfloat16|6__half|f)Li(\d+)E", name)
+        if not found or "sass" not in kernel:
+            continue
+        seen.add(found.groups())
+        assert kernel.get("stack", 0) == 0, name
+        if found.group(3) != "1":  # the 16-byte instantiation: 4 rows of loads in flight per input
+            assert len(re.findall(r"LDG\.E\.128", kernel["sass"])) >= 8, name
+            assert "STG.E.128" in kernel["sass"], name
+    assert len(seen) == 2 * 3 * 2, sorted(seen)  # fwd/bwd x 3 dtypes x (16-byte, scalar)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ than the GPU's, so the bf16 bound under the interpreter carries that one unit mo
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ import llm2vec_fast as lf
 from llm2vec_fast import dispatch
 from llm2vec_fast.reference.rms_norm import rms_norm_backward, rms_norm_forward
 
+from cuda_support import CAN_BUILD, cubin_report, emulated_extension, needs_build, needs_emulator
+from cuda_support import extension as cuda_extension
 from elementwise_support import (assert_matches_reference_and_fp64, assert_within_bound_of_torch, backends_and_devices,
                                  grads_of, max_err, randn, triton_device)
 
@@ -196,6 +199,120 @@ def test_triton_rows_wider_than_its_limit_run_on_the_reference(monkeypatch):
     assert calls == [1, 2]
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CUDA kernels (csrc/rms_norm.cu): the launch plan, emulated runs, the cubin
+# ---------------------------------------------------------------------------------------------------
+# (dtype, D, view) -> the plan's (supported, warps per row, vectors per thread). Rows of 16-byte vectors up to
+# 8192 values (4096 in float32); anything else (odd widths, misaligned rows, a float32 weight for bf16 rows)
+# is declined and runs on the fallback (Triton, or torch where Triton cannot run).
+PLANS = [
+    ((torch.bfloat16, 128, "rows"), (True, 1, 1)),   # Qwen3's q/k norm: a warp a row, 8 rows a block
+    ((torch.bfloat16, 1000, "rows"), (True, 2, 2)),
+    ((torch.bfloat16, 4096, "rows"), (True, 8, 2)),  # 7B hidden size: a block a row, 2 vectors a thread
+    ((torch.float16, 8192, "rows"), (True, 8, 4)),
+    ((torch.float32, 4096, "rows"), (True, 8, 4)),
+    ((torch.float32, 8192, "rows"), (False, None, None)),  # past the registers' budget
+    ((torch.bfloat16, 16384, "rows"), (False, None, None)),
+    ((torch.bfloat16, 17, "rows"), (False, None, None)),   # not whole 16-byte vectors
+    ((torch.bfloat16, 64, "shifted"), (False, None, None)),  # base 2 bytes past 16-byte alignment
+    ((torch.bfloat16, 64, "fp32 weight"), (False, None, None)),
+]
+
+
+def _plan_inputs(dtype, dim, view):
+    x = randn(5, dim + 8, seed=60, dtype=dtype)
+    x = x[:, 1:dim + 1] if view == "shifted" else x[:, :dim]  # rows of stride dim + 8 (16-byte aligned)
+    weight = randn(dim, seed=61, dtype=torch.float32 if view == "fp32 weight" else dtype)
+    return x, weight
+
+
+@needs_emulator
+@pytest.mark.parametrize("case,expected", PLANS, ids=[f"{c[0]}-{c[1]}-{c[2]}".replace("torch.", "") for c, _ in PLANS])
+def test_cuda_plan_takes_whole_aligned_vectors_and_declines_the_rest(case, expected):
+    """The plan as the emulator computes it (the .cu's own rms_norm_plan) and, where the extension builds, as the
+    extension reports it for the same CPU tensors (bindings.cpp's dtype check included)."""
+    x, weight = _plan_inputs(*case)
+    planners = [emulated_extension()]
+    if CAN_BUILD:
+        planners.append(cuda_extension())
+    for planner in planners:
+        for backward in (False, True):
+            plan = planner.rms_norm_plan(x, weight, backward=backward, num_sms=132)
+            got = (plan["supported"],) + ((plan["warps_per_row"], plan["vecs_per_thread"]) if plan["supported"]
+                                          else (None, None))
+            assert got == expected, (type(planner).__name__, backward, plan)
+            if plan["supported"]:
+                rows_per_block = 8 // plan["warps_per_row"]
+                blocks = -(-x.shape[0] // rows_per_block)
+                assert plan["blocks"] == blocks  # at most 4 x 132 in the backward: fewer rows here
+                assert plan["partial_rows"] == (blocks * rows_per_block if backward else 0)
+
+
+@pytest.mark.emulated_cuda
+@needs_emulator
+@pytest.mark.parametrize("dtype,rows,dim", [(torch.float32, 203, 128), (torch.bfloat16, 37, 1000),
+                                            (torch.float16, 9, 4096), (torch.bfloat16, 3, 8192)], ids=str)
+@pytest.mark.parametrize("casting_mode,offset", STYLES)
+def test_emulated_cuda_kernels_run_and_sum_the_partial_weight_gradients(_cuda_kernels_in_the_emulator, dtype, rows,
+                                                                        dim, casting_mode, offset):
+    """The kernels themselves run (not the fallback) for 1, 2 and 8 warps a row and 1 to 4 vectors a thread;
+    with 3 SMs the backward's row groups walk several rows each (203 rows over 96 row groups at D = 128), and
+    the partial weight gradients sum to the reference's."""
+    emulated = _cuda_kernels_in_the_emulator
+    x = randn(rows, dim, seed=62, dtype=dtype, shift=0.2)
+    weight = randn(dim, seed=63, dtype=dtype, scale=0.5)
+    grad_out = randn(rows, dim, seed=64, dtype=dtype)
+
+    def run(name):
+        return grads_of(lambda a, w: lf.rms_norm(a, w, 1e-6, offset=offset, casting_mode=casting_mode, backend=name),
+                        [x, weight], grad_out)
+
+    got, want = run("cuda"), run("torch")
+    assert emulated.launches == {"rms_norm_forward": 1, "rms_norm_backward": 1} and not emulated.declined
+    if dim == 128:  # 3 SMs x 4 blocks x 8 row groups: each walks 2 or 3 of the 203 rows
+        assert emulated.last_plan["partial_rows"] == 96
+    for name, g, w in zip(("out", "dx", "dweight"), got, want):
+        assert g.dtype == w.dtype and torch.isfinite(g).all(), name
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=name)
+        else:  # rounding order: one unit in the last place of the result, or a dweight sum of rows x units
+            torch.testing.assert_close(g.float(), w.float(), atol=2e-2 if name != "dweight" else 0.2, rtol=1e-2,
+                                       msg=name)
+
+
+@pytest.mark.emulated_cuda
+@needs_emulator
+def test_emulated_cuda_declines_to_the_fallback(_cuda_kernels_in_the_emulator):
+    """An odd width goes to the fallback (the torch reference here: triton cannot run without the interpreter or
+    a GPU) with the same results, and the decline is counted."""
+    emulated = _cuda_kernels_in_the_emulator
+    x, weight = randn(4, 17, seed=65), randn(17, seed=66)
+    got = grads_of(lambda a, w: lf.rms_norm(a, w, backend="cuda"), [x, weight], randn(4, 17, seed=67))
+    want = grads_of(lambda a, w: lf.rms_norm(a, w, backend="torch"), [x, weight], randn(4, 17, seed=67))
+    assert emulated.declined == {"rms_norm_forward": 1, "rms_norm_backward": 1} and not emulated.launches
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+
+
+@needs_build
+def test_cuda_cubin_row_kernels_use_16_byte_accesses_without_spills():
+    """Every instantiation is in the sm_90a cubin with no stack frame, and the 16-bit ones move rows as
+    LDG.E.128 / STG.E.128 (x and dy in the backward, y and dx stored)."""
+    report = cubin_report(cuda_extension())["kernels"]
+    seen = set()
+    for name, kernel in report.items():
+        found = re.search(r"(rms_norm_(?:fwd|bwd)_kernel)I(13__nv_bfloat16|6__half|f)Li(\d+)ELi(\d+)E", name)
+        if not found or "sass" not in kernel:
+            continue
+        which, dtype, vpt = found.group(1), found.group(2), found.group(4)
+        seen.add((which, dtype, vpt))
+        assert report[name].get("stack", 0) == 0, name
+        assert "LDG.E.128" in kernel["sass"], name
+        if dtype != "f":
+            assert "STG.E.128" in kernel["sass"], name
+    assert len(seen) == 2 * 3 * 3, sorted(seen)  # fwd/bwd x 3 dtypes x 1, 2, 4 vectors a thread
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,214 @@
+// CUDA gated activation for llm2vec_fast.gated_activation: act(gate) * up (SwiGLU, GeGLU), forward and
+// backward, in one pass each.
+//
+// Grid (col_blocks, row_blocks), 256 threads: thread t of block (bx, by) owns vector bx * 256 + t of every
+// row it visits (VEC elements, one 16-byte access per tensor when all rows are 16-byte aligned), and the
+// block walks rows by * kRowsPerStep, + gridDim.y * kRowsPerStep, ... loading kRowsPerStep rows of every
+// input before computing any (2 x kRowsPerStep 16-byte loads in flight per thread in the forward).
+// grid.y stays under the 65535 limit whatever N is.
+//
+// Rounding as llm2vec_fast.reference.gated (and kernels/gated.py): act(gate) is rounded to the input dtype
+// before the product, which is rounded once. The backward recomputes act(gate) and act'(gate) from gate
+// in float32 and rounds each gradient once. In place (out == gate): every element is read before it is
+// written, by the same thread.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "gated.h"
+#include "vector_io.cuh"
+
+// Kernel launch; csrc/emulator/ redefines it to run the same kernels on the CPU in its tests.
+#ifndef L2VF_LAUNCH
+#define L2VF_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
+namespace l2vf {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerStep = 4;
+constexpr int64_t kMaxRowBlocks = 65535;  // grid.y limit
+constexpr float kGeluTanhScale = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluTanhCubic = 0.044715f;
+
+using detail::from_float;
+using detail::load_raw;
+using detail::Raw;
+using detail::raw_to_float;
+using detail::store_vec;
+using detail::to_float;
+
+struct Args {
+  const void* gate;
+  int64_t stride_gate;
+  const void* up;
+  int64_t stride_up;
+  const void* grad;
+  int64_t stride_grad;
+  int64_t rows, cols;
+  bool gelu;
+};
+
+// act(g) and act'(g) in float32. GELU's tanh form as g * sigmoid(2 z), z = c (g + k g^3), since
+// (1 + tanh(z)) / 2 = sigmoid(2 z); its derivative s + 2 g s (1 - s) z'(g) uses 1 - tanh(z)^2 = 4 s (1 - s).
+__device__ __forceinline__ void activation(float g, bool gelu, float& act, float& derivative) {
+  if (gelu) {
+    const float inner = kGeluTanhScale * (g + kGeluTanhCubic * g * g * g);
+    const float s = 1.f / (1.f + expf(-2.f * inner));
+    act = g * s;
+    derivative = s + 2.f * g * s * (1.f - s) * kGeluTanhScale * (1.f + 3.f * kGeluTanhCubic * g * g);
+  } else {
+    const float s = 1.f / (1.f + expf(-g));
+    act = g * s;
+    derivative = s * (1.f + g * (1.f - s));
+  }
+}
+
+// This thread's vector: its first column and how many of its VEC elements lie in the row (0 past the end).
+template <int VEC>
+__device__ __forceinline__ int vector_of(int64_t cols, int64_t& col) {
+  col = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
+  const int64_t left = cols - col;
+  return left >= VEC ? VEC : left > 0 ? static_cast<int>(left) : 0;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) gated_fwd_kernel(Args a, T* out, int64_t stride_out) {
+  int64_t col;
+  const int valid = vector_of<VEC>(a.cols, col);
+  if (valid == 0) return;
+  const T* gate = static_cast<const T*>(a.gate) + col;
+  const T* up = static_cast<const T*>(a.up) + col;
+  for (int64_t first = static_cast<int64_t>(blockIdx.y) * kRowsPerStep; first < a.rows;
+       first += static_cast<int64_t>(gridDim.y) * kRowsPerStep) {
+    Raw<T, VEC> gates[kRowsPerStep], ups[kRowsPerStep];
+#pragma unroll
+    for (int r = 0; r < kRowsPerStep; ++r) {  // every load of the step before the first store (out may be gate)
+      const int64_t row = first + r;
+      const int n = row < a.rows ? valid : 0;
+      gates[r] = load_raw<T, VEC>(gate + row * a.stride_gate, n);
+      ups[r] = load_raw<T, VEC>(up + row * a.stride_up, n);
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerStep; ++r) {
+      const int64_t row = first + r;
+      if (row >= a.rows) break;
+      float g[VEC], u[VEC];
+      raw_to_float<T, VEC>(gates[r], g);
+      raw_to_float<T, VEC>(ups[r], u);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        float act, unused;
+        activation(g[e], a.gelu, act, unused);
+        g[e] = to_float(from_float<T>(act)) * u[e];  // act(gate) rounded to T first, as transformers does
+      }
+      store_vec<T, VEC>(out + row * stride_out + col, valid, g);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) gated_bwd_kernel(Args a, T* grad_gate, T* grad_up) {
+  int64_t col;
+  const int valid = vector_of<VEC>(a.cols, col);
+  if (valid == 0) return;
+  const T* gate = static_cast<const T*>(a.gate) + col;
+  const T* up = static_cast<const T*>(a.up) + col;
+  const T* grad = static_cast<const T*>(a.grad) + col;
+  for (int64_t first = static_cast<int64_t>(blockIdx.y) * kRowsPerStep; first < a.rows;
+       first += static_cast<int64_t>(gridDim.y) * kRowsPerStep) {
+    Raw<T, VEC> gates[kRowsPerStep], ups[kRowsPerStep], grads[kRowsPerStep];
+#pragma unroll
+    for (int r = 0; r < kRowsPerStep; ++r) {
+      const int64_t row = first + r;
+      const int n = row < a.rows ? valid : 0;
+      gates[r] = load_raw<T, VEC>(gate + row * a.stride_gate, n);
+      ups[r] = load_raw<T, VEC>(up + row * a.stride_up, n);
+      grads[r] = load_raw<T, VEC>(grad + row * a.stride_grad, n);
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerStep; ++r) {
+      const int64_t row = first + r;
+      if (row >= a.rows) break;
+      float g[VEC], u[VEC], dy[VEC];
+      raw_to_float<T, VEC>(gates[r], g);
+      raw_to_float<T, VEC>(ups[r], u);
+      raw_to_float<T, VEC>(grads[r], dy);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        float act, derivative;
+        activation(g[e], a.gelu, act, derivative);
+        g[e] = dy[e] * u[e] * derivative;  // d gate
+        u[e] = dy[e] * act;                // d up
+      }
+      const int64_t offset = row * a.cols + col;  // the gradients are contiguous
+      store_vec<T, VEC>(grad_gate + offset, valid, g);
+      store_vec<T, VEC>(grad_up + offset, valid, u);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const Args& a, const GatedPlan& plan, bool backward, void* out, int64_t stride_out,
+                         void* grad_up, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const dim3 grid(plan.col_blocks, plan.row_blocks);
+  if (backward) {
+    if (plan.vec == kVec) {
+      L2VF_LAUNCH((gated_bwd_kernel<T, kVec>), grid, kThreads, stream, a, static_cast<T*>(out),
+                  static_cast<T*>(grad_up));
+    } else {
+      L2VF_LAUNCH((gated_bwd_kernel<T, 1>), grid, kThreads, stream, a, static_cast<T*>(out), static_cast<T*>(grad_up));
+    }
+  } else if (plan.vec == kVec) {
+    L2VF_LAUNCH((gated_fwd_kernel<T, kVec>), grid, kThreads, stream, a, static_cast<T*>(out), stride_out);
+  } else {
+    L2VF_LAUNCH((gated_fwd_kernel<T, 1>), grid, kThreads, stream, a, static_cast<T*>(out), stride_out);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t dispatch(const GatedProblem& p, const GatedPlan& plan, bool backward, void* out, int64_t stride_out,
+                     void* grad_up, cudaStream_t stream) {
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  const Args a{p.gate, p.stride_gate, p.up, p.stride_up, p.grad, p.stride_grad, p.rows, p.cols, p.gelu};
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_typed<__half>(a, plan, backward, out, stride_out, grad_up, stream);
+    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(a, plan, backward, out, stride_out, grad_up, stream);
+    default: return launch_typed<float>(a, plan, backward, out, stride_out, grad_up, stream);
+  }
+}
+
+bool aligned16(const void* ptr, int64_t stride_elements, int element_bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride_elements * element_bytes) % 16 == 0;
+}
+
+}  // namespace
+
+GatedPlan gated_plan(const GatedProblem& p, const void* out, int64_t stride_out, bool backward) {
+  GatedPlan plan;
+  const int element_bytes = p.dtype == DType::kFloat32 ? 4 : 2;
+  const bool aligned = aligned16(p.gate, p.stride_gate, element_bytes) && aligned16(p.up, p.stride_up, element_bytes) &&
+                       aligned16(out, stride_out, element_bytes) &&
+                       (!backward || aligned16(p.grad, p.stride_grad, element_bytes));
+  plan.vec = aligned ? 16 / element_bytes : 1;
+  const int64_t vectors = (p.cols + plan.vec - 1) / plan.vec;
+  plan.col_blocks = static_cast<unsigned>((vectors + kThreads - 1) / kThreads);
+  plan.row_blocks = static_cast<unsigned>(std::min(kMaxRowBlocks, (p.rows + kRowsPerStep - 1) / kRowsPerStep));
+  return plan;
+}
+
+cudaError_t gated_forward(const GatedProblem& p, const GatedPlan& plan, void* out, int64_t stride_out,
+                          cudaStream_t stream) {
+  return dispatch(p, plan, false, out, stride_out, nullptr, stream);
+}
+
+cudaError_t gated_backward(const GatedProblem& p, const GatedPlan& plan, void* grad_gate, void* grad_up,
+                           cudaStream_t stream) {
+  return dispatch(p, plan, true, grad_gate, p.cols, grad_up, stream);
+}
+
+}  // namespace l2vf
