@@ -37,3 +37,31 @@ def test_source_checkout_on_pythonpath_exposes_llm2vec_fast_kernels():
     path, backends = result.stdout.strip().splitlines()[-2:]
     assert Path(path).resolve() == REPO / "kernels" / "pooling.py"
     assert "triton" in backends
+
+
+@pytest.mark.parametrize("hub_kernels", ["installed", "absent"])
+def test_import_kernels_from_the_checkout_root_is_never_our_folder(tmp_path, hub_kernels):
+    """``python -m`` from the repository root puts the root first on sys.path, where ``kernels/`` would shadow
+    Hugging Face's ``kernels`` (transformers >= 5.25 imports it: "cannot import name 'CUDAProperties'"). The
+    folder hands the name over: ``import kernels`` gives the hub package, or ModuleNotFoundError without one;
+    ``llm2vec_fast.kernels`` is unaffected either way."""
+    fake = tmp_path / "kernels"  # a stand-in for the hub package, whatever this venv has
+    fake.mkdir()
+    (fake / "__init__.py").write_text("CUDAProperties = 'the hub package'\n")
+    lookup = [str(REPO)] + ([str(tmp_path)] if hub_kernels == "installed" else [])  # the checkout first
+    code = ("import sys\n"
+            "import llm2vec_fast.kernels.gated\n"
+            f"sys.path[:] = {lookup!r}\n"
+            "try:\n    import kernels; print(getattr(kernels, 'CUDAProperties', kernels.__file__))\n"
+            "except ModuleNotFoundError as error:\n    print('ModuleNotFoundError', error.name)\n"
+            "import llm2vec_fast.kernels.rms_norm as r; print(r.__name__, 'kernels' in sys.modules)")
+    site = sysconfig.get_paths()["purelib"]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{site}", TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = result.stdout.strip().splitlines()[-2:]
+    if hub_kernels == "installed":
+        assert (first, second) == ("the hub package", "llm2vec_fast.kernels.rms_norm True")
+    else:
+        assert (first, second) == ("ModuleNotFoundError kernels", "llm2vec_fast.kernels.rms_norm False")
