@@ -74,3 +74,21 @@ def assert_within_bound_of_torch(names, got, base, truth, *, truncation_ulps=0):
         slack = truncation_ulps * 2.0 ** -7 * t.abs().max().item()
         report.append(f"{name}: ours {ours:.3g}, torch {torch_err:.3g}")
         assert ours <= factor * torch_err + slack + 1e-6, "; ".join(report)
+
+
+def assert_rounds_like(got, want, *, min_equal=0.99):
+    """A 16-bit output rounded as ``want`` was (same roundings in the same places): at least ``min_equal`` of the
+    elements are the same bits, the rest one unit in the last place away (a float32 sum in another order can
+    flip a tie). A missing rounding step (one rounding where the reference has two) differs in far more."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got, want = got.cpu(), want.cpu()
+    equal = (got == want).float().mean().item()
+    ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(torch.finfo(want.dtype).tiny)
+    assert ((got.float() - want.float()).abs() <= ulp * 1.01).all(), "more than one unit in the last place off"
+    assert equal >= min_equal, f"only {equal:.1%} of the elements have the reference's bits"
+
+
+def skip_if_interpreted_bf16(backend):
+    """The Triton interpreter casts float32 to bfloat16 by truncation where a GPU rounds to nearest."""
+    if backend == "triton" and dispatch.triton_interpreting():
+        pytest.skip("the Triton interpreter truncates to bfloat16 (a GPU rounds to nearest)")
