@@ -207,3 +207,24 @@ def test_cli_expect_triton_guards_the_version(tmp_path):
     assert f"--expect-triton 0.0.1, but the imported triton is {triton.__version__}" in proc.stderr
     proc = _cli("--paths", str(tmp_path), "--expect-triton", triton.__version__)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_compiles_with_a_cold_cache_after_triton_was_loaded_for_the_interpreter(tmp_path, interpret):
+    """make test imports triton under TRITON_INTERPRET=1, which makes tl.cdiv & co. interpreter functions that
+    the code generator cannot compile: every compile that missed triton's cache failed ("'ir.value' object has
+    no attribute 'data'"). The compiles then go to a fresh process; without the interpreter they stay here."""
+    code = textwrap.dedent(f"""
+        import triton.language
+        from llm2vec_fast.tools import aot_check
+        print(aot_check.triton_loaded_for_the_interpreter())
+        report = aot_check.check([{str(FIXTURE)!r}])
+        print(report.to_dict()["results"][0]["name"], report.results[0].ok, report.results[0].wgmma)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET=interpret, TRITON_CACHE_DIR=str(tmp_path / "cold"),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded, outcome = result.stdout.strip().splitlines()[-2:]
+    assert loaded == str(interpret == "1")
+    assert outcome == "matmul_64x64x32_pass True True"

@@ -22,7 +22,8 @@ from llm2vec_fast.reference.rms_norm import rms_norm_backward, rms_norm_forward
 from cuda_support import CAN_BUILD, cubin_report, emulated_extension, needs_build, needs_emulator
 from cuda_support import extension as cuda_extension
 from elementwise_support import (assert_matches_reference_and_fp64, assert_rounds_like, assert_within_bound_of_torch,
-                                 backends_and_devices, grads_of, max_err, randn, skip_if_interpreted_bf16, triton_device)
+                                 backends_and_devices, grads_of, max_err, randn, skip_if_interpreted_bf16,
+                                 triton_device)
 
 FWD_OP = torch.ops.llm2vec_fast.rms_norm_forward
 BWD_OP = torch.ops.llm2vec_fast.rms_norm_backward

@@ -499,8 +499,23 @@ def has_wgmma(ptx: str) -> bool:
     return bool(_WGMMA_RE.search(ptx))
 
 
+def triton_loaded_for_the_interpreter() -> bool:
+    """Whether this process imported ``triton.language`` under TRITON_INTERPRET=1 (make test does, for the
+    kernels' parity tests). Its library functions (``tl.cdiv``...) are then interpreter functions, which the
+    code generator cannot compile: a compile that misses triton's cache fails, so it runs in a fresh process."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(getattr(standard, "cdiv", None), JITFunction)
+
+
 def check_config(cfg: KernelConfig, module: str = "") -> ConfigResult:
-    """Compiles one config for sm_90a and applies every check."""
+    """Compiles one config for sm_90a and applies every check (in a fresh process when
+    :func:`triton_loaded_for_the_interpreter`)."""
+    if triton_loaded_for_the_interpreter():
+        return check_configs([cfg], module).results[0]
     r = ConfigResult(module=module, name=cfg.label, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      matrix=bool(cfg.matrix))
     t0 = time.perf_counter()
@@ -511,8 +526,10 @@ def check_config(cfg: KernelConfig, module: str = "") -> ConfigResult:
         jit_fn = _jit_function(cfg.fn)
         src = _build_source(cfg, jit_fn)
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **dict(cfg.options)}
-        # triton prints the whole PTX to stdout when ptxas fails; keep the report readable
-        with contextlib.redirect_stdout(captured):
+        # triton prints the whole PTX to stdout when ptxas fails; keep the report readable. The code generator
+        # reads TRITON_INTERPRET too (constexpr functions return plain values under the interpreter), so a
+        # process that runs kernels in the interpreter (make test) must turn it off for the compile.
+        with contextlib.redirect_stdout(captured), _triton_interpret_off():
             compiled = triton.compile(src, target=_gpu_target(), options=options)
     except Exception as e:
         r.compile_s = time.perf_counter() - t0
@@ -545,15 +562,27 @@ def check_config(cfg: KernelConfig, module: str = "") -> ConfigResult:
 
 
 def check_configs(configs: Iterable, module: str = "") -> AotReport:
-    """Checks KernelConfig objects (or ``(module, config)`` pairs)."""
+    """Checks KernelConfig objects (or ``(module, config)`` pairs). When :func:`triton_loaded_for_the_interpreter`,
+    one fresh process compiles them all, each kernel re-imported there from its source file by name."""
+    pairs = [(item if isinstance(item, tuple) and len(item) == 2 else (module, item)) for item in configs]
+    pairs = [(mod, _as_config(cfg)) for mod, cfg in pairs]
     report = AotReport()
-    for item in configs:
-        if isinstance(item, tuple) and len(item) == 2:
-            mod, cfg = item
-        else:
-            mod, cfg = module, item
-        report.results.append(check_config(_as_config(cfg), mod))
+    if not triton_loaded_for_the_interpreter():
+        report.results = [check_config(cfg, mod) for mod, cfg in pairs]
+        return report
+    jobs = []
+    for mod, cfg in pairs:
+        fn = _jit_function(cfg.fn).fn
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(KernelConfig) if f.name != "fn"}
+        jobs.append(((inspect.getsourcefile(fn), fn.__name__, fields, mod), mod, cfg))
+    report.results = _run_in_workers(_check_named_in_worker, jobs, workers=1)
     return report
+
+
+def _check_named_in_worker(file: str, fn_name: str, fields: dict, module: str) -> ConfigResult:
+    with _triton_interpret_off():
+        fn = getattr(_import_file(Path(file)), fn_name)
+    return check_config(KernelConfig(fn=fn, **fields), module)
 
 
 def _check_in_worker(file: str, index: int) -> ConfigResult:
@@ -564,33 +593,42 @@ def _check_in_worker(file: str, index: int) -> ConfigResult:
     return check_config(cfg, label)
 
 
-def check(paths: Optional[Sequence[os.PathLike]] = None, jobs: int = 1) -> AotReport:
-    """Loads every ``AOT_CONFIGS`` under ``paths`` (default: the shipped kernels) and checks them all.
-
-    ``jobs > 1`` compiles in that many worker processes (each re-imports the kernel modules).
-    ``report.failures`` lists one line per failed check; ``report.ok`` is False when there is one.
-    """
-    entries, broken = _load_entries(paths)
-    report = AotReport(results=list(broken))
-    jobs = max(1, min(int(jobs), len(entries)))
-    if jobs == 1:
-        report.results += [check_config(cfg, label) for _, label, _, cfg in entries]
-        return report
+def _run_in_workers(worker, jobs, workers: int) -> List[ConfigResult]:
+    """[worker(*args) for (args, module, cfg) in jobs] in ``workers`` spawned processes started with
+    TRITON_INTERPRET off; a worker that dies gives a failed "compile" result for its config."""
     import concurrent.futures
     import multiprocessing
 
     # spawn, not fork: the parent has imported torch/triton and may hold threads
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(_check_in_worker, f, i) for f, _, i, _ in entries]
-        for fut, (_, label, _, cfg) in zip(futures, entries):
+    results = []
+    with _triton_interpret_off(), concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(worker, *args) for args, _, _ in jobs]
+        for fut, (_, label, cfg) in zip(futures, jobs):
             try:
-                report.results.append(fut.result())
+                results.append(fut.result())
             except Exception as e:  # a worker died (e.g. killed for memory)
                 r = ConfigResult(module=label, name=cfg.label, num_warps=cfg.num_warps,
                                  num_stages=cfg.num_stages, matrix=bool(cfg.matrix), error=_format_exc(e))
                 r.fail("compile", f"worker failed: {_one_line(e)}")
-                report.results.append(r)
+                results.append(r)
+    return results
+
+
+def check(paths: Optional[Sequence[os.PathLike]] = None, jobs: int = 1) -> AotReport:
+    """Loads every ``AOT_CONFIGS`` under ``paths`` (default: the shipped kernels) and checks them all.
+
+    ``jobs > 1`` compiles in that many worker processes (each re-imports the kernel modules), as does ``jobs=1``
+    in one worker when :func:`triton_loaded_for_the_interpreter`.
+    ``report.failures`` lists one line per failed check; ``report.ok`` is False when there is one.
+    """
+    entries, broken = _load_entries(paths)
+    report = AotReport(results=list(broken))
+    jobs = max(1, min(int(jobs), len(entries)))
+    if jobs == 1 and not triton_loaded_for_the_interpreter():
+        report.results += [check_config(cfg, label) for _, label, _, cfg in entries]
+        return report
+    report.results += _run_in_workers(_check_in_worker, [((f, i), label, cfg) for f, label, i, cfg in entries], jobs)
     return report
 
 
