@@ -34,10 +34,6 @@
 #include "contrastive.h"
 #include "device_common.cuh"
 
-#ifndef L2VF_LAUNCH
-#define L2VF_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
-#endif
-
 namespace l2vf {
 namespace {
 

@@ -1,8 +1,13 @@
-// Device helpers shared by the kernel files of csrc/ (no torch headers).
+// Device helpers shared by the kernel files of csrc/ (no torch headers): the launch macro, element conversions.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+// Kernel launch; csrc/emulator/cuda_emulator.h defines it first, to run the same kernels on the CPU in its tests.
+#ifndef L2VF_LAUNCH
+#define L2VF_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
 
 namespace l2vf {
 namespace detail {

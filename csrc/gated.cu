@@ -20,11 +20,6 @@
 #include "gated.h"
 #include "vector_io.cuh"
 
-// Kernel launch; csrc/emulator/ redefines it to run the same kernels on the CPU in its tests.
-#ifndef L2VF_LAUNCH
-#define L2VF_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
-#endif
-
 namespace l2vf {
 namespace {
 
@@ -75,22 +70,26 @@ __device__ __forceinline__ int vector_of(int64_t cols, int64_t& col) {
   return left >= VEC ? VEC : left > 0 ? static_cast<int>(left) : 0;
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) gated_fwd_kernel(Args a, T* out, int64_t stride_out) {
+// Forward (BACKWARD false): out = act(gate) * up, rows of stride stride_out (out may be gate). Backward:
+// out = d gate and grad_up = d up, from grad (a.grad), both rows of stride stride_out (contiguous: I).
+template <typename T, int VEC, bool BACKWARD>
+__global__ void __launch_bounds__(kThreads) gated_kernel(Args a, T* out, int64_t stride_out, T* grad_up) {
   int64_t col;
   const int valid = vector_of<VEC>(a.cols, col);
   if (valid == 0) return;
   const T* gate = static_cast<const T*>(a.gate) + col;
   const T* up = static_cast<const T*>(a.up) + col;
+  const T* grad = BACKWARD ? static_cast<const T*>(a.grad) + col : nullptr;
   for (int64_t first = static_cast<int64_t>(blockIdx.y) * kRowsPerStep; first < a.rows;
        first += static_cast<int64_t>(gridDim.y) * kRowsPerStep) {
-    Raw<T, VEC> gates[kRowsPerStep], ups[kRowsPerStep];
+    Raw<T, VEC> gates[kRowsPerStep], ups[kRowsPerStep], grads[BACKWARD ? kRowsPerStep : 1];
 #pragma unroll
     for (int r = 0; r < kRowsPerStep; ++r) {  // every load of the step before the first store (out may be gate)
       const int64_t row = first + r;
       const int n = row < a.rows ? valid : 0;
       gates[r] = load_raw<T, VEC>(gate + row * a.stride_gate, n);
       ups[r] = load_raw<T, VEC>(up + row * a.stride_up, n);
+      if constexpr (BACKWARD) grads[r] = load_raw<T, VEC>(grad + row * a.stride_grad, n);
     }
 #pragma unroll
     for (int r = 0; r < kRowsPerStep; ++r) {
@@ -99,54 +98,26 @@ __global__ void __launch_bounds__(kThreads) gated_fwd_kernel(Args a, T* out, int
       float g[VEC], u[VEC];
       raw_to_float<T, VEC>(gates[r], g);
       raw_to_float<T, VEC>(ups[r], u);
+      if constexpr (BACKWARD) {
+        float dy[VEC];
+        raw_to_float<T, VEC>(grads[r], dy);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        float act, unused;
-        activation(g[e], a.gelu, act, unused);
-        g[e] = to_float(from_float<T>(act)) * u[e];  // act(gate) rounded to T first, as transformers does
+        for (int e = 0; e < VEC; ++e) {
+          float act, derivative;
+          activation(g[e], a.gelu, act, derivative);
+          g[e] = dy[e] * u[e] * derivative;  // d gate
+          u[e] = dy[e] * act;                // d up
+        }
+        store_vec<T, VEC>(grad_up + row * stride_out + col, valid, u);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          float act, unused;
+          activation(g[e], a.gelu, act, unused);
+          g[e] = to_float(from_float<T>(act)) * u[e];  // act(gate) rounded to T first, as transformers does
+        }
       }
       store_vec<T, VEC>(out + row * stride_out + col, valid, g);
-    }
-  }
-}
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) gated_bwd_kernel(Args a, T* grad_gate, T* grad_up) {
-  int64_t col;
-  const int valid = vector_of<VEC>(a.cols, col);
-  if (valid == 0) return;
-  const T* gate = static_cast<const T*>(a.gate) + col;
-  const T* up = static_cast<const T*>(a.up) + col;
-  const T* grad = static_cast<const T*>(a.grad) + col;
-  for (int64_t first = static_cast<int64_t>(blockIdx.y) * kRowsPerStep; first < a.rows;
-       first += static_cast<int64_t>(gridDim.y) * kRowsPerStep) {
-    Raw<T, VEC> gates[kRowsPerStep], ups[kRowsPerStep], grads[kRowsPerStep];
-#pragma unroll
-    for (int r = 0; r < kRowsPerStep; ++r) {
-      const int64_t row = first + r;
-      const int n = row < a.rows ? valid : 0;
-      gates[r] = load_raw<T, VEC>(gate + row * a.stride_gate, n);
-      ups[r] = load_raw<T, VEC>(up + row * a.stride_up, n);
-      grads[r] = load_raw<T, VEC>(grad + row * a.stride_grad, n);
-    }
-#pragma unroll
-    for (int r = 0; r < kRowsPerStep; ++r) {
-      const int64_t row = first + r;
-      if (row >= a.rows) break;
-      float g[VEC], u[VEC], dy[VEC];
-      raw_to_float<T, VEC>(gates[r], g);
-      raw_to_float<T, VEC>(ups[r], u);
-      raw_to_float<T, VEC>(grads[r], dy);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        float act, derivative;
-        activation(g[e], a.gelu, act, derivative);
-        g[e] = dy[e] * u[e] * derivative;  // d gate
-        u[e] = dy[e] * act;                // d up
-      }
-      const int64_t offset = row * a.cols + col;  // the gradients are contiguous
-      store_vec<T, VEC>(grad_gate + offset, valid, g);
-      store_vec<T, VEC>(grad_up + offset, valid, u);
     }
   }
 }
@@ -156,17 +127,15 @@ cudaError_t launch_typed(const Args& a, const GatedPlan& plan, bool backward, vo
                          void* grad_up, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const dim3 grid(plan.col_blocks, plan.row_blocks);
-  if (backward) {
-    if (plan.vec == kVec) {
-      L2VF_LAUNCH((gated_bwd_kernel<T, kVec>), grid, kThreads, stream, a, static_cast<T*>(out),
-                  static_cast<T*>(grad_up));
-    } else {
-      L2VF_LAUNCH((gated_bwd_kernel<T, 1>), grid, kThreads, stream, a, static_cast<T*>(out), static_cast<T*>(grad_up));
-    }
+  T* const outputs[2] = {static_cast<T*>(out), static_cast<T*>(grad_up)};
+  if (backward && plan.vec == kVec) {
+    L2VF_LAUNCH((gated_kernel<T, kVec, true>), grid, kThreads, stream, a, outputs[0], stride_out, outputs[1]);
+  } else if (backward) {
+    L2VF_LAUNCH((gated_kernel<T, 1, true>), grid, kThreads, stream, a, outputs[0], stride_out, outputs[1]);
   } else if (plan.vec == kVec) {
-    L2VF_LAUNCH((gated_fwd_kernel<T, kVec>), grid, kThreads, stream, a, static_cast<T*>(out), stride_out);
+    L2VF_LAUNCH((gated_kernel<T, kVec, false>), grid, kThreads, stream, a, outputs[0], stride_out, outputs[1]);
   } else {
-    L2VF_LAUNCH((gated_fwd_kernel<T, 1>), grid, kThreads, stream, a, static_cast<T*>(out), stride_out);
+    L2VF_LAUNCH((gated_kernel<T, 1, false>), grid, kThreads, stream, a, outputs[0], stride_out, outputs[1]);
   }
   return cudaGetLastError();
 }

@@ -39,11 +39,6 @@
 #include "vector_io.cuh"
 #include "pooling.h"
 
-// Kernel launch; csrc/emulator/ redefines it to run the same kernels on the CPU in its tests.
-#ifndef L2VF_LAUNCH
-#define L2VF_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
-#endif
-
 namespace l2vf {
 namespace {
 

@@ -25,11 +25,6 @@
 #include "rms_norm.h"
 #include "vector_io.cuh"
 
-// Kernel launch; csrc/emulator/ redefines it to run the same kernels on the CPU in its tests.
-#ifndef L2VF_LAUNCH
-#define L2VF_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
-#endif
-
 namespace l2vf {
 namespace {
 
@@ -64,6 +59,11 @@ struct RowLane {
   int group;    // [0, kWarps / warps_per_row)
   int lane;     // [0, threads)
   int threads;  // 32 * warps_per_row
+
+  // First column of the thread's i-th vector of the row: vectors lane, lane + threads, ... (coalesced).
+  __device__ __forceinline__ int64_t col(int i, int vec) const {
+    return static_cast<int64_t>(lane + i * threads) * vec;
+  }
 };
 
 __device__ __forceinline__ RowLane row_lane(int warps_per_row) {
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_fwd_kernel(Args a, T* y, fl
   float sum_sq = 0.f;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const int64_t col = static_cast<int64_t>(at.lane + i * at.threads) * VEC;
+    const int64_t col = at.col(i, VEC);
     xs[i] = load_raw<T, VEC>(x + col, active && col < a.dim ? VEC : 0);  // D % VEC == 0: whole vectors or none
   }
 #pragma unroll
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_fwd_kernel(Args a, T* y, fl
   T* out = y + row * a.dim;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const int64_t col = static_cast<int64_t>(at.lane + i * at.threads) * VEC;
+    const int64_t col = at.col(i, VEC);
     if (col >= a.dim) break;
     float v[VEC], w[VEC];
     raw_to_float<T, VEC>(xs[i], v);
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_bwd_kernel(Args a, const fl
   float w[VPT][VEC], dw[VPT][VEC];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const int64_t col = static_cast<int64_t>(at.lane + i * at.threads) * VEC;
+    const int64_t col = at.col(i, VEC);
     load_vec<T, VEC>(weight + col, col < a.dim ? VEC : 0, w[i]);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_bwd_kernel(Args a, const fl
     Raw<T, VEC> xs[VPT], dys[VPT];
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      const int64_t col = static_cast<int64_t>(at.lane + i * at.threads) * VEC;
+      const int64_t col = at.col(i, VEC);
       const int valid = active && col < a.dim ? VEC : 0;
       xs[i] = load_raw<T, VEC>(x + col, valid);
       dys[i] = load_raw<T, VEC>(dy + col, valid);
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_bwd_kernel(Args a, const fl
     T* dx = grad_x + row * a.dim;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      const int64_t col = static_cast<int64_t>(at.lane + i * at.threads) * VEC;
+      const int64_t col = at.col(i, VEC);
       if (col >= a.dim) break;
       float xv[VEC], dyv[VEC];
       raw_to_float<T, VEC>(xs[i], xv);
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_bwd_kernel(Args a, const fl
   float* partial = partial_dw + (static_cast<int64_t>(blockIdx.x) * rows_per_block + at.group) * a.dim;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const int64_t col = static_cast<int64_t>(at.lane + i * at.threads) * VEC;
+    const int64_t col = at.col(i, VEC);
     if (col < a.dim) store_vec<float, VEC>(partial + col, VEC, dw[i]);
   }
 }

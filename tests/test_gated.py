@@ -193,15 +193,15 @@ def test_cuda_cubin_gated_kernels_use_16_byte_accesses_without_spills():
     report = cubin_report(cuda_extension())["kernels"]
     seen = set()
     for name, kernel in report.items():
-        found = re.search(r"(gated_(?:fwd|bwd)_kernel)I(13__nv_bfloat16|6__half|f)Li(\d+)E", name)
+        found = re.search(r"gated_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)ELb([01])E", name)
         if not found or "sass" not in kernel:
             continue
         seen.add(found.groups())
         assert kernel.get("stack", 0) == 0, name
-        if found.group(3) != "1":  # the 16-byte instantiation: 4 rows of loads in flight per input
+        if found.group(2) != "1":  # the 16-byte instantiations: 4 rows of loads in flight per input
             assert len(re.findall(r"LDG\.E\.128", kernel["sass"])) >= 8, name
             assert "STG.E.128" in kernel["sass"], name
-    assert len(seen) == 2 * 3 * 2, sorted(seen)  # fwd/bwd x 3 dtypes x (16-byte, scalar)
+    assert len(seen) == 3 * 2 * 2, sorted(seen)  # 3 dtypes x (16-byte, scalar) x (forward, backward)
 
 
 # ---------------------------------------------------------------------------------------------------
