@@ -12,6 +12,9 @@
 #       descriptor strides against float64 (the one layout the emulator cannot confirm); if the built-in
 #       order fails (or the step times out), (a3) reruns its small cases under compute-sanitizer, and the
 #       later steps run with LLM2VEC_FAST_CUDA_ATTENTION=off (the Triton fallback) (GPU runs only);
+#   (a4) `llm2vec-fast check --backend cuda --quick` for the other CUDA kernels (pool, contrastive_loss,
+#       rms_norm, gated_activation) against float64; after a failure each op alone, and the failing ones run
+#       their Triton fallback in the later steps (LLM2VEC_FAST_CUDA_OFF) (GPU runs only);
 #   (b) python -m pytest -m gpu -q tests   (exit status 5, "no tests collected", counts as success);
 #   (c) the benchmark suite (benchmarks/run.py; --quick --device cpu in a dry run), writing
 #       <device>-<date>-<sha>.{json,md,png} under ${OUT:-benchmarks/results};
@@ -117,6 +120,7 @@ echo "device_check: $([[ $DRY_RUN == 1 ]] && echo 'DRY RUN (CPU, tiny sizes)' ||
 echo "python: $(command -v "$PYTHON" || echo "$PYTHON (not found)"), out: $OUT_DIR, budget: ${BUDGET} s, log: $LOG"
 
 # (a) build the CUDA extension in place.
+BUILT=0
 shopt -s nullglob
 SOURCES=(csrc/*.cu csrc/*.cpp)
 shopt -u nullglob
@@ -135,7 +139,7 @@ else
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
   echo "CUDA_HOME=$CUDA_HOME MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
   run_step "(a) build" "$(step_limit "$BUILD_TIMEOUT")" "0" "$PYTHON" setup.py build_ext --inplace
-  "$PYTHON" -c "import llm2vec_fast._C as m; print('built:', m.__file__)" \
+  "$PYTHON" -c "import llm2vec_fast._C as m; print('built:', m.__file__)" && BUILT=1 \
     || { STATUS+=("(a) build: llm2vec_fast._C does not import"); FAILED=1; }
 fi
 
@@ -156,6 +160,28 @@ if [[ "$DRY_RUN" == 0 ]]; then
     # attention instead of a kernel that failed its diagnosis or hung.
     export LLM2VEC_FAST_CUDA_ATTENTION=off
     STATUS+=("(a2) => LLM2VEC_FAST_CUDA_ATTENTION=off for the later steps (the Hopper attention kernel is skipped)")
+  fi
+fi
+
+# (a4) first contact with the other CUDA kernels (pooling, contrastive loss, rms_norm, gated activation): their
+# parity checks against float64 in one process. A kernel that faults poisons its process's CUDA context, so
+# after a failure each op is checked alone, and the failing ones are switched off (LLM2VEC_FAST_CUDA_OFF) for
+# the later steps: their cuda backend then runs the Triton fallback, and the tests and benchmarks still run.
+if [[ "$DRY_RUN" == 0 && "$BUILT" == 1 ]]; then
+  CUDA_OPS=(pool contrastive_loss rms_norm gated_activation)
+  CHECK_CMD=("$PYTHON" -m llm2vec_fast.cli check --backend cuda --quick --failures-only)
+  run_step "(a4) check cuda kernels" "$(step_limit 90)" "0 1" "${CHECK_CMD[@]}" $(printf -- '--op %s ' "${CUDA_OPS[@]}")
+  if [[ "${STATUS[-1]}" != *": ok (exit 0,"* ]]; then
+    CUDA_OFF=()
+    for op in "${CUDA_OPS[@]}"; do
+      run_step "(a4) check cuda $op alone" "$(step_limit 45)" "0 1" "${CHECK_CMD[@]}" --op "$op"
+      [[ "${STATUS[-1]}" != *": ok (exit 0,"* ]] && CUDA_OFF+=("$op")
+    done
+    if (( ${#CUDA_OFF[@]} )) && [[ -z "${LLM2VEC_FAST_CUDA_OFF:-}" ]]; then
+      export LLM2VEC_FAST_CUDA_OFF=$(IFS=,; echo "${CUDA_OFF[*]}")
+      STATUS+=("(a4) => LLM2VEC_FAST_CUDA_OFF=$LLM2VEC_FAST_CUDA_OFF for the later steps (kernels that failed)")
+      FAILED=1
+    fi
   fi
 fi
 

@@ -248,13 +248,19 @@ CHECKS: Dict[str, Callable] = {"flash_attention": attention_checks, "pool": pool
 
 
 def run_checks(device: torch.device, backends: Optional[Sequence[str]] = None, dtypes: Optional[Sequence] = None,
-               quick: bool = False, seed: int = 0) -> List[Result]:
-    """Every op x backend (other than the torch reference, unless it is the only one) x dtype."""
+               quick: bool = False, seed: int = 0, ops: Optional[Sequence[str]] = None) -> List[Result]:
+    """Every op (or those in ``ops``) x backend (other than the torch reference, unless it is the only one) x
+    dtype."""
     from . import dispatch
     if dtypes is None:
         dtypes = (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    unknown = sorted(set(ops or ()) - set(CHECKS))
+    if unknown:
+        raise ValueError(f"ops must be among {list(CHECKS)}, got {unknown}")
     results: List[Result] = []
     for op, check in CHECKS.items():
+        if ops and op not in ops:
+            continue
         available = dispatch.available_backends(op, device)
         chosen = [b for b in (backends or available) if b in available]
         if backends is None and len(chosen) > 1:
@@ -284,6 +290,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--backend", action="append", default=None,
                         help="check only this backend (repeatable); default: every accelerated backend")
+    parser.add_argument("--op", action="append", default=None, choices=list(CHECKS),
+                        help="check only this op (repeatable); default: every op")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--failures-only", action="store_true", help="print only failing checks")
     return parser
@@ -296,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in environment(device):
         print(f"{name:>28}: {value}")
     print()
-    results = run_checks(device, backends=args.backend, quick=args.quick)
+    results = run_checks(device, backends=args.backend, quick=args.quick, ops=args.op)
     if not results:
         print("no backend to check on this device")
         return 1

@@ -222,10 +222,45 @@ def gated_backward(grad, gate, up, activation):
     return tuple(extension().gated_backward(grad, gate, up, activation == "gelu_tanh"))
 
 
+# ---------------------------------------------------------------------------------------------------
+# The kill switch: ops whose kernels the environment turns off
+# ---------------------------------------------------------------------------------------------------
+CUDA_OFF_ENV = "LLM2VEC_FAST_CUDA_OFF"
+
+
+def switched_off_ops() -> frozenset:
+    """The ops whose CUDA kernels ``LLM2VEC_FAST_CUDA_OFF`` turns off (comma-separated op names, or ``all``):
+    their ``"cuda"`` backend runs :func:`dispatch.fallback` instead (Triton, or the torch reference). The device
+    check sets it for a kernel that fails its first contact, so that the rest of the run is not lost to it.
+    Read on every call (a dictionary lookup). Raises ValueError on an unknown op name."""
+    raw = os.environ.get(CUDA_OFF_ENV, "").strip().lower()
+    names = {name.strip() for name in raw.split(",") if name.strip()}
+    if "all" in names:
+        return frozenset(dispatch.OPS)
+    unknown = sorted(names - set(dispatch.OPS))
+    if unknown:
+        raise ValueError(f"{CUDA_OFF_ENV}={raw!r}: unknown ops {unknown}; expected names among "
+                         f"{list(dispatch.OPS)} or 'all'")
+    return frozenset(names)
+
+
+def _unless_switched_off(op: str, kernel, direction: str):
+    """``kernel``, or the fallback's ``direction`` ("forward" / "backward") while ``op`` is switched off."""
+    def run(*args, **kwargs):
+        if op in switched_off_ops():
+            return getattr(dispatch.fallback(op, args[0].device), direction)(*args, **kwargs)
+        return kernel(*args, **kwargs)
+
+    run.__name__, run.__doc__ = kernel.__name__, kernel.__doc__
+    return run
+
+
 def register() -> None:
-    """Registers the ops this backend implements with ``dispatch``."""
-    dispatch.register("pool", "cuda", pool_forward, pool_backward)
-    dispatch.register("contrastive_loss", "cuda", infonce_forward, infonce_backward)
-    dispatch.register(ATTENTION_OP, "cuda", flash_attention_forward, flash_attention_backward)
-    dispatch.register(RMS_NORM_OP, "cuda", rms_norm_forward, rms_norm_backward)
-    dispatch.register("gated_activation", "cuda", gated_forward, gated_backward)
+    """Registers the ops this backend implements with ``dispatch`` (each behind the kill switch)."""
+    for op, forward, backward in (("pool", pool_forward, pool_backward),
+                                  ("contrastive_loss", infonce_forward, infonce_backward),
+                                  (ATTENTION_OP, flash_attention_forward, flash_attention_backward),
+                                  (RMS_NORM_OP, rms_norm_forward, rms_norm_backward),
+                                  ("gated_activation", gated_forward, gated_backward)):
+        dispatch.register(op, "cuda", _unless_switched_off(op, forward, "forward"),
+                          _unless_switched_off(op, backward, "backward"))

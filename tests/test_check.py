@@ -51,3 +51,13 @@ def test_every_gpu_backend_passes_the_check():
     results = check.run_checks(torch.device("cuda"))
     failed = [line for line, r in zip(check.report(results), results) if not r.ok]
     assert results and not failed, "\n".join(failed)
+
+
+def test_check_runs_only_the_ops_asked_for(capsys):
+    results = check.run_checks(torch.device("cpu"), backends=["torch"], quick=True, ops=["rms_norm", "pool"])
+    assert {r.op for r in results} == {"rms_norm", "pool"}
+    with pytest.raises(ValueError, match=r"ops must be among .* got \['rmsnorm'\]"):
+        check.run_checks(torch.device("cpu"), quick=True, ops=["rmsnorm"])
+    assert main(["check", "--quick", "--backend", "torch", "--op", "gated_activation"]) == 0
+    out = capsys.readouterr().out
+    assert "gated_activation" in out and " rms_norm " not in out

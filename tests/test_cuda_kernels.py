@@ -1013,6 +1013,37 @@ def test_attention_kill_switch_runs_the_fallback(monkeypatch, kernel_calls):
     assert kernel_calls == ["triton", {"variant": 1}]
 
 
+@pytest.mark.emulated_cuda
+@needs_emulator
+def test_kill_switch_sends_named_ops_to_the_fallback(_cuda_kernels_in_the_emulator, monkeypatch):
+    """LLM2VEC_FAST_CUDA_OFF (comma-separated ops, or all): those ops' cuda backend runs the fallback (here the
+    interpreted triton kernels, or the torch reference), forward and backward; the others keep their kernels; an
+    unknown name is an error that names it."""
+    emulated = _cuda_kernels_in_the_emulator
+    x, weight = torch.randn(4, 64), torch.randn(64)
+    gate, up = torch.randn(4, 64), torch.randn(4, 64)
+
+    def run_both():
+        emulated.reset()
+        norm = torch.autograd.grad(lf.rms_norm(x, weight.requires_grad_(True), backend="cuda").sum(), weight)[0]
+        return norm, lf.gated_activation(gate, up, backend="cuda")
+
+    want = None, lf.gated_activation(gate, up, backend="torch")
+    monkeypatch.setenv(cuda_backend.CUDA_OFF_ENV, " rms_norm,Gated_Activation ")
+    run_both()
+    assert not emulated.launches and cuda_backend.switched_off_ops() == {"rms_norm", "gated_activation"}
+    monkeypatch.setenv(cuda_backend.CUDA_OFF_ENV, "all")
+    got = run_both()
+    assert not emulated.launches
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    monkeypatch.setenv(cuda_backend.CUDA_OFF_ENV, "pool")
+    run_both()
+    assert emulated.launches == {"rms_norm_forward": 1, "rms_norm_backward": 1, "gated_forward": 1}
+    monkeypatch.setenv(cuda_backend.CUDA_OFF_ENV, "rmsnorm")
+    with pytest.raises(ValueError, match=r"LLM2VEC_FAST_CUDA_OFF='rmsnorm': unknown ops \['rmsnorm'\]"):
+        lf.rms_norm(x, weight, backend="cuda")
+
+
 def test_fake_shapes_attention_with_cuda_backend():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
