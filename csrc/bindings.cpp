@@ -443,6 +443,15 @@ void check_like(const char* fn, const at::Tensor& ref, const char* ref_name, con
                     ", got ", t.sizes());
 }
 
+// A further input of ref's shape and dtype, as rows: kept alive in `keep`, its pointer and row stride set.
+void attach_rows(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& ref, const char* ref_name,
+                 at::Tensor& keep, const void*& ptr, int64_t& stride) {
+  keep = rows_of(fn, name, t);
+  check_like(fn, ref, ref_name, name, keep);
+  ptr = keep.data_ptr();
+  stride = keep.stride(0);
+}
+
 // ref on a CUDA device, and the other named tensors on the same one.
 void check_cuda(const char* fn, const char* ref_name, const at::Tensor& ref,
                 std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
@@ -479,12 +488,7 @@ NormInputs prepare_norm(const char* fn, const at::Tensor& x, const at::Tensor& w
   p.eps = static_cast<float>(eps);
   p.offset = static_cast<float>(offset);
   p.gemma = gemma;
-  if (grad_y != nullptr) {
-    r.grad_y = rows_of(fn, "grad_y", *grad_y);
-    check_like(fn, r.x, "x", "grad_y", r.grad_y);
-    p.grad_y = r.grad_y.data_ptr();
-    p.stride_grad_y = r.grad_y.stride(0);
-  }
+  if (grad_y != nullptr) attach_rows(fn, "grad_y", *grad_y, r.x, "x", r.grad_y, p.grad_y, p.stride_grad_y);
   return r;
 }
 
@@ -563,23 +567,15 @@ GatedInputs prepare_gated(const char* fn, const at::Tensor& gate, const at::Tens
                           const at::Tensor* grad) {
   GatedInputs r;
   r.gate = rows_of(fn, "gate", gate);
-  r.up = rows_of(fn, "up", up);
-  check_like(fn, r.gate, "gate", "up", r.up);
   l2vf::GatedProblem& p = r.p;
   p.dtype = dtype_of(r.gate, fn, "gate");
   p.rows = r.gate.size(0);
   p.cols = r.gate.size(1);
   p.gate = r.gate.data_ptr();
   p.stride_gate = r.gate.stride(0);
-  p.up = r.up.data_ptr();
-  p.stride_up = r.up.stride(0);
+  attach_rows(fn, "up", up, r.gate, "gate", r.up, p.up, p.stride_up);
   p.gelu = gelu;
-  if (grad != nullptr) {
-    r.grad = rows_of(fn, "grad", *grad);
-    check_like(fn, r.gate, "gate", "grad", r.grad);
-    p.grad = r.grad.data_ptr();
-    p.stride_grad = r.grad.stride(0);
-  }
+  if (grad != nullptr) attach_rows(fn, "grad", *grad, r.gate, "gate", r.grad, p.grad, p.stride_grad);
   return r;
 }
 
