@@ -20,6 +20,7 @@ extension is imported on first use.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -246,12 +247,12 @@ def switched_off_ops() -> frozenset:
 
 def _unless_switched_off(op: str, kernel, direction: str):
     """``kernel``, or the fallback's ``direction`` ("forward" / "backward") while ``op`` is switched off."""
+    @functools.wraps(kernel)
     def run(*args, **kwargs):
         if op in switched_off_ops():
             return getattr(dispatch.fallback(op, args[0].device), direction)(*args, **kwargs)
         return kernel(*args, **kwargs)
 
-    run.__name__, run.__doc__ = kernel.__name__, kernel.__doc__
     return run
 
 

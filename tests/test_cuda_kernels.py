@@ -62,14 +62,17 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # 1. Plumbing (no compiler needed)
 # ---------------------------------------------------------------------------------------------------
 def test_cuda_backend_is_registered():
+    """Every op's cuda implementation is the backend's function, behind the kill switch (LLM2VEC_FAST_CUDA_OFF)."""
     dispatch._load_backends()
-    impl = dispatch.implementation("pool", "cuda")
-    assert impl.forward is cuda_backend.pool_forward and impl.backward is cuda_backend.pool_backward
-    impl = dispatch.implementation("contrastive_loss", "cuda")
-    assert impl.forward is cuda_backend.infonce_forward and impl.backward is cuda_backend.infonce_backward
-    impl = dispatch.implementation("flash_attention", "cuda")
-    assert impl.forward is cuda_backend.flash_attention_forward
-    assert impl.backward is cuda_backend.flash_attention_backward
+    for op, forward, backward in (
+            ("pool", cuda_backend.pool_forward, cuda_backend.pool_backward),
+            ("contrastive_loss", cuda_backend.infonce_forward, cuda_backend.infonce_backward),
+            ("flash_attention", cuda_backend.flash_attention_forward, cuda_backend.flash_attention_backward),
+            ("rms_norm", cuda_backend.rms_norm_forward, cuda_backend.rms_norm_backward),
+            ("gated_activation", cuda_backend.gated_forward, cuda_backend.gated_backward)):
+        impl = dispatch.implementation(op, "cuda")
+        assert impl.forward.__wrapped__ is forward and impl.backward.__wrapped__ is backward, op
+        assert impl.forward.__name__ == forward.__name__, op
 
 
 def test_cuda_backend_is_offered_only_on_cuda_devices_with_the_extension(monkeypatch):
