@@ -5,6 +5,8 @@ import torch
 from llm2vec_fast import check, dispatch
 from llm2vec_fast.cli import main
 
+from cuda_support import needs_emulator
+
 
 def test_check_command_passes_here(capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -61,3 +63,16 @@ def test_check_runs_only_the_ops_asked_for(capsys):
     assert main(["check", "--quick", "--backend", "torch", "--op", "gated_activation"]) == 0
     out = capsys.readouterr().out
     assert "gated_activation" in out and " rms_norm " not in out
+
+
+@pytest.mark.emulated_cuda
+@needs_emulator
+def test_check_runs_the_cuda_row_kernels_in_the_emulator(_cuda_kernels_in_the_emulator):
+    """What the device check's first contact (step a4) runs for rms_norm and gated_activation: the kernels
+    themselves (not a decline to the fallback), on 16-byte vectors, within the checks' bounds."""
+    emulated = _cuda_kernels_in_the_emulator
+    results = check.run_checks(torch.device("cpu"), backends=["cuda"], quick=True, dtypes=(torch.bfloat16,),
+                               ops=["rms_norm", "gated_activation"])
+    assert {r.op for r in results} == {"rms_norm", "gated_activation"} and all(r.ok for r in results), results
+    assert emulated.launches["rms_norm_forward"] and emulated.launches["gated_forward"] and not emulated.declined
+    assert emulated.last_plan["vec"] == 8
