@@ -151,6 +151,26 @@ def test_fake_shapes_contrastive_with_cuda_backend():
         assert ga.shape == q.shape and gd.shape == d.shape and ga.dtype == gd.dtype == torch.bfloat16
 
 
+def test_fake_shapes_row_ops_with_cuda_backend():
+    """rms_norm and gated_activation (forward, in place, backward) as torch.compile sees them with backend="cuda"."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.llm2vec_fast
+    with FakeTensorMode():
+        x = torch.empty(10, 4096, dtype=torch.bfloat16, device="cuda")
+        weight = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
+        y, rstd = ops.rms_norm_forward(x, weight, 1e-6, 0.0, "llama", "cuda")
+        assert y.shape == x.shape and y.dtype == x.dtype and rstd.shape == (10,) and rstd.dtype == torch.float32
+        dx, dw = ops.rms_norm_backward(y, x, weight, rstd, 1e-6, 0.0, "llama", "cuda")
+        assert dx.shape == x.shape and dw.shape == weight.shape and dw.dtype == weight.dtype
+        gate, up = (torch.empty(10, 14336, dtype=torch.float16, device="cuda") for _ in range(2))
+        out = ops.gated_activation_forward(gate, up, "silu", "cuda")
+        assert out.shape == gate.shape and out.dtype == gate.dtype and out.device.type == "cuda"
+        assert ops.gated_activation_inplace(gate, up, "gelu_tanh", "cuda") is None
+        dgate, dup = ops.gated_activation_backward(out, gate, up, "silu", "cuda")
+        assert dgate.shape == dup.shape == gate.shape and dgate.dtype == torch.float16
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. The extension, built once per session
 # ---------------------------------------------------------------------------------------------------
