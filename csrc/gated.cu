@@ -33,6 +33,7 @@ using detail::from_float;
 using detail::load_raw;
 using detail::Raw;
 using detail::raw_to_float;
+using detail::rows_aligned16;
 using detail::store_vec;
 using detail::to_float;
 
@@ -151,19 +152,14 @@ cudaError_t dispatch(const GatedProblem& p, const GatedPlan& plan, bool backward
   }
 }
 
-bool aligned16(const void* ptr, int64_t stride_elements, int element_bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride_elements * element_bytes) % 16 == 0;
-}
-
 }  // namespace
 
 GatedPlan gated_plan(const GatedProblem& p, const void* out, int64_t stride_out, bool backward) {
   GatedPlan plan;
-  const int element_bytes = p.dtype == DType::kFloat32 ? 4 : 2;
-  const bool aligned = aligned16(p.gate, p.stride_gate, element_bytes) && aligned16(p.up, p.stride_up, element_bytes) &&
-                       aligned16(out, stride_out, element_bytes) &&
-                       (!backward || aligned16(p.grad, p.stride_grad, element_bytes));
-  plan.vec = aligned ? 16 / element_bytes : 1;
+  const int bytes = element_bytes(p.dtype);
+  const bool aligned = rows_aligned16(p.gate, p.stride_gate, bytes) && rows_aligned16(p.up, p.stride_up, bytes) &&
+                       rows_aligned16(out, stride_out, bytes) && (!backward || rows_aligned16(p.grad, p.stride_grad, bytes));
+  plan.vec = aligned ? 16 / bytes : 1;
   const int64_t vectors = (p.cols + plan.vec - 1) / plan.vec;
   plan.col_blocks = static_cast<unsigned>((vectors + kThreads - 1) / kThreads);
   plan.row_blocks = static_cast<unsigned>(std::min(kMaxRowBlocks, (p.rows + kRowsPerStep - 1) / kRowsPerStep));

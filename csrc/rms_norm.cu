@@ -39,6 +39,7 @@ using detail::load_raw;
 using detail::load_vec;
 using detail::Raw;
 using detail::raw_to_float;
+using detail::rows_aligned16;
 using detail::store_vec;
 using detail::to_float;
 
@@ -250,19 +251,15 @@ cudaError_t dispatch(const RmsNormProblem& p, const RmsNormPlan& plan, bool back
   }
 }
 
-bool aligned16(const void* ptr, int64_t stride_elements, int element_bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride_elements * element_bytes) % 16 == 0;
-}
-
 }  // namespace
 
 RmsNormPlan rms_norm_plan(const RmsNormProblem& p, int num_sms, bool backward) {
   RmsNormPlan plan;
-  const int element_bytes = p.dtype == DType::kFloat32 ? 4 : 2;
-  plan.vec = 16 / element_bytes;
+  const int bytes = element_bytes(p.dtype);
+  plan.vec = 16 / bytes;
   if (p.rows <= 0 || p.dim <= 0 || p.dim > kRmsNormMaxDim || p.dim % plan.vec != 0) return plan;
-  if (!aligned16(p.x, p.stride_x, element_bytes) || !aligned16(p.weight, 0, element_bytes)) return plan;
-  if (backward && !aligned16(p.grad_y, p.stride_grad_y, element_bytes)) return plan;
+  if (!rows_aligned16(p.x, p.stride_x, bytes) || !rows_aligned16(p.weight, 0, bytes)) return plan;
+  if (backward && !rows_aligned16(p.grad_y, p.stride_grad_y, bytes)) return plan;
   const int64_t vectors = p.dim / plan.vec;
   while (plan.warps_per_row < kWarps && vectors > int64_t{kVecsPerThreadTarget} * 32 * plan.warps_per_row) {
     plan.warps_per_row *= 2;

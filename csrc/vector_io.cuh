@@ -10,10 +10,18 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+
 #include "device_common.cuh"
 
 namespace l2vf {
 namespace detail {
+
+// Host side, for the launch plans: whether rows starting at ptr, stride_elements apart, allow 16-byte vectors
+// (base pointer and row stride both 16-byte aligned).
+inline bool rows_aligned16(const void* ptr, int64_t stride_elements, int element_bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride_elements * element_bytes) % 16 == 0;
+}
 
 __device__ __forceinline__ uint4 pack(const float (&x)[4]) {
   return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));

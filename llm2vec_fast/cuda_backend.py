@@ -233,8 +233,14 @@ def switched_off_ops() -> frozenset:
     """The ops whose CUDA kernels ``LLM2VEC_FAST_CUDA_OFF`` turns off (comma-separated op names, or ``all``):
     their ``"cuda"`` backend runs :func:`dispatch.fallback` instead (Triton, or the torch reference). The device
     check sets it for a kernel that fails its first contact, so that the rest of the run is not lost to it.
-    Read on every call (a dictionary lookup). Raises ValueError on an unknown op name."""
-    raw = os.environ.get(CUDA_OFF_ENV, "").strip().lower()
+    Read on every call (an environment lookup; each value is parsed once). Raises ValueError on an unknown op
+    name."""
+    return _parse_switched_off(os.environ.get(CUDA_OFF_ENV, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_switched_off(value: str) -> frozenset:
+    raw = value.strip().lower()
     names = {name.strip() for name in raw.split(",") if name.strip()}
     if "all" in names:
         return frozenset(dispatch.OPS)

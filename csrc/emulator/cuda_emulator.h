@@ -69,6 +69,10 @@ inline void add_range(const void* p, size_t bytes) {
   if (p != nullptr && bytes > 0) ranges().push_back({reinterpret_cast<uintptr_t>(p), reinterpret_cast<uintptr_t>(p) + bytes});
 }
 inline void clear_ranges() { ranges().clear(); }
+// Bytes spanned by `rows` rows of `cols` elements, `stride` elements apart (the range to register for them).
+inline size_t rows_bytes(int64_t rows, int64_t stride, int64_t cols, int element_bytes) {
+  return rows > 0 && cols > 0 ? static_cast<size_t>(((rows - 1) * stride + cols) * element_bytes) : 0;
+}
 inline void check_access(const void* p, size_t bytes, const char* what) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (ranges().empty()) return;

@@ -24,8 +24,7 @@ l2vf::GatedProblem make_problem(int dtype, int64_t rows, int64_t cols, const voi
 }
 
 size_t span_bytes(const l2vf::GatedProblem& p, int64_t stride) {
-  const int64_t element = p.dtype == l2vf::DType::kFloat32 ? 4 : 2;
-  return static_cast<size_t>(((p.rows - 1) * stride + p.cols) * element);
+  return emu::rows_bytes(p.rows, stride, p.cols, l2vf::element_bytes(p.dtype));
 }
 
 void write_plan(const l2vf::GatedPlan& plan, int64_t* plan_out) {

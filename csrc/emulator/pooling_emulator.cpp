@@ -31,8 +31,6 @@ l2vf::PoolProblem make_problem(const void* hidden, int dtype, int64_t stride_seq
   return p;
 }
 
-int element_bytes(const l2vf::PoolProblem& p) { return p.dtype == l2vf::DType::kFloat32 ? 4 : 2; }
-
 void register_inputs(const l2vf::PoolProblem& p, int64_t hidden_bytes) {
   emu::clear_ranges();
   emu::add_range(p.hidden, static_cast<size_t>(hidden_bytes));
@@ -89,7 +87,7 @@ int l2vf_emu_pool_backward(const float* grad_out, const void* hidden, int64_t hi
                                      total_tokens, dim, attention_mask, embed_mask, mode, normalize);
   register_inputs(p, hidden_bytes);
   emu::add_range(grad_out, static_cast<size_t>(p.batch * p.dim) * 4);
-  emu::add_range(grad_hidden, static_cast<size_t>(p.total_tokens * p.dim * element_bytes(p)));
+  emu::add_range(grad_hidden, static_cast<size_t>(p.total_tokens * p.dim * l2vf::element_bytes(p.dtype)));
   std::vector<float> pooled, scratch;
   if (p.normalize) {
     pooled.assign(static_cast<size_t>(p.batch * p.dim), 0.f);

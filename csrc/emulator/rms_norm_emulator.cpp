@@ -25,9 +25,8 @@ l2vf::RmsNormProblem make_problem(int dtype, int64_t rows, int64_t dim, const vo
   return p;
 }
 
-int64_t row_span_bytes(const l2vf::RmsNormProblem& p, int64_t stride) {
-  const int64_t element = p.dtype == l2vf::DType::kFloat32 ? 4 : 2;
-  return ((p.rows - 1) * stride + p.dim) * element;
+size_t row_span_bytes(const l2vf::RmsNormProblem& p, int64_t stride) {
+  return emu::rows_bytes(p.rows, stride, p.dim, l2vf::element_bytes(p.dtype));
 }
 
 }  // namespace
@@ -50,9 +49,9 @@ int l2vf_emu_rms_norm_forward(int dtype, int64_t rows, int64_t dim, const void* 
   const l2vf::RmsNormProblem p = make_problem(dtype, rows, dim, x, stride_x, weight, eps, offset, gemma, nullptr, 0);
   const l2vf::RmsNormPlan plan = l2vf::rms_norm_plan(p, 1, false);
   emu::clear_ranges();
-  emu::add_range(x, static_cast<size_t>(row_span_bytes(p, stride_x)));
-  emu::add_range(weight, static_cast<size_t>(row_span_bytes(p, 0)));
-  emu::add_range(y, static_cast<size_t>(row_span_bytes(p, dim)));
+  emu::add_range(x, row_span_bytes(p, stride_x));
+  emu::add_range(weight, row_span_bytes(p, 0));
+  emu::add_range(y, row_span_bytes(p, dim));
   emu::add_range(rstd, static_cast<size_t>(rows) * 4);
   const int err = static_cast<int>(l2vf::rms_norm_forward(p, plan, y, rstd, nullptr));
   emu::clear_ranges();
@@ -66,11 +65,11 @@ int l2vf_emu_rms_norm_backward(int dtype, int64_t rows, int64_t dim, const void*
                                               stride_grad_y);
   const l2vf::RmsNormPlan plan = l2vf::rms_norm_plan(p, num_sms, true);
   emu::clear_ranges();
-  emu::add_range(x, static_cast<size_t>(row_span_bytes(p, stride_x)));
-  emu::add_range(grad_y, static_cast<size_t>(row_span_bytes(p, stride_grad_y)));
-  emu::add_range(weight, static_cast<size_t>(row_span_bytes(p, 0)));
+  emu::add_range(x, row_span_bytes(p, stride_x));
+  emu::add_range(grad_y, row_span_bytes(p, stride_grad_y));
+  emu::add_range(weight, row_span_bytes(p, 0));
   emu::add_range(rstd, static_cast<size_t>(rows) * 4);
-  emu::add_range(grad_x, static_cast<size_t>(row_span_bytes(p, dim)));
+  emu::add_range(grad_x, row_span_bytes(p, dim));
   emu::add_range(partial_dw, static_cast<size_t>(plan.partial_rows * dim) * 4);
   const int err = static_cast<int>(l2vf::rms_norm_backward(p, plan, rstd, grad_x, partial_dw, nullptr));
   emu::clear_ranges();
