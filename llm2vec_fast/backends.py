@@ -17,12 +17,14 @@ if importlib.util.find_spec("triton") is not None:
     from .kernels import gated as _triton_gated
     from .kernels import pooling as _triton_pooling
     from .kernels import rms_norm as _triton_rms_norm
+    from .kernels import rotary as _triton_rotary
 
     dispatch.register("flash_attention", "triton", _triton_attention.forward, _triton_attention.backward)
     dispatch.register("pool", "triton", _triton_pooling.forward, _triton_pooling.backward)
     dispatch.register("contrastive_loss", "triton", _triton_contrastive.forward, _triton_contrastive.backward)
     dispatch.register("rms_norm", "triton", _triton_rms_norm.forward, _triton_rms_norm.backward)
     dispatch.register("gated_activation", "triton", _triton_gated.forward, _triton_gated.backward)
+    dispatch.register("rotary_embedding", "triton", _triton_rotary.forward, _triton_rotary.backward)
 
 if importlib.util.find_spec("flash_attn") is not None:
     from . import flash_attn_backend as _flash_attn

@@ -4,5 +4,6 @@ from .contrastive import contrastive_loss
 from .gated import gated_activation
 from .pooling import pool
 from .normalization import rms_norm
+from .rotary import rotary_embedding
 
-__all__ = ["flash_attention", "pool", "contrastive_loss", "rms_norm", "gated_activation"]
+__all__ = ["flash_attention", "pool", "contrastive_loss", "rms_norm", "gated_activation", "rotary_embedding"]
