@@ -242,9 +242,35 @@ def gated_checks(device, dtype, backend: str, quick: bool, generator) -> Iterato
         yield from _check_op("gated_activation", backend, case, fused, exact, [gate, up], ["gate", "up"], dtype)
 
 
+def rotary_checks(device, dtype, backend: str, quick: bool, generator) -> Iterator[Result]:
+    from .ops.rotary import rotary_embedding
+    tokens, heads_q, heads_kv = (37, 8, 2) if quick else (1013, 32, 8)
+    for dim, width in ((128, 128), (96, 32)):  # full rotary, and Phi-3's partial one
+        q, k = (torch.randn((tokens, heads, dim), generator=generator).to(device, dtype)
+                for heads in (heads_q, heads_kv))
+        phase = torch.rand((tokens, width // 2), generator=generator, dtype=torch.float64) * 1000
+        phase = torch.cat((phase, phase), dim=-1)
+        cos, sin = phase.cos().to(device, dtype), phase.sin().to(device, dtype)
+        case = f"T={tokens},Hq={heads_q},Hkv={heads_kv},D={dim},R={width}"
+
+        def rotate(q, k, **kwargs):
+            return torch.cat([t.reshape(-1) for t in rotary_embedding(q, k, cos, sin, **kwargs)])
+
+        def exact(q, k):  # each pair (x_j, x_{j+R/2}) turned by its angle, in float64
+            c, s, half = cos.cpu().double()[:, None], sin.cpu().double()[:, None], width // 2
+
+            def turn(x):
+                first, second = x[..., :half], x[..., half:width]
+                return torch.cat((first * c[..., :half] - second * s[..., :half],
+                                  second * c[..., half:] + first * s[..., half:], x[..., width:]), dim=-1)
+            return torch.cat((turn(q).reshape(-1), turn(k).reshape(-1)))
+        yield from _check_op("rotary_embedding", backend, case, rotate, exact, [q, k], ["q", "k"], dtype)
+
+
 CHECKS: Dict[str, Callable] = {"flash_attention": attention_checks, "pool": pool_checks,
                                "contrastive_loss": contrastive_checks, "rms_norm": rms_norm_checks,
-                               "gated_activation": gated_checks}
+                               "gated_activation": gated_checks,
+                               "rotary_embedding": rotary_checks}
 
 
 def run_checks(device: torch.device, backends: Optional[Sequence[str]] = None, dtypes: Optional[Sequence] = None,
