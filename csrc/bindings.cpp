@@ -23,6 +23,7 @@
 #include "gated.h"
 #include "pooling.h"
 #include "rms_norm.h"
+#include "rotary.h"
 
 namespace {
 
@@ -630,6 +631,158 @@ pybind11::dict gated_plan(const at::Tensor& gate, const at::Tensor& up, const st
   return d;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// rotary_embedding: contract of llm2vec_fast.reference.rotary.rotary_forward / rotary_backward
+// ---------------------------------------------------------------------------------------------------
+namespace {
+
+// Rows longer than this do not fit the plan's int slot counts.
+constexpr int64_t kMaxRotaryDim = int64_t{1} << 30;
+
+// Stride of dim d in elements, or 0 where the dim has at most one entry (its stride is then never used, and
+// may be anything: the plan must not decline 16-byte vectors for it).
+int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
+
+// (T, H, D) heads with a unit-stride last dim (a copy otherwise); checks the shape and the dtype.
+at::Tensor heads_of(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined() && t.dim() == 3, fn, ": ", name, " must be 3-D (T, H, D), got shape ",
+                    t.defined() ? t.sizes() : at::IntArrayRef{});
+  dtype_of(t, fn, name);
+  return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous();
+}
+
+// (T, R) angles with a unit-stride last dim (a copy otherwise).
+at::Tensor angles_of(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& q,
+                     const char* q_name) {
+  TORCH_CHECK_VALUE(t.defined() && t.dim() == 2 && t.size(0) == q.size(0), fn, ": ", name,
+                    " must be 2-D (T, R) with T = ", q.size(0), " like ", q_name, ", got shape ",
+                    t.defined() ? t.sizes() : at::IntArrayRef{});
+  dtype_of(t, fn, name);
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), fn, ": ", name, " must have ", q_name, "'s dtype ",
+                   q.scalar_type(), ", got ", t.scalar_type());
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+struct RotaryInputs {
+  at::Tensor q, k, cos, sin;  // forward: q and k; backward: grad_q and grad_k
+  l2vf::RotaryProblem p;
+};
+
+RotaryInputs prepare_rotary(const char* fn, const char* q_name, const at::Tensor& q, const char* k_name,
+                            const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+  RotaryInputs r;
+  r.q = heads_of(fn, q_name, q);
+  r.k = heads_of(fn, k_name, k);
+  TORCH_CHECK_TYPE(r.k.scalar_type() == r.q.scalar_type(), fn, ": ", k_name, " must have ", q_name, "'s dtype ",
+                   r.q.scalar_type(), ", got ", r.k.scalar_type());
+  const int64_t tokens = r.q.size(0), dim = r.q.size(2);
+  TORCH_CHECK_VALUE(r.k.size(0) == tokens && r.k.size(2) == dim, fn, ": ", k_name, " must be (", tokens, ", Hkv, ",
+                    dim, ") like ", q_name, ", got shape ", r.k.sizes());
+  TORCH_CHECK_VALUE(dim <= kMaxRotaryDim, fn, ": D must be at most ", kMaxRotaryDim, ", got ", dim);
+  r.cos = angles_of(fn, "cos", cos, r.q, q_name);
+  r.sin = angles_of(fn, "sin", sin, r.q, q_name);
+  TORCH_CHECK_VALUE(r.sin.sizes() == r.cos.sizes(), fn, ": sin must have cos's shape ", r.cos.sizes(), ", got ",
+                    r.sin.sizes());
+  const int64_t rot = r.cos.size(1);
+  TORCH_CHECK_VALUE(rot % 2 == 0 && rot > 0 && rot <= dim, fn, ": cos and sin must have an even width R with "
+                    "0 < R <= D = ", dim, ", got R = ", rot);
+  l2vf::RotaryProblem& p = r.p;
+  p.dtype = dtype_of(r.q, fn, q_name);
+  p.tokens = tokens;
+  p.heads_q = r.q.size(1);
+  p.heads_k = r.k.size(1);
+  p.dim = dim;
+  p.rot = rot;
+  p.q = {r.q.data_ptr(), stride_of(r.q, 0), stride_of(r.q, 1)};
+  p.k = {r.k.data_ptr(), stride_of(r.k, 0), stride_of(r.k, 1)};
+  p.cos = r.cos.data_ptr();
+  p.stride_cos = stride_of(r.cos, 0);
+  p.sin = r.sin.data_ptr();
+  p.stride_sin = stride_of(r.sin, 0);
+  return r;
+}
+
+// The forward's output for `ref`: `out` when given (ref's shape and dtype, a unit-stride last dim; it may be
+// the input itself), else a new contiguous tensor.
+at::Tensor rotary_output(const char* fn, const char* name, const std::optional<at::Tensor>& out, const at::Tensor& ref,
+                         const char* ref_name) {
+  if (!out.has_value() || !out->defined()) {
+    return at::empty(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  const at::Tensor& t = *out;
+  check_like(fn, ref, ref_name, name, t);
+  TORCH_CHECK_VALUE(t.size(2) <= 1 || t.stride(2) == 1, fn, ": ", name, " must have a unit-stride last dim, got "
+                    "strides ", t.strides());
+  return t;
+}
+
+l2vf::RotaryOutputs rotary_outputs(at::Tensor& out_q, at::Tensor& out_k) {
+  l2vf::RotaryOutputs o;
+  o.q = out_q.data_ptr();
+  o.q_stride_tok = stride_of(out_q, 0);
+  o.q_stride_head = stride_of(out_q, 1);
+  o.k = out_k.data_ptr();
+  o.k_stride_tok = stride_of(out_k, 0);
+  o.k_stride_head = stride_of(out_k, 1);
+  return o;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rotary_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                  const at::Tensor& sin, const std::optional<at::Tensor>& out_q,
+                                                  const std::optional<at::Tensor>& out_k) {
+  const char* fn = "llm2vec_fast._C.rotary_forward";
+  const RotaryInputs r = prepare_rotary(fn, "q", q, "k", k, cos, sin);
+  at::Tensor result_q = rotary_output(fn, "out_q", out_q, r.q, "q");
+  at::Tensor result_k = rotary_output(fn, "out_k", out_k, r.k, "k");
+  check_cuda(fn, "q", r.q, {{"k", &r.k}, {"cos", &r.cos}, {"sin", &r.sin}, {"out_q", &result_q}, {"out_k", &result_k}});
+  const c10::cuda::CUDAGuard guard(r.q.device());
+  const l2vf::RotaryOutputs o = rotary_outputs(result_q, result_k);
+  const l2vf::RotaryPlan plan = l2vf::rotary_plan(r.p, o, /*backward=*/false);
+  C10_CUDA_CHECK(l2vf::rotary_forward(r.p, plan, o, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {result_q, result_k};
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary_backward(const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                   const at::Tensor& cos, const at::Tensor& sin) {
+  const char* fn = "llm2vec_fast._C.rotary_backward";
+  const RotaryInputs r = prepare_rotary(fn, "grad_q", grad_q, "grad_k", grad_k, cos, sin);
+  check_cuda(fn, "grad_q", r.q, {{"grad_k", &r.k}, {"cos", &r.cos}, {"sin", &r.sin}});
+  const c10::cuda::CUDAGuard guard(r.q.device());
+  const auto contiguous = r.q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(r.q.sizes(), contiguous), dk = at::empty(r.k.sizes(), contiguous);
+  const l2vf::RotaryOutputs o = rotary_outputs(dq, dk);
+  const l2vf::RotaryPlan plan = l2vf::rotary_plan(r.p, o, /*backward=*/true);
+  C10_CUDA_CHECK(l2vf::rotary_backward(r.p, plan, o, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dq, dk};
+}
+
+// The launch plan (vector width, block shape, grid) for these inputs; CPU tensors work (launches nothing). The
+// outputs are contiguous tensors like q and k unless out_q / out_k are given (the backward's always are).
+pybind11::dict rotary_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                           const std::optional<at::Tensor>& out_q, const std::optional<at::Tensor>& out_k,
+                           bool backward) {
+  const char* fn = "llm2vec_fast._C.rotary_plan";
+  const RotaryInputs r = prepare_rotary(fn, "q", q, "k", k, cos, sin);
+  const std::optional<at::Tensor> none;
+  at::Tensor target_q = rotary_output(fn, "out_q", backward ? none : out_q, r.q, "q");
+  at::Tensor target_k = rotary_output(fn, "out_k", backward ? none : out_k, r.k, "k");
+  const l2vf::RotaryPlan plan = l2vf::rotary_plan(r.p, rotary_outputs(target_q, target_k), backward);
+  pybind11::dict d;
+  d["vec"] = plan.vec;
+  d["pair_slots"] = plan.pair_slots;
+  d["slots"] = plan.slots;
+  d["slot_threads"] = plan.slot_threads;
+  d["head_lanes"] = plan.head_lanes;
+  d["items"] = plan.items;
+  d["blocks"] = plan.blocks;
+  d["copy_tail"] = plan.copy_tail;
+  return d;
+}
+
 // The launch plan for these inputs, without launching anything (works on CPU tensors: for tests and
 // for the resource report). num_sms defaults to an H100 SXM's 132.
 pybind11::dict pool_plan(const at::Tensor& hidden, const std::optional<at::Tensor>& cu_seqlens,
@@ -662,7 +815,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.attr("build_info") = L2VF_BUILD_INFO;
   m.doc() = "llm2vec-fast CUDA kernels (sm_90a): pooling, the contrastive loss, the attention forward, RMSNorm and "
-            "the gated activation. Used through "
+            "the gated activation, the rotary embedding. Used through "
             "llm2vec_fast.cuda_backend.";
   m.def("pool_forward", &pool_forward,
         "(B, D) float32 pooled (and optionally L2-normalised) embeddings; same contract as "
@@ -707,6 +860,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("gate"), py::arg("up"), py::arg("gelu"));
   m.def("gated_plan", &gated_plan, "The launch plan (vector width, grid) for these rows; launches nothing",
         py::arg("gate"), py::arg("up"), py::arg("out") = py::none(), py::arg("backward") = false);
+  m.def("rotary_forward", &rotary_forward,
+        "(q, k) rotated by (cos, sin) over their first R dims, for q (T, Hq, D), k (T, Hkv, D), cos and sin (T, R); "
+        "into out_q / out_k when given (they may be q and k); same contract as "
+        "llm2vec_fast.reference.rotary.rotary_forward",
+        py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("out_q") = py::none(),
+        py::arg("out_k") = py::none());
+  m.def("rotary_backward", &rotary_backward,
+        "(grad_q, grad_k) rotated back, contiguous; same contract as llm2vec_fast.reference.rotary.rotary_backward",
+        py::arg("grad_q"), py::arg("grad_k"), py::arg("cos"), py::arg("sin"));
+  m.def("rotary_plan", &rotary_plan, "The launch plan (vector width, block shape, grid) for these inputs; launches "
+        "nothing", py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("out_q") = py::none(),
+        py::arg("out_k") = py::none(), py::arg("backward") = false);
   m.def("attention_forward", &attention_forward,
         "(out (T, Hq, D) in q's dtype, lse (Hq, T) float32) of non-causal attention without dropout on the "
         "packed varlen layout (Hopper sm_90 only: TMA + wgmma); variant 0 = default (v1), 1 = v1, 2 = v2 "

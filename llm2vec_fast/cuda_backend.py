@@ -6,7 +6,7 @@ Same contract as the reference (``llm2vec_fast.reference``): plain functions on 
 Registration. The extension's functions are plain pybind11 functions, not ``torch.library`` ops: the
 public ops (``llm2vec_fast::pool_forward`` / ``pool_backward``, ``llm2vec_fast::infonce_forward`` /
 ``infonce_backward``, ``llm2vec_fast::flash_attention_forward`` / ``_backward``, ``rms_norm_*``,
-``gated_activation_*``) already are custom ops with schemas, fake
+``gated_activation_*``, ``rotary_embedding_*``) already are custom ops with schemas, fake
 (meta) implementations and the autograd formula, and run the chosen backend inside, so
 ``torch.compile`` sees one opaque op whatever the backend. A second, inner registration would add
 nothing, and a ``TORCH_LIBRARY`` namespace can be defined once per process, which would forbid loading
@@ -224,6 +224,23 @@ def gated_backward(grad, gate, up, activation):
 
 
 # ---------------------------------------------------------------------------------------------------
+# rotary_embedding: contract of llm2vec_fast.reference.rotary.rotary_forward / rotary_backward
+# ---------------------------------------------------------------------------------------------------
+ROTARY_OP = "rotary_embedding"
+
+
+def rotary_forward(q, k, cos, sin, out_q=None, out_k=None):
+    """(q, k) rotated by (cos, sin) from ``csrc/rotary.cu``, both in one launch (16-byte vectors where every
+    row allows them), into ``out_q`` / ``out_k`` when given (they may be q and k: in place)."""
+    return tuple(extension().rotary_forward(q, k, cos, sin, out_q, out_k))
+
+
+def rotary_backward(grad_q, grad_k, cos, sin):
+    """(d q, d k), contiguous, in the gradients' dtype."""
+    return tuple(extension().rotary_backward(grad_q, grad_k, cos, sin))
+
+
+# ---------------------------------------------------------------------------------------------------
 # The kill switch: ops whose kernels the environment turns off
 # ---------------------------------------------------------------------------------------------------
 CUDA_OFF_ENV = "LLM2VEC_FAST_CUDA_OFF"
@@ -268,6 +285,7 @@ def register() -> None:
                                   ("contrastive_loss", infonce_forward, infonce_backward),
                                   (ATTENTION_OP, flash_attention_forward, flash_attention_backward),
                                   (RMS_NORM_OP, rms_norm_forward, rms_norm_backward),
-                                  ("gated_activation", gated_forward, gated_backward)):
+                                  ("gated_activation", gated_forward, gated_backward),
+                                  (ROTARY_OP, rotary_forward, rotary_backward)):
         dispatch.register(op, "cuda", _unless_switched_off(op, forward, "forward"),
                           _unless_switched_off(op, backward, "backward"))

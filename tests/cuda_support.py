@@ -144,11 +144,12 @@ def cubin_report(ext):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The row kernels (csrc/rms_norm.cu, csrc/gated.cu) on the CPU, behind the extension's interface
+# The row kernels (csrc/rms_norm.cu, csrc/gated.cu, csrc/rotary.cu) on the CPU, behind the extension's interface
 # ---------------------------------------------------------------------------------------------------
 _I64, _I32, _F32, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 RMS_NORM_PLAN_KEYS = ("supported", "vec", "warps_per_row", "vecs_per_thread", "blocks", "partial_rows")
 GATED_PLAN_KEYS = ("vec", "col_blocks", "row_blocks")
+ROTARY_PLAN_KEYS = ("vec", "pair_slots", "slots", "slot_threads", "head_lanes", "items", "blocks", "copy_tail")
 
 
 def _ptr(t):
@@ -160,10 +161,21 @@ def _rows(t):
     return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
 
+def _unit_last(t):
+    """As csrc/bindings.cpp's heads_of / angles_of: a unit-stride last dim (a copy otherwise)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t, dims):
+    """As csrc/bindings.cpp's stride_of: each dim's stride, 0 for a dim of at most one entry."""
+    return [t.stride(d) if t.shape[d] > 1 else 0 for d in dims]
+
+
 class EmulatedExtension:
     """The extension's ``rms_norm_forward`` / ``rms_norm_backward`` / ``gated_forward`` / ``gated_backward`` /
-    ``*_plan`` on CPU tensors: the kernels of csrc/ run in the emulator, the rows prepared as csrc/bindings.cpp
-    prepares them (outputs pre-filled with NaN, so that an element the kernels never write shows). Counts the
+    ``rotary_forward`` / ``rotary_backward`` / ``*_plan`` on CPU tensors: the kernels of csrc/ run in the emulator,
+    the rows prepared as csrc/bindings.cpp prepares them (outputs pre-filled with NaN, so that an element the
+    kernels never write shows). Counts the
     kernel runs (``launches``) and the rms_norm calls its plan declines (``declined``: None is returned, as the
     extension does). ``num_sms`` sizes the backward grid: a few, so that row groups walk several rows."""
 
@@ -177,6 +189,8 @@ class EmulatedExtension:
         lib.l2vf_emu_gated_forward.argtypes = [_I32, _I64, _I64, _PTR, _I64, _PTR, _I64, _I32, _PTR, _I64, _PTR]
         lib.l2vf_emu_gated_backward.argtypes = [_I32, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I32, _PTR, _PTR,
                                                 _PTR]
+        lib.l2vf_emu_rotary.argtypes = [_I32] + [_I64] * 5 + [_PTR, _I64, _I64] * 2 + [_PTR, _I64] * 2 + \
+            [_PTR, _I64, _I64] * 2 + [_I32, _I32, _PTR]
         self.reset()
 
     def reset(self):
@@ -252,6 +266,55 @@ class EmulatedExtension:
         self.launches["gated_backward"] += 1
         return grad_gate, grad_up
 
+    # -- rotary_embedding ------------------------------------------------------------------------------
+    def _rotary(self, q, k, cos, sin, out_q, out_k, backward, launch):
+        """Runs (launch) or plans csrc/rotary.cu on tensors prepared as csrc/bindings.cpp's prepare_rotary does;
+        returns the plan."""
+        plan = (_I64 * len(ROTARY_PLAN_KEYS))()
+        err = self.lib.l2vf_emu_rotary(
+            DTYPE_CODES[q.dtype], q.shape[0], q.shape[1], k.shape[1], q.shape[2], cos.shape[1],
+            _ptr(q), *_strides(q, (0, 1)), _ptr(k), *_strides(k, (0, 1)), _ptr(cos), *_strides(cos, (0,)),
+            _ptr(sin), *_strides(sin, (0,)), _ptr(out_q), *_strides(out_q, (0, 1)), _ptr(out_k),
+            *_strides(out_k, (0, 1)), int(backward), int(launch), plan)
+        assert err == 0, f"launcher returned cudaError {err}"
+        plan = dict(zip(ROTARY_PLAN_KEYS, plan))
+        plan["copy_tail"] = bool(plan["copy_tail"])
+        return plan
+
+    @staticmethod
+    def _rotary_output(out, like, name):
+        """The forward's output: ``out`` (checked as the bindings check it), else a NaN-filled contiguous tensor."""
+        if out is None:
+            return torch.full(like.shape, float("nan"), dtype=like.dtype)
+        if out.shape != like.shape or out.dtype != like.dtype:
+            raise ValueError(f"{name} must have shape {tuple(like.shape)} and dtype {like.dtype}, got "
+                             f"{tuple(out.shape)} {out.dtype}")
+        if out.shape[2] > 1 and out.stride(2) != 1:
+            raise ValueError(f"{name} must have a unit-stride last dim, got strides {out.stride()}")
+        return out
+
+    def rotary_plan(self, q, k, cos, sin, out_q=None, out_k=None, backward=False):
+        q, k, cos, sin = (_unit_last(t) for t in (q, k, cos, sin))
+        if backward:
+            out_q = out_k = None
+        out_q, out_k = self._rotary_output(out_q, q, "out_q"), self._rotary_output(out_k, k, "out_k")
+        return self._rotary(q, k, cos, sin, out_q, out_k, backward, launch=False)
+
+    def rotary_forward(self, q, k, cos, sin, out_q=None, out_k=None):
+        q, k, cos, sin = (_unit_last(t) for t in (q, k, cos, sin))
+        out_q, out_k = self._rotary_output(out_q, q, "out_q"), self._rotary_output(out_k, k, "out_k")
+        self.last_plan = self._rotary(q, k, cos, sin, out_q, out_k, backward=False, launch=True)
+        self.launches["rotary_forward"] += 1
+        return out_q, out_k
+
+    def rotary_backward(self, grad_q, grad_k, cos, sin):
+        grad_q, grad_k, cos, sin = (_unit_last(t) for t in (grad_q, grad_k, cos, sin))
+        dq = torch.full(grad_q.shape, float("nan"), dtype=grad_q.dtype)
+        dk = torch.full(grad_k.shape, float("nan"), dtype=grad_k.dtype)
+        self.last_plan = self._rotary(grad_q, grad_k, cos, sin, dq, dk, backward=True, launch=True)
+        self.launches["rotary_backward"] += 1
+        return dq, dk
+
 
 @functools.lru_cache(maxsize=None)
 def emulated_extension() -> EmulatedExtension:
@@ -261,7 +324,7 @@ def emulated_extension() -> EmulatedExtension:
 def run_cuda_backend_in_the_emulator(monkeypatch) -> EmulatedExtension:
     """From here to the end of the test, ``backend="cuda"`` runs on CPU tensors: ``dispatch`` offers the cuda
     backend on the CPU and ``cuda_backend`` calls :class:`EmulatedExtension` (reset) instead of the extension.
-    For the ops whose kernels it emulates (rms_norm, gated_activation)."""
+    For the ops whose kernels it emulates (rms_norm, gated_activation, rotary_embedding)."""
     from llm2vec_fast import dispatch
 
     emulated = emulated_extension()

@@ -69,7 +69,8 @@ def test_cuda_backend_is_registered():
             ("contrastive_loss", cuda_backend.infonce_forward, cuda_backend.infonce_backward),
             ("flash_attention", cuda_backend.flash_attention_forward, cuda_backend.flash_attention_backward),
             ("rms_norm", cuda_backend.rms_norm_forward, cuda_backend.rms_norm_backward),
-            ("gated_activation", cuda_backend.gated_forward, cuda_backend.gated_backward)):
+            ("gated_activation", cuda_backend.gated_forward, cuda_backend.gated_backward),
+            ("rotary_embedding", cuda_backend.rotary_forward, cuda_backend.rotary_backward)):
         impl = dispatch.implementation(op, "cuda")
         assert impl.forward.__wrapped__ is forward and impl.backward.__wrapped__ is backward, op
         assert impl.forward.__name__ == forward.__name__, op
@@ -152,7 +153,8 @@ def test_fake_shapes_contrastive_with_cuda_backend():
 
 
 def test_fake_shapes_row_ops_with_cuda_backend():
-    """rms_norm and gated_activation (forward, in place, backward) as torch.compile sees them with backend="cuda"."""
+    """rms_norm, gated_activation and rotary_embedding (forward, in place, backward) as torch.compile sees them with
+    backend="cuda"."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     ops = torch.ops.llm2vec_fast
@@ -169,6 +171,15 @@ def test_fake_shapes_row_ops_with_cuda_backend():
         assert ops.gated_activation_inplace(gate, up, "gelu_tanh", "cuda") is None
         dgate, dup = ops.gated_activation_backward(out, gate, up, "silu", "cuda")
         assert dgate.shape == dup.shape == gate.shape and dgate.dtype == torch.float16
+        qkv = torch.empty(10, (32 + 2 * 8) * 128, dtype=torch.bfloat16, device="cuda")  # a fused projection
+        q = qkv[:, :32 * 128].view(10, 32, 128)
+        k = torch.empty(10, 8, 128, dtype=torch.bfloat16, device="cuda")
+        cos, sin = (torch.empty(10, 64, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        rotated_q, rotated_k = ops.rotary_embedding_forward(q, k, cos, sin, "cuda")
+        assert rotated_q.shape == q.shape and rotated_k.shape == k.shape and rotated_q.dtype == torch.bfloat16
+        assert ops.rotary_embedding_inplace(q, k, cos, sin, "cuda") is None
+        dq, dk = ops.rotary_embedding_backward(rotated_q, rotated_k, cos, sin, "cuda")
+        assert dq.shape == q.shape and dk.shape == k.shape and dk.device.type == "cuda"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from llm2vec_fast.models import bidirectional, lean
-from llm2vec_fast.models.lean import is_gated_mlp, is_lora_linear, is_rms_norm, lean_layers, lean_mlp_forward
+from llm2vec_fast.models.lean import (is_gated_mlp, is_lora_linear, is_rms_norm, is_rotary_attention, lean_layers,
+                                      lean_mlp_forward)
 
 from test_models import FAMILIES, bi_model, family_state, make_batch
 
@@ -28,6 +29,10 @@ def _mlps(model):
 
 def _norms(model):
     return [m for m in model.modules() if is_rms_norm(m)]
+
+
+def _attention(model):
+    return [m for m in model.modules() if is_rotary_attention(m)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,7 +102,7 @@ def test_forward_packed_with_gradients_keeps_the_transformers_forward(monkeypatc
     out.square().sum().backward()
     assert counter.calls == 0 and recomputes.names == []
     with lean_layers(model) as changed:
-        assert set(map(id, changed)) == set(map(id, _mlps(model) + _norms(model)))
+        assert set(map(id, changed)) == set(map(id, _mlps(model) + _norms(model) + _attention(model)))
         model.forward_packed(ids, mask).hidden.sum().backward()
     layers = model.config.num_hidden_layers
     assert counter.calls == 0
@@ -282,7 +287,7 @@ def test_the_block_restores_the_modules_after_an_error():
         assert torch.equal(restored.forward_packed(ids, mask).hidden, expected)
 
 
-def test_only_transformers_mlps_norms_and_peft_lora_linears_are_changed():
+def test_only_transformers_attention_mlps_norms_and_peft_lora_linears_are_changed():
     class MyMLP(torch.nn.Module):  # the right attributes, but not transformers' class
         def __init__(self):
             super().__init__()
@@ -292,8 +297,9 @@ def test_only_transformers_mlps_norms_and_peft_lora_linears_are_changed():
     model = bi_model("gemma", state=family_state("gemma"))
     assert not is_gated_mlp(mine) and not is_gated_mlp(model.layers[0].self_attn)
     assert not is_rms_norm(torch.nn.LayerNorm(4)) and len(_norms(model)) == 2 * model.config.num_hidden_layers + 1
+    assert not is_rotary_attention(model.layers[0].mlp) and len(_attention(model)) == model.config.num_hidden_layers
     with lean_layers(torch.nn.ModuleList([mine, model])) as changed:
-        assert set(map(id, changed)) == set(map(id, _mlps(model) + _norms(model)))
+        assert set(map(id, changed)) == set(map(id, _mlps(model) + _norms(model) + _attention(model)))
 
 
 @pytest.mark.gpu

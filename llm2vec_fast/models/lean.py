@@ -1,6 +1,6 @@
 """Lean layers: the same outputs and gradients, bit for bit, with fewer large buffers.
 
-Three kinds of modules change, inside a ``with lean_layers(model):`` block only.
+Four kinds of modules change, inside a ``with lean_layers(model):`` block only.
 
 **On a GPU** (:data:`FUSED_BACKENDS`), with or without gradients, RMSNorms run the fused ``rms_norm`` op
 (one read and one write per row where transformers' forward makes about six passes over fp32 copies, and a
@@ -8,6 +8,13 @@ backward that keeps x and one float per row) and gated MLPs the fused ``gated_ac
 one pass, into gate's buffer without gradients; with them it keeps gate and up, as the recompute below does,
 without running a second forward). Same functions (each family's rounding reproduced; checked on a random
 probe per class, dtype and device before first use), not always the same bits: sums run in another order.
+Attention modules (q/k/v/o projections or Phi-3's fused qkv, with or without Qwen3's and Gemma 3's q/k
+norms) rotate q and k with the fused ``rotary_embedding`` (one pass over both, in place without gradients; its
+backward keeps only cos and sin), where transformers' ``apply_rotary_pos_emb`` runs about ten elementwise
+kernels. The module's forward is replaced by a generic one (projections, norms, RoPE, the attention function,
+o_proj), checked once per module, dtype and device: the family's forward runs on a random probe with a
+recording attention function, which also captures what the module passes it (scaling, sliding window,
+softcap). Where q, k, v or the output differ, the module keeps transformers' forward (with a warning).
 ``LLM2VEC_FAST_FUSED_OPS=0`` switches the fusion off.
 
 **Without gradients** (encoding): each gated MLP, ``down(act(gate(x)) * up(x))``, writes the activation
@@ -44,8 +51,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
-from typing import Iterator, List
+import weakref
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -306,7 +315,172 @@ def is_lora_linear(module: nn.Module) -> bool:
             and hasattr(module, "_cast_input_dtype"))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Attention modules: q, k and v as the family projects them, RoPE in one ``rotary_embedding`` pass
+# ---------------------------------------------------------------------------------------------------
+_QKV_SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj")
+_QKV_FUSED = ("qkv_proj", "o_proj")  # Phi-3: one projection whose output is [q | k | v]
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")  # the name changed across transformers 5.x
+PROBE_IMPLEMENTATION = "llm2vec_fast_probe"  # attention implementation that records what a module passes it
+_RECORDED: List[dict] = []  # the probe's recordings, innermost last
+# attention module -> {(dtype, device type): the keyword arguments its forward passes the attention function
+# besides dropout (scaling, sliding_window, softcap, ...), or None where the lean forward does not reproduce it}
+_ATTENTION_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def is_rotary_attention(module: nn.Module) -> bool:
+    """A transformers self-attention module of the families' shape: ``XxxAttention`` with q/k/v/o projections
+    (or Phi-3's fused ``qkv_proj``), ``head_dim`` and ``attention_dropout`` (its RoPE is checked on first use)."""
+    return (_from_transformers(module, "Attention") and (_has(module, _QKV_SPLIT) or _has(module, _QKV_FUSED))
+            and isinstance(getattr(module, "head_dim", None), int) and hasattr(module, "attention_dropout")
+            and hasattr(module, "config"))
+
+
+def _project(attn: nn.Module, hidden: Tensor):
+    """(q, k, v) as (..., H, D) views of the family's projections, q and k normed where the family norms them
+    (Qwen3, Gemma 3)."""
+    shape = (*hidden.shape[:-1], -1, attn.head_dim)
+    if hasattr(attn, "qkv_proj"):
+        qkv = attn.qkv_proj(hidden)
+        q_width = attn.config.num_attention_heads * attn.head_dim
+        kv_width = attn.config.num_key_value_heads * attn.head_dim
+        q, k, v = qkv[..., :q_width], qkv[..., q_width:q_width + kv_width], qkv[..., q_width + kv_width:]
+    else:
+        q, k, v = attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)
+    q, k, v = q.view(shape), k.view(shape), v.view(shape)
+    if isinstance(getattr(attn, "q_norm", None), nn.Module):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def _attention_function(attn: nn.Module):
+    """What the module's forward calls: the registered implementation its config names, else the family's eager
+    attention."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    family = sys.modules[type(attn).__module__]
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                 getattr(family, "eager_attention_forward", None))
+
+
+def _record_attention_call(module, query, key, value, attention_mask, **kwargs):
+    """The probe's attention implementation: records its inputs and answers a random (B, S, Hq, D) output."""
+    recording = _RECORDED[-1]
+    recording.update(query=query.clone(), key=key.clone(), value=value.clone(), kwargs=kwargs)
+    generator = torch.Generator(device=query.device).manual_seed(1)
+    batch, heads, length, dim = query.shape
+    recording["out"] = torch.randn((batch, length, heads, dim), generator=generator, device=query.device,
+                                   dtype=torch.float32).to(value.dtype)
+    return recording["out"], None
+
+
+@contextlib.contextmanager
+def _probing(attn: nn.Module) -> Iterator[dict]:
+    """The module in eval mode (no dropout draws), its config naming the recording implementation, for one call;
+    everything restored after."""
+    from transformers.modeling_utils import AttentionInterface
+    AttentionInterface.register(PROBE_IMPLEMENTATION, _record_attention_call)
+    modes = [(module, module.training) for module in attn.modules()]
+    implementation = attn.config._attn_implementation
+    recording: dict = {}
+    _RECORDED.append(recording)
+    try:
+        attn.eval()
+        attn.config._attn_implementation = PROBE_IMPLEMENTATION
+        yield recording
+    finally:
+        attn.config._attn_implementation = implementation
+        for module, mode in modes:
+            module.training = mode
+        _RECORDED.remove(recording)
+
+
+def _probe_attention(attn: nn.Module, original, hidden: Tensor, width: int, rotate) -> Optional[dict]:
+    """Runs the family's forward and the lean one on a random 5-token input with random angles, and returns the
+    keyword arguments the family passes its attention function (besides dropout) where both give the same q, k, v
+    and output (to a few units in the last place), else None, reported once per class (the family's forward
+    then runs)."""
+    name = f"{type(attn).__name__} ({hidden.dtype}, {hidden.device.type})"
+    try:
+        with torch.no_grad():
+            generator = torch.Generator(device=hidden.device).manual_seed(0)  # leaves the global RNG alone
+
+            def draw(*shape):
+                return torch.randn(shape, generator=generator, device=hidden.device)
+
+            probe = draw(1, 5, hidden.shape[-1]).to(hidden.dtype)
+            phase = 10 * draw(1, 5, width // 2)
+            phase = torch.cat((phase, phase), dim=-1)
+            cos, sin = phase.cos().to(hidden.dtype), phase.sin().to(hidden.dtype)
+            with _probing(attn) as recording:
+                expected = original(attn, probe, (cos, sin), None)[0]
+            q, k, v = _project(attn, probe)
+            q, k = rotate(q, k, cos, sin)
+            got = attn.o_proj(recording["out"].reshape(*probe.shape[:-1], -1))
+            kwargs = dict(recording["kwargs"])
+            tolerance = 4 * torch.finfo(hidden.dtype).eps
+            same = kwargs.pop("dropout", None) == 0.0 and all(
+                theirs.shape == ours.shape and torch.allclose(ours.float(), theirs.float(), rtol=tolerance,
+                                                              atol=tolerance)
+                for ours, theirs in ((q.transpose(1, 2), recording["query"]), (k.transpose(1, 2), recording["key"]),
+                                     (v.transpose(1, 2), recording["value"]), (got, expected)))
+    except Exception as error:  # noqa: BLE001 - reported, and transformers' forward runs instead
+        warnings.warn(f"llm2vec_fast: the fused rotary_embedding failed on {name} ({type(error).__name__}: "
+                      f"{error}); that module keeps transformers' forward", RuntimeWarning)
+        return None
+    if not same:
+        warnings.warn(f"llm2vec_fast: the lean attention forward does not reproduce {name}'s; that module keeps "
+                      f"transformers' forward", RuntimeWarning)
+        return None
+    return kwargs
+
+
+def _rotary_for(attn: nn.Module, original, hidden: Tensor, width: int):
+    """``(q, k, cos, sin) -> (q, k)`` through ``rotary_embedding`` and the keyword arguments of the module's
+    attention call, where the lean forward reproduces the module's (checked by :func:`_probe_attention` once per
+    module, dtype and device), else None."""
+    from ..ops.rotary import rotary_embedding
+
+    backend = _fusion_backend(hidden)
+    if backend is None:
+        return None
+
+    def rotate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+        # without gradients, in place: q and k are the projections' own buffers (or views of qkv's)
+        return rotary_embedding(q, k, cos, sin, inplace=not torch.is_grad_enabled(), backend=backend)
+
+    plans = _ATTENTION_PLANS.setdefault(attn, {})
+    key = (hidden.dtype, hidden.device.type, width)
+    if key not in plans:
+        plans[key] = _probe_attention(attn, original, hidden, width, rotate)
+    return None if plans[key] is None else (rotate, plans[key])
+
+
+def _attention_forward_for(attn: nn.Module):
+    original = type(attn).forward
+
+    def forward(hidden_states: Tensor, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        caches = [kwargs.get(name) for name in _CACHE_ARGUMENTS]
+        fused = None
+        if not (args or position_embeddings is None or any(cache is not None for cache in caches)
+                or torch.compiler.is_compiling()):
+            fused = _rotary_for(attn, original, hidden_states, position_embeddings[0].shape[-1])
+        if fused is None:
+            return original(attn, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        rotate, static = fused
+        for name in _CACHE_ARGUMENTS:  # all None: the family's forward takes them and passes them on to nothing
+            kwargs.pop(name, None)
+        q, k, v = _project(attn, hidden_states)
+        q, k = rotate(q, k, *position_embeddings)
+        out, weights = _attention_function(attn)(
+            attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+            dropout=attn.attention_dropout if attn.training else 0.0, **{**static, **kwargs})
+        return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+    return forward
+
+
 def _lean_forward_maker(module: nn.Module):
+    if is_rotary_attention(module):
+        return _attention_forward_for
     if is_gated_mlp(module):
         return _mlp_forward_for
     if is_rms_norm(module):
@@ -318,7 +492,8 @@ def _lean_forward_maker(module: nn.Module):
 
 @contextlib.contextmanager
 def lean_layers(model: nn.Module) -> Iterator[List[nn.Module]]:
-    """Within the block, the gated MLPs, RMSNorms and peft LoRA linears of ``model`` (without hooks) run lean
+    """Within the block, the attention modules, gated MLPs, RMSNorms and peft LoRA linears of ``model`` (without
+    hooks) run lean
     (see the module docstring). Modules already changed by an enclosing block are left to it. Yields the modules this
     block changed."""
     changed = []
