@@ -1,20 +1,24 @@
-"""Fused elementwise ops, judged in GB/s: ``rms_norm`` and ``gated_activation`` (SwiGLU), each forward (no
-grad: what encoding runs) and forward + backward (training: ops ``rms_norm_fwd_bwd``,
-``gated_activation_fwd_bwd``).
+"""Fused elementwise ops, judged in GB/s: ``rms_norm``, ``gated_activation`` (SwiGLU) and ``rotary_embedding``
+(RoPE of q and k), each forward (no grad: what encoding runs; RoPE in place, as the lean attention modules run
+it) and forward + backward (training: ops ``rms_norm_fwd_bwd``, ``gated_activation_fwd_bwd``,
+``rotary_embedding_fwd_bwd``).
 
 Impls, on the same inputs:
 - ours: ``lf.rms_norm(x, weight, casting_mode="llama", backend=b)`` / ``lf.gated_activation(gate, up, "silu",
-  backend=b)`` for every backend that runs here;
+  backend=b)`` / ``lf.rotary_embedding(q, k, cos, sin, backend=b)`` for every backend that runs here;
 - ``transformers_eager``: what the models run without us: ``LlamaRMSNorm.forward`` (upcast, square, mean,
-  rsqrt, scale, downcast, weight: several passes over fp32 copies), ``act_fn(gate) * up``;
-- ``liger``: Liger-Kernel's ``LigerRMSNorm`` (casting_mode="llama") and ``LigerSiLUMulFunction``, when
-  liger-kernel is importable (on a GPU).
+  rsqrt, scale, downcast, weight: several passes over fp32 copies), ``act_fn(gate) * up``, Llama's
+  ``apply_rotary_pos_emb`` on the (1, H, T, D) views the attention modules hand it (about ten kernels);
+- ``liger``: Liger-Kernel's ``LigerRMSNorm`` (casting_mode="llama"), ``LigerSiLUMulFunction`` and
+  ``liger_rotary_pos_emb``, when liger-kernel is importable (on a GPU).
 
 GB/s counts the bytes a one-pass kernel must move, the same for every impl, so an impl that makes more
 passes pays for them in time. rms_norm: forward reads x and writes y (2 * N * D * elem); forward + backward
 also reads x and dy and writes dx (5 in all; the weight and the per-row statistics are negligible).
 gated_activation: forward reads gate and up and writes the product (3 * N * I * elem); forward + backward
-also reads dy, gate and up and writes d gate and d up (8 in all).
+also reads dy, gate and up and writes d gate and d up (8 in all). rotary_embedding: forward reads q and k and
+writes them rotated (2 * (q + k) bytes, plus cos and sin once); forward + backward also reads d q' and d k' and
+writes d q and d k (4 * (q + k), plus cos and sin twice).
 """
 from __future__ import annotations
 
@@ -27,17 +31,23 @@ from llm2vec_fast import dispatch
 
 from .harness import Case, SkipImpl, randn
 
-OPS = ("rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd")
+OPS = ("rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd", "rotary_embedding",
+       "rotary_embedding_fwd_bwd")
 # (rows, D): per-head q/k norms (Qwen3: 16k tokens x 32 heads of 128), then 7B- and 70B-class hidden sizes.
 NORM_SHAPES = ((16384 * 32, 128), (16384, 4096), (16384, 8192))
 GATED_SHAPES = ((16384, 14336),)  # Mistral-7B's MLP over 16k tokens
-QUICK_NORM_SHAPES, QUICK_GATED_SHAPES = ((256, 64),), ((64, 96),)
+# (T, Hq, Hkv, D): Mistral-7B's q and k over 16k tokens, and Qwen2-1.5B-like heads of 128 (GQA 6)
+ROTARY_SHAPES = ((16384, 32, 8, 128), (16384, 12, 2, 128))
+QUICK_NORM_SHAPES, QUICK_GATED_SHAPES, QUICK_ROTARY_SHAPES = ((256, 64),), ((64, 96),), ((33, 4, 2, 64),)
 EPS = 1e-5
 
 METHOD_NOTES = [
     "rms_norm (casting_mode=llama) and gated_activation (silu): GB/s = one pass's bytes for every impl (rms_norm "
     "fwd 2, fwd+bwd 5; gated fwd 3, fwd+bwd 8 tensors of the input's size); transformers_eager is LlamaRMSNorm / "
     "act_fn(gate) * up, liger is LigerRMSNorm / LigerSiLUMulFunction.",
+    "rotary_embedding: GB/s = one pass's bytes (fwd 2, fwd+bwd 4 times q and k, plus cos and sin); ours runs in "
+    "place without gradients; transformers_eager is Llama's apply_rotary_pos_emb on (1, H, T, D) views, liger is "
+    "liger_rotary_pos_emb.",
 ]
 
 
@@ -115,6 +125,46 @@ def gated_impls(gate: torch.Tensor, up: torch.Tensor, with_backward: bool) -> Li
              ("liger", liger)])
 
 
+def rotary_impls(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 with_backward: bool) -> List[Tuple[str, Callable]]:
+    """Ours per backend, in place without gradients; transformers' and Liger's on the (1, H, T, D) views of the
+    same (T, H, D) storage, as the attention modules hold q and k."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def timed(fn, *, inplace=False):
+        def run(a, b):
+            return fn(a, b, inplace) if inplace else fn(a, b)
+        if not with_backward:
+            def forward():
+                with torch.no_grad():
+                    return run(q, k)
+            return forward
+        leaves = [x.detach().requires_grad_(True) for x in (q, k)]
+        grads = [randn(x.shape, x.dtype, x.device) for x in (q, k)]
+
+        def forward_backward():
+            return torch.autograd.grad(run(*leaves), leaves, grads)
+        return forward_backward
+
+    def ours(name):
+        return lambda: timed(lambda a, b, inplace=False: lf.rotary_embedding(a, b, cos, sin, inplace=inplace,
+                                                                             backend=name),
+                             inplace=not with_backward)
+
+    def heads_first(fn):
+        """fn on (1, H, T, D) views, its outputs seen as (T, H, D) again."""
+        def call(a, b):
+            rotated = fn(a.transpose(0, 1)[None], b.transpose(0, 1)[None], cos[None], sin[None])
+            return tuple(x[0].transpose(0, 1) for x in rotated)
+        return call
+
+    def liger():
+        return timed(heads_first(_liger("liger_kernel.transformers.rope", "liger_rotary_pos_emb", q.device)))
+
+    return ([(name, ours(name)) for name in _ours("rotary_embedding", q.device)] +
+            [("transformers_eager", lambda: timed(heads_first(apply_rotary_pos_emb))), ("liger", liger)])
+
+
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for rows, dim in QUICK_NORM_SHAPES if quick else NORM_SHAPES:
@@ -127,3 +177,13 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         for op, with_backward, tensors in (("gated_activation", False, 3), ("gated_activation_fwd_bwd", True, 8)):
             yield Case(op, f"T={rows},I={width},activation=silu", dtype, gated_impls(gate, up, with_backward),
                        nbytes=float(tensors * gate.numel() * gate.element_size()))
+    for tokens, heads_q, heads_kv, dim in QUICK_ROTARY_SHAPES if quick else ROTARY_SHAPES:
+        q, k = randn((tokens, heads_q, dim), dtype, device), randn((tokens, heads_kv, dim), dtype, device)
+        phase = randn((tokens, dim // 2), torch.float32, device, scale=100.0)
+        phase = torch.cat((phase, phase), dim=-1)
+        cos, sin = phase.cos().to(dtype), phase.sin().to(dtype)
+        rows, angles = (q.numel() + k.numel()) * q.element_size(), 2 * cos.numel() * cos.element_size()
+        for op, with_backward, tensors in (("rotary_embedding", False, 2), ("rotary_embedding_fwd_bwd", True, 4)):
+            yield Case(op, f"T={tokens},Hq={heads_q},Hkv={heads_kv},D={dim},R={dim}", dtype,
+                       rotary_impls(q, k, cos, sin, with_backward),
+                       nbytes=float(tensors * rows + tensors // 2 * angles))

@@ -13,8 +13,8 @@
 #       order fails (or the step times out), (a3) reruns its small cases under compute-sanitizer, and the
 #       later steps run with LLM2VEC_FAST_CUDA_ATTENTION=off (the Triton fallback) (GPU runs only);
 #   (a4) `llm2vec-fast check --backend cuda --quick` for the other CUDA kernels (pool, contrastive_loss,
-#       rms_norm, gated_activation) against float64; after a failure each op alone, and the failing ones run
-#       their Triton fallback in the later steps (LLM2VEC_FAST_CUDA_OFF) (GPU runs only);
+#       rms_norm, gated_activation, rotary_embedding) against float64; after a failure each op alone, and the
+#       failing ones run their Triton fallback in the later steps (LLM2VEC_FAST_CUDA_OFF) (GPU runs only);
 #   (b) python -m pytest -m gpu -q tests   (exit status 5, "no tests collected", counts as success);
 #   (c) the benchmark suite (benchmarks/run.py; --quick --device cpu in a dry run), writing
 #       <device>-<date>-<sha>.{json,md,png} under ${OUT:-benchmarks/results};
@@ -168,7 +168,7 @@ fi
 # after a failure each op is checked alone, and the failing ones are switched off (LLM2VEC_FAST_CUDA_OFF) for
 # the later steps: their cuda backend then runs the Triton fallback, and the tests and benchmarks still run.
 if [[ "$DRY_RUN" == 0 && "$BUILT" == 1 ]]; then
-  CUDA_OPS=(pool contrastive_loss rms_norm gated_activation)
+  CUDA_OPS=(pool contrastive_loss rms_norm gated_activation rotary_embedding)
   CHECK_CMD=("$PYTHON" -m llm2vec_fast.cli check --backend cuda --quick --failures-only)
   run_step "(a4) check cuda kernels" "$(step_limit 90)" "0 1" "${CHECK_CMD[@]}" $(printf -- '--op %s ' "${CUDA_OPS[@]}")
   if [[ "${STATUS[-1]}" != *": ok (exit 0,"* ]]; then

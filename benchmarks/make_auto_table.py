@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLIC_OP = {"attention_fwd": "flash_attention", "attention_bwd": "flash_attention", "pool": "pool",
              "contrastive_loss_fwd": "contrastive_loss", "contrastive_loss_fwd_bwd": "contrastive_loss",
              "rms_norm": "rms_norm", "rms_norm_fwd_bwd": "rms_norm", "gated_activation": "gated_activation",
-             "gated_activation_fwd_bwd": "gated_activation"}
+             "gated_activation_fwd_bwd": "gated_activation", "rotary_embedding": "rotary_embedding",
+             "rotary_embedding_fwd_bwd": "rotary_embedding"}
 CANDIDATES = ("triton", "cuda")
 TABLE_PATTERN = re.compile(r"^AUTO_TABLE: Dict\[str, str\] = \{.*?\}$", re.MULTILINE | re.DOTALL)
 

@@ -22,7 +22,8 @@ ROW_TYPES = {"op": (str,), "impl": (str,), "shape": (str,), "dtype": (str,), "ms
              "tflops": (float, int, type(None)), "gbps": (float, int, type(None)),
              "peak_mem_mb": (float, int, type(None))}
 OPS = ("attention_fwd", "attention_bwd", "pool", "contrastive_loss_fwd", "contrastive_loss_fwd_bwd", "rms_norm",
-       "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd")
+       "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd", "rotary_embedding",
+       "rotary_embedding_fwd_bwd")
 OURS = {"torch", "triton", "cuda"}
 
 
@@ -43,7 +44,8 @@ def check_results(data: dict) -> None:
         assert row["ms"] > 0
         if row["op"].startswith(("attention", "contrastive_loss")):
             assert row["tflops"] is not None and row["tflops"] > 0, row
-        if row["op"] in ("pool", "rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd"):
+        if row["op"] in ("pool", "rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd",
+                         "rotary_embedding", "rotary_embedding_fwd_bwd"):
             assert row["gbps"] is not None and row["gbps"] > 0, row
     for op in OPS:
         impls = {row["impl"] for row in data["rows"] if row["op"] == op}
