@@ -44,18 +44,20 @@ def test_encode_on_the_gpu_matches_the_cpu(checkpoint, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_the_fused_norms_and_mlps_run_in_gpu_encoding(checkpoint, monkeypatch, dtype):
-    """On the GPU the lean layers' fused rms_norm and gated_activation pass their first-use probes (a failed
-    probe would warn and fall back to transformers' forward, silently slower) and run in every layer."""
+def test_the_fused_norms_mlps_and_rope_run_in_gpu_encoding(checkpoint, monkeypatch, dtype):
+    """On the GPU the lean layers' fused rms_norm, gated_activation and rotary_embedding pass their first-use
+    probes (a failed probe would warn and fall back to transformers' forward, silently slower) and run in every
+    layer."""
     import warnings
 
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.models import lean
-    from llm2vec_fast.ops import gated, normalization
+    from llm2vec_fast.ops import gated, normalization, rotary
 
     monkeypatch.setattr(lean, "_PROBES", {})
-    calls = {"rms_norm": 0, "gated_activation": 0}
-    for module, name in ((normalization, "rms_norm"), (gated, "gated_activation")):
+    monkeypatch.setattr(lean, "_ATTENTION_PLANS", __import__("weakref").WeakKeyDictionary())
+    calls = {"rms_norm": 0, "gated_activation": 0, "rotary_embedding": 0}
+    for module, name in ((normalization, "rms_norm"), (gated, "gated_activation"), (rotary, "rotary_embedding")):
         real = getattr(module, name)
 
         def counting(*args, _real=real, _name=name, **kwargs):
@@ -66,11 +68,14 @@ def test_the_fused_norms_and_mlps_run_in_gpu_encoding(checkpoint, monkeypatch, d
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = encoder.encode([t for t in INPUTS if isinstance(t, str)], show_progress_bar=False, device="cuda")
-    fallbacks = [str(w.message) for w in caught if "llm2vec_fast: the fused" in str(w.message)]
+    fallbacks = [str(w.message) for w in caught if str(w.message).startswith("llm2vec_fast: the ")]
     assert not fallbacks, fallbacks
     assert {key[0] for key in lean._PROBES} == {"rms_norm", "gated_activation"} and all(lean._PROBES.values())
     layers = encoder.model.config.num_hidden_layers
     assert calls["rms_norm"] >= 2 * layers + 1 and calls["gated_activation"] >= layers, calls
+    assert calls["rotary_embedding"] >= 2 * layers, calls  # per attention module: its probe, then its calls
+    assert len(lean._ATTENTION_PLANS) == layers and all(
+        all(plan is not None for plan in plans.values()) for plans in lean._ATTENTION_PLANS.values())
     assert torch.isfinite(got).all()
 
 
