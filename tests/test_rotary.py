@@ -643,3 +643,21 @@ def test_lean_attention_is_off_with_fused_ops_switched_off_and_restores_the_modu
         forward_packed(model, ids, mask)
     assert seen == [(0.25, True)] * len(attention) and all(m.training for m in model.modules())
     assert all("forward" not in m.__dict__ for m in attention)
+
+
+def test_lean_attention_keeps_the_family_forward_under_autocast(monkeypatch, rotary_calls):
+    """Under autocast the projections come out in the autocast dtype while cos and sin keep the model's, and
+    transformers' RoPE promotes: the lean attention forward hands such calls to the family's forward."""
+    from test_models import bi_model, make_batch
+
+    from llm2vec_fast.models import forward_packed, lean
+
+    model = bi_model("mistral")
+    ids, mask = make_batch(seed=65)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = forward_packed(model, ids, mask).hidden
+        monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "torch"})
+        fused = forward_packed(model, ids, mask).hidden
+    assert not rotary_calls
+    torch.testing.assert_close(fused, plain, atol=0, rtol=0)
+

@@ -461,8 +461,9 @@ def _attention_forward_for(attn: nn.Module):
     def forward(hidden_states: Tensor, position_embeddings=None, attention_mask=None, *args, **kwargs):
         caches = [kwargs.get(name) for name in _CACHE_ARGUMENTS]
         fused = None
+        # autocast: the projections' dtype is not hidden's (nor cos's), and transformers' RoPE promotes
         if not (args or position_embeddings is None or any(cache is not None for cache in caches)
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled(hidden_states.device.type)):
             fused = _rotary_for(attn, original, hidden_states, position_embeddings[0].shape[-1])
         if fused is None:
             return original(attn, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
