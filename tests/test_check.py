@@ -68,11 +68,13 @@ def test_check_runs_only_the_ops_asked_for(capsys):
 @pytest.mark.emulated_cuda
 @needs_emulator
 def test_check_runs_the_cuda_row_kernels_in_the_emulator(_cuda_kernels_in_the_emulator):
-    """What the device check's first contact (step a4) runs for rms_norm and gated_activation: the kernels
-    themselves (not a decline to the fallback), on 16-byte vectors, within the checks' bounds."""
+    """What the device check's first contact (step a4) runs for rms_norm, gated_activation and rotary_embedding:
+    the kernels themselves (not a decline to the fallback), on 16-byte vectors, within the checks' bounds."""
     emulated = _cuda_kernels_in_the_emulator
+    ops = {"rms_norm", "gated_activation", "rotary_embedding"}
     results = check.run_checks(torch.device("cpu"), backends=["cuda"], quick=True, dtypes=(torch.bfloat16,),
-                               ops=["rms_norm", "gated_activation"])
-    assert {r.op for r in results} == {"rms_norm", "gated_activation"} and all(r.ok for r in results), results
+                               ops=sorted(ops))
+    assert {r.op for r in results} == ops and all(r.ok for r in results), results
     assert emulated.launches["rms_norm_forward"] and emulated.launches["gated_forward"] and not emulated.declined
+    assert emulated.launches["rotary_forward"] and emulated.launches["rotary_backward"]
     assert emulated.last_plan["vec"] == 8
