@@ -323,8 +323,8 @@ _QKV_FUSED = ("qkv_proj", "o_proj")  # Phi-3: one projection whose output is [q 
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")  # the name changed across transformers 5.x
 PROBE_IMPLEMENTATION = "llm2vec_fast_probe"  # attention implementation that records what a module passes it
 _RECORDED: List[dict] = []  # the probe's recordings, innermost last
-# attention module -> {(dtype, device type): the keyword arguments its forward passes the attention function
-# besides dropout (scaling, sliding_window, softcap, ...), or None where the lean forward does not reproduce it}
+# attention module -> {(dtype, device type, rotary width): the keyword arguments its forward passes the attention
+# function besides dropout (scaling, sliding_window, softcap, ...), or None where the lean forward differs}
 _ATTENTION_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -397,8 +397,8 @@ def _probing(attn: nn.Module) -> Iterator[dict]:
 def _probe_attention(attn: nn.Module, original, hidden: Tensor, width: int, rotate) -> Optional[dict]:
     """Runs the family's forward and the lean one on a random 5-token input with random angles, and returns the
     keyword arguments the family passes its attention function (besides dropout) where both give the same q, k, v
-    and output (to a few units in the last place), else None, reported once per class (the family's forward
-    then runs)."""
+    and output (to a few units in the last place), else None, with a warning (the same text for every module of a
+    class, so shown once; the family's forward then runs)."""
     name = f"{type(attn).__name__} ({hidden.dtype}, {hidden.device.type})"
     try:
         with torch.no_grad():
@@ -437,7 +437,7 @@ def _probe_attention(attn: nn.Module, original, hidden: Tensor, width: int, rota
 def _rotary_for(attn: nn.Module, original, hidden: Tensor, width: int):
     """``(q, k, cos, sin) -> (q, k)`` through ``rotary_embedding`` and the keyword arguments of the module's
     attention call, where the lean forward reproduces the module's (checked by :func:`_probe_attention` once per
-    module, dtype and device), else None."""
+    module, dtype, device and rotary width), else None."""
     from ..ops.rotary import rotary_embedding
 
     backend = _fusion_backend(hidden)
@@ -461,9 +461,10 @@ def _attention_forward_for(attn: nn.Module):
     def forward(hidden_states: Tensor, position_embeddings=None, attention_mask=None, *args, **kwargs):
         caches = [kwargs.get(name) for name in _CACHE_ARGUMENTS]
         fused = None
-        # autocast: the projections' dtype is not hidden's (nor cos's), and transformers' RoPE promotes
+        # autocast, or angles in another dtype: transformers' RoPE promotes, the op takes one dtype
         if not (args or position_embeddings is None or any(cache is not None for cache in caches)
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled(hidden_states.device.type)):
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled(hidden_states.device.type)
+                or position_embeddings[0].dtype != hidden_states.dtype):
             fused = _rotary_for(attn, original, hidden_states, position_embeddings[0].shape[-1])
         if fused is None:
             return original(attn, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
