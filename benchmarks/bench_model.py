@@ -10,6 +10,8 @@ Impls, measured in the same run on the same model (``set_attn_implementation`` s
 - ``llm2vec_fast_packed``: ours, the speed path: sequences packed (no padding) into batches of at most
   ``BENCH_MODEL_TOKEN_BUDGET`` (default 16384) tokens, ``model.forward_packed`` with
   ``attn_implementation="llm2vec_fast"`` (``flash_attention`` with ``cu_seqlens``, backend "auto");
+- ``llm2vec_fast_unfused``: the same packed path with ``LLM2VEC_FAST_FUSED_OPS=0`` (transformers' own RMSNorms,
+  MLP products and RoPE): what the fused ops (``rms_norm``, ``gated_activation``, ``rotary_embedding``) are worth;
 - ``llm2vec_fast_padded``: our attention on llm2vec's padded batches (below): the attention alone;
 - ``hf_sdpa_padded``: what llm2vec does: sequences sorted by length (longest first), batches of 32
   padded to their longest, the bidirectional model with transformers' ``"sdpa"`` and the padding mask.
@@ -39,7 +41,7 @@ from benchmarks.shapes import (ModelShape, build_bidirectional_mistral, forward_
                                lognormal_lengths, mistral_7b, set_attention, tiny)
 
 OP = "model_forward"
-IMPLS = ("llm2vec_fast_packed", "llm2vec_fast_padded", "hf_sdpa_padded")
+IMPLS = ("llm2vec_fast_packed", "llm2vec_fast_unfused", "llm2vec_fast_padded", "hf_sdpa_padded")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ METHOD_NOTES = [
     "tokens/s = tokens (in the shape) / (ms / 1000); TFLOP/s counts useful model FLOPs on real tokens only. "
     "llm2vec_fast_packed = forward_packed with attn 'llm2vec_fast' on token-budget packs; hf_sdpa_padded = "
     "llm2vec's recipe (sorted by length, batches of 32 padded, transformers 'sdpa' with the padding mask); "
-    "llm2vec_fast_padded = our attention on those same padded batches.",
+    "llm2vec_fast_padded = our attention on those same padded batches; llm2vec_fast_unfused = the packed path "
+    "with LLM2VEC_FAST_FUSED_OPS=0 (transformers' RMSNorm, MLP product and RoPE).",
 ]
 NOTES: List[str] = []
 
@@ -131,14 +134,25 @@ class Workload:
         return [pack_sequences(chunk).to(self.device) for chunk in packs]
 
 
-def _packed(work: Workload) -> Callable:
+def _packed(work: Workload, fused: bool = True) -> Callable:
+    """Ours; ``fused=False``: with the lean layers' fused ops switched off (LLM2VEC_FAST_FUSED_OPS=0)."""
+    from llm2vec_fast.models.lean import FUSED_OPS_ENV
+
     def setup():
         model = work.model("llm2vec_fast")
         packs = work.packed_batches()
 
         def run():
-            with torch.no_grad():
-                return [model.forward_packed(batch=batch).hidden for batch in packs][-1]
+            saved = os.environ.get(FUSED_OPS_ENV)
+            os.environ[FUSED_OPS_ENV] = "1" if fused else "0"
+            try:
+                with torch.no_grad():
+                    return [model.forward_packed(batch=batch).hidden for batch in packs][-1]
+            finally:
+                if saved is None:
+                    os.environ.pop(FUSED_OPS_ENV, None)
+                else:
+                    os.environ[FUSED_OPS_ENV] = saved
         return run
     return setup
 
@@ -158,8 +172,8 @@ def _padded(work: Workload, attn_implementation: str) -> Callable:
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     setting = QUICK if quick else FULL
     work = Workload(setting, device)
-    impls = [("llm2vec_fast_packed", _packed(work)), ("llm2vec_fast_padded", _padded(work, "llm2vec_fast")),
-             ("hf_sdpa_padded", _padded(work, "sdpa"))]
+    impls = [("llm2vec_fast_packed", _packed(work)), ("llm2vec_fast_unfused", _packed(work, fused=False)),
+             ("llm2vec_fast_padded", _padded(work, "llm2vec_fast")), ("hf_sdpa_padded", _padded(work, "sdpa"))]
     yield Case(OP, work.shape, setting.model.dtype, impls, flops=work.flops)
 
 
