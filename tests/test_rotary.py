@@ -182,6 +182,28 @@ def test_fused_qkv_views_dense_layouts_in_place_and_empty(backend, device):
         [empty_q.shape, empty_k.shape]
 
 
+@pytest.mark.skipif(triton_device() is None, reason="triton runs in the interpreter (TRITON_INTERPRET=1) or on a GPU")
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_triton_kernel_writes_every_column_of_partial_rotary(backward):
+    """Phi-3's partial rotary (D = 96, R = 32) into outputs pre-filled with NaN: the kernel writes the rotated
+    columns and copies the 64 pass-through columns (an output buffer that happens to hold the right values
+    cannot hide a missing copy); in place, the pass-through columns are left as they are."""
+    from llm2vec_fast.kernels import rotary as triton_rotary
+
+    device = triton_device()
+    q, k = randn(9, 8, 96, seed=110, device=device), randn(9, 2, 96, seed=111, device=device)
+    cos, sin = angles(9, 32, seed=112, device=device, kind="random")
+    want = (reference.rotary_backward if backward else reference.rotary_forward)(q, k, cos, sin)
+    outs = [torch.full_like(t, float("nan")) for t in (q, k)]
+    triton_rotary._launch(q, k, cos, sin, *outs, backward=backward)
+    for got, w in zip(outs, want):
+        assert torch.equal(got, w)
+    if not backward:
+        own_q, own_k = q.clone(), k.clone()
+        triton_rotary._launch(own_q, own_k, cos, sin, own_q, own_k, backward=False)
+        assert torch.equal(own_q, want[0]) and torch.equal(own_k, want[1])
+
+
 def fused_qkv(tokens, dim, *, seed, dtype=torch.bfloat16, offset=0):
     """A (T, offset + (Hq + 2 Hkv) D) buffer whose columns from `offset` on are a fused qkv projection's output."""
     return randn(tokens, offset + (HEADS_Q + 2 * HEADS_KV) * dim, seed=seed, dtype=dtype, scale=2.0)
@@ -213,28 +235,6 @@ def rotate_fused_in_place(buffer, dim, offset, cos, sin, backend):
         rotated_q, rotated_k = lf.rotary_embedding(q, k, cos, sin, inplace=True, backend=backend)
     assert rotated_q is q and rotated_k is k
     return own
-
-
-@pytest.mark.skipif(triton_device() is None, reason="triton runs in the interpreter (TRITON_INTERPRET=1) or on a GPU")
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_triton_kernel_writes_every_column_of_partial_rotary(backward):
-    """Phi-3's partial rotary (D = 96, R = 32) into outputs pre-filled with NaN: the kernel writes the rotated
-    columns and copies the 64 pass-through columns (an output buffer that happens to hold the right values
-    cannot hide a missing copy); in place, the pass-through columns are left as they are."""
-    from llm2vec_fast.kernels import rotary as triton_rotary
-
-    device = triton_device()
-    q, k = randn(9, 8, 96, seed=110, device=device), randn(9, 2, 96, seed=111, device=device)
-    cos, sin = angles(9, 32, seed=112, device=device, kind="random")
-    want = (reference.rotary_backward if backward else reference.rotary_forward)(q, k, cos, sin)
-    outs = [torch.full_like(t, float("nan")) for t in (q, k)]
-    triton_rotary._launch(q, k, cos, sin, *outs, backward=backward)
-    for got, w in zip(outs, want):
-        assert torch.equal(got, w)
-    if not backward:
-        own_q, own_k = q.clone(), k.clone()
-        triton_rotary._launch(own_q, own_k, cos, sin, own_q, own_k, backward=False)
-        assert torch.equal(own_q, want[0]) and torch.equal(own_k, want[1])
 
 
 # ---------------------------------------------------------------------------------------------------
