@@ -683,3 +683,33 @@ def test_lean_attention_keeps_the_family_forward_under_autocast(monkeypatch, rot
     assert not rotary_calls
     torch.testing.assert_close(fused, plain, atol=0, rtol=0)
 
+
+
+def test_lean_attention_draws_the_random_numbers_the_family_forward_draws(monkeypatch, rotary_calls):
+    """In training mode (LoRA dropout on the projections, attention dropout), the fused forward draws the same
+    random numbers in the same order as the family's: the same dropout masks, so the same output bits and the same
+    RNG state after (GradCache replays masks this way). The first call's probe draws none: it runs both forwards
+    in eval mode, with the RNG state restored after."""
+    from peft import LoraConfig, get_peft_model
+    from test_models import bi_model, make_batch
+
+    from llm2vec_fast.models import forward_packed, lean
+
+    model = get_peft_model(bi_model("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
+                                                         target_modules=["q_proj", "k_proj", "v_proj"]))
+    for name, param in model.named_parameters():  # B = 0 would hide the dropout masks: give the adapters weight
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    model.train()
+    for attn in (m for m in model.modules() if lean.is_rotary_attention(m)):
+        attn.attention_dropout = 0.3
+    ids, mask = make_batch(seed=66)
+    runs = []
+    for backends in ({}, {"cpu": "torch"}):
+        monkeypatch.setattr(lean, "FUSED_BACKENDS", backends)
+        torch.manual_seed(7)
+        with torch.no_grad(), lean.lean_layers(model):
+            out = forward_packed(model.base_model.model, ids, mask).hidden
+        runs.append((out, torch.get_rng_state()))
+    assert rotary_calls, "the fused path did not run"
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

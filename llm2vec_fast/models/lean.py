@@ -400,9 +400,11 @@ def _probe_attention(attn: nn.Module, original, hidden: Tensor, width: int, rota
     and output (to a few units in the last place), else None, with a warning (the same text for every module of a
     class, so shown once; the family's forward then runs)."""
     name = f"{type(attn).__name__} ({hidden.dtype}, {hidden.device.type})"
+    devices = [hidden.device] if hidden.device.type == "cuda" else []
     try:
-        with torch.no_grad():
-            generator = torch.Generator(device=hidden.device).manual_seed(0)  # leaves the global RNG alone
+        # the RNG states as they were after the probe, whatever a module draws: training replays dropout masks
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            generator = torch.Generator(device=hidden.device).manual_seed(0)
 
             def draw(*shape):
                 return torch.randn(shape, generator=generator, device=hidden.device)
@@ -411,11 +413,11 @@ def _probe_attention(attn: nn.Module, original, hidden: Tensor, width: int, rota
             phase = 10 * draw(1, 5, width // 2)
             phase = torch.cat((phase, phase), dim=-1)
             cos, sin = phase.cos().to(hidden.dtype), phase.sin().to(hidden.dtype)
-            with _probing(attn) as recording:
+            with _probing(attn) as recording:  # both forwards in eval mode: no dropout, no random draws
                 expected = original(attn, probe, (cos, sin), None)[0]
-            q, k, v = _project(attn, probe)
-            q, k = rotate(q, k, cos, sin)
-            got = attn.o_proj(recording["out"].reshape(*probe.shape[:-1], -1))
+                q, k, v = _project(attn, probe)
+                q, k = rotate(q, k, cos, sin)
+                got = attn.o_proj(recording["out"].reshape(*probe.shape[:-1], -1))
             kwargs = dict(recording["kwargs"])
             tolerance = 4 * torch.finfo(hidden.dtype).eps
             same = kwargs.pop("dropout", None) == 0.0 and all(
