@@ -21,6 +21,7 @@ from llm2vec_fast.models.lean import (is_gated_mlp, is_lora_linear, is_rms_norm,
                                       lean_mlp_forward)
 
 from test_models import FAMILIES, bi_model, family_state, make_batch
+from test_training_contrastive import files  # noqa: F401  (a fixture)
 
 
 def _mlps(model):
@@ -334,3 +335,23 @@ def test_lora_linears_of_an_unknown_peft_keep_their_forward():
     assert not is_lora_linear(loras[0])
     with lean_layers(model) as changed:
         assert loras[0] not in changed and all(m in changed for m in loras[1:])
+
+
+def test_grad_cache_with_the_fused_ops_replays_the_full_batch(files, tmp_path, monkeypatch):  # noqa: F811
+    """The SimCSE GradCache step (LoRA and attention dropout, masks replayed chunk by chunk) with every fused op
+    of the lean layers on (their torch backends, as on a GPU with kernels): the loss and gradients of the full
+    batch, and the random numbers one pass draws. The first step's probes must draw none."""
+    import weakref
+
+    from test_training_contrastive import test_grad_cache_equals_full_batch_with_dropout as same_as_full_batch
+
+    from llm2vec_fast.ops import rotary
+
+    calls = []
+    real = rotary.rotary_embedding
+    monkeypatch.setattr(rotary, "rotary_embedding", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "torch"})
+    monkeypatch.setattr(lean, "_PROBES", {})
+    monkeypatch.setattr(lean, "_ATTENTION_PLANS", weakref.WeakKeyDictionary())
+    same_as_full_batch(files, tmp_path)
+    assert calls and lean._PROBES and all(lean._PROBES.values())
