@@ -32,3 +32,22 @@ def _cuda_kernels_in_the_emulator(request, monkeypatch):
     from cuda_support import run_cuda_backend_in_the_emulator
 
     yield run_cuda_backend_in_the_emulator(monkeypatch)
+
+
+FUSED_ON_CPU_ENV = "LLM2VEC_FAST_TEST_FUSED_CPU"
+
+
+@pytest.fixture(autouse=True)
+def _fused_ops_on_the_cpu(monkeypatch):
+    """With LLM2VEC_FAST_TEST_FUSED_CPU=<backend> (torch or triton), the lean layers run their fused ops (rms_norm,
+    gated_activation, rotary_embedding) on CPU tensors with that backend, as they do on a GPU: CI reruns the
+    encoder, model and training suites this way, so that the GPU's code path (the probes included) is tested
+    here. The fused backward rounds once where autograd rounds each step, so tests that compare lean gradients
+    with transformers' to the bit are not part of that rerun."""
+    import os
+
+    backend = os.environ.get(FUSED_ON_CPU_ENV, "").strip()
+    if backend:
+        from llm2vec_fast.models import lean
+        monkeypatch.setattr(lean, "FUSED_BACKENDS", {**lean.FUSED_BACKENDS, "cpu": backend})
+    yield
