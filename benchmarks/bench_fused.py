@@ -78,15 +78,17 @@ def _liger_norm(weight: torch.Tensor) -> torch.nn.Module:
     return module
 
 
-def _timed(fn: Callable, inputs: Sequence[torch.Tensor], with_backward: bool) -> Callable:
-    """fn(*inputs) without gradients, or its gradients with respect to every input."""
+def _timed(fn: Callable, inputs: Sequence[torch.Tensor], with_backward: bool, outputs: int = 1) -> Callable:
+    """fn(*inputs) without gradients, or its gradients with respect to every input. fn returns one tensor shaped
+    like inputs[0], or (``outputs`` > 1) a tuple shaped like the first ``outputs`` inputs."""
     if not with_backward:
         def forward():
             with torch.no_grad():
                 return fn(*inputs)
         return forward
     leaves = [x.detach().requires_grad_(True) for x in inputs]
-    grad = randn(inputs[0].shape, inputs[0].dtype, inputs[0].device)
+    grads = [randn(x.shape, x.dtype, x.device) for x in inputs[:outputs]]
+    grad = grads[0] if outputs == 1 else grads
 
     def forward_backward():
         return torch.autograd.grad(fn(*leaves), leaves, grad)
@@ -131,25 +133,12 @@ def rotary_impls(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     same (T, H, D) storage, as the attention modules hold q and k."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    def timed(fn, *, inplace=False):
-        def run(a, b):
-            return fn(a, b, inplace) if inplace else fn(a, b)
-        if not with_backward:
-            def forward():
-                with torch.no_grad():
-                    return run(q, k)
-            return forward
-        leaves = [x.detach().requires_grad_(True) for x in (q, k)]
-        grads = [randn(x.shape, x.dtype, x.device) for x in (q, k)]
-
-        def forward_backward():
-            return torch.autograd.grad(run(*leaves), leaves, grads)
-        return forward_backward
+    def timed(fn):
+        return _timed(fn, [q, k], with_backward, outputs=2)
 
     def ours(name):
-        return lambda: timed(lambda a, b, inplace=False: lf.rotary_embedding(a, b, cos, sin, inplace=inplace,
-                                                                             backend=name),
-                             inplace=not with_backward)
+        return lambda: timed(lambda a, b: lf.rotary_embedding(a, b, cos, sin, inplace=not with_backward,
+                                                              backend=name))
 
     def heads_first(fn):
         """fn on (1, H, T, D) views, its outputs seen as (T, H, D) again."""

@@ -429,17 +429,25 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
 // ---------------------------------------------------------------------------------------------------
 namespace {
 
+// t itself where its last dim has unit stride (or at most one entry), else a contiguous copy.
+at::Tensor unit_last_dim(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
 // Rows (N, D) with a contiguous last dim (a copy otherwise); checks shapes and dtypes, then devices.
 at::Tensor rows_of(const char* fn, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.defined() && t.dim() == 2, fn, ": ", name, " must be 2-D rows (N, D), got ",
                     t.defined() ? t.sizes() : at::IntArrayRef{});
   dtype_of(t, fn, name);
-  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+  return unit_last_dim(t);
+}
+
+void check_dtype_like(const char* fn, const at::Tensor& ref, const char* ref_name, const char* name,
+                      const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), fn, ": ", name, " must have ", ref_name, "'s dtype ",
+                   ref.scalar_type(), ", got ", t.scalar_type());
 }
 
 void check_like(const char* fn, const at::Tensor& ref, const char* ref_name, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), fn, ": ", name, " must have ", ref_name, "'s dtype ",
-                   ref.scalar_type(), ", got ", t.scalar_type());
+  check_dtype_like(fn, ref, ref_name, name, t);
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), fn, ": ", name, " must have ", ref_name, "'s shape ", ref.sizes(),
                     ", got ", t.sizes());
 }
@@ -648,7 +656,7 @@ at::Tensor heads_of(const char* fn, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.defined() && t.dim() == 3, fn, ": ", name, " must be 3-D (T, H, D), got shape ",
                     t.defined() ? t.sizes() : at::IntArrayRef{});
   dtype_of(t, fn, name);
-  return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous();
+  return unit_last_dim(t);
 }
 
 // (T, R) angles with a unit-stride last dim (a copy otherwise).
@@ -658,9 +666,8 @@ at::Tensor angles_of(const char* fn, const char* name, const at::Tensor& t, cons
                     " must be 2-D (T, R) with T = ", q.size(0), " like ", q_name, ", got shape ",
                     t.defined() ? t.sizes() : at::IntArrayRef{});
   dtype_of(t, fn, name);
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), fn, ": ", name, " must have ", q_name, "'s dtype ",
-                   q.scalar_type(), ", got ", t.scalar_type());
-  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+  check_dtype_like(fn, q, q_name, name, t);
+  return unit_last_dim(t);
 }
 
 struct RotaryInputs {
@@ -673,8 +680,7 @@ RotaryInputs prepare_rotary(const char* fn, const char* q_name, const at::Tensor
   RotaryInputs r;
   r.q = heads_of(fn, q_name, q);
   r.k = heads_of(fn, k_name, k);
-  TORCH_CHECK_TYPE(r.k.scalar_type() == r.q.scalar_type(), fn, ": ", k_name, " must have ", q_name, "'s dtype ",
-                   r.q.scalar_type(), ", got ", r.k.scalar_type());
+  check_dtype_like(fn, r.q, q_name, k_name, r.k);
   const int64_t tokens = r.q.size(0), dim = r.q.size(2);
   TORCH_CHECK_VALUE(r.k.size(0) == tokens && r.k.size(2) == dim, fn, ": ", k_name, " must be (", tokens, ", Hkv, ",
                     dim, ") like ", q_name, ", got shape ", r.k.sizes());

@@ -156,13 +156,9 @@ def _ptr(t):
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def _rows(t):
-    """As csrc/bindings.cpp's rows_of: a contiguous last dim (a copy otherwise)."""
-    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
-
-
 def _unit_last(t):
-    """As csrc/bindings.cpp's heads_of / angles_of: a unit-stride last dim (a copy otherwise)."""
+    """As csrc/bindings.cpp's unit_last_dim (rows_of, heads_of, angles_of): a unit-stride last dim (a copy
+    otherwise)."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -200,7 +196,7 @@ class EmulatedExtension:
 
     # -- rms_norm --------------------------------------------------------------------------------------
     def rms_norm_plan(self, x, weight, backward=False, num_sms=132, grad_y=None):
-        x = _rows(x)
+        x = _unit_last(x)
         grad_y = x if backward and grad_y is None else grad_y
         plan = (_I64 * len(RMS_NORM_PLAN_KEYS))()
         self.lib.l2vf_emu_rms_norm_plan(DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], _ptr(x), x.stride(0),
@@ -211,7 +207,7 @@ class EmulatedExtension:
         return plan
 
     def rms_norm_forward(self, x, weight, eps, offset, gemma):
-        x, weight = _rows(x), weight.contiguous()
+        x, weight = _unit_last(x), weight.contiguous()
         self.last_plan = plan = self.rms_norm_plan(x, weight)
         if not plan["supported"]:
             self.declined["rms_norm_forward"] += 1
@@ -225,7 +221,7 @@ class EmulatedExtension:
         return y, rstd
 
     def rms_norm_backward(self, grad_y, x, weight, rstd, eps, offset, gemma):
-        x, grad_y, weight, rstd = _rows(x), _rows(grad_y), weight.contiguous(), rstd.contiguous()
+        x, grad_y, weight, rstd = _unit_last(x), _unit_last(grad_y), weight.contiguous(), rstd.contiguous()
         self.last_plan = plan = self.rms_norm_plan(x, weight, backward=True, num_sms=self.num_sms, grad_y=grad_y)
         if not plan["supported"]:
             self.declined["rms_norm_backward"] += 1
@@ -248,7 +244,7 @@ class EmulatedExtension:
         self.last_plan = dict(zip(GATED_PLAN_KEYS, plan))
 
     def gated_forward(self, gate, up, gelu, out=None):
-        gate, up = _rows(gate), _rows(up)
+        gate, up = _unit_last(gate), _unit_last(up)
         if out is None:
             out = torch.full(gate.shape, float("nan"), dtype=gate.dtype)
         elif out.shape[1] > 1 and out.stride(1) != 1:
@@ -258,7 +254,7 @@ class EmulatedExtension:
         return out
 
     def gated_backward(self, grad, gate, up, gelu):
-        grad, gate, up = _rows(grad), _rows(gate), _rows(up)
+        grad, gate, up = _unit_last(grad), _unit_last(gate), _unit_last(up)
         grad_gate = torch.full(gate.shape, float("nan"), dtype=gate.dtype)
         grad_up = torch.full(gate.shape, float("nan"), dtype=gate.dtype)
         self._gated_run(self.lib.l2vf_emu_gated_backward, gate, up, _ptr(grad), grad.stride(0), int(gelu),

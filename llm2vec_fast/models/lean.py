@@ -196,9 +196,7 @@ def _agrees(op: str, owner: type, x: Tensor, shapes, theirs, ours) -> bool:
             generator = torch.Generator(device=x.device).manual_seed(0)  # leaves the global RNG (dropout) alone
             inputs = [torch.randn(shape, device=x.device, generator=generator).to(x.dtype) for shape in shapes]
             expected, got = theirs(*inputs), ours(*inputs)
-            tolerance = 4 * torch.finfo(x.dtype).eps
-            same = bool(expected.dtype == got.dtype and expected.shape == got.shape and
-                        torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance))
+            same = expected.dtype == got.dtype and _reproduces(got, expected, x.dtype)
     except Exception as error:  # noqa: BLE001 - reported, and transformers' forward runs instead
         warnings.warn(f"llm2vec_fast: the fused {op} failed on {name} ({type(error).__name__}: {error}); that class "
                       f"keeps transformers' forward", RuntimeWarning)
@@ -209,6 +207,13 @@ def _agrees(op: str, owner: type, x: Tensor, shapes, theirs, ours) -> bool:
                           f"transformers' forward", RuntimeWarning)
     _PROBES[key] = same
     return same
+
+
+def _reproduces(ours: Tensor, theirs: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``ours`` has ``theirs``' shape and values to a few units in the last place of ``dtype``."""
+    tolerance = 4 * torch.finfo(dtype).eps
+    return ours.shape == theirs.shape and torch.allclose(ours.float(), theirs.float(), rtol=tolerance,
+                                                         atol=tolerance)
 
 
 def _norm_style(norm: nn.Module):
@@ -419,10 +424,8 @@ def _probe_attention(attn: nn.Module, original, hidden: Tensor, width: int, rota
                 q, k = rotate(q, k, cos, sin)
                 got = attn.o_proj(recording["out"].reshape(*probe.shape[:-1], -1))
             kwargs = dict(recording["kwargs"])
-            tolerance = 4 * torch.finfo(hidden.dtype).eps
             same = kwargs.pop("dropout", None) == 0.0 and all(
-                theirs.shape == ours.shape and torch.allclose(ours.float(), theirs.float(), rtol=tolerance,
-                                                              atol=tolerance)
+                _reproduces(ours, theirs, hidden.dtype)
                 for ours, theirs in ((q.transpose(1, 2), recording["query"]), (k.transpose(1, 2), recording["key"]),
                                      (v.transpose(1, 2), recording["value"]), (got, expected)))
     except Exception as error:  # noqa: BLE001 - reported, and transformers' forward runs instead
