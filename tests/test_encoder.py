@@ -1087,8 +1087,93 @@ def test_sentence_transformers_adapter(encoders):
     short = to_sentence_transformer(encoder, truncate_dim=32)
     assert np.allclose(short.encode(texts), expected.numpy()[:, :32], atol=1e-6)
     assert short.encode(texts, truncate_dim=48).shape == (5, 48)
-    with pytest.raises(NotImplementedError):
-        model.save("anywhere")
+    with pytest.raises(NotImplementedError, match="training through sentence-transformers"):
+        model.fit([])
+
+
+def test_sentence_transformers_save_and_load(checkpoints, adapters, tmp_path):
+    """model.save writes sentence-transformers' folder with LLM2Vec.save's files at its root; it loads back as
+    the adapter (load_sentence_transformer: prompts, similarity, truncate_dim kept), as a plain
+    SentenceTransformer (trust_remote_code=True: its own batching over the module's preprocess/forward) and
+    as an LLM2Vec, each giving the same embeddings; an adapter checkpoint (peft, unmerged) too."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.encoder.st_adapter import LLM2VecModule, load_sentence_transformer, to_sentence_transformer
+    instruction = "Given a web search query, retrieve relevant passages that answer the query:"
+    texts = [t for t in INPUTS if isinstance(t, str)][:6]
+    encoder = LLM2Vec.from_pretrained(checkpoints("mistral"), pooling_mode="weighted_mean", max_length=48,
+                                      doc_max_length=20)
+    model = to_sentence_transformer(encoder, prompts={"query": instruction, "document": ""},
+                                    similarity_fn_name="dot", truncate_dim=96)
+    queries = model.encode_query(texts, convert_to_tensor=True)
+    documents = model.encode_document(texts, convert_to_tensor=True)
+    assert queries.shape == (6, 96) and not torch.allclose(queries, documents, atol=1e-3)  # the prompt counts
+    out = str(tmp_path / "st")
+    st_version = tuple(int(x) for x in sentence_transformers.__version__.split(".")[:2])
+    if st_version < (5, 4):
+        with pytest.raises(ImportError, match="needs sentence-transformers>=5.4"):
+            model.save(out)
+        return
+    model.save(out)
+    assert sorted(f for f in os.listdir(out) if f.endswith((".bin", ".pt", ".pkl"))) == []  # safetensors only
+    with open(os.path.join(out, "modules.json")) as f:
+        assert [m["type"] for m in json.load(f)] == ["llm2vec_fast.encoder.st_adapter.LLM2VecModule"]
+
+    again = load_sentence_transformer(out)
+    assert again.prompts["query"] == instruction and again.similarity_fn_name == "dot" and again.truncate_dim == 96
+    assert again[0].encoder.pooling_mode == "weighted_mean" and again[0].encoder.max_length == 48
+    assert torch.allclose(again.encode_query(texts, convert_to_tensor=True), queries, atol=SAME_ATOL)
+    assert torch.allclose(again.encode_document(texts, convert_to_tensor=True), documents, atol=SAME_ATOL)
+    assert load_sentence_transformer(out, truncate_dim=32).encode(texts).shape == (6, 32)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        load_sentence_transformer(3)
+
+    if st_version >= (6, 0):  # 5 imports local module classes unasked
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            sentence_transformers.SentenceTransformer(out)
+    plain = sentence_transformers.SentenceTransformer(out, trust_remote_code=True)
+    assert type(plain) is sentence_transformers.SentenceTransformer and plain.truncate_dim == 96
+    got = plain.encode(texts, prompt_name="query", batch_size=4, convert_to_tensor=True)  # the prompt: instruction
+    assert torch.allclose(got, queries, atol=SAME_ATOL)
+    # sentence-transformers < 5.4 glue the prompt to each text and mark the features with its length: refused.
+    glued = plain[0].tokenize([instruction + t for t in texts[:2]])
+    with pytest.raises(ValueError, match="prepended the prompt"):
+        plain[0]({**glued, "prompt_length": 9})
+    assert torch.allclose(plain.encode(texts, batch_size=3, convert_to_tensor=True), documents, atol=SAME_ATOL)
+
+    reloaded = LLM2Vec.from_pretrained(out)
+    assert torch.allclose(reloaded.encode([[instruction, t] for t in texts], show_progress_bar=False)[:, :96],
+                          queries, atol=SAME_ATOL)
+    with pytest.raises(ValueError, match="safe_serialization must be True"):
+        model.save(str(tmp_path / "pickle"), safe_serialization=False)
+
+    # An encoder holding an unmerged adapter (llm2vec's MNTP + supervised layout) is saved merged, as
+    # merge_and_unload would give it, bit for bit; the encoder keeps its adapter.
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    _, mntp, simcse = adapters
+    peft_encoder = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=simcse)
+    expected = peft_encoder.encode(texts, show_progress_bar=False)
+    to_sentence_transformer(peft_encoder).save(str(tmp_path / "peft"))
+    assert isinstance(peft_encoder.model, PeftModel) and not any(
+        getattr(m, "merged", False) for m in peft_encoder.model.modules())
+    assert not os.path.exists(tmp_path / "peft" / "adapter_config.json")
+    saved = load_file(str(tmp_path / "peft" / "model.safetensors"))
+    want = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=simcse, merge_peft=True).model.state_dict()
+    assert sorted(saved) == sorted(want) and all(torch.equal(saved[k], want[k]) for k in want)
+    assert torch.allclose(load_sentence_transformer(str(tmp_path / "peft")).encode(texts, convert_to_tensor=True),
+                          expected, atol=SAME_ATOL)
+    assert torch.allclose(peft_encoder.encode(texts, show_progress_bar=False), expected, atol=0)
+    module = LLM2VecModule.load(str(tmp_path), subfolder="peft", model_kwargs={"max_length": 24})
+    assert module.encoder.max_length == 24
+    # An adapter that is not plain LoRA is refused by name, before anything is written.
+    from peft import LoraConfig, get_peft_model
+    dora = LLM2Vec.from_pretrained(checkpoints("llama"))
+    dora.model = get_peft_model(dora.model, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match=r"plain LoRA on linear layers; layers\.0\.self_attn\.q_proj has adapter "
+                                         r"'default' with DoRA"):
+        to_sentence_transformer(dora).save(str(tmp_path / "dora"))
+    assert not os.path.exists(tmp_path / "dora" / "model.safetensors")
 
 
 # ---------------------------------------------------------- the encode loop: chunks, progress, host batches

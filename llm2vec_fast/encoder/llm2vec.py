@@ -178,16 +178,23 @@ class LLM2Vec(nn.Module):
         encoder._load_spec = load_spec
         return encoder
 
-    def save(self, output_path, merge_before_save: bool = False, save_config: bool = True) -> None:
+    def save(self, output_path, merge_before_save: bool = False, save_config: bool = True, *,
+             merged_copy: bool = False) -> None:
         """Saves model (safetensors), tokenizer and ``llm2vec_config.json``, as llm2vec does; also keeps
-        the template name in config.json's ``_name_or_path``."""
+        the template name in config.json's ``_name_or_path``. A peft model is saved as its adapter, merged
+        into the base first with ``merge_before_save``; ``merged_copy=True`` writes the merged weights instead
+        and leaves this encoder's adapter unmerged (plain LoRA only), so that the folder holds a full model."""
         from peft import PeftModel
         output_path = os.fspath(output_path)
         if merge_before_save and isinstance(self.model, PeftModel):
             self.model = self.model.merge_and_unload()
             if hasattr(self.model, "_hf_peft_config_loaded"):
                 self.model._hf_peft_config_loaded = False
-        self.model.save_pretrained(output_path)
+        if merged_copy and isinstance(self.model, PeftModel):
+            base, state = loading.merged_weights(self.model)
+            base.save_pretrained(output_path, state_dict=state)
+        else:
+            self.model.save_pretrained(output_path)
         self.tokenizer.save_pretrained(output_path)
         loading.record_name_or_path(output_path, self._name_or_path())
         if save_config:

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -110,3 +110,45 @@ def without_adapter(folder: str) -> Iterator[str]:
             except OSError:
                 (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, target)
         yield view
+
+
+def merged_weights(peft_model) -> Tuple[Any, Dict[str, Any]]:
+    """The transformers model under ``peft_model`` and the state dict ``merge_and_unload()`` would leave it
+    with, computed layer by layer (``W + get_delta_weight``, as peft's merge adds it) without changing the
+    model: an unmerged adapter saved as full weights, the encoder keeping its adapter. Plain LoRA on linear
+    layers only (llm2vec's adapters); anything else raises ValueError."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    def unsupported(name: str, what: str) -> ValueError:
+        return ValueError(f"the encoder's peft model can be saved merged here only with plain LoRA on linear "
+                          f"layers; {name} has {what}. Merge it first (encoder.model = "
+                          f"encoder.model.merge_and_unload()) or save the adapter with LLM2Vec.save")
+
+    base = peft_model.get_base_model()
+    merged: Dict[str, Any] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            raise unsupported(name, "modules_to_save")
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if not isinstance(module, LoraLinear):
+            raise unsupported(name, f"a {type(module).__name__} layer")
+        if module.disable_adapters:
+            raise unsupported(name, "its adapters disabled")
+        weight = module.get_base_layer().weight.detach()
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A or adapter in module.merged_adapters:
+                continue
+            if adapter in module.lora_variant or module.lora_bias[adapter]:
+                raise unsupported(name, f"adapter {adapter!r} with DoRA or a LoRA bias")
+            weight = weight + module.get_delta_weight(adapter).detach()
+        merged[f"{name}.weight"] = weight
+    state = {}
+    for key, tensor in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")  # peft's wrapped layer: its own weights are the model's
+        state[key] = merged.get(key, tensor)
+    return base, state
