@@ -33,7 +33,8 @@ Saving and loading: ``model.save(path)`` / ``save_pretrained`` write sentence-tr
 ``truncate_dim``, a model card), with the module's files at its root: what ``LLM2Vec.save`` writes
 (safetensors weights, tokenizer, ``llm2vec_config.json``; an unmerged peft adapter is written merged into the
 weights, without merging the encoder's), so ``LLM2Vec.from_pretrained`` reads the folder too. This needs
-sentence-transformers>=5.4 (older versions raise ImportError here). ``load_sentence_transformer(path, **model_kwargs)`` loads it back as this adapter;
+sentence-transformers>=5.4 (older versions raise ImportError here).
+``load_sentence_transformer(path, **model_kwargs)`` loads it back as this adapter;
 ``SentenceTransformer(path, trust_remote_code=True)`` (the flag allows sentence-transformers to import
 ``llm2vec_fast``'s module class; it is not passed to the model) loads it as a plain ``SentenceTransformer``
 whose encode runs the module's packed forward with sentence-transformers' batching: the same embeddings.
