@@ -4,6 +4,8 @@
                            model (no download) and print their embeddings' cosine similarities
     llm2vec-fast encode    encode a .txt/.jsonl/.parquet file with an LLM2Vec checkpoint into resumable
                            .npy shards (see llm2vec_fast.encoder.files); under torchrun, split over ranks
+    llm2vec-fast export    write a checkpoint and its adapters as one merged folder (llm2vec's files, or
+                           sentence-transformers' with prompts; see llm2vec_fast.encoder.export)
     llm2vec-fast check     print the installation's versions and check every op and backend on this
                            device against float64 formulas (see llm2vec_fast.check)
     llm2vec-fast train     mntp | simcse | supervised --config CONFIG.json (see llm2vec_fast.training)
@@ -86,6 +88,10 @@ def main(argv=None) -> int:
     encode_parser = commands.add_parser("encode", help="encode a text file into resumable embedding shards")
     files.add_arguments(encode_parser)
     encode_parser.set_defaults(run=files.run)
+    from .encoder import export
+    export_parser = commands.add_parser("export", help="write a checkpoint and its adapters as one merged folder")
+    export.add_arguments(export_parser)
+    export_parser.set_defaults(run=export.run)
     from . import check
     check_parser = commands.add_parser("check", help="versions, and every op and backend against float64 formulas")
     check.add_arguments(check_parser)

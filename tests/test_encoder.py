@@ -1176,6 +1176,59 @@ def test_sentence_transformers_save_and_load(checkpoints, adapters, tmp_path):
     assert not os.path.exists(tmp_path / "dora" / "model.safetensors")
 
 
+def test_export_cli(adapters, tmp_path, capsys):
+    """llm2vec-fast export: MNTP base + a second adapter written as one merged folder that loads alone, in
+    llm2vec's layout or sentence-transformers'; bad options refused before anything loads or is written."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.cli import main
+    _, mntp, simcse = adapters
+    texts = [t for t in INPUTS if isinstance(t, str)][:5]
+    source = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=simcse, pooling_mode="weighted_mean")
+    instruction = "Retrieve passages that answer the question"
+    base_args = ["export", "--model", mntp, "--peft", simcse, "--dtype", "float32", "--pooling-mode", "weighted_mean"]
+
+    out = str(tmp_path / "plain")
+    assert main(base_args + ["--output", out]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert "model.safetensors" in os.listdir(out) and "adapter_config.json" not in os.listdir(out)
+    exported = LLM2Vec.from_pretrained(out)
+    assert exported.pooling_mode == "weighted_mean" and exported.max_length == source.max_length
+    assert torch.allclose(exported.encode(texts, show_progress_bar=False),
+                          source.encode(texts, show_progress_bar=False), atol=SAME_ATOL)
+
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    if tuple(int(x) for x in sentence_transformers.__version__.split(".")[:2]) >= (5, 4):
+        st_out = str(tmp_path / "st")
+        assert main(base_args + ["--output", st_out, "--format", "sentence-transformers", "--prompt",
+                                 f"query={instruction}", "--prompt", "document=", "--similarity-fn", "dot"]) == 0
+        from llm2vec_fast.encoder.st_adapter import load_sentence_transformer
+        model = load_sentence_transformer(st_out)
+        assert model.prompts == {"query": instruction, "document": ""} and model.similarity_fn_name == "dot"
+        assert torch.allclose(model.encode_query(texts, convert_to_tensor=True),
+                              source.encode([[instruction, t] for t in texts], show_progress_bar=False),
+                              atol=SAME_ATOL)
+
+    # Refusals: exit status 2, the reason on stderr, nothing written or overwritten.
+    with open(os.path.join(str(tmp_path), "keep.txt"), "w") as f:
+        f.write("user data")
+    refusals = [
+        (["--output", str(tmp_path)], "--output must be a new or empty folder"),
+        (["--output", str(tmp_path / "a"), "--prompt", "query"], "--prompt must be NAME=TEXT, got 'query'"),
+        (["--output", str(tmp_path / "b"), "--prompt", "q=x", "--prompt", "q=y"], "got 'q' twice"),
+        (["--output", str(tmp_path / "c"), "--prompt", "q=x"], "--prompt need --format sentence-transformers"),
+        (["--output", str(tmp_path / "d"), "--format", "sentence-transformers", "--prompt", "q=x",
+          "--default-prompt-name", "query"], "--default-prompt-name must be one of the --prompt names"),
+        (["--output", str(tmp_path / "e"), "--format", "sentence-transformers", "--truncate-dim", "0"],
+         "--truncate-dim must be a positive int, got 0"),
+    ]
+    for extra, message in refusals:
+        assert main(base_args + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert set(os.listdir(tmp_path)) <= {"keep.txt", "plain", "st"}  # no folder of a refused run
+    with open(os.path.join(str(tmp_path), "keep.txt")) as f:
+        assert f.read() == "user data"
+
+
 # ---------------------------------------------------------- the encode loop: chunks, progress, host batches
 
 class RecordingBar:

@@ -320,13 +320,11 @@ def _missing_rows(shards: List[Dict[str, Any]], rows: int) -> Optional[str]:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``encode`` options (for ``llm2vec-fast encode``)."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that load an ``LLM2Vec`` (shared by ``encode`` and ``export``): :func:`load_encoder`."""
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id (read offline from the cache)")
     parser.add_argument("--peft", default=None, help="a second peft adapter (llm2vec's peft_model_name_or_path)")
     parser.add_argument("--merge-peft", action="store_true", help="merge the --peft adapter into the model")
-    parser.add_argument("--input", required=True, help=".txt (a text per line), .jsonl or .parquet")
-    parser.add_argument("--output", required=True, help="output folder (shards + index.json); resumes a run there")
     parser.add_argument("--pooling-mode", default=None,
                         choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
                         help="default: llm2vec_config.json's, else mean")
@@ -336,6 +334,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                         help="model dtype (default bfloat16)")
     parser.add_argument("--attn-implementation", default=None, help='default "llm2vec_fast"')
+    return parser
+
+
+def load_encoder(args: argparse.Namespace, causal: bool = False):
+    """The ``LLM2Vec`` that :func:`add_model_arguments`' options name."""
+    import torch
+
+    from .llm2vec import LLM2Vec
+    model_kwargs: Dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
+    if args.attn_implementation:
+        model_kwargs["attn_implementation"] = args.attn_implementation
+    return LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=args.merge_peft,
+                                   enable_bidirectional=not causal, pooling_mode=args.pooling_mode,
+                                   max_length=args.max_length, doc_max_length=args.doc_max_length,
+                                   skip_instruction=args.skip_instruction, **model_kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``encode`` options (for ``llm2vec-fast encode``)."""
+    add_model_arguments(parser)
+    parser.add_argument("--input", required=True, help=".txt (a text per line), .jsonl or .parquet")
+    parser.add_argument("--output", required=True, help="output folder (shards + index.json); resumes a run there")
     parser.add_argument("--causal", action="store_true",
                         help="keep the model causal (llm2vec's enable_bidirectional=False), e.g. with last_token "
                              "pooling for a causal embedding model")
@@ -359,23 +379,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """``llm2vec-fast encode``. Under ``torchrun`` (WORLD_SIZE > 1) every rank loads the model once, onto
     its LOCAL_RANK GPU (or the CPU with gloo), and encodes every world_size-th shard."""
-    import torch
-
     from .cpu_heap import retain_freed_memory
-    from .llm2vec import LLM2Vec
     from ..distributed import join_torchrun_group
     device, started_group = join_torchrun_group(args.device)
     if device.type == "cpu":
         retain_freed_memory()  # this process is ours: reuse layer buffers instead of page-faulting them in
     try:
-        model_kwargs: Dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
-        if args.attn_implementation:
-            model_kwargs["attn_implementation"] = args.attn_implementation
-        encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=args.merge_peft,
-                                          enable_bidirectional=not args.causal, pooling_mode=args.pooling_mode,
-                                          max_length=args.max_length, doc_max_length=args.doc_max_length,
-                                          skip_instruction=args.skip_instruction,
-                                          **model_kwargs)
+        encoder = load_encoder(args, causal=args.causal)
         settings = {"model": args.model, "peft": args.peft, "merge_peft": args.merge_peft, "dtype": args.dtype}
         encode_file(encoder, args.input, args.output, settings=settings, shard_size=args.shard_size,
                     output_dtype=args.output_dtype, text_field=args.text_field,

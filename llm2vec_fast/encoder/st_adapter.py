@@ -268,7 +268,11 @@ SAVING_VERSION = (5, 4)  # the first sentence-transformers that saves truncate_d
 
 
 def _check_saving_version() -> None:
-    from sentence_transformers import __version__
+    try:
+        from sentence_transformers import __version__
+    except ImportError:
+        raise ImportError("saving and loading through sentence-transformers needs sentence-transformers>=5.4 (pip "
+                          "install 'sentence-transformers>=5.4')") from None
     if tuple(int(part) for part in __version__.split(".")[:2]) < SAVING_VERSION:
         raise ImportError(f"saving and loading through sentence-transformers needs sentence-transformers>=5.4 (older "
                           f"ones record the adapter as a model type of its own and glue prompts to the texts), found "
