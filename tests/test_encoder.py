@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -1087,8 +1088,6 @@ def test_sentence_transformers_adapter(encoders):
     short = to_sentence_transformer(encoder, truncate_dim=32)
     assert np.allclose(short.encode(texts), expected.numpy()[:, :32], atol=1e-6)
     assert short.encode(texts, truncate_dim=48).shape == (5, 48)
-    with pytest.raises(NotImplementedError, match="training through sentence-transformers"):
-        model.fit([])
 
 
 def test_sentence_transformers_save_and_load(checkpoints, adapters, tmp_path):
@@ -1174,6 +1173,66 @@ def test_sentence_transformers_save_and_load(checkpoints, adapters, tmp_path):
                                          r"'default' with DoRA"):
         to_sentence_transformer(dora).save(str(tmp_path / "dora"))
     assert not os.path.exists(tmp_path / "dora" / "model.safetensors")
+
+
+def test_sentence_transformers_training(checkpoints, adapters, tmp_path):
+    """sentence-transformers' losses and trainer train the adapter through the module's forward (packed,
+    differentiable), prompts as llm2vec instructions: MultipleNegativesRankingLoss's gradient equals
+    contrastive_loss's on LLM2Vec.forward, and a SentenceTransformerTrainer run updates the weights."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    if tuple(int(x) for x in sentence_transformers.__version__.split(".")[:2]) < (5, 4):
+        pytest.skip("prompts reach the module (as instructions) from sentence-transformers 5.4")
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    import llm2vec_fast as lf
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.encoder.st_adapter import to_sentence_transformer
+    encoder = LLM2Vec.from_pretrained(checkpoints("mistral"), max_length=48)
+    model = to_sentence_transformer(encoder, prompts={"query": "Retrieve the passage"})
+    queries = ["how do tides work", "what is a lognormal law", "why is the sky blue", "who wrote Hamlet"]
+    passages = ["The moon pulls the sea.", "Its logarithm is normal.", "Rayleigh scattering of light.",
+                "A play by Shakespeare."]
+    params = [p for p in encoder.parameters() if p.requires_grad]
+
+    def gradient(loss):
+        encoder.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in params]), loss.detach()
+
+    features = [model.preprocess(queries, prompt="Retrieve the passage"), model.preprocess(passages)]
+    theirs, their_loss = gradient(MultipleNegativesRankingLoss(model)(features, None))
+    q = encoder.forward(encoder.tokenize([encoder.prepare_for_tokenization(encoder._convert_to_str(
+        "Retrieve the passage", t)) for t in queries]))
+    d = encoder.forward(encoder.tokenize([encoder.prepare_for_tokenization(encoder._convert_to_str("", t))
+                                          for t in passages]))
+    ours, our_loss = gradient(lf.contrastive_loss(q, d, scale=20.0))
+    assert torch.allclose(their_loss, our_loss, atol=1e-5) and our_loss > 0.01
+    assert torch.allclose(theirs, ours, atol=1e-5, rtol=1e-4) and ours.abs().max() > 1e-3
+
+    data = Dataset.from_dict({"anchor": queries * 2, "positive": passages * 2})
+    args = SentenceTransformerTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                                num_train_epochs=1, learning_rate=1e-3, report_to=[],
+                                                save_strategy="no", use_cpu=True,
+                                                prompts={"anchor": "Retrieve the passage"})
+    before = model.encode_query(queries, convert_to_tensor=True)
+    result = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                        loss=MultipleNegativesRankingLoss(model)).train()
+    assert result.global_step == 2 and math.isfinite(result.training_loss)
+    assert not torch.allclose(model.encode_query(queries, convert_to_tensor=True), before, atol=1e-3)
+
+    # A peft encoder (llm2vec's MNTP base + an unmerged adapter): the trainer moves the adapter only.
+    _, mntp, simcse = adapters
+    peft_encoder = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=simcse, max_length=48)
+    for name, param in peft_encoder.model.named_parameters():
+        param.requires_grad_("lora_" in name)  # as a LoRA training sets it (from_pretrained loads for inference)
+    start = {name: p.detach().clone() for name, p in peft_encoder.model.named_parameters()}
+    peft_model = to_sentence_transformer(peft_encoder)
+    SentenceTransformerTrainer(model=peft_model, args=args, train_dataset=data,
+                               loss=MultipleNegativesRankingLoss(peft_model)).train()
+    moved = {name for name, p in peft_encoder.model.named_parameters() if not torch.equal(p, start[name])}
+    assert moved and all("lora_" in name for name in moved)
 
 
 def test_export_cli(adapters, tmp_path, capsys):

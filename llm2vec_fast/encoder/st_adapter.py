@@ -39,8 +39,15 @@ sentence-transformers>=5.4 (older versions raise ImportError here).
 ``llm2vec_fast``'s module class; it is not passed to the model) loads it as a plain ``SentenceTransformer``
 whose encode runs the module's packed forward with sentence-transformers' batching: the same embeddings.
 
+Training: sentence-transformers' losses and ``SentenceTransformerTrainer`` (or ``fit``) train the adapter, or a
+plain ``SentenceTransformer`` loaded from its folder, through the module's ``preprocess`` and ``forward`` (the
+packed forward, differentiable; the trainer's ``prompts`` become instructions), so a loss sees the embeddings
+``encode`` gives (``MultipleNegativesRankingLoss``'s gradient equals ``contrastive_loss``'s on
+``LLM2Vec.forward``); a peft encoder trains its adapter. Its checkpoints are saved as ``save`` saves (merged).
+The recipes of ``llm2vec_fast.training`` remain the fast path (token budgets, GradCache, lean layers).
+
 Not supported (raise ValueError or NotImplementedError): ``chunk_size``, pickle weights
-(``safe_serialization=False``), training with ``fit``/the trainer.
+(``safe_serialization=False``).
 """
 from __future__ import annotations
 
@@ -257,9 +264,6 @@ def _adapter_class():
             _check_saving_version()
             return super().save_pretrained(*args, **kwargs)
 
-        def fit(self, *args, **kwargs):
-            raise NotImplementedError("training through sentence-transformers is not supported by this adapter")
-
     LLM2VecSentenceTransformer.__module__ = __name__
     return LLM2VecSentenceTransformer
 
@@ -312,7 +316,7 @@ def supported_features() -> List[str]:
             "get_sentence_embedding_dimension", "prompts", "normalize_embeddings", "truncate_dim", "precision",
             "convert_to_numpy", "convert_to_tensor", "start_multi_process_pool", "pool", "device list",
             "output_value token_embeddings / None", "save / save_pretrained", "load_sentence_transformer",
-            "SentenceTransformer(path, trust_remote_code=True)"]
+            "SentenceTransformer(path, trust_remote_code=True)", "losses and SentenceTransformerTrainer"]
 
 
 __all__ = ["LLM2VecModule", "to_sentence_transformer", "load_sentence_transformer", "supported_features"]
