@@ -180,7 +180,9 @@ def test_norm_with_gradients_same_bits_and_keeps_its_input_only(family, dtype, t
 
 
 def _lora_model(family, dtype, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                      "up_proj", "down_proj")):
+                                                      "up_proj", "down_proj"), adapter_dtype=None):
+    """A LoRA (r 4) on a random bidirectional model in ``dtype``: in float32 by default (peft's
+    autocast_adapter_dtype), so that peft casts each input of a bf16 model up; ``adapter_dtype`` sets it."""
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(bi_model(family, state=family_state(family)).to(dtype),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets)))
@@ -188,6 +190,8 @@ def _lora_model(family, dtype, dropout=0.1, targets=("q_proj", "k_proj", "v_proj
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero: make every LoRA gradient non-zero
             torch.nn.init.normal_(param, std=0.1)
+        if "lora_" in name and adapter_dtype is not None:
+            param.data = param.data.to(adapter_dtype)
     return model.train()
 
 
@@ -214,17 +218,73 @@ def test_lora_linear_with_gradients_same_bits_and_keeps_no_dropout_copy(dtype):
     assert held - lean_held >= tokens * width * 5 - RNG_STATE, (held, lean_held)
 
 
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, None)], ids=["bf16-fp32", "bf16", "fp32"])
+@pytest.mark.parametrize("dropout_draws", [False, True], ids=["eval", "train"])
+def test_lora_linears_without_gradients_same_bits_one_cast_per_input(dtype, adapter_dtype, dropout_draws,
+                                                                    monkeypatch):
+    """Encoding with an unmerged adapter (no gradients): the lean LoRA linears give the model's output bit for bit
+    (in eval mode, and in training mode, where dropout draws: GradCache's first pass), adding the LoRA term in
+    place and casting each input once for the linears that read it (q/k/v, gate/up), where peft casts per linear."""
+    from peft.tuners.lora.layer import Linear
+    model = _lora_model("mistral", dtype, adapter_dtype=adapter_dtype).train(dropout_draws)
+    ids, mask = make_batch(seed=3)
+    casts = []
+    cast_input = Linear._cast_input_dtype
+
+    def counting(self, x, cast_dtype):
+        out = cast_input(self, x, cast_dtype)
+        casts.append(out is not x)
+        return out
+    monkeypatch.setattr(Linear, "_cast_input_dtype", counting)
+
+    def run(lean: bool):
+        casts.clear()
+        torch.manual_seed(7)
+        with torch.no_grad(), lean_layers(model) if lean else contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return out, sum(casts)
+    (plain, plain_casts), (lean, lean_casts) = run(False), run(True)
+    assert torch.equal(lean, plain)
+    layers = model.config.num_hidden_layers
+    if adapter_dtype not in (None, dtype):  # q, k, v | o | gate, up | down: 4 inputs a layer, 7 linears
+        assert (plain_casts, lean_casts) == (7 * layers, 4 * layers)
+    else:
+        assert plain_casts == lean_casts == 0
+    if dropout_draws:  # the masks count: another draw gives another output
+        torch.manual_seed(8)
+        with torch.no_grad(), lean_layers(model):
+            assert not torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, plain)
+
+
+def test_a_shared_cast_is_redone_for_an_input_changed_in_place():
+    from llm2vec_fast.models.lean import _SharedCast
+    model = _lora_model("llama", torch.bfloat16, adapter_dtype=torch.float32)
+    layer = next(m for m in model.modules() if is_lora_linear(m))
+    shared = _SharedCast()
+    x = torch.randn(5, layer.in_features, dtype=torch.bfloat16)
+    first = shared(layer, x, torch.float32)
+    assert first.dtype == torch.float32 and shared(layer, x, torch.float32) is first
+    x.mul_(2)  # the same tensor, new values
+    again = shared(layer, x, torch.float32)
+    assert again is not first and torch.equal(again, x.float())
+    other = x.clone()
+    assert shared(layer, other, torch.float32) is not again
+    assert shared(layer, other, torch.bfloat16) is other  # nothing to cast
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_checkpointed_training_step_gives_the_same_gradients(family, dtype):
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, None),
+                                                 (torch.bfloat16, torch.float32)], ids=["bf16", "fp32", "bf16-fp32"])
+def test_checkpointed_training_step_gives_the_same_gradients(family, dtype, adapter_dtype):
     """A training step under the block, with non-reentrant gradient checkpointing and LoRA (dropout 0.1) on
-    every projection: the recomputed layers save what their forward saved, and every gradient equals the
-    plain step's, bit for bit."""
+    every projection (also a float32 LoRA on a bf16 model): the recomputed layers save what their forward saved,
+    and every gradient equals the plain step's, bit for bit."""
     from llm2vec_fast.models import forward_packed
     ids, mask = make_batch(seed=9)
 
     def step(lean_on: bool):
-        model = _lora_model(family, dtype)
+        model = _lora_model(family, dtype, adapter_dtype=adapter_dtype)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(5)
         with lean_layers(model) if lean_on else contextlib.nullcontext():

@@ -23,6 +23,11 @@ and the product into gate(x)'s buffer (SiLU in place, then ``mul_``), instead of
 56 MiB per 2,048 bf16 tokens of Mistral-7B). On the CPU, glibc returns freed buffers of that size to
 the system and page-faults them in again on the next layer: computing in place cut the page faults of
 the small CPU encode benchmark's call by 3–4×. On a GPU it lowers a batch's peak memory.
+A peft LoRA linear (an unmerged adapter, llm2vec's default for its supervised models) adds its term in place
+and shares its cast input: peft computes ``(result + B(A(x.to(fp32))) * scaling).to(result.dtype)`` for a
+float32 adapter on a bf16 model, which writes and reads a float32 (T, out) copy of the result (8 bytes per
+output element that the in-place add, rounded once all the same, does not move) and casts x once per linear
+(q, k and v cast the same hidden states three times). Same bits as peft's forward.
 
 **With gradients** (training), cheap elementwise regions keep only their inputs for the backward and are
 recomputed there (torch's non-reentrant checkpoint; the RNG state restored where LoRA dropout draws),
@@ -31,7 +36,8 @@ where autograd would keep their intermediates:
 - RMSNorms: keep their input, not the fp32 upcast transformers' RMSNorm keeps (4 bytes per element,
   6 when the weight trains);
 - peft LoRA linears: the LoRA term ``B(A(dropout(x))) * scaling`` keeps x, not peft's fp32 copy of x
-  after dropout and its dropout mask (5 bytes per input element, for every adapted projection).
+  after dropout and its dropout mask (5 bytes per input element, for every adapted projection); with one
+  adapter it is added in place (no float32 copy of the (T, out) result, same bits and gradients).
 On one bf16 Mistral-shaped LoRA layer (hidden 512, MLP 1792, all seven projections adapted) that is
 19 KB per token after the forward instead of 52 KB. Only elementwise work and the rank-r matmuls run
 twice: about 8% of the small fp32 CPU training step (``benchmarks/bench_train.py``; a smaller share is
@@ -287,19 +293,61 @@ def _norm_forward_for(norm: nn.Module):
     return forward
 
 
-def _lora_forward_for(layer: nn.Module):
+class _SharedCast:
+    """The last input that a LoRA linear of the block cast to its adapter's dtype, for the next one that reads the
+    same tensor: q, k and v (gate and up) project the same hidden states, and peft casts them once per projection
+    (a float32 adapter on a bf16 model: 6 bytes moved per element each time). One entry: the next input replaces
+    it, so it holds at most one copy; an input changed in place since (its version) is cast again."""
+
+    def __init__(self):
+        self._source, self._version, self._cast = None, None, None
+
+    def __call__(self, layer: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+        if x.dtype == dtype or not getattr(layer, "cast_input_dtype_enabled", True):
+            return layer._cast_input_dtype(x, dtype)  # x itself: nothing to share
+        source = self._source() if self._source is not None else None
+        if source is x and self._version == x._version and self._cast.dtype == dtype:
+            return self._cast
+        cast = layer._cast_input_dtype(x, dtype)
+        self._source, self._version, self._cast = weakref.ref(x), x._version, cast
+        return cast
+
+
+def _shares_input(dropout: nn.Module) -> bool:
+    """Whether peft's LoRA dropout leaves its input alone (so that a cast input may serve several linears)."""
+    return isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and not dropout.inplace)
+
+
+def _lora_forward_for(layer: nn.Module, shared_cast: _SharedCast):
     original = type(layer).forward
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
-        if (_plain(args, kwargs) or not torch.is_grad_enabled() or layer.disable_adapters or layer.merged
+        if (_plain(args, kwargs) or layer.disable_adapters or layer.merged
                 or any(name in layer.lora_variant for name in layer.active_adapters)):
             return original(layer, x, *args, **kwargs)
+        adapters = [name for name in layer.active_adapters if name in layer.lora_A.keys()]
+        if not torch.is_grad_enabled():
+            if len(adapters) != 1:  # peft sums several adapters in the promoted dtype: its own forward
+                return original(layer, x, *args, **kwargs)
+            # peft's expression, ``(result + B(A(dropout(x.to(A's dtype)))) * scaling).to(result's dtype)``, with
+            # the same bits: the sum is taken in the promoted dtype and rounded once either way, so it is added
+            # in place (no promoted (T, out) copy), and the cast input is shared with the block's next linear.
+            adapter = adapters[0]
+            lora_a, dropout = layer.lora_A[adapter], layer.lora_dropout[adapter]
+            if _shares_input(dropout):
+                x_cast = shared_cast(layer, x, lora_a.weight.dtype)
+            else:
+                x_cast = layer._cast_input_dtype(x, lora_a.weight.dtype)
+            result = layer.base_layer(x)
+            return result.add_(layer.lora_B[adapter](lora_a(dropout(x_cast))).mul_(layer.scaling[adapter]))
         result = layer.base_layer(x)
+        if len(adapters) == 1:  # in place, as above: the same bits and gradients, no promoted copy
+            random = _draws_random(layer.lora_dropout[adapters[0]])
+            return result.add_(_recompute(_lora_branch, layer, adapters[0], x, random=random))
         dtype = result.dtype
-        for adapter in layer.active_adapters:  # peft's loop over the active adapters
-            if adapter in layer.lora_A.keys():
-                random = _draws_random(layer.lora_dropout[adapter])
-                result = result + _recompute(_lora_branch, layer, adapter, x, random=random)
+        for adapter in adapters:  # peft's loop over the active adapters
+            random = _draws_random(layer.lora_dropout[adapter])
+            result = result + _recompute(_lora_branch, layer, adapter, x, random=random)
         return result.to(dtype)
     return forward
 
@@ -504,11 +552,12 @@ def lean_layers(model: nn.Module) -> Iterator[List[nn.Module]]:
     (see the module docstring). Modules already changed by an enclosing block are left to it. Yields the modules this
     block changed."""
     changed = []
+    shared_cast = _SharedCast()
     for module in model.modules():
         make = _lean_forward_maker(module)
         if make is None or "forward" in module.__dict__ or _hooked(module):
             continue
-        module.forward = make(module)
+        module.forward = make(module, shared_cast) if make is _lora_forward_for else make(module)
         changed.append(module)
     try:
         yield changed
