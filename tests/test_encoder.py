@@ -1124,6 +1124,8 @@ def test_sentence_transformers_save_and_load(checkpoints, adapters, tmp_path):
     assert torch.allclose(again.encode_query(texts, convert_to_tensor=True), queries, atol=SAME_ATOL)
     assert torch.allclose(again.encode_document(texts, convert_to_tensor=True), documents, atol=SAME_ATOL)
     assert load_sentence_transformer(out, truncate_dim=32).encode(texts).shape == (6, 32)
+    tuned = load_sentence_transformer(out, dtype=torch.bfloat16, max_length=33)[0].encoder  # from_pretrained's kwargs
+    assert next(tuned.parameters()).dtype == torch.bfloat16 and tuned.max_length == 33
     with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
         load_sentence_transformer(3)
 
