@@ -81,7 +81,7 @@ class LLM2VecModule(nn.Module):
         self.encoder = encoder
 
     def preprocess(self, inputs, prompt: Optional[str] = None, **kwargs) -> Dict[str, torch.Tensor]:
-        """Features of a batch (sentence-transformers 6 calls this), the prompt as llm2vec's instruction."""
+        """Features of a batch (sentence-transformers >= 5.4 calls this), the prompt as llm2vec's instruction."""
         return self.tokenize(_with_prompt(list(inputs), prompt))
 
     def tokenize(self, texts, **kwargs) -> Dict[str, torch.Tensor]:
