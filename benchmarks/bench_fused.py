@@ -19,6 +19,14 @@ gated_activation: forward reads gate and up and writes the product (3 * N * I * 
 also reads dy, gate and up and writes d gate and d up (8 in all). rotary_embedding: forward reads q and k and
 writes them rotated (2 * (q + k) bytes, plus cos and sin once); forward + backward also reads d q' and d k' and
 writes d q and d k (4 * (q + k), plus cos and sin twice).
+
+LoRA linears (``lora_linear``: no grad, eval; ``lora_linear_fwd_bwd``: training mode, LoRA dropout drawing, the
+gradients of x and of the LoRA weights): a peft LoRA ``Linear`` (r 16, alpha 32, dropout 0.05) on Mistral-7B's
+gate projection (4096 -> 14336) over 16k tokens, bf16 with the float32 adapter peft's autocast gives it.
+``peft`` is its own forward, ``llm2vec_fast_lean`` the lean layers' (``models.lean``: the term added in place;
+in training its branch recomputed in the backward). ``lora_linear_base`` times the base linear alone (impl
+``base_linear``), so that what the LoRA term costs on top is read off the same run. GB/s counts reading x and
+writing the output once.
 """
 from __future__ import annotations
 
@@ -32,13 +40,17 @@ from llm2vec_fast import dispatch
 from .harness import Case, SkipImpl, randn
 
 OPS = ("rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd", "rotary_embedding",
-       "rotary_embedding_fwd_bwd")
+       "rotary_embedding_fwd_bwd", "lora_linear", "lora_linear_fwd_bwd", "lora_linear_base")
 # (rows, D): per-head q/k norms (Qwen3: 16k tokens x 32 heads of 128), then 7B- and 70B-class hidden sizes.
 NORM_SHAPES = ((16384 * 32, 128), (16384, 4096), (16384, 8192))
 GATED_SHAPES = ((16384, 14336),)  # Mistral-7B's MLP over 16k tokens
 # (T, Hq, Hkv, D): Mistral-7B's q and k over 16k tokens, and Qwen2-1.5B-like heads of 128 (GQA 6)
 ROTARY_SHAPES = ((16384, 32, 8, 128), (16384, 12, 2, 128))
+# (T, in, out, r): Mistral-7B's gate projection over 16k tokens, the LoRA rank llm2vec's recipes use
+LORA_SHAPES = ((16384, 4096, 14336, 16),)
+CPU_LORA_SHAPES = ((2048, 1024, 3584, 16),)  # a CPU times the matmul, not the LoRA term, at 7B sizes
 QUICK_NORM_SHAPES, QUICK_GATED_SHAPES, QUICK_ROTARY_SHAPES = ((256, 64),), ((64, 96),), ((33, 4, 2, 64),)
+QUICK_LORA_SHAPES = ((65, 96, 160, 4),)
 EPS = 1e-5
 
 METHOD_NOTES = [
@@ -48,6 +60,9 @@ METHOD_NOTES = [
     "rotary_embedding: GB/s = one pass's bytes (fwd 2, fwd+bwd 4 times q and k, plus cos and sin); ours runs in "
     "place without gradients; transformers_eager is Llama's apply_rotary_pos_emb on (1, H, T, D) views, liger is "
     "liger_rotary_pos_emb.",
+    "lora_linear: a peft LoRA Linear (r 16, fp32 adapter on bf16) on the gate projection; peft = its forward, "
+    "llm2vec_fast_lean = the lean layers' (term added in place, one cast per input); lora_linear_base = the base "
+    "linear alone, to read the LoRA term's cost off the same run. GB/s counts x read and the output written once.",
 ]
 
 
@@ -154,6 +169,53 @@ def rotary_impls(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
             [("transformers_eager", lambda: timed(heads_first(apply_rotary_pos_emb))), ("liger", liger)])
 
 
+def _lora_linear(width_in: int, width_out: int, rank: int, dtype: torch.dtype, device: torch.device):
+    """A model holding one peft LoRA Linear (``proj``) as ``get_peft_model`` makes it: in ``dtype``, the adapter
+    in float32 (peft's autocast_adapter_dtype), B drawn non-zero as after some training."""
+    from peft import LoraConfig, get_peft_model
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(width_in, width_out, bias=False)
+
+    torch.manual_seed(0)
+    holder = get_peft_model(Holder().to(device=device, dtype=dtype),
+                            LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["proj"]))
+    layer = holder.base_model.model.proj
+    with torch.no_grad():
+        for weights in (layer.lora_A, layer.lora_B):
+            weights["default"].weight.normal_(0, 0.02)
+    return holder, layer
+
+
+def lora_impls(x: torch.Tensor, holder, layer, with_backward: bool) -> List[Tuple[str, Callable]]:
+    """peft's forward and the lean one on the same layer: eval without gradients, or training mode with the
+    gradients of x and of the LoRA weights. The lean forward is called as ``lean_layers`` installs it, with a
+    fresh shared-cast cache per call (one linear: one cast, as peft)."""
+    from llm2vec_fast.models.lean import _lora_forward_for, _SharedCast
+    lora_weights = [p for name, p in layer.named_parameters() if "lora_" in name]
+
+    def timed(lean: bool):
+        holder.train(with_backward)
+
+        def run(value):
+            return _lora_forward_for(layer, _SharedCast())(value) if lean else layer(value)
+        if not with_backward:
+            def forward():
+                with torch.no_grad():
+                    return run(x)
+            return forward
+        leaf = x.detach().requires_grad_(True)
+        grad = randn((x.shape[0], layer.out_features), x.dtype, x.device)
+
+        def forward_backward():
+            return torch.autograd.grad(run(leaf), [leaf] + lora_weights, grad)
+        return forward_backward
+
+    return [("llm2vec_fast_lean", lambda: timed(True)), ("peft", lambda: timed(False))]
+
+
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for rows, dim in QUICK_NORM_SHAPES if quick else NORM_SHAPES:
@@ -176,3 +238,18 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
             yield Case(op, f"T={tokens},Hq={heads_q},Hkv={heads_kv},D={dim},R={dim}", dtype,
                        rotary_impls(q, k, cos, sin, with_backward),
                        nbytes=float(tensors * rows + tensors // 2 * angles))
+    lora_shapes = QUICK_LORA_SHAPES if quick else LORA_SHAPES if device.type == "cuda" else CPU_LORA_SHAPES
+    for tokens, width_in, width_out, rank in lora_shapes:
+        holder, layer = _lora_linear(width_in, width_out, rank, dtype, device)
+        x = randn((tokens, width_in), dtype, device)
+        shape, nbytes = f"T={tokens},in={width_in},out={width_out},r={rank},lora=fp32", float(
+            (tokens * width_in + tokens * width_out) * x.element_size())
+        for op, with_backward in (("lora_linear", False), ("lora_linear_fwd_bwd", True)):
+            yield Case(op, shape, dtype, lora_impls(x, holder, layer, with_backward), nbytes=nbytes)
+
+        def base_linear(layer=layer, x=x):
+            def forward():
+                with torch.no_grad():
+                    return layer.base_layer(x)
+            return forward
+        yield Case("lora_linear_base", shape, dtype, [("base_linear", base_linear)], nbytes=nbytes)

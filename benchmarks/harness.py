@@ -32,10 +32,10 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # cuda_v2: the "cuda" backend with the v2 (warp-specialised) Hopper attention kernel (bench_attention.py)
-# llm2vec_fast's own backends and paths (llm2vec_fast_unfused: the packed path without the fused elementwise ops);
-# every other impl is a baseline
+# llm2vec_fast's own backends and paths (llm2vec_fast_unfused: the packed path without the fused elementwise ops;
+# llm2vec_fast_lean: the lean layers' LoRA linear, bench_fused.py); every other impl is a baseline
 OUR_IMPLS = ("triton", "cuda", "cuda_v2", "torch", "llm2vec_fast_packed", "llm2vec_fast_unfused",
-             "llm2vec_fast_padded")
+             "llm2vec_fast_padded", "llm2vec_fast_lean")
 # Plot order and colours: ours first, then the baselines.
 IMPL_ORDER = ("triton", "cuda", "cuda_v2", "torch", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "flash_attn",
               "eager", "torch_naive", "naive")

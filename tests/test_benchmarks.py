@@ -23,8 +23,8 @@ ROW_TYPES = {"op": (str,), "impl": (str,), "shape": (str,), "dtype": (str,), "ms
              "peak_mem_mb": (float, int, type(None))}
 OPS = ("attention_fwd", "attention_bwd", "pool", "contrastive_loss_fwd", "contrastive_loss_fwd_bwd", "rms_norm",
        "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd", "rotary_embedding",
-       "rotary_embedding_fwd_bwd")
-OURS = {"torch", "triton", "cuda"}
+       "rotary_embedding_fwd_bwd", "lora_linear", "lora_linear_fwd_bwd")
+OURS = {"torch", "triton", "cuda", "llm2vec_fast_lean"}
 
 
 def check_results(data: dict) -> None:
@@ -45,7 +45,8 @@ def check_results(data: dict) -> None:
         if row["op"].startswith(("attention", "contrastive_loss")):
             assert row["tflops"] is not None and row["tflops"] > 0, row
         if row["op"] in ("pool", "rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd",
-                         "rotary_embedding", "rotary_embedding_fwd_bwd"):
+                         "rotary_embedding", "rotary_embedding_fwd_bwd", "lora_linear", "lora_linear_fwd_bwd",
+                         "lora_linear_base"):
             assert row["gbps"] is not None and row["gbps"] > 0, row
     for op in OPS:
         impls = {row["impl"] for row in data["rows"] if row["op"] == op}
