@@ -27,7 +27,11 @@ A peft LoRA linear (an unmerged adapter, llm2vec's default for its supervised mo
 and shares its cast input: peft computes ``(result + B(A(x.to(fp32))) * scaling).to(result.dtype)`` for a
 float32 adapter on a bf16 model, which writes and reads a float32 (T, out) copy of the result (8 bytes per
 output element that the in-place add, rounded once all the same, does not move) and casts x once per linear
-(q, k and v cast the same hidden states three times). Same bits as peft's forward.
+(q, k and v cast the same hidden states three times). Same bits as peft's forward. Where ``FUSED_BACKENDS``
+names the device (a GPU) and the adapter's dropout draws nothing, the term runs instead as two bandwidth-bound
+Triton passes (``kernels/lora.py``: x read once in its own dtype into a (T, r) float32 h, then
+``result += scaling * h @ B^T`` in place, each output element read and written once), after a first-use probe
+against peft's expression (:func:`_agrees`; float32 products, so within a few units in the last place).
 
 **With gradients** (training), cheap elementwise regions keep only their inputs for the backward and are
 recomputed there (torch's non-reentrant checkpoint; the RNG state restored where LoRA dropout draws),
@@ -313,6 +317,47 @@ class _SharedCast:
         return cast
 
 
+def _fused_lora(layer: nn.Module, adapter: str, x: Tensor):
+    """``(result, x) -> result + B(A(x)) * scaling`` in place, by the two bandwidth-bound kernels of
+    ``kernels/lora.py`` (x read once, each output element read and written once), where they stand for peft's
+    term of ``layer`` (checked by :func:`_agrees`): no gradients, dropout drawing nothing, a linear base, no LoRA
+    bias, a rank the kernels take. Else None."""
+    backend = _fusion_backend(x)
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    if (backend is None or _draws_random(layer.lora_dropout[adapter]) or layer.lora_bias.get(adapter, False)
+            or getattr(layer, "fan_in_fan_out", False) or not isinstance(layer.get_base_layer(), nn.Linear)
+            or not getattr(layer, "cast_input_dtype_enabled", True)
+            or lora_a.weight.dtype not in (torch.float32, x.dtype) or lora_a.weight.device != x.device):
+        return None
+    from ..reference import lora as reference
+    kernels = None
+    if backend != "torch":
+        try:
+            from ..kernels import lora as kernels
+        except ImportError:  # no triton: the reference (peft's expression) stands in
+            kernels = None
+    if kernels is not None and lora_a.weight.shape[0] > kernels.MAX_RANK:
+        return None
+    scale = float(layer.scaling[adapter])
+
+    def fused(result: Tensor, inputs: Tensor) -> Tensor:
+        if kernels is None:
+            return result.copy_(reference.lora_add(result, inputs, lora_a.weight, lora_b.weight, scale))
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        h = kernels.lora_down(rows, lora_a.weight)
+        kernels.lora_up_add_(result.view(-1, result.shape[-1]), h, lora_b.weight, scale)
+        return result
+
+    def theirs(inputs: Tensor) -> Tensor:
+        return reference.lora_add(layer.base_layer(inputs), inputs, lora_a.weight, lora_b.weight, scale)
+
+    def ours(inputs: Tensor) -> Tensor:
+        return fused(layer.base_layer(inputs), inputs)
+
+    op = f"LoRA term ({lora_a.weight.dtype} adapter)"
+    return fused if _agrees(op, type(layer), x, [(5, x.shape[-1])], theirs, ours) else None
+
+
 def _shares_input(dropout: nn.Module) -> bool:
     """Whether peft's LoRA dropout leaves its input alone (so that a cast input may serve several linears)."""
     return isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and not dropout.inplace)
@@ -333,6 +378,9 @@ def _lora_forward_for(layer: nn.Module, shared_cast: _SharedCast):
             # the same bits: the sum is taken in the promoted dtype and rounded once either way, so it is added
             # in place (no promoted (T, out) copy), and the cast input is shared with the block's next linear.
             adapter = adapters[0]
+            fused = _fused_lora(layer, adapter, x)
+            if fused is not None:
+                return fused(layer.base_layer(x), x)
             lora_a, dropout = layer.lora_A[adapter], layer.lora_dropout[adapter]
             if _shares_input(dropout):
                 x_cast = shared_cast(layer, x, lora_a.weight.dtype)
