@@ -324,7 +324,8 @@ def _fused_lora(layer: nn.Module, adapter: str, x: Tensor):
     bias, a rank the kernels take. Else None."""
     backend = _fusion_backend(x)
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-    if (backend is None or _draws_random(layer.lora_dropout[adapter]) or layer.lora_bias.get(adapter, False)
+    if (backend is None or _draws_random(layer.lora_dropout[adapter])
+            or getattr(layer, "lora_bias", {}).get(adapter, False)
             or getattr(layer, "fan_in_fan_out", False) or not isinstance(layer.get_base_layer(), nn.Linear)
             or not getattr(layer, "cast_input_dtype_enabled", True)
             or lora_a.weight.dtype not in (torch.float32, x.dtype) or lora_a.weight.device != x.device):
