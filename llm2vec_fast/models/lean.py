@@ -331,14 +331,14 @@ def _fused_lora(layer: nn.Module, adapter: str, x: Tensor):
             or lora_a.weight.dtype not in (torch.float32, x.dtype) or lora_a.weight.device != x.device):
         return None
     from ..reference import lora as reference
-    kernels = None
+    kernels = None  # the "torch" backend (CPU tests of this path) runs the reference: peft's expression
     if backend != "torch":
         try:
             from ..kernels import lora as kernels
-        except ImportError:  # no triton: the reference (peft's expression) stands in
-            kernels = None
-    if kernels is not None and lora_a.weight.shape[0] > kernels.MAX_RANK:
-        return None
+        except ImportError:  # no triton: the unfused in-place path is the faster one
+            return None
+        if lora_a.weight.shape[0] > kernels.MAX_RANK:
+            return None
     scale = float(layer.scaling[adapter])
 
     def fused(result: Tensor, inputs: Tensor) -> Tensor:
