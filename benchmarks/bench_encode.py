@@ -76,6 +76,12 @@ GPU = Setting(model=mistral_7b(int(os.environ.get("BENCH_ENCODE_LAYERS", 8))),
 SIGMA = 0.8  # lognormal spread of the word counts; the median is set so that the mean is mean_words
 POOLING = dict(pooling_mode="mean", max_length=512, doc_max_length=400, skip_instruction=True)
 PADDED_BATCH = 32
+# BENCH_ENCODE_LORA=1 adds a case with an unmerged LoRA (r 16, alpha 32, on the seven projections; float32 on a
+# bf16 model, as peft's autocast loads llm2vec's supervised adapters with merge_peft=False): what encoding
+# McGill-NLP's published models costs. Off by default (the device check's time budget).
+WITH_LORA = os.environ.get("BENCH_ENCODE_LORA", "0").strip() not in ("", "0")
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 METHOD_NOTES = [
     "encode: one call embeds the whole workload from strings (tokenisation and pooling included); tokens/s = "
@@ -174,8 +180,8 @@ def llm2vec_reference_encode(model, tokenizer, sentences, device, *, pooling_mod
 class Workload:
     """The texts, the tokenizer and the model (built once, on first use, shared by every impl)."""
 
-    def __init__(self, setting: Setting, device: torch.device, seed: int = 0):
-        self.setting, self.device = setting, device
+    def __init__(self, setting: Setting, device: torch.device, seed: int = 0, lora: bool = False):
+        self.setting, self.device, self.lora = setting, device, lora
         self.items = make_texts(setting, seed)
         self.tokenizer = load_tokenizer()
         self._model = None
@@ -186,7 +192,14 @@ class Workload:
     def model(self, attn_implementation: str):
         if self._model is None:
             self._model = build_bidirectional_mistral(self.setting.model, self.device)
-        set_attention(self._model, attn_implementation)
+            if self.lora:
+                from peft import LoraConfig, get_peft_model
+                self._model = get_peft_model(self._model, LoraConfig(**LORA)).eval()
+                with torch.no_grad():  # B starts at zero: a trained adapter's term is not
+                    for name, param in self._model.named_parameters():
+                        if "lora_B" in name:
+                            param.normal_(0, 0.02)
+        set_attention(self._model.get_base_model() if self.lora else self._model, attn_implementation)
         return self._model
 
     def encoder(self):
@@ -212,7 +225,8 @@ class Workload:
     @property
     def shape(self) -> str:
         s = self.setting
-        return f"{s.model.describe()},texts={s.texts},tokens={self.tokens},words=lognormal-mean{s.mean_words:g}"
+        return (f"{s.model.describe()},texts={s.texts},tokens={self.tokens},words=lognormal-mean{s.mean_words:g}"
+                + (",lora=r16-fp32-unmerged" if self.lora else ""))
 
     @property
     def flops(self) -> float:
@@ -227,8 +241,8 @@ class Workload:
             ours, base = self._outputs["llm2vec_fast_packed"], self._outputs["llm2vec_sdpa_padded"]
             error = float((ours - base).abs().max())
             scale = float(base.abs().max())
-            NOTES.append(f"{OP}: max |llm2vec_fast_packed - llm2vec_sdpa_padded| = {error:.3g} (embeddings up to "
-                         f"{scale:.3g}, {harness.dtype_name(self.setting.model.dtype)})")
+            NOTES.append(f"{OP}{' (LoRA)' if self.lora else ''}: max |llm2vec_fast_packed - llm2vec_sdpa_padded| = "
+                         f"{error:.3g} (embeddings up to {scale:.3g}, {harness.dtype_name(self.setting.model.dtype)})")
 
 
 class _PlanOnly:
@@ -281,9 +295,10 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     if device.type == "cpu":
         from llm2vec_fast.encoder.cpu_heap import retain_freed_memory
         retain_freed_memory()  # the same allocator for both impls (see METHOD_NOTES)
-    work = Workload(setting, device)
-    impls = [("llm2vec_fast_packed", _ours(work)), ("llm2vec_sdpa_padded", _baseline(work))]
-    yield Case(OP, work.shape, setting.model.dtype, impls, flops=work.flops)
+    for lora in (False, True) if WITH_LORA else (False,):
+        work = Workload(setting, device, lora=lora)
+        impls = [("llm2vec_fast_packed", _ours(work)), ("llm2vec_sdpa_padded", _baseline(work))]
+        yield Case(OP, work.shape, setting.model.dtype, impls, flops=work.flops)
 
 
 def throughput(rows: Sequence[harness.Row]) -> List[str]:
