@@ -152,7 +152,8 @@ def _lora_branch(layer: nn.Module, adapter: str, x: Tensor) -> Tensor:
     """peft's vanilla LoRA term of ``layer`` for ``adapter``, written as peft's ``Linear.forward`` writes it."""
     lora_a = layer.lora_A[adapter]
     x = layer._cast_input_dtype(x, lora_a.weight.dtype)
-    return layer.lora_B[adapter](lora_a(layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
+    # scaled in place: B's output is not saved for its backward, and the product's bits are the same
+    return layer.lora_B[adapter](lora_a(layer.lora_dropout[adapter](x))).mul_(layer.scaling[adapter])
 
 
 def _plain(args, kwargs) -> bool:
@@ -382,13 +383,10 @@ def _lora_forward_for(layer: nn.Module, shared_cast: _SharedCast):
             fused = _fused_lora(layer, adapter, x)
             if fused is not None:
                 return fused(layer.base_layer(x), x)
-            lora_a, dropout = layer.lora_A[adapter], layer.lora_dropout[adapter]
-            if _shares_input(dropout):
-                x_cast = shared_cast(layer, x, lora_a.weight.dtype)
-            else:
-                x_cast = layer._cast_input_dtype(x, lora_a.weight.dtype)
-            result = layer.base_layer(x)
-            return result.add_(layer.lora_B[adapter](lora_a(dropout(x_cast))).mul_(layer.scaling[adapter]))
+            lora_input = x
+            if _shares_input(layer.lora_dropout[adapter]):  # already in A's dtype: the branch's cast is a no-op
+                lora_input = shared_cast(layer, x, layer.lora_A[adapter].weight.dtype)
+            return layer.base_layer(x).add_(_lora_branch(layer, adapter, lora_input))
         result = layer.base_layer(x)
         if len(adapters) == 1:  # in place, as above: the same bits and gradients, no promoted copy
             random = _draws_random(layer.lora_dropout[adapters[0]])
