@@ -256,13 +256,9 @@ def _adapter_class():
         def stop_multi_process_pool(pool) -> None:
             pool.close()
 
-        def save(self, *args, **kwargs):
+        def save(self, *args, **kwargs):  # save_pretrained comes here too
             _check_saving_version()
             return super().save(*args, **kwargs)
-
-        def save_pretrained(self, *args, **kwargs):
-            _check_saving_version()
-            return super().save_pretrained(*args, **kwargs)
 
     LLM2VecSentenceTransformer.__module__ = __name__
     return LLM2VecSentenceTransformer
