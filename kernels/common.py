@@ -25,6 +25,12 @@ def mma(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+def unit_last_dim(x):
+    """x, or a contiguous copy where its last dim is strided: the kernels index rows by their stride and walk
+    each row's values one apart."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def aot_signature(fn, pointers: dict, constexprs: dict, floats=(), int64=()) -> dict:
     """Triton type strings for ``fn``'s runtime arguments, for ahead-of-time compiles (AOT_CONFIGS):
     pointers as given (e.g. ``"*bf16"``), ``floats`` fp32, ``int64`` i64, every other argument i32."""

@@ -19,7 +19,7 @@ deterministic. The chunk (CHUNK_ELEMENTS of E) bounds the workspace.
 import triton
 import triton.language as tl
 
-from .common import interpreting, mma
+from .common import interpreting, mma, unit_last_dim
 
 NORM_EPS = 1e-12
 
@@ -174,10 +174,6 @@ def _config(dtype):
     return GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
 
 
-def _contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def inverse_norms(x):
     rows, dim = x.shape
     inv = torch.empty(rows, device=x.device, dtype=torch.float32)
@@ -189,7 +185,7 @@ def inverse_norms(x):
 
 def forward(anchors, candidates, label_offset, scale):
     """Returns (row_loss (A,) float32, lse (A,) float32)."""
-    a, c = _contiguous(anchors), _contiguous(candidates)
+    a, c = unit_last_dim(anchors), unit_last_dim(candidates)
     n_anchors, dim = a.shape
     loss = torch.empty(n_anchors, device=a.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
@@ -205,7 +201,7 @@ def forward(anchors, candidates, label_offset, scale):
 
 def backward(grad_rows, anchors, candidates, lse, label_offset, scale):
     """(grad_anchors, grad_candidates) in the inputs' dtypes; see the module docstring."""
-    a, c = _contiguous(anchors), _contiguous(candidates)
+    a, c = unit_last_dim(anchors), unit_last_dim(candidates)
     n_anchors, dim = a.shape
     n_candidates = c.shape[0]
     grad_rows = grad_rows.float().contiguous()

@@ -26,7 +26,7 @@ Precision: fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 i
 import triton
 import triton.language as tl
 
-from .common import interpreting, mma
+from .common import interpreting, mma, unit_last_dim
 
 LOG2E = 1.4426950408889634
 
@@ -466,10 +466,6 @@ def _seqlen_bucket(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(int(max_seqlen), 16))
 
 
-def _last_dim_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _flags(q, head_dim, causal, softcap, dropout_p, window):
     return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=bool(causal),
                 SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0, WINDOW=window > 0, IEEE=q.dtype == torch.float32,
@@ -478,7 +474,7 @@ def _flags(q, head_dim, causal, softcap, dropout_p, window):
 
 def forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, dropout_p, seed, window=0):
     """Returns (out (T, Hq, D) like q, lse (Hq, T) float32). ``window`` > 0: |i - j| < window only."""
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = (unit_last_dim(x) for x in (q, k, v))
     total, hq, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     out = q.new_empty(q.shape)
@@ -500,7 +496,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_sc
              window=0, dlse=None):
     """Returns (dq, dk, dv) in the inputs' dtypes; deterministic (no atomics). ``dlse`` (Hq, T): the gradient
     with respect to the lse output, when a loss uses it."""
-    dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
+    dout, q, k, v, out = (unit_last_dim(x) for x in (dout, q, k, v, out))
     total, hq, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -12,6 +12,8 @@ The backward recomputes act(gate) from gate (nothing else is kept) and writes d 
 import triton
 import triton.language as tl
 
+from .common import unit_last_dim
+
 BLOCK = 1024
 NUM_WARPS = 4
 GELU_TANH_SCALE = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi); constexpr: read inside the kernels
@@ -66,13 +68,9 @@ def _gated_bwd(GRAD, GATE, UP, DGATE, DUP, n_cols, stride_grad, stride_gate, str
     tl.store(DUP + row * stride_dup + cols, (grad * act).to(DUP.dtype.element_ty), mask=ok)
 
 
-def _rows(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def forward(gate, up, activation, out=None):
     """act(gate) * up for (N, I) rows, into ``out`` when given (it may be gate), else a new tensor."""
-    gate, up = _rows(gate), _rows(up)
+    gate, up = unit_last_dim(gate), unit_last_dim(up)
     if out is None:
         out = gate.new_empty(gate.shape)
     elif out.stride(-1) != 1:  # the kernel writes whole rows of unit stride (ops.gated passes a contiguous gate)
@@ -87,7 +85,7 @@ def forward(gate, up, activation, out=None):
 
 def backward(grad, gate, up, activation):
     """(d gate, d up), contiguous, in the inputs' dtypes."""
-    grad, gate, up = _rows(grad), _rows(gate), _rows(up)
+    grad, gate, up = unit_last_dim(grad), unit_last_dim(gate), unit_last_dim(up)
     grad_gate, grad_up = gate.new_empty(gate.shape), up.new_empty(up.shape)
     rows, cols = gate.shape
     if rows and cols:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, mma
+from .common import interpreting, mma, unit_last_dim
 
 MAX_RANK = 64  # h's row stays in registers: a (BLOCK_T, BLOCK_R) float32 tile (128 spills in lora_up_add)
 BLOCK_K = 64    # lora_down: the slice of x's row (and of A's columns) per step
@@ -71,13 +71,9 @@ def _block_rank(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))  # tl.dot's smallest side is 16
 
 
-def _rows(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x (T, in) @ a (r, in)^T in float32: (T, r) float32."""
-    x, a = _rows(x), _rows(a)
+    x, a = unit_last_dim(x), unit_last_dim(a)
     rows, width = x.shape
     rank = a.shape[0]
     h = torch.empty((rows, rank), device=x.device, dtype=torch.float32)
@@ -93,7 +89,7 @@ def lora_up_add_(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: flo
     """out (T, o) += scale * (h (T, r) @ b (o, r)^T), in place (out's rows unit-strided); returns out."""
     if out.stride(-1) != 1:
         raise ValueError(f"out must have unit stride in its last dim, got strides {tuple(out.stride())}")
-    h, b = _rows(h.float()), _rows(b)
+    h, b = unit_last_dim(h.float()), unit_last_dim(b)
     rows, width = out.shape
     rank = h.shape[1]
     if rows and width:

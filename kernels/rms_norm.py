@@ -16,6 +16,8 @@ import triton.language as tl
 
 from llm2vec_fast.reference.rms_norm import rms_norm_backward, rms_norm_forward
 
+from .common import unit_last_dim
+
 # The whole row lives in registers. Wider rows (a 405B-class hidden 16384) spill in the backward at 16 warps
 # and 32 warps cap a thread at 64 registers: those run on the reference.
 MAX_D = 8192
@@ -83,16 +85,12 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, rows_per_progr
     tl.store(DW_PARTIAL + program * BLOCK_D + cols, dw, mask=col_ok)
 
 
-def _rows(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def forward(x, weight, eps, offset, casting_mode):
     """x (N, D), weight (D,) -> (y like x, rstd (N,) float32)."""
     rows, dim = x.shape
     if dim > MAX_D:
         return rms_norm_forward(x, weight, eps, offset, casting_mode)
-    x, weight = _rows(x), weight.contiguous()
+    x, weight = unit_last_dim(x), weight.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     if rows and dim:
@@ -108,7 +106,7 @@ def backward(grad_y, x, weight, rstd, eps, offset, casting_mode):
     rows, dim = x.shape
     if dim > MAX_D:
         return rms_norm_backward(grad_y, x, weight, rstd, eps, offset, casting_mode)
-    grad_y, x, weight = _rows(grad_y), _rows(x), weight.contiguous()
+    grad_y, x, weight = unit_last_dim(grad_y), unit_last_dim(x), weight.contiguous()
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if not rows or not dim:
         return grad_x, torch.zeros_like(weight)
