@@ -25,6 +25,17 @@ def mma(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+@triton.jit
+def dropout_keep(seed, stream, rows, cols, dropout_p):
+    """Counter-based dropout keep mask over a tile (rows (M, 1) x cols (1, N), or transposed): the same (seed,
+    col, row, stream) always draws the same number, so a backward regenerates its forward's mask. Attention's
+    stream is the head (rows are query tokens, cols key positions); the LoRA term's is 0 (x's rows and columns)."""
+    counter_col = cols + rows * 0  # broadcast both to the tile's shape
+    counter_row = rows + cols * 0
+    bits, _, _, _ = tl.philox(seed, counter_col, counter_row, counter_col * 0 + stream, counter_col * 0)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
 def unit_last_dim(x):
     """x, or a contiguous copy where its last dim is strided: the kernels index rows by their stride and walk
     each row's values one apart."""

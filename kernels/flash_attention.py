@@ -26,7 +26,7 @@ Precision: fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 i
 import triton
 import triton.language as tl
 
-from .common import interpreting, mma, unit_last_dim
+from .common import dropout_keep, interpreting, mma, unit_last_dim
 
 LOG2E = 1.4426950408889634
 
@@ -38,16 +38,6 @@ def _softcap(x, softcap):
     e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(y))  # exp(-2|y|) in (0, 1]: never overflows
     t = (1.0 - e) / (1.0 + e)
     return softcap * tl.where(y < 0, -t, t)
-
-
-@triton.jit
-def _dropout_keep(seed, head, query_tokens, key_positions, dropout_p):
-    """Counter-based keep mask over a tile (query_tokens (M, 1) x key_positions (1, N), or transposed):
-    the same (seed, key, query token, head) always draws the same number."""
-    counter_key = key_positions + query_tokens * 0  # broadcast both to the tile's shape
-    counter_query = query_tokens + key_positions * 0
-    bits, _, _, _ = tl.philox(seed, counter_key, counter_query, counter_key * 0 + head, counter_key * 0)
-    return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
 @triton.jit
@@ -143,7 +133,7 @@ def _attn_fwd_tiles(acc, m_i, l_i, q, K, V, start, seqlen, rows, tokens, dims, k
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
+            kept = dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
             p = tl.where(kept, p * (1.0 / (1.0 - dropout_p)), 0.0)
         acc = mma(p.to(v.dtype), v, acc, IEEE, INTERPRET)
         m_i = m_new
@@ -310,7 +300,7 @@ def _attn_bwd_dkdv(
             dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE, INTERPRET)  # (dO V^T)^T
             p_dropped_t = p_t
             if DROPOUT:
-                kept = _dropout_keep(seed, head, tokens[None, :].to(tl.int32), cols[:, None], dropout_p)
+                kept = dropout_keep(seed, head, tokens[None, :].to(tl.int32), cols[:, None], dropout_p)
                 p_dropped_t = tl.where(kept, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
                 dp_t = tl.where(kept, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
             dv = mma(p_dropped_t.to(do.dtype), do_out, dv, IEEE, INTERPRET)
@@ -377,7 +367,7 @@ def _attn_bwd_dq(
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, INTERPRET)
         if DROPOUT:
-            kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
+            kept = dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
             dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -401,7 +391,7 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, seed, dropout_p, stride_mh, stride_mt
     tokens = (start + rows).to(tl.int64)
     for block_start in range(0, seqlen, BLOCK_N):
         cols = block_start + tl.arange(0, BLOCK_N)
-        kept = _dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
+        kept = dropout_keep(seed, head, tokens[:, None].to(tl.int32), cols[None, :], dropout_p)
         tl.store(MASK + head * stride_mh + tokens[:, None] * stride_mt + cols[None, :], kept.to(tl.int8),
                  mask=(rows < seqlen)[:, None] & (cols < seqlen)[None, :])
 

@@ -1,7 +1,7 @@
 """llm2vec-fast: fast LLM2Vec-style encoding and training.
 
 Public ops (see ``llm2vec_fast.ops``): ``flash_attention``, ``pool``, ``contrastive_loss``, ``rms_norm``,
-``gated_activation``, ``rotary_embedding``.
+``gated_activation``, ``rotary_embedding``, ``lora_linear``.
 """
 import importlib.util as _importlib_util
 import os as _os
@@ -28,11 +28,12 @@ def _expose_source_kernels() -> None:
 _expose_source_kernels()
 
 from . import dispatch  # noqa: E402
-from .ops import contrastive_loss, flash_attention, gated_activation, pool, rms_norm, rotary_embedding  # noqa: E402
+from .ops import (contrastive_loss, flash_attention, gated_activation, lora_linear, pool, rms_norm,  # noqa: E402
+                  rotary_embedding)
 
 __version__ = "0.1.0"
 __all__ = ["flash_attention", "pool", "contrastive_loss", "rms_norm", "gated_activation", "rotary_embedding",
-           "dispatch", "LLM2Vec", "__version__"]
+           "lora_linear", "dispatch", "LLM2Vec", "__version__"]
 
 
 def __getattr__(name):

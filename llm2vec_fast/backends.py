@@ -15,6 +15,7 @@ if importlib.util.find_spec("triton") is not None:
     from .kernels import contrastive as _triton_contrastive
     from .kernels import flash_attention as _triton_attention
     from .kernels import gated as _triton_gated
+    from .kernels import lora as _triton_lora
     from .kernels import pooling as _triton_pooling
     from .kernels import rms_norm as _triton_rms_norm
     from .kernels import rotary as _triton_rotary
@@ -25,6 +26,7 @@ if importlib.util.find_spec("triton") is not None:
     dispatch.register("rms_norm", "triton", _triton_rms_norm.forward, _triton_rms_norm.backward)
     dispatch.register("gated_activation", "triton", _triton_gated.forward, _triton_gated.backward)
     dispatch.register("rotary_embedding", "triton", _triton_rotary.forward, _triton_rotary.backward)
+    dispatch.register("lora_linear", "triton", _triton_lora.forward, _triton_lora.backward)
 
 if importlib.util.find_spec("flash_attn") is not None:
     from . import flash_attn_backend as _flash_attn

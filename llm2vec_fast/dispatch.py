@@ -18,7 +18,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-OPS = ("flash_attention", "pool", "contrastive_loss", "rms_norm", "gated_activation", "rotary_embedding")
+OPS = ("flash_attention", "pool", "contrastive_loss", "rms_norm", "gated_activation", "rotary_embedding",
+       "lora_linear")
 BACKENDS = ("torch", "triton", "cuda", "flash_attn")
 
 # op -> backend measured fastest on H100. Empty until measurements exist: then "auto" means triton

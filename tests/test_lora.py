@@ -134,7 +134,263 @@ def test_kernels_on_the_gpu_at_model_sizes(dtype, adapter_dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Inside the models: the lean LoRA linears without gradients
+# The op, lora_linear: the base linear and the term, forward and backward, with dropout
+# ---------------------------------------------------------------------------------------------------
+def layer_inputs(tokens, width_in, width_out, rank, *, dtype, adapter_dtype, seed, device="cpu", bias=True):
+    """(x, weight, bias, lora_a, lora_b): a linear in ``dtype`` with an adapter in ``adapter_dtype``."""
+    x, a, b, _ = inputs(tokens, width_in, width_out, rank, dtype=dtype, adapter_dtype=adapter_dtype, seed=seed,
+                        device=device)
+    weight = randn(width_out, width_in, seed=seed + 4, dtype=dtype, device=device, scale=width_in ** -0.5)
+    bias_values = randn(width_out, seed=seed + 5, dtype=dtype, device=device) if bias else None
+    return x, weight, bias_values, a, b
+
+
+def exact_linear(x, weight, bias, a, b, scale, keep=None, dropout_p=0.0):
+    """The layer in float64 (autograd gives its gradients), dropout as ``keep`` masks it."""
+    dropped = x if keep is None else x * keep.double() / (1 - dropout_p)
+    out = x @ weight.t() + scale * (dropped @ a.t()) @ b.t()
+    return out if bias is None else out + bias
+
+
+class MaskDropout(torch.nn.Module):
+    """torch's dropout with a given keep mask (peft's dropout module, made deterministic)."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * (self.keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)], ids=["bf16-fp32", "fp32", "bf16"])
+def test_reference_layer_is_peft_forward_and_backward_bit_for_bit(dtype, adapter_dtype):
+    """peft's LoRA Linear in training mode, its dropout given a mask: the reference's output and gradients of x, A
+    and B (given the same mask) are peft's, to the bit (the backward is written out as autograd runs peft's graph)."""
+    from peft import LoraConfig, get_peft_model
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(48, 72)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Holder().to(dtype), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.25,
+                                                          target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    for weight, seed in ((lora_a, 5), (lora_b, 6)):
+        weight.data = randn(*weight.shape, seed=seed, dtype=adapter_dtype, scale=0.3)
+    keep = torch.rand(11, 48, generator=torch.Generator().manual_seed(7)) >= 0.25
+    layer.lora_dropout["default"] = MaskDropout(keep, 0.25)
+    x = randn(11, 48, seed=8, dtype=dtype).requires_grad_(True)
+    grad = randn(11, 72, seed=9, dtype=dtype)
+    want = layer(x)
+    want_grads = torch.autograd.grad(want, (x, lora_a, lora_b), grad)
+    base = layer.base_layer
+    out, h = reference.lora_linear_forward(x.detach(), base.weight, base.bias, lora_a.detach(), lora_b.detach(),
+                                           layer.scaling["default"], 0.25, keep=keep)
+    got_grads = reference.lora_linear_backward(grad, x.detach(), base.weight, lora_a.detach(), lora_b.detach(), h,
+                                               layer.scaling["default"], 0.25, keep=keep)
+    assert out.dtype == dtype and torch.equal(out, want.detach())
+    for name, got, expected in zip(("x", "lora_a", "lora_b"), got_grads, want_grads):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_reference_layer_matches_float64(dropout_p):
+    x, weight, bias, a, b = layer_inputs(9, 40, 24, 4, dtype=torch.float64, adapter_dtype=torch.float64, seed=1)
+    keep = torch.rand(9, 40, generator=torch.Generator().manual_seed(2)) >= dropout_p
+    grad = randn(9, 24, seed=3, dtype=torch.float64)
+    out, h = reference.lora_linear_forward(x, weight, bias, a, b, 2.0, dropout_p, keep=keep)
+    dx, da, db = reference.lora_linear_backward(grad, x, weight, a, b, h, 2.0, dropout_p, keep=keep)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+    want = exact_linear(leaves[0], weight, bias, leaves[1], leaves[2], 2.0, keep if dropout_p else None, dropout_p)
+    torch.testing.assert_close(out, want.detach())
+    for got, expected in zip((dx, da, db), torch.autograd.grad(want, leaves, grad)):
+        torch.testing.assert_close(got, expected)
+
+
+LAYER_CASES = [(1, 96, 160, 4, 0.0), (17, 100, 130, 16, 0.3), (113, 64, 96, 64, 0.1), (40, 33, 7, 1, 0.5),
+               (70, 130, 33, 40, 0.2)]  # (T, in, out, r, dropout_p); 70 rows: several row splits of 64
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens,width_in,width_out,rank,dropout_p", LAYER_CASES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)],
+                         ids=["bf16-fp32", "fp16-fp32", "bf16-bf16", "fp32-fp32"])
+def test_triton_layer_within_bound_of_torch(tokens, width_in, width_out, rank, dropout_p, dtype, adapter_dtype):
+    """The triton backend's output and gradients of x, A and B, with its own dropout mask (from
+    ``dropout_mask``), against the float64 layer under that mask: within 2x (output) and 3x (gradients) the error of
+    the reference (peft's expression) in the same dtypes."""
+    from llm2vec_fast.kernels import lora as kernels_module
+    device = triton_device()
+    x, weight, bias, a, b = layer_inputs(tokens, width_in, width_out, rank, dtype=dtype, adapter_dtype=adapter_dtype,
+                                         seed=11, device=device, bias=rank != 1)
+    grad = randn(tokens, width_out, seed=12, dtype=dtype, device=device)
+    seed = 1234 + tokens
+    keep = kernels_module.dropout_mask(tokens, width_in, dropout_p, seed, device)
+    out, h = kernels_module.forward(x, weight, bias, a, b, 2.0, dropout_p, seed)
+    dx, da, db = kernels_module.backward(grad, x, weight, a, b, h, 2.0, dropout_p, seed)
+    base_out, base_h = reference.lora_linear_forward(x, weight, bias, a, b, 2.0, dropout_p, keep=keep)
+    base_grads = reference.lora_linear_backward(grad, x, weight, a, b, base_h, 2.0, dropout_p, keep=keep)
+    leaves = [t.detach().cpu().double().requires_grad_(True) for t in (x, a, b)]
+    truth = exact_linear(leaves[0], weight.cpu().double(), None if bias is None else bias.cpu().double(), leaves[1],
+                         leaves[2], 2.0, keep.cpu(), dropout_p)
+    truth_grads = torch.autograd.grad(truth, leaves, grad.cpu().double())
+    assert (out.dtype, dx.dtype, da.dtype, db.dtype) == (dtype, dtype, adapter_dtype, adapter_dtype)
+    assert h.dtype == torch.float32 and h.shape == (tokens, rank)
+    truncating = dispatch.triton_interpreting() and torch.bfloat16 in (dtype, adapter_dtype)
+    assert_within_bound_of_torch(["out", "dx", "dA", "dB"], [out, dx, da, db], [base_out, *base_grads],
+                                 [truth.detach(), *truth_grads], truncation_ulps=2 if truncating else 0)
+
+
+@needs_triton
+def test_triton_dropout_mask_statistics_and_replay():
+    """philox keeps each element with probability 1 - p, independently of the seed's other draws; the same seed
+    draws the same mask; the forward's h is x after that mask (scaled) times A^T."""
+    from llm2vec_fast.kernels import lora as kernels_module
+    device = triton_device()
+    rows, cols = 200, 300
+    for p in (0.05, 0.3):
+        keep = kernels_module.dropout_mask(rows, cols, p, 99, device)
+        kept = keep.float().mean().item()
+        sigma = (p * (1 - p) / (rows * cols)) ** 0.5
+        assert abs(kept - (1 - p)) < 5 * sigma, (p, kept)
+        assert torch.equal(keep, kernels_module.dropout_mask(rows, cols, p, 99, device))
+        assert not torch.equal(keep, kernels_module.dropout_mask(rows, cols, p, 100, device))
+        # neighbouring rows and columns are not correlated (the counters are distinct)
+        assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+    x, a = randn(rows, cols, seed=5, device=device), randn(8, cols, seed=6, device=device)
+    h = kernels_module._down(x, a, dropout_p=0.3, seed=99)
+    keep = kernels_module.dropout_mask(rows, cols, 0.3, 99, device)
+    torch.testing.assert_close(h, (x * keep / 0.7) @ a.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_op_dropout_follows_torch_manual_seed_and_is_replayed_by_checkpointing(backend):
+    """The seed comes from torch's CPU generator: the same manual_seed gives the same output, another one another
+    output, and a checkpointed call (its forward rerun in the backward, RNG state restored) the same gradients."""
+    import llm2vec_fast as lf
+    from torch.utils.checkpoint import checkpoint
+    device = triton_device() if backend == "triton" else "cpu"
+    x, weight, bias, a, b = layer_inputs(13, 40, 24, 4, dtype=torch.float32, adapter_dtype=torch.float32, seed=3,
+                                         device=device)
+
+    def run(seed, checkpointed=False):
+        torch.manual_seed(seed)
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+
+        def layer(x, a, b):
+            return lf.lora_linear(x, weight, a, b, 2.0, bias, dropout_p=0.3, backend=backend)
+        out = checkpoint(layer, *leaves, use_reentrant=False) if checkpointed else layer(*leaves)
+        out.square().sum().backward()
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    first, again, other, replayed = run(0), run(0), run(1), run(0, checkpointed=True)
+    assert all(torch.equal(u, v) for u, v in zip(first, again))
+    assert all(torch.equal(u, v) for u, v in zip(first, replayed))
+    assert not torch.equal(first[0], other[0])
+    no_dropout = lf.lora_linear(x, weight, a, b, 2.0, bias, backend=backend)
+    assert not torch.equal(first[0], no_dropout)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_op_gradients_of_a_trained_base_and_three_dimensional_input(backend):
+    """A base weight and bias that require grad get F.linear's gradients; (B, S, in) inputs keep their shape; a
+    rank past the kernels' MAX_RANK runs the reference on the triton backend (the same bits as the torch one)."""
+    import llm2vec_fast as lf
+    device = triton_device() if backend == "triton" else "cpu"
+    for rank in (4, 80):
+        x, weight, bias, a, b = layer_inputs(15, 40, 24, rank, dtype=torch.float32, adapter_dtype=torch.float32,
+                                             seed=4, device=device)
+        x = x.view(3, 5, 40)
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, a, b)]
+        out = lf.lora_linear(leaves[0], leaves[1], leaves[3], leaves[4], 0.5, leaves[2], backend=backend)
+        assert out.shape == (3, 5, 24)
+        grad = randn(3, 5, 24, seed=5, device=device)
+        got = torch.autograd.grad(out, leaves, grad)
+        truth_leaves = [t.detach().double().requires_grad_(True) for t in (x, weight, bias, a, b)]
+        truth = exact_linear(truth_leaves[0], truth_leaves[1], truth_leaves[2], truth_leaves[3], truth_leaves[4], 0.5)
+        want = torch.autograd.grad(truth, truth_leaves, grad.double())
+        torch.testing.assert_close(out.double(), truth.detach(), rtol=1e-5, atol=1e-5)
+        for name, g, w in zip(("x", "weight", "bias", "lora_a", "lora_b"), got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=name)
+        if rank == 80 and backend == "triton":
+            torch.manual_seed(0)
+            fallback = lf.lora_linear(x, weight, a, b, 0.5, bias, dropout_p=0.2, backend="triton")
+            torch.manual_seed(0)
+            assert torch.equal(fallback, lf.lora_linear(x, weight, a, b, 0.5, bias, dropout_p=0.2, backend="torch"))
+
+
+def test_op_refuses_bad_arguments_naming_them():
+    import llm2vec_fast as lf
+    x, weight, bias, a, b = layer_inputs(5, 16, 8, 2, dtype=torch.float32, adapter_dtype=torch.float32, seed=6)
+    cases = [
+        (dict(x=[1.0]), TypeError, r"x must be a torch.Tensor, got list"),
+        (dict(x=torch.tensor(1.0)), ValueError, r"x must have at least 1 dimension"),
+        (dict(x=x.long()), TypeError, r"x must have dtype in .*got int64"),
+        (dict(weight=weight[0]), ValueError, r"weight must have 2 dimensions, got shape \(16,\)"),
+        (dict(weight=weight.double()), TypeError, r"x must have dtype in|weight must have"),
+        (dict(weight=weight.half()), TypeError, r"weight must have the same dtype as x \(float32\), got float16"),
+        (dict(weight=weight[:, :15]), ValueError, r"weight must be \(out_features, 16\) .* got \(8, 15\)"),
+        (dict(bias=bias[:7]), ValueError, r"bias must be \(8,\), got \(7,\)"),
+        (dict(bias=bias.half()), TypeError, r"bias must have the same dtype as x"),
+        (dict(lora_a=a[:, :15]), ValueError, r"lora_a must be \(rank >= 1, 16\), got \(2, 15\)"),
+        (dict(lora_a=a[:0]), ValueError, r"lora_a must be \(rank >= 1, 16\), got \(0, 16\)"),
+        (dict(lora_b=b[:, :1]), ValueError, r"lora_b must be \(8, 2\), got \(8, 1\)"),
+        (dict(lora_b=b.half()), TypeError, r"lora_b must have the same dtype as lora_a \(float32\), got float16"),
+        (dict(scaling="2"), TypeError, r"scaling must be a number, got str"),
+        (dict(scaling=float("inf")), ValueError, r"scaling must be finite, got inf"),
+        (dict(scaling=float("nan")), ValueError, r"scaling must be a number, got nan"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be < 1.0, got 1.0"),
+        (dict(dropout_p=-0.1), ValueError, r"dropout_p must be >= 0.0, got -0.1"),
+        (dict(dropout_p=True), TypeError, r"dropout_p must be a number, got bool"),
+        (dict(backend="cuda"), ValueError, r"backend='cuda'.*lora_linear on cpu: \['auto', 'torch'"),
+    ]
+    for change, error, match in cases:
+        arguments = dict(x=x, weight=weight, lora_a=a, lora_b=b, scaling=2.0, bias=bias, dropout_p=0.0)
+        backend = change.pop("backend", "auto")
+        arguments.update(change)
+        with pytest.raises(error, match=match):
+            lf.lora_linear(**arguments, backend=backend)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck(dropout_p):
+    x, weight, bias, a, b = layer_inputs(7, 16, 12, 4, dtype=torch.float32, adapter_dtype=torch.float32, seed=7)
+    seed = torch.tensor([5]) if dropout_p else None
+    leaves = [t.requires_grad_(True) for t in (x, a, b)]
+    ops = torch.ops.llm2vec_fast
+    torch.library.opcheck(ops.lora_linear_forward.default,
+                          (leaves[0], weight, bias, leaves[1], leaves[2], 2.0, dropout_p, seed, "torch"))
+    _, h = ops.lora_linear_forward.default(x.detach(), weight, bias, a.detach(), b.detach(), 2.0, dropout_p, seed,
+                                           "torch")
+    torch.library.opcheck(ops.lora_linear_backward.default,
+                          (randn(7, 12, seed=8), x.detach(), weight, a.detach(), b.detach(), h, 2.0, dropout_p, seed,
+                           "torch"))
+
+
+def test_torch_compile_fullgraph():
+    import llm2vec_fast as lf
+    x, weight, bias, a, b = layer_inputs(7, 16, 12, 4, dtype=torch.float32, adapter_dtype=torch.float32, seed=9)
+
+    def fn(x, a, b):
+        return lf.lora_linear(x, weight, a, b, 2.0, bias)
+
+    def run(function):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        out = function(*leaves)
+        return [out] + list(torch.autograd.grad(out.square().sum(), leaves))
+
+    for got, want in zip(run(torch.compile(fn, fullgraph=True, backend="aot_eager")), run(fn)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inside the models: the lean LoRA linears (the fused op with and without gradients)
 # ---------------------------------------------------------------------------------------------------
 def _model():
     """A bf16 Mistral with a float32 LoRA on its seven projections (peft's autocast), in eval mode."""

@@ -27,11 +27,16 @@ A peft LoRA linear (an unmerged adapter, llm2vec's default for its supervised mo
 and shares its cast input: peft computes ``(result + B(A(x.to(fp32))) * scaling).to(result.dtype)`` for a
 float32 adapter on a bf16 model, which writes and reads a float32 (T, out) copy of the result (8 bytes per
 output element that the in-place add, rounded once all the same, does not move) and casts x once per linear
-(q, k and v cast the same hidden states three times). Same bits as peft's forward. Where ``FUSED_BACKENDS``
-names the device (a GPU) and the adapter's dropout draws nothing, the term runs instead as two bandwidth-bound
-Triton passes (``kernels/lora.py``: x read once in its own dtype into a (T, r) float32 h, then
-``result += scaling * h @ B^T`` in place, each output element read and written once), after a first-use probe
-against peft's expression (:func:`_agrees`; float32 products, so within a few units in the last place).
+(q, k and v cast the same hidden states three times). Same bits as peft's forward.
+
+**LoRA linears on a GPU** (``FUSED_BACKENDS``), with or without gradients, run the fused ``lora_linear`` op
+instead (``kernels/lora.py``): the base linear (cuBLAS), then x read once in its own dtype into a (T, r) float32
+middle and ``result += scaling * h @ B^T`` in place, each output element read and written once; the backward
+adds the branch's gradient of x in place into the base's and reads the (T, out) gradient twice in bf16, where
+peft casts it to float32 and scales a copy. It keeps x and the (T, r) middle, not the mask or x after dropout.
+Checked by a first-use probe against peft's expression (:func:`_agrees`, in eval; float32 products, so within a
+few units in the last place). Its dropout masks are its own (philox, from a seed drawn from torch's CPU
+generator, so that checkpointing and GradCache replay them): peft's distribution, not peft's draws.
 
 **With gradients** (training), cheap elementwise regions keep only their inputs for the backward and are
 recomputed there (torch's non-reentrant checkpoint; the RNG state restored where LoRA dropout draws),
@@ -39,9 +44,10 @@ where autograd would keep their intermediates:
 - gated MLPs: ``act(gate) * up`` keeps gate and up, not act(gate) (one (T, intermediate) buffer);
 - RMSNorms: keep their input, not the fp32 upcast transformers' RMSNorm keeps (4 bytes per element,
   6 when the weight trains);
-- peft LoRA linears: the LoRA term ``B(A(dropout(x))) * scaling`` keeps x, not peft's fp32 copy of x
-  after dropout and its dropout mask (5 bytes per input element, for every adapted projection); with one
-  adapter it is added in place (no float32 copy of the (T, out) result, same bits and gradients).
+- peft LoRA linears (where the fused op does not run): the LoRA term ``B(A(dropout(x))) * scaling`` keeps x,
+  not peft's fp32 copy of x after dropout and its dropout mask (5 bytes per input element, for every adapted
+  projection); with one adapter it is added in place (no float32 copy of the (T, out) result, same bits and
+  gradients).
 On one bf16 Mistral-shaped LoRA layer (hidden 512, MLP 1792, all seven projections adapted) that is
 19 KB per token after the forward instead of 52 KB. Only elementwise work and the rank-r matmuls run
 twice: about 8% of the small fp32 CPU training step (``benchmarks/bench_train.py``; a smaller share is
@@ -319,45 +325,43 @@ class _SharedCast:
 
 
 def _fused_lora(layer: nn.Module, adapter: str, x: Tensor):
-    """``(result, x) -> result + B(A(x)) * scaling`` in place, by the two bandwidth-bound kernels of
-    ``kernels/lora.py`` (x read once, each output element read and written once), where they stand for peft's
-    term of ``layer`` (checked by :func:`_agrees`): no gradients, dropout drawing nothing, a linear base, no LoRA
-    bias, a rank the kernels take. Else None."""
+    """``x -> lora_linear(x, ...)``, the base linear and the LoRA term of ``adapter`` through the fused op
+    (``kernels/lora.py``: x read once into a (T, r) float32 middle, the term added in place into the base's output,
+    and in the backward into its gradient of x; dropout's mask drawn in the kernels and regenerated, not kept),
+    where that stands for peft's forward of ``layer`` (checked by :func:`_agrees`, in eval): torch's dropout or
+    none, a plain linear base in x's dtype, no LoRA bias, a rank the kernels take. Else None."""
+    from ..ops.lora import lora_linear
+
     backend = _fusion_backend(x)
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-    if (backend is None or _draws_random(layer.lora_dropout[adapter])
+    dropout, base = layer.lora_dropout[adapter], layer.get_base_layer()
+    if (backend is None or not (isinstance(dropout, nn.Identity) or type(dropout) is nn.Dropout)
             or getattr(layer, "lora_bias", {}).get(adapter, False)
-            or getattr(layer, "fan_in_fan_out", False) or not isinstance(layer.get_base_layer(), nn.Linear)
-            or not getattr(layer, "cast_input_dtype_enabled", True)
+            or getattr(layer, "fan_in_fan_out", False) or type(base) is not nn.Linear or base.weight.dtype != x.dtype
+            or torch.is_autocast_enabled(x.device.type) or not getattr(layer, "cast_input_dtype_enabled", True)
             or lora_a.weight.dtype not in (torch.float32, x.dtype) or lora_a.weight.device != x.device):
         return None
-    from ..reference import lora as reference
-    kernels = None  # the "torch" backend (CPU tests of this path) runs the reference: peft's expression
-    if backend != "torch":
+    if backend != "torch":  # the "torch" backend (CPU tests of this path) runs the reference: peft's expression
         try:
-            from ..kernels import lora as kernels
-        except ImportError:  # no triton: the unfused in-place path is the faster one
+            from ..kernels.lora import MAX_RANK
+        except ImportError:  # no triton: peft's term, in place, is the faster one
             return None
-        if lora_a.weight.shape[0] > kernels.MAX_RANK:
+        if lora_a.weight.shape[0] > MAX_RANK:
             return None
     scale = float(layer.scaling[adapter])
 
-    def fused(result: Tensor, inputs: Tensor) -> Tensor:
-        if kernels is None:
-            return result.copy_(reference.lora_add(result, inputs, lora_a.weight, lora_b.weight, scale))
-        rows = inputs.reshape(-1, inputs.shape[-1])
-        h = kernels.lora_down(rows, lora_a.weight)
-        kernels.lora_up_add_(result.view(-1, result.shape[-1]), h, lora_b.weight, scale)
-        return result
+    def fused(inputs: Tensor, dropout_p: Optional[float] = None) -> Tensor:
+        if dropout_p is None:  # the module's: drawn in training mode only, as torch's dropout draws
+            dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return lora_linear(inputs, base.weight, lora_a.weight, lora_b.weight, scale, base.bias, dropout_p,
+                           backend=backend)
 
     def theirs(inputs: Tensor) -> Tensor:
-        return reference.lora_add(layer.base_layer(inputs), inputs, lora_a.weight, lora_b.weight, scale)
-
-    def ours(inputs: Tensor) -> Tensor:
-        return fused(layer.base_layer(inputs), inputs)
+        from ..reference.lora import lora_add
+        return lora_add(base(inputs), inputs, lora_a.weight, lora_b.weight, scale)
 
     op = f"LoRA term ({lora_a.weight.dtype} adapter)"
-    return fused if _agrees(op, type(layer), x, [(5, x.shape[-1])], theirs, ours) else None
+    return fused if _agrees(op, type(layer), x, [(5, x.shape[-1])], theirs, lambda probe: fused(probe, 0.0)) else None
 
 
 def _shares_input(dropout: nn.Module) -> bool:
@@ -373,6 +377,9 @@ def _lora_forward_for(layer: nn.Module, shared_cast: _SharedCast):
                 or any(name in layer.lora_variant for name in layer.active_adapters)):
             return original(layer, x, *args, **kwargs)
         adapters = [name for name in layer.active_adapters if name in layer.lora_A.keys()]
+        fused = _fused_lora(layer, adapters[0], x) if len(adapters) == 1 else None
+        if fused is not None:
+            return fused(x)
         if not torch.is_grad_enabled():
             if len(adapters) != 1:  # peft sums several adapters in the promoted dtype: its own forward
                 return original(layer, x, *args, **kwargs)
@@ -380,9 +387,6 @@ def _lora_forward_for(layer: nn.Module, shared_cast: _SharedCast):
             # the same bits: the sum is taken in the promoted dtype and rounded once either way, so it is added
             # in place (no promoted (T, out) copy), and the cast input is shared with the block's next linear.
             adapter = adapters[0]
-            fused = _fused_lora(layer, adapter, x)
-            if fused is not None:
-                return fused(layer.base_layer(x), x)
             lora_input = x
             if _shares_input(layer.lora_dropout[adapter]):  # already in A's dtype: the branch's cast is a no-op
                 lora_input = shared_cast(layer, x, layer.lora_A[adapter].weight.dtype)
