@@ -23,11 +23,10 @@ writes d q and d k (4 * (q + k), plus cos and sin twice).
 LoRA linears (``lora_linear``: no grad, eval; ``lora_linear_fwd_bwd``: training mode, LoRA dropout drawing, the
 gradients of x and of the LoRA weights): a peft LoRA ``Linear`` (r 16, alpha 32, dropout 0.05) on Mistral-7B's
 gate projection (4096 -> 14336) over 16k tokens, bf16 with the float32 adapter peft's autocast gives it.
-``peft`` is its own forward, ``llm2vec_fast_lean`` the lean layers' (``models.lean``: without gradients on a
-GPU the two fused kernels of ``kernels/lora.py``; in training the term added in place, its branch recomputed in
-the backward). ``lora_linear_base`` times the base linear alone (impl
-``base_linear``), so that what the LoRA term costs on top is read off the same run. GB/s counts reading x and
-writing the output once.
+``peft`` is its own forward, ``llm2vec_fast_lean`` the lean layers' (``models.lean``: on a GPU the fused
+``lora_linear`` op, ``kernels/lora.py``, with and without gradients; its own dropout masks in training).
+``lora_linear_base`` times the base linear alone (impl ``base_linear``), so that what the LoRA term costs on top
+is read off the same run. GB/s counts reading x and writing the output once.
 """
 from __future__ import annotations
 
@@ -62,8 +61,8 @@ METHOD_NOTES = [
     "place without gradients; transformers_eager is Llama's apply_rotary_pos_emb on (1, H, T, D) views, liger is "
     "liger_rotary_pos_emb.",
     "lora_linear: a peft LoRA Linear (r 16, fp32 adapter on bf16) on the gate projection; peft = its forward, "
-    "llm2vec_fast_lean = the lean layers' (no grad: kernels/lora.py's fused passes; training: the term added in "
-    "place); lora_linear_base = the base "
+    "llm2vec_fast_lean = the lean layers' (on a GPU the fused lora_linear op of kernels/lora.py, forward and "
+    "backward); lora_linear_base = the base "
     "linear alone, to read the LoRA term's cost off the same run. GB/s counts x read and the output written once.",
 ]
 

@@ -239,8 +239,8 @@ def _grad_x_a_(dx: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, x: torch.Ten
     if rows and width:
         _lora_grad_x_a[(tiles, splits)](
             dh, a, x, dx, partial, seed, float(dropout_p), rows, width, rank, dh.stride(0), a.stride(0),
-            x.stride(0), dx.stride(0), per_split, BLOCK_T=BLOCK_T_GRAD, BLOCK_K=_block_k_grad(block_r), BLOCK_R=block_r,
-            DROPOUT=dropout_p > 0, INTERPRET=interpreting(), num_warps=8, enable_fp_fusion=False)
+            x.stride(0), dx.stride(0), per_split, BLOCK_T=BLOCK_T_GRAD, BLOCK_K=_block_k_grad(block_r),
+            BLOCK_R=block_r, DROPOUT=dropout_p > 0, INTERPRET=interpreting(), num_warps=8, enable_fp_fusion=False)
     return partial.sum(0)
 
 

@@ -4,10 +4,10 @@ Made for an installed wheel on a GPU server, where the repository's tests are no
 the versions that matter (the package, torch, triton, CUDA, the GPU, and what the CUDA extension was
 built against), then runs every public op with every backend that can run on the device, forward and
 backward, on fresh random inputs (odd varlen lengths, GQA, softcap, sliding windows, all pooling modes, hard
-negatives, both RMSNorm casting modes, SwiGLU and GeGLU), and compares each with a float64 evaluation of
-the same formulas. The bound is flash-attention's: a backend may err at most 2x (forward) or 3x (gradients)
-as much as PyTorch's own evaluation in the same dtype, plus a small floor for results that PyTorch happens
-to get exactly. Exit status 0 when every check passes, 1 otherwise.
+negatives, both RMSNorm casting modes, SwiGLU and GeGLU, LoRA linears with float32 and bf16 adapters), and
+compares each with a float64 evaluation of the same formulas. The bound is flash-attention's: a backend may err
+at most 2x (forward) or 3x (gradients) as much as PyTorch's own evaluation in the same dtype, plus a small floor
+for results that PyTorch happens to get exactly. Exit status 0 when every check passes, 1 otherwise.
 
     llm2vec-fast check [--device cuda] [--backend triton] [--quick]
 """
@@ -267,10 +267,30 @@ def rotary_checks(device, dtype, backend: str, quick: bool, generator) -> Iterat
         yield from _check_op("rotary_embedding", backend, case, rotate, exact, [q, k], ["q", "k"], dtype)
 
 
+def lora_checks(device, dtype, backend: str, quick: bool, generator) -> Iterator[Result]:
+    from .ops.lora import lora_linear
+    tokens, width_in, width_out = (37, 96, 130) if quick else (1013, 4096, 1536)  # a 7B layer's width in
+    for rank, adapter in ((16, torch.float32), (64, dtype)):  # peft's autocast (float32), and the model's dtype
+        x = torch.randn((tokens, width_in), generator=generator).to(device, dtype)
+        weight, a = ((torch.randn(shape, generator=generator) * width_in ** -0.5).to(device, kind)
+                     for shape, kind in (((width_out, width_in), dtype), ((rank, width_in), adapter)))
+        bias = torch.randn(width_out, generator=generator).to(device, dtype)
+        b = (0.5 * torch.randn((width_out, rank), generator=generator)).to(device, adapter)
+        case = f"T={tokens},in={width_in},out={width_out},r={rank},adapter={str(adapter).replace('torch.', '')}"
+
+        def layer(x, weight, bias, a, b, **kwargs):  # eval: dropout's masks are each backend's own
+            return lora_linear(x, weight, a, b, 2.0, bias, **kwargs)
+
+        def exact(x, weight, bias, a, b):
+            return x @ weight.t() + bias + 2.0 * (x @ a.t()) @ b.t()
+        yield from _check_op("lora_linear", backend, case, layer, exact, [x, weight, bias, a, b],
+                             ["x", "weight", "bias", "lora_a", "lora_b"], dtype)
+
+
 CHECKS: Dict[str, Callable] = {"flash_attention": attention_checks, "pool": pool_checks,
                                "contrastive_loss": contrastive_checks, "rms_norm": rms_norm_checks,
-                               "gated_activation": gated_checks,
-                               "rotary_embedding": rotary_checks}
+                               "gated_activation": gated_checks, "rotary_embedding": rotary_checks,
+                               "lora_linear": lora_checks}
 
 
 def run_checks(device: torch.device, backends: Optional[Sequence[str]] = None, dtypes: Optional[Sequence] = None,

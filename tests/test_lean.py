@@ -71,7 +71,7 @@ def test_forward_packed_uses_it_without_gradients_and_changes_no_bit(family, mon
         lean_hidden = model.forward_packed(ids, mask).hidden
     assert counter.calls == model.config.num_hidden_layers
     with monkeypatch.context() as patch:  # the same forward with transformers' MLPs
-        patch.setattr(bidirectional, "lean_layers", lambda body: contextlib.nullcontext())
+        patch.setattr(bidirectional, "lean_layers", lambda body, **options: contextlib.nullcontext())
         with torch.no_grad():
             plain_hidden = model.forward_packed(ids, mask).hidden
     assert counter.calls == model.config.num_hidden_layers
@@ -415,3 +415,57 @@ def test_grad_cache_with_the_fused_ops_replays_the_full_batch(files, tmp_path, m
     monkeypatch.setattr(lean, "_ATTENTION_PLANS", weakref.WeakKeyDictionary())
     same_as_full_batch(files, tmp_path)
     assert calls and lean._PROBES and all(lean._PROBES.values())
+
+
+def test_grad_cache_under_one_block_replays_the_fused_lora_dropout(files, tmp_path, monkeypatch):  # noqa: F811
+    """As the training loop runs it, the whole GradCache step inside one ``lean_layers`` block with the fused ops on:
+    both passes draw the fused ``lora_linear``'s own dropout masks (from seeds replayed with the RNG state), so the
+    loss and gradients are the full batch's (embedded in the same chunks under the same block)."""
+    import weakref
+
+    from test_training_contrastive import test_grad_cache_equals_full_batch_with_dropout as same_as_full_batch
+
+    from llm2vec_fast.ops import lora
+
+    drawn = []
+    real = lora.lora_linear
+
+    def recording(*args, **kwargs):
+        drawn.append(kwargs.get("dropout_p", args[6] if len(args) > 6 else 0.0))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(lora, "lora_linear", recording)
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "torch"})
+    monkeypatch.setattr(lean, "_PROBES", {})
+    monkeypatch.setattr(lean, "_ATTENTION_PLANS", weakref.WeakKeyDictionary())
+    same_as_full_batch(files, tmp_path, step_block=lean_layers)
+    assert drawn and all(p == 0.1 for p in drawn if p)  # the op ran, with the LoRA's dropout
+    assert sum(1 for p in drawn if p) >= len(drawn) // 2
+
+
+def test_forward_packed_without_gradients_keeps_peft_lora_dropout_where_it_draws(monkeypatch):
+    """forward_packed's own block (no gradients) fuses LoRA linears in eval, but keeps peft's term where dropout
+    draws, so that a later pass with gradients outside any block draws the same masks; an enclosing training block
+    fuses them."""
+    from test_models import make_batch
+
+    from llm2vec_fast.models import forward_packed
+    from llm2vec_fast.ops import lora
+    calls = []
+    real = lora.lora_linear
+    monkeypatch.setattr(lora, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": "torch"})
+    monkeypatch.setattr(lean, "_PROBES", {})
+    model = _lora_model("mistral", torch.float32)
+    ids, mask = make_batch(seed=3)
+    loras = [m for m in model.modules() if is_lora_linear(m)]
+    with torch.no_grad():
+        forward_packed(model.eval(), ids, mask)  # the first-use probes (the attention probe runs the LoRAs in eval)
+        calls.clear()
+        forward_packed(model.train(), ids, mask)
+        assert calls == []
+        with lean_layers(model):
+            forward_packed(model, ids, mask)
+        assert len(calls) == len(loras)
+        forward_packed(model.eval(), ids, mask)
+        assert len(calls) == 2 * len(loras)
+    model.train()

@@ -296,24 +296,31 @@ def _chunked_reference(recipe, batch, chunk):
     return loss.detach()
 
 
-def test_grad_cache_equals_full_batch_with_dropout(files, tmp_path):
+def test_grad_cache_equals_full_batch_with_dropout(files, tmp_path, step_block=None):
+    """``step_block``: a context manager factory (given the model) entered around each step, as the training loop
+    enters ``lean_layers``; by default none (the recipe's step called on its own)."""
+    import contextlib
     chunk = 3
     recipe = SimCSERecipe(simcse_config(files, tmp_path, simcse_dropout=0.3, lora_dropout=0.1,
                                         grad_cache_chunk_size=chunk))
     batch = next(iter(recipe.batches(0)))
+    block = step_block or (lambda model: contextlib.nullcontext())
     torch.manual_seed(5)
-    want_loss = _chunked_reference(recipe, batch, chunk)
+    with block(recipe.model):
+        want_loss = _chunked_reference(recipe, batch, chunk)
     want, want_rng = lora_grads(recipe.model), torch.get_rng_state()
     recipe.model.zero_grad(set_to_none=True)
     torch.manual_seed(5)
-    got_loss = recipe.train_step(batch, 1.0)
+    with block(recipe.model):
+        got_loss = recipe.train_step(batch, 1.0)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     assert_same_grads(lora_grads(recipe.model), want, label="GradCache")
     assert torch.equal(torch.get_rng_state(), want_rng)  # the step consumed randomness as one pass does
     # The dropout is real: other masks give other gradients.
     recipe.model.zero_grad(set_to_none=True)
     torch.manual_seed(6)
-    recipe.train_step(batch, 1.0)
+    with block(recipe.model):
+        recipe.train_step(batch, 1.0)
     other = lora_grads(recipe.model)
     assert max(float((other[k] - want[k]).abs().max()) for k in want) > 1e-4
 

@@ -282,8 +282,10 @@ def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
         extra = {"attention_mask": None, "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
                  "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
     kwargs.setdefault("use_cache", False)
-    lean = lean_layers(body) if not torch.is_grad_enabled() else contextlib.nullcontext()
-    with lean:  # without gradients the MLPs compute in place (same bits, see lean.py)
+    # Without gradients the MLPs compute in place (same bits, see lean.py). LoRA dropout that draws keeps peft's
+    # masks here: a second pass with gradients outside any block (GradCache) must draw the same ones.
+    lean = lean_layers(body, fuse_dropout=False) if not torch.is_grad_enabled() else contextlib.nullcontext()
+    with lean:
         out = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], **extra, **kwargs)
     hidden_states = getattr(out, "hidden_states", None)
     if hidden_states is not None:

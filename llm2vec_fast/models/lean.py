@@ -57,8 +57,10 @@ expected where the base matmuls dominate, not yet measured on a GPU). The autogr
 :func:`lean_layers` replaces the ``forward`` of those modules for the duration of the block, and only
 on instances: transformers' and peft's classes are not touched, and nothing survives the block
 (pickling and deep copies see the modules unchanged). :func:`forward_packed` enters it when gradients
-are off. Training enters it around each whole step (``training.loop``), forward and backward: a
-checkpointed layer recomputed in the backward must save what its forward saved. A module keeps its own
+are off (with peft's LoRA dropout where it draws: GradCache's second pass may run outside any block, and must
+draw the same masks). Training enters it around each whole step (``training.loop``), forward and backward: a
+checkpointed layer recomputed in the backward must save what its forward saved, and both GradCache passes
+draw the fused op's masks. A module keeps its own
 forward under ``torch.compile``, with extra arguments, or when it or any of its sub-modules has a hook
 (a hook could see a buffer that is later overwritten); LoRA linears also when merged, disabled or using
 a variant (DoRA, ...).
@@ -324,18 +326,20 @@ class _SharedCast:
         return cast
 
 
-def _fused_lora(layer: nn.Module, adapter: str, x: Tensor):
+def _fused_lora(layer: nn.Module, adapter: str, x: Tensor, fuse_dropout: bool = True):
     """``x -> lora_linear(x, ...)``, the base linear and the LoRA term of ``adapter`` through the fused op
     (``kernels/lora.py``: x read once into a (T, r) float32 middle, the term added in place into the base's output,
     and in the backward into its gradient of x; dropout's mask drawn in the kernels and regenerated, not kept),
     where that stands for peft's forward of ``layer`` (checked by :func:`_agrees`, in eval): torch's dropout or
-    none, a plain linear base in x's dtype, no LoRA bias, a rank the kernels take. Else None."""
+    none (drawing only where ``fuse_dropout``: the op's masks are not peft's), a plain linear base in x's dtype,
+    no LoRA bias, a rank the kernels take. Else None."""
     from ..ops.lora import lora_linear
 
     backend = _fusion_backend(x)
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     dropout, base = layer.lora_dropout[adapter], layer.get_base_layer()
     if (backend is None or not (isinstance(dropout, nn.Identity) or type(dropout) is nn.Dropout)
+            or (_draws_random(dropout) and not fuse_dropout)
             or getattr(layer, "lora_bias", {}).get(adapter, False)
             or getattr(layer, "fan_in_fan_out", False) or type(base) is not nn.Linear or base.weight.dtype != x.dtype
             or torch.is_autocast_enabled(x.device.type) or not getattr(layer, "cast_input_dtype_enabled", True)
@@ -369,7 +373,7 @@ def _shares_input(dropout: nn.Module) -> bool:
     return isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and not dropout.inplace)
 
 
-def _lora_forward_for(layer: nn.Module, shared_cast: _SharedCast):
+def _lora_forward_for(layer: nn.Module, shared_cast: _SharedCast, fuse_dropout: bool = True):
     original = type(layer).forward
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
@@ -377,7 +381,7 @@ def _lora_forward_for(layer: nn.Module, shared_cast: _SharedCast):
                 or any(name in layer.lora_variant for name in layer.active_adapters)):
             return original(layer, x, *args, **kwargs)
         adapters = [name for name in layer.active_adapters if name in layer.lora_A.keys()]
-        fused = _fused_lora(layer, adapters[0], x) if len(adapters) == 1 else None
+        fused = _fused_lora(layer, adapters[0], x, fuse_dropout) if len(adapters) == 1 else None
         if fused is not None:
             return fused(x)
         if not torch.is_grad_enabled():
@@ -597,18 +601,21 @@ def _lean_forward_maker(module: nn.Module):
 
 
 @contextlib.contextmanager
-def lean_layers(model: nn.Module) -> Iterator[List[nn.Module]]:
+def lean_layers(model: nn.Module, fuse_dropout: bool = True) -> Iterator[List[nn.Module]]:
     """Within the block, the attention modules, gated MLPs, RMSNorms and peft LoRA linears of ``model`` (without
-    hooks) run lean
-    (see the module docstring). Modules already changed by an enclosing block are left to it. Yields the modules this
-    block changed."""
+    hooks) run lean (see the module docstring). Modules already changed by an enclosing block are left to it.
+    Yields the modules this block changed.
+
+    ``fuse_dropout=False`` keeps peft's own LoRA term where its dropout draws (training mode): the fused op draws
+    other masks, so a block that covers only one of two passes that must draw the same masks (GradCache's pass
+    without gradients and its pass with them) must not use it. Training enters one block around both."""
     changed = []
     shared_cast = _SharedCast()
     for module in model.modules():
         make = _lean_forward_maker(module)
         if make is None or "forward" in module.__dict__ or _hooked(module):
             continue
-        module.forward = make(module, shared_cast) if make is _lora_forward_for else make(module)
+        module.forward = make(module, shared_cast, fuse_dropout) if make is _lora_forward_for else make(module)
         changed.append(module)
     try:
         yield changed

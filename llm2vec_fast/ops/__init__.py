@@ -7,4 +7,5 @@ from .pooling import pool
 from .normalization import rms_norm
 from .rotary import rotary_embedding
 
-__all__ = ["flash_attention", "pool", "contrastive_loss", "rms_norm", "gated_activation", "rotary_embedding", "lora_linear"]
+__all__ = ["flash_attention", "pool", "contrastive_loss", "rms_norm", "gated_activation", "rotary_embedding",
+           "lora_linear"]
