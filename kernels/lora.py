@@ -166,9 +166,9 @@ def _block_rank(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))  # tl.dot's smallest side is 16
 
 
-def _down(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
-          transposed: bool = False) -> torch.Tensor:
-    """scale * dropout(x (T, k)) @ a^T in float32: (T, r). ``a`` is (r, k), or (k, r) where ``transposed``."""
+def lora_down(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
+              transposed: bool = False) -> torch.Tensor:
+    """scale * dropout(x (T, k)) @ a^T in float32: (T, r) float32. ``a`` is (r, k), or (k, r) where ``transposed``."""
     x = unit_last_dim(x)
     rank = a.shape[1] if transposed else a.shape[0]
     stride_ar, stride_ak = (a.stride(1), a.stride(0)) if transposed else (a.stride(0), a.stride(1))
@@ -180,11 +180,6 @@ def _down(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p: float
             h.stride(0), BLOCK_T=BLOCK_T_DOWN, BLOCK_K=BLOCK_K, BLOCK_R=_block_rank(rank), DROPOUT=dropout_p > 0,
             INTERPRET=interpreting(), num_warps=4, enable_fp_fusion=False)
     return h
-
-
-def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x (T, in) @ a (r, in)^T in float32: (T, r) float32."""
-    return _down(x, a)
 
 
 def lora_up_add_(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -260,7 +255,7 @@ def forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
         from ..reference.lora import lora_linear_forward
         return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     out = F.linear(x, weight, bias)
-    h = _down(x.reshape(-1, x.shape[-1]), lora_a, dropout_p=dropout_p, seed=seed)
+    h = lora_down(x.reshape(-1, x.shape[-1]), lora_a, dropout_p=dropout_p, seed=seed)
     lora_up_add_(out.view(-1, out.shape[-1]), h, lora_b, scale)
     return out, h
 
@@ -273,7 +268,7 @@ def backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed):
     rows = unit_last_dim(x.reshape(-1, x.shape[-1]))
     g = unit_last_dim(grad.reshape(-1, grad.shape[-1]))
     dx = g.mm(weight)  # the base linear's, cuBLAS; the branch's is added to it in place
-    dh = _down(g, lora_b, scale=scale, transposed=True)  # scale * g @ B
+    dh = lora_down(g, lora_b, scale=scale, transposed=True)  # scale * g @ B
     grad_b = (_grad_b(g, h) * scale).to(lora_b.dtype)
     grad_a = _grad_x_a_(dx, dh, lora_a, rows, dropout_p, seed).to(lora_a.dtype)
     return dx.view(x.shape), grad_a, grad_b

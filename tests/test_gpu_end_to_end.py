@@ -151,3 +151,34 @@ def test_contrastive_recipes_train_on_the_gpu_in_bf16(files, tmp_path, grad_cach
         assert next(recipe.model.parameters()).device.type == "cuda"
         losses = Trainer(recipe).train()
         assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses))), losses
+
+
+def test_the_fused_lora_linear_trains_on_the_gpu(files, tmp_path, monkeypatch):  # noqa: F811
+    """In a SimCSE step on the GPU every LoRA linear runs the fused ``lora_linear`` with gradients and its dropout
+    (its first-use probe passing: no fallback warning), and the loss is finite."""
+    import warnings
+
+    from llm2vec_fast.models import lean
+    from llm2vec_fast.ops import lora
+    from llm2vec_fast.training.contrastive import SimCSERecipe
+    from llm2vec_fast.training.loop import Trainer
+
+    monkeypatch.setattr(lean, "_PROBES", {})
+    calls = []
+    real = lora.lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append((torch.is_grad_enabled(), kwargs.get("dropout_p", args[6] if len(args) > 6 else 0.0)))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(lora, "lora_linear", counting)
+    recipe = SimCSERecipe(simcse_config(files, tmp_path / "simcse", torch_dtype="bfloat16", simcse_dropout=0.3,
+                                        lora_dropout=0.1, max_steps=2, device="cuda"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = Trainer(recipe).train()
+    fallbacks = [str(w.message) for w in caught if str(w.message).startswith("llm2vec_fast: the ")]
+    assert not fallbacks, fallbacks
+    loras = [m for m in recipe.model.modules() if lean.is_lora_linear(m)]
+    trained = [p for grad, p in calls if grad]
+    assert len(trained) >= 2 * len(loras) and all(p == 0.1 for p in trained)
+    assert all(torch.isfinite(torch.tensor(losses))), losses

@@ -264,7 +264,7 @@ def test_triton_dropout_mask_statistics_and_replay():
         # neighbouring rows and columns are not correlated (the counters are distinct)
         assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
     x, a = randn(rows, cols, seed=5, device=device), randn(8, cols, seed=6, device=device)
-    h = kernels_module._down(x, a, dropout_p=0.3, seed=99)
+    h = kernels_module.lora_down(x, a, dropout_p=0.3, seed=99)
     keep = kernels_module.dropout_mask(rows, cols, 0.3, 99, device)
     torch.testing.assert_close(h, (x * keep / 0.7) @ a.t(), rtol=1e-5, atol=1e-4)
 
