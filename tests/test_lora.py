@@ -350,12 +350,27 @@ def test_triton_layer_on_the_gpu_at_model_sizes(dtype, adapter_dtype, rank, drop
     assert_rounds_like(got[1], base[1])
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_op_takes_an_empty_batch(backend):
+    """No rows: an empty output, an empty dx, and zero gradients of A and B (nothing to learn from), with dropout."""
+    import llm2vec_fast as lf
+    device = triton_device() if backend == "triton" else "cpu"
+    x, weight, bias, a, b = layer_inputs(0, 40, 24, 4, dtype=torch.float32, adapter_dtype=torch.float32, seed=12,
+                                         device=device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+    out = lf.lora_linear(leaves[0], weight, leaves[1], leaves[2], 2.0, bias, dropout_p=0.1, backend=backend)
+    assert out.shape == (0, 24)
+    dx, da, db = torch.autograd.grad(out.sum(), leaves)
+    assert dx.shape == (0, 40) and torch.equal(da, torch.zeros_like(a)) and torch.equal(db, torch.zeros_like(b))
+
+
 def test_op_refuses_bad_arguments_naming_them():
     import llm2vec_fast as lf
     x, weight, bias, a, b = layer_inputs(5, 16, 8, 2, dtype=torch.float32, adapter_dtype=torch.float32, seed=6)
     cases = [
         (dict(x=[1.0]), TypeError, r"x must be a torch.Tensor, got list"),
-        (dict(x=torch.tensor(1.0)), ValueError, r"x must have at least 1 dimension"),
+        (dict(x=torch.tensor(1.0)), ValueError, r"x must be \(..., in_features >= 1\), got shape \(\)"),
+        (dict(x=x[:, :0]), ValueError, r"x must be \(..., in_features >= 1\), got shape \(5, 0\)"),
         (dict(x=x.long()), TypeError, r"x must have dtype in .*got int64"),
         (dict(weight=weight[0]), ValueError, r"weight must have 2 dimensions, got shape \(16,\)"),
         (dict(weight=weight.double()), TypeError, r"x must have dtype in|weight must have"),

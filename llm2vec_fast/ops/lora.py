@@ -32,7 +32,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, 
 
 @_forward.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = x.numel() // x.shape[-1]
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, lora_a.shape[0]), dtype=torch.float32)
 
 
@@ -74,8 +74,8 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
     check_tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-dim tensor")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (..., in_features >= 1), got shape {tuple(x.shape)}")
     check_tensor("weight", weight, ndim=(2,))
     check_tensor("lora_a", lora_a, ndim=(2,))
     check_tensor("lora_b", lora_b, ndim=(2,))

@@ -35,7 +35,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     """(out, h): out as peft computes it, h = dropout(x) @ A^T (T, r) widened to float32 (kept for the backward;
     float64 stays float64)."""
     h = F.linear(_dropped(x, lora_a.dtype, dropout_p, seed, keep), lora_a)
-    branch = (F.linear(h, lora_b) * scale).view(*x.shape[:-1], -1)
+    branch = (F.linear(h, lora_b) * scale).view(*x.shape[:-1], lora_b.shape[0])
     return (F.linear(x, weight, bias) + branch).to(x.dtype), h.to(torch.promote_types(h.dtype, torch.float32))
 
 
