@@ -364,6 +364,30 @@ def test_op_takes_an_empty_batch(backend):
     assert dx.shape == (0, 40) and torch.equal(da, torch.zeros_like(a)) and torch.equal(db, torch.zeros_like(b))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_op_reads_strided_rows_where_they_are(backend):
+    """x a view whose rows are further apart than its width (a slice of a wider tensor), and a transposed B: the
+    output and gradients of contiguous copies."""
+    import llm2vec_fast as lf
+    device = triton_device() if backend == "triton" else "cpu"
+    x, weight, bias, a, b = layer_inputs(21, 40, 24, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32, seed=13,
+                                         device=device)
+    wide = torch.cat([x, randn(21, 7, seed=14, dtype=torch.bfloat16, device=device)], dim=1)[:, :40]
+    b_strided = b.t().contiguous().t()
+    assert wide.stride(0) == 47 and b_strided.stride() == (1, 24)
+
+    def run(x, b):
+        leaves = [t.clone().requires_grad_(True) if t.is_contiguous() else t.requires_grad_(True) for t in (x, a, b)]
+        out = lf.lora_linear(leaves[0], weight, leaves[1], leaves[2], 2.0, bias, backend=backend)
+        return [out] + list(torch.autograd.grad(out.float().square().sum(), leaves))
+
+    for got, want in zip(run(wide.detach(), b_strided.detach()), run(x, b)):
+        if backend == "triton":  # the kernels index rows by their stride: the same bits
+            assert torch.equal(got, want)
+        else:  # a CPU BLAS blocks a transposed operand otherwise: float32 rounding
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def test_op_refuses_bad_arguments_naming_them():
     import llm2vec_fast as lf
     x, weight, bias, a, b = layer_inputs(5, 16, 8, 2, dtype=torch.float32, adapter_dtype=torch.float32, seed=6)
