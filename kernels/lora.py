@@ -119,9 +119,10 @@ def _lora_grad_b(G, H, PARTIAL, n_rows, n_out, rank, stride_g, stride_h, rows_pe
 @triton.jit
 def _lora_grad_x_a(DH, A, X, DX, PARTIAL, seed, dropout_p, n_rows, n_in, rank, stride_dh, stride_a, stride_x,
                    stride_dx, rows_per_split, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                   DROPOUT: tl.constexpr, INTERPRET: tl.constexpr):
+                   DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, INTERPRET: tl.constexpr):
     # A program owns BLOCK_K input columns and one split of the rows. Per BLOCK_T rows: the branch's gradient of
-    # dropout(x), dh @ A, through the dropout mask into dx (in place), and PARTIAL[split] += dh^T @ dropout(x).
+    # dropout(x), dh @ A, through the dropout mask into dx (in place; where x needs a gradient: WRITE_DX), and
+    # PARTIAL[split] += dh^T @ dropout(x).
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
@@ -137,16 +138,18 @@ def _lora_grad_x_a(DH, A, X, DX, PARTIAL, seed, dropout_p, n_rows, n_in, rank, s
         dh = tl.load(DH + rows[:, None] * stride_dh + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
                      other=0.0)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        grad = mma(dh, a, tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32), True, INTERPRET)
         if DROPOUT:
             keep = dropout_keep(seed, 0, rows[:, None].to(tl.int32), cols[None, :], dropout_p)
             x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
-            grad = tl.where(keep, grad * (1.0 / (1.0 - dropout_p)), 0.0)
-        tile = DX + rows[:, None] * stride_dx + cols[None, :]
-        base = tl.load(tile, mask=tile_ok, other=0.0).to(tl.float32)
-        # peft rounds the branch's gradient to x's dtype (its cast's backward); autograd then adds the base's
-        branch = grad.to(DX.dtype.element_ty).to(tl.float32)
-        tl.store(tile, (base + branch).to(DX.dtype.element_ty), mask=tile_ok)
+        if WRITE_DX:
+            grad = mma(dh, a, tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32), True, INTERPRET)
+            if DROPOUT:
+                grad = tl.where(keep, grad * (1.0 / (1.0 - dropout_p)), 0.0)
+            tile = DX + rows[:, None] * stride_dx + cols[None, :]
+            base = tl.load(tile, mask=tile_ok, other=0.0).to(tl.float32)
+            # peft rounds the branch's gradient to x's dtype (its cast's backward); autograd then adds the base's
+            branch = grad.to(DX.dtype.element_ty).to(tl.float32)
+            tl.store(tile, (base + branch).to(DX.dtype.element_ty), mask=tile_ok)
         acc = mma(tl.trans(dh), x, acc, True, INTERPRET)
     partial = PARTIAL + split.to(tl.int64) * rank * n_in  # PARTIAL is (splits, r, in), contiguous
     tl.store(partial + ranks[:, None] * n_in + cols[None, :], acc, mask=rank_ok[:, None] & col_ok[None, :])
@@ -221,9 +224,10 @@ def _grad_b(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return partial.sum(0)
 
 
-def _grad_x_a_(dx: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, x: torch.Tensor, dropout_p: float,
+def _grad_x_a_(dx, dh: torch.Tensor, a: torch.Tensor, x: torch.Tensor, dropout_p: float,
                seed: int) -> torch.Tensor:
-    """dx (T, in) += the branch's gradient of x, in place; returns dh (T, r)^T @ dropout(x) (r, in) in float32."""
+    """dx (T, in) += the branch's gradient of x, in place (dx None: not computed); returns dh (T, r)^T @ dropout(x)
+    (r, in) in float32."""
     a = unit_last_dim(a)
     rows, width = x.shape
     rank = a.shape[0]
@@ -233,9 +237,10 @@ def _grad_x_a_(dx: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, x: torch.Ten
     partial = torch.zeros((splits, rank, width), device=x.device, dtype=torch.float32)
     if rows and width:
         _lora_grad_x_a[(tiles, splits)](
-            dh, a, x, dx, partial, seed, float(dropout_p), rows, width, rank, dh.stride(0), a.stride(0),
-            x.stride(0), dx.stride(0), per_split, BLOCK_T=BLOCK_T_GRAD, BLOCK_K=_block_k_grad(block_r),
-            BLOCK_R=block_r, DROPOUT=dropout_p > 0, INTERPRET=interpreting(), num_warps=8, enable_fp_fusion=False)
+            dh, a, x, x if dx is None else dx, partial, seed, float(dropout_p), rows, width, rank, dh.stride(0),
+            a.stride(0), x.stride(0), 0 if dx is None else dx.stride(0), per_split, BLOCK_T=BLOCK_T_GRAD,
+            BLOCK_K=_block_k_grad(block_r), BLOCK_R=block_r, DROPOUT=dropout_p > 0, WRITE_DX=dx is not None,
+            INTERPRET=interpreting(), num_warps=8, enable_fp_fusion=False)
     return partial.sum(0)
 
 
@@ -260,18 +265,18 @@ def forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
     return out, h
 
 
-def backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed):
-    """``lora_linear``'s backward: (dx, dA, dB)."""
+def backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, need_dx=True):
+    """``lora_linear``'s backward: (dx, dA, dB); dx is an empty tensor unless ``need_dx``."""
     if lora_a.shape[0] > MAX_RANK:
         from ..reference.lora import lora_linear_backward
-        return lora_linear_backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed)
+        return lora_linear_backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, need_dx=need_dx)
     rows = unit_last_dim(x.reshape(-1, x.shape[-1]))
     g = unit_last_dim(grad.reshape(-1, grad.shape[-1]))
-    dx = g.mm(weight)  # the base linear's, cuBLAS; the branch's is added to it in place
+    dx = g.mm(weight) if need_dx else None  # the base linear's, cuBLAS; the branch's is added to it in place
     dh = lora_down(g, lora_b, scale=scale, transposed=True)  # scale * g @ B
     grad_b = (_grad_b(g, h) * scale).to(lora_b.dtype)
     grad_a = _grad_x_a_(dx, dh, lora_a, rows, dropout_p, seed).to(lora_a.dtype)
-    return dx.view(x.shape), grad_a, grad_b
+    return (dx.view(x.shape) if need_dx else x.new_empty(0)), grad_a, grad_b
 
 
 def AOT_CONFIGS():
@@ -295,7 +300,11 @@ def AOT_CONFIGS():
                     (_lora_grad_b, dict(G="*bf16", H="*fp32", PARTIAL="*fp32"),
                      dict(BLOCK_T=BLOCK_T_GRAD, BLOCK_O=BLOCK_O_GRAD), 4, "grad_b"),
                     (_lora_grad_x_a, dict(DH="*fp32", A=f"*{adapter}", X="*bf16", DX="*bf16", PARTIAL="*fp32"),
-                     dict(BLOCK_T=BLOCK_T_GRAD, BLOCK_K=_block_k_grad(block_r), DROPOUT=True), 8, "grad_x_a")):
+                     dict(BLOCK_T=BLOCK_T_GRAD, BLOCK_K=_block_k_grad(block_r), DROPOUT=True, WRITE_DX=True), 8,
+                     "grad_x_a"),
+                    (_lora_grad_x_a, dict(DH="*fp32", A=f"*{adapter}", X="*bf16", DX="*bf16", PARTIAL="*fp32"),
+                     dict(BLOCK_T=BLOCK_T_GRAD, BLOCK_K=_block_k_grad(block_r), DROPOUT=True, WRITE_DX=False), 8,
+                     "grad_a")):
                 if name == "grad_b" and adapter == "bf16":
                     continue  # reads no adapter weight: one config per rank
                 constexprs = dict(block, BLOCK_R=block_r, INTERPRET=False)

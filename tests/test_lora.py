@@ -388,6 +388,35 @@ def test_op_reads_strided_rows_where_they_are(backend):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_op_skips_dx_where_x_needs_no_gradient(backend, monkeypatch):
+    """x without requires_grad (a first layer's input): no gradient of x is computed (the base's g @ W is never
+    run), and A's and B's gradients are the bits of a call where x needs one."""
+    import llm2vec_fast as lf
+    device = triton_device() if backend == "triton" else "cpu"
+    x, weight, bias, a, b = layer_inputs(19, 40, 24, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32, seed=15,
+                                         device=device)
+    grad = randn(19, 24, seed=16, dtype=torch.bfloat16, device=device)
+
+    def run(x_needs_grad):
+        leaves = [x.clone().requires_grad_(x_needs_grad), a.clone().requires_grad_(True),
+                  b.clone().requires_grad_(True)]
+        torch.manual_seed(3)
+        out = lf.lora_linear(leaves[0], weight, leaves[1], leaves[2], 2.0, bias, dropout_p=0.2, backend=backend)
+        out.backward(grad)
+        return [leaf.grad for leaf in leaves]
+
+    with_dx = run(True)
+    products = []
+    real_mm = torch.Tensor.mm
+    monkeypatch.setattr(torch.Tensor, "mm", lambda self, other: products.append(other.shape) or real_mm(self, other))
+    without_dx = run(False)
+    monkeypatch.undo()
+    assert without_dx[0] is None and with_dx[0] is not None
+    assert tuple(weight.shape) not in products  # g @ W (W is (out, in)) was not computed
+    assert torch.equal(without_dx[1], with_dx[1]) and torch.equal(without_dx[2], with_dx[2])
+
+
 def test_op_refuses_bad_arguments_naming_them():
     import llm2vec_fast as lf
     x, weight, bias, a, b = layer_inputs(5, 16, 8, 2, dtype=torch.float32, adapter_dtype=torch.float32, seed=6)
@@ -432,9 +461,10 @@ def test_opcheck(dropout_p):
                           (leaves[0], weight, bias, leaves[1], leaves[2], 2.0, dropout_p, seed, "torch"))
     _, h = ops.lora_linear_forward.default(x.detach(), weight, bias, a.detach(), b.detach(), 2.0, dropout_p, seed,
                                            "torch")
-    torch.library.opcheck(ops.lora_linear_backward.default,
-                          (randn(7, 12, seed=8), x.detach(), weight, a.detach(), b.detach(), h, 2.0, dropout_p, seed,
-                           "torch"))
+    for need_dx in (True, False):
+        torch.library.opcheck(ops.lora_linear_backward.default,
+                              (randn(7, 12, seed=8), x.detach(), weight, a.detach(), b.detach(), h, 2.0, dropout_p,
+                               seed, "torch", need_dx))
 
 
 def test_torch_compile_fullgraph():

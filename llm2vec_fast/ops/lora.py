@@ -38,14 +38,14 @@ def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend):
 
 @torch.library.custom_op("llm2vec_fast::lora_linear_backward", mutates_args=())
 def _backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, h: Tensor, scale: float,
-              dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+              dropout_p: float, seed: Optional[Tensor], backend: str, need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return dispatch.implementation(OP, backend).backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p,
-                                                         _seed_value(seed))
+                                                         _seed_value(seed), need_dx=need_dx)
 
 
 @_backward.register_fake
-def _(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, backend):
-    return x.new_empty(x.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+def _(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, backend, need_dx):
+    return x.new_empty(x.shape if need_dx else (0,)), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,7 +59,9 @@ def _autograd_backward(ctx, grad, _grad_h):
     x, weight, lora_a, lora_b, h, seed = ctx.saved_tensors
     scale, dropout_p, backend = ctx.options
     grad = grad.contiguous()
-    grad_x, grad_a, grad_b = _backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, backend)
+    need_dx = ctx.needs_input_grad[0]  # not for a first layer's input: no (T, in) product, no pass over dx
+    grad_x, grad_a, grad_b = _backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p, seed, backend, need_dx)
+    grad_x = grad_x if need_dx else None
     grad_weight = grad_bias = None
     rows = grad.reshape(-1, grad.shape[-1])
     if ctx.needs_input_grad[1]:  # the base weight trains (it is frozen under LoRA): F.linear's gradient

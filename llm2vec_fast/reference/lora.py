@@ -40,14 +40,17 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
 
 
 def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, h: Tensor,
-                         scale: float, dropout_p: float = 0.0, seed: int = 0, keep: Optional[Tensor] = None):
-    """(dx, dA, dB) of :func:`lora_linear_forward`'s out."""
+                         scale: float, dropout_p: float = 0.0, seed: int = 0, keep: Optional[Tensor] = None,
+                         need_dx: bool = True):
+    """(dx, dA, dB) of :func:`lora_linear_forward`'s out; dx is an empty tensor unless ``need_dx``."""
     g = grad.reshape(-1, grad.shape[-1])
     dtype = lora_a.dtype
     scaled = g.to(dtype) * scale
     grad_b = scaled.t().mm(h.to(dtype))
     dh = scaled.mm(lora_b)
     grad_a = dh.t().mm(_dropped(x, dtype, dropout_p, seed, keep))
+    if not need_dx:
+        return x.new_empty(0), grad_a, grad_b
     branch = dh.mm(lora_a)
     if dropout_p > 0:  # dropout's backward: the same mask and scale
         if keep is None:
