@@ -115,7 +115,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scali
     ``torch.manual_seed`` and checkpointing's RNG replay reproduce it), and each backend draws its own mask from
     that seed (torch: torch's RNG; triton: philox, regenerated in the backward rather than kept).
 
-    Differentiable in x, lora_a, lora_b, and weight and bias where they require grad. Kept for the backward:
+    Differentiable in x, lora_a, lora_b, and weight and bias where they require grad (x's gradient is not computed
+    where x requires none: a first layer's input). Kept for the backward:
     x and the branch's (T, r) float32 middle, not x's cast copy, the mask or x after dropout. The triton backend
     adds the branch in place into the base linear's output and into its gradient of x (each element read and
     written once), in float32 products; ranks above ``llm2vec_fast.kernels.lora.MAX_RANK`` (64) run the torch
