@@ -575,8 +575,9 @@ def _training_grads(model, ids, mask, seed, checkpointed=True):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_lean_lora_linears_train_through_the_fused_op(monkeypatch, backend):
-    """A checkpointed training step of a bf16 Mistral with a float32 LoRA on its seven projections, FUSED_BACKENDS
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])  # Qwen2: q, k and v have a bias
+def test_lean_lora_linears_train_through_the_fused_op(monkeypatch, backend, family):
+    """A checkpointed training step of a bf16 model with a float32 LoRA on its seven projections, FUSED_BACKENDS
     naming the device: every LoRA linear runs ``lora_linear`` with gradients. Without dropout the LoRA gradients are
     within 3x the error of peft's own bf16 step against the float32 model (not its bits: two linears that read the
     same x, gate and up, add their gradients of x in another order; one layer is peft's to the bit, above). With
@@ -590,7 +591,7 @@ def test_lean_lora_linears_train_through_the_fused_op(monkeypatch, backend):
     from llm2vec_fast.models import lean
     from llm2vec_fast.ops import lora as lora_op
     ids, mask = make_batch(seed=9)
-    model = _lora_model("mistral", torch.bfloat16, dropout=0.0, adapter_dtype=torch.float32)
+    model = _lora_model(family, torch.bfloat16, dropout=0.0, adapter_dtype=torch.float32)
     truth = _training_grads(copy.deepcopy(model).float(), ids, mask, seed=5)
     monkeypatch.setattr(lean, "FUSED_BACKENDS", {"cpu": backend})  # every fused op of the lean layers
     monkeypatch.setattr(lean, "_PROBES", {})
