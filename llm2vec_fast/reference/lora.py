@@ -45,6 +45,8 @@ def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor
     """(dx, dA, dB) of :func:`lora_linear_forward`'s out; dx is an empty tensor unless ``need_dx``."""
     g = grad.reshape(-1, grad.shape[-1])
     dtype = lora_a.dtype
+    if dropout_p > 0 and keep is None:  # the forward's mask, drawn once for both of its uses here
+        keep = dropout_keep_mask((g.shape[0], x.shape[-1]), dropout_p, seed, g.device)
     scaled = g.to(dtype) * scale
     grad_b = scaled.t().mm(h.to(dtype))
     dh = scaled.mm(lora_b)
@@ -53,8 +55,6 @@ def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor
         return x.new_empty(0), grad_a, grad_b
     branch = dh.mm(lora_a)
     if dropout_p > 0:  # dropout's backward: the same mask and scale
-        if keep is None:
-            keep = dropout_keep_mask(branch.shape, dropout_p, seed, branch.device)
         branch = branch * (keep.to(dtype) * (1.0 / (1.0 - dropout_p)))
     dx = g.mm(weight) + branch.to(x.dtype)
     return dx.view(x.shape), grad_a, grad_b
