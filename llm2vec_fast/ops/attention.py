@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import dispatch
 from ..validation import (HEAD_DIMS, check_cu_seqlens, check_number, check_same_device, check_same_dtype,
                           check_tensor)
+from .dropout_seed import draw_seed, seed_value
 
 OP = "flash_attention"
 
@@ -27,9 +28,8 @@ OP = "flash_attention"
 def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
              softmax_scale: float, softcap: float, dropout_p: float, seed: Optional[Tensor],
              backend: str, window: int = 0, lse_grad: bool = False) -> Tuple[Tensor, Tensor]:
-    seed_value = int(seed.item()) if seed is not None else 0
     return dispatch.implementation(OP, backend).forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale,
-                                                         softcap, dropout_p, seed_value, window=window)
+                                                         softcap, dropout_p, seed_value(seed), window=window)
 
 
 @_forward.register_fake
@@ -44,10 +44,9 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
               seed: Optional[Tensor], backend: str, window: int = 0,
               dlse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``dlse`` (Hq, T) float32: the gradient of the loss with respect to the lse output, when it is used."""
-    seed_value = int(seed.item()) if seed is not None else 0
     dq, dk, dv = dispatch.implementation(OP, backend).backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
-                                                               causal, softmax_scale, softcap, dropout_p, seed_value,
-                                                               window=window, dlse=dlse)
+                                                               causal, softmax_scale, softcap, dropout_p,
+                                                               seed_value(seed), window=window, dlse=dlse)
     return dq, dk, dv
 
 
@@ -167,8 +166,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
                              "from the tensor while tracing), got None")
         max_seqlen = longest
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    # The seed lives on the CPU (drawn from its default generator) so kernels read it without a sync.
-    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0 else None
+    seed = draw_seed(dropout_p)
     # A window that reaches every key of the longest sequence is no window: 0 keeps the unwindowed kernels.
     window = int(sliding_window) if sliding_window is not None and sliding_window < max_seqlen else 0
     out, lse = _forward(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, float(softcap), float(dropout_p), seed,

@@ -15,19 +15,16 @@ from torch import Tensor
 
 from .. import dispatch
 from ..validation import check_number, check_same_device, check_same_dtype, check_tensor
+from .dropout_seed import draw_seed, seed_value
 
 OP = "lora_linear"
-
-
-def _seed_value(seed: Optional[Tensor]) -> int:
-    return int(seed.item()) if seed is not None else 0
 
 
 @torch.library.custom_op("llm2vec_fast::lora_linear_forward", mutates_args=())
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,
              dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     return dispatch.implementation(OP, backend).forward(x, weight, bias, lora_a, lora_b, scale, dropout_p,
-                                                        _seed_value(seed))
+                                                        seed_value(seed))
 
 
 @_forward.register_fake
@@ -40,7 +37,7 @@ def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend):
 def _backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, h: Tensor, scale: float,
               dropout_p: float, seed: Optional[Tensor], backend: str, need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return dispatch.implementation(OP, backend).backward(grad, x, weight, lora_a, lora_b, h, scale, dropout_p,
-                                                         _seed_value(seed), need_dx=need_dx)
+                                                         seed_value(seed), need_dx=need_dx)
 
 
 @_backward.register_fake
@@ -52,7 +49,6 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
     ctx.options = (scale, dropout_p, backend)
-    ctx.set_materialize_grads(True)
 
 
 def _autograd_backward(ctx, grad, _grad_h):
@@ -124,6 +120,6 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scali
     """
     _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     backend = dispatch.resolve(OP, backend, x.device)
-    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0 else None  # on the CPU: read without a device sync
-    out, _ = _forward(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed, backend)
+    out, _ = _forward(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), draw_seed(dropout_p),
+                      backend)
     return out

@@ -35,8 +35,8 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     """(out, h): out as peft computes it, h = dropout(x) @ A^T (T, r) widened to float32 (kept for the backward;
     float64 stays float64)."""
     h = F.linear(_dropped(x, lora_a.dtype, dropout_p, seed, keep), lora_a)
-    branch = (F.linear(h, lora_b) * scale).view(*x.shape[:-1], lora_b.shape[0])
-    return (F.linear(x, weight, bias) + branch).to(x.dtype), h.to(torch.promote_types(h.dtype, torch.float32))
+    out = _add_branch(F.linear(x, weight, bias), h, lora_b, scale)
+    return out, h.to(torch.promote_types(h.dtype, torch.float32))
 
 
 def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, h: Tensor,
@@ -65,6 +65,12 @@ def lora_down(x: Tensor, a: Tensor) -> Tensor:
     return F.linear(x.to(a.dtype), a)
 
 
+def _add_branch(result: Tensor, h: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``(result + lora_B(h) * scaling).to(result's dtype)``, h as (T, r) rows: the sum in the promoted dtype,
+    rounded once (a new tensor)."""
+    return (result + (F.linear(h, b) * scale).view(result.shape)).to(result.dtype)
+
+
 def lora_add(result: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
     """peft's ``result + lora_B(lora_A(x)) * scaling`` without dropout, in result's dtype (a new tensor)."""
-    return (result + F.linear(lora_down(x, a), b) * scale).to(result.dtype)
+    return _add_branch(result, lora_down(x, a), b, scale)
