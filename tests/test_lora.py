@@ -20,6 +20,14 @@ needs_triton = pytest.mark.skipif(triton_device() is None,
 SHAPES = [(1, 96, 160, 4), (17, 100, 130, 16), (113, 64, 96, 64), (40, 33, 7, 1)]  # (T, in, out, r)
 
 
+OP_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+def backend_device(backend: str) -> str:
+    """Where a test of ``backend`` runs: triton in the interpreter (CPU) or on a GPU, torch on the CPU."""
+    return triton_device() if backend == "triton" else "cpu"
+
+
 def kernels():
     from llm2vec_fast.kernels import lora
     return lora
@@ -269,13 +277,13 @@ def test_triton_dropout_mask_statistics_and_replay():
     torch.testing.assert_close(h, (x * keep / 0.7) @ a.t(), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_op_dropout_follows_torch_manual_seed_and_is_replayed_by_checkpointing(backend):
     """The seed comes from torch's CPU generator: the same manual_seed gives the same output, another one another
     output, and a checkpointed call (its forward rerun in the backward, RNG state restored) the same gradients."""
     import llm2vec_fast as lf
     from torch.utils.checkpoint import checkpoint
-    device = triton_device() if backend == "triton" else "cpu"
+    device = backend_device(backend)
     x, weight, bias, a, b = layer_inputs(13, 40, 24, 4, dtype=torch.float32, adapter_dtype=torch.float32, seed=3,
                                          device=device)
 
@@ -297,12 +305,12 @@ def test_op_dropout_follows_torch_manual_seed_and_is_replayed_by_checkpointing(b
     assert not torch.equal(first[0], no_dropout)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_op_gradients_of_a_trained_base_and_three_dimensional_input(backend):
     """A base weight and bias that require grad get F.linear's gradients; (B, S, in) inputs keep their shape; a
     rank past the kernels' MAX_RANK runs the reference on the triton backend (the same bits as the torch one)."""
     import llm2vec_fast as lf
-    device = triton_device() if backend == "triton" else "cpu"
+    device = backend_device(backend)
     for rank in (4, 80):
         x, weight, bias, a, b = layer_inputs(15, 40, 24, rank, dtype=torch.float32, adapter_dtype=torch.float32,
                                              seed=4, device=device)
@@ -350,11 +358,11 @@ def test_triton_layer_on_the_gpu_at_model_sizes(dtype, adapter_dtype, rank, drop
     assert_rounds_like(got[1], base[1])
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_op_takes_an_empty_batch(backend):
     """No rows: an empty output, an empty dx, and zero gradients of A and B (nothing to learn from), with dropout."""
     import llm2vec_fast as lf
-    device = triton_device() if backend == "triton" else "cpu"
+    device = backend_device(backend)
     x, weight, bias, a, b = layer_inputs(0, 40, 24, 4, dtype=torch.float32, adapter_dtype=torch.float32, seed=12,
                                          device=device)
     leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
@@ -364,12 +372,12 @@ def test_op_takes_an_empty_batch(backend):
     assert dx.shape == (0, 40) and torch.equal(da, torch.zeros_like(a)) and torch.equal(db, torch.zeros_like(b))
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_op_reads_strided_rows_where_they_are(backend):
     """x a view whose rows are further apart than its width (a slice of a wider tensor), and a transposed B: the
     output and gradients of contiguous copies."""
     import llm2vec_fast as lf
-    device = triton_device() if backend == "triton" else "cpu"
+    device = backend_device(backend)
     x, weight, bias, a, b = layer_inputs(21, 40, 24, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32, seed=13,
                                          device=device)
     wide = torch.cat([x, randn(21, 7, seed=14, dtype=torch.bfloat16, device=device)], dim=1)[:, :40]
@@ -388,12 +396,12 @@ def test_op_reads_strided_rows_where_they_are(backend):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_op_skips_dx_where_x_needs_no_gradient(backend, monkeypatch):
     """x without requires_grad (a first layer's input): no gradient of x is computed (the base's g @ W is never
     run), and A's and B's gradients are the bits of a call where x needs one."""
     import llm2vec_fast as lf
-    device = triton_device() if backend == "triton" else "cpu"
+    device = backend_device(backend)
     x, weight, bias, a, b = layer_inputs(19, 40, 24, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32, seed=15,
                                          device=device)
     grad = randn(19, 24, seed=16, dtype=torch.bfloat16, device=device)
@@ -492,7 +500,7 @@ def _model():
     return _lora_model("mistral", torch.bfloat16, adapter_dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_lean_lora_linears_run_the_fused_term_where_the_device_is_named(monkeypatch, backend):
     """Encoding a bf16 model with a float32 adapter: with FUSED_BACKENDS naming the device, every LoRA linear adds
     its term through the fused path (the probe passing once), and the output is peft's (bit for bit through the
@@ -574,7 +582,7 @@ def _training_grads(model, ids, mask, seed, checkpointed=True):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])  # Qwen2: q, k and v have a bias
 def test_lean_lora_linears_train_through_the_fused_op(monkeypatch, backend, family):
     """A checkpointed training step of a bf16 model with a float32 LoRA on its seven projections, FUSED_BACKENDS
