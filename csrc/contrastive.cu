@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) infonce_fwd_kernel(Args p, int nspli
     if (nsplit == 1) {
       const float l = (m + log2f(total)) / kLog2e;
       lse[row] = l;
-      loss[row] = l - (positive + other_pos);
+      loss[row] = fmaxf(l - (positive + other_pos), 0.f);  // >= 0: the lse's base-2 round trip rounds
     } else {
       float* part = partial + 3 * (static_cast<int64_t>(blockIdx.y) * p.n_a + row);
       part[0] = m;
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kThreads) infonce_merge_kernel(const float* __
   }
   const float l = (m + log2f(total)) / kLog2e;
   lse[row] = l;
-  loss[row] = l - positive;
+  loss[row] = fmaxf(l - positive, 0.f);
 }
 
 // A chunk of E (see contrastive.h). Grid: (tiles over [r0, r1), tiles over [c0, c1)).

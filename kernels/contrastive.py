@@ -83,7 +83,8 @@ def _infonce_fwd(
         running_max = new_max
     lse = (running_max + tl.log2(running_sum)) / 1.4426950408889634
     tl.store(LSE + rows, lse, mask=row_ok)
-    tl.store(LOSS + rows, lse - positive, mask=row_ok)
+    # Cross-entropy is >= 0; the base-2 round trip of the lse can leave it a rounding below the positive score.
+    tl.store(LOSS + rows, tl.maximum(lse - positive, 0.0), mask=row_ok)
 
 
 @triton.jit

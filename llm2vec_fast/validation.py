@@ -6,6 +6,7 @@ where they would break the graph; eager calls always run them.
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Optional, Sequence
 
@@ -13,6 +14,10 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (64, 80, 96, 128, 256)
+# The float32 range a float argument must fit, where the kernels compute with it in float32 (beyond it, it
+# would round to 0 or to inf there).
+FLOAT32_TINY = 2.0 ** -149
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _tracing() -> bool:
@@ -23,9 +28,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_tensor(name: str, x, *, ndim: Optional[Sequence[int]] = None, dtypes=FLOAT_DTYPES) -> None:
+def _check_dense(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {'nested' if x.is_nested else x.layout} one")
+
+
+def check_tensor(name: str, x, *, ndim: Optional[Sequence[int]] = None, dtypes=FLOAT_DTYPES) -> None:
+    _check_dense(name, x)
     if ndim is not None and x.dim() not in ndim:
         want = " or ".join(str(n) for n in ndim)
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
@@ -52,9 +63,15 @@ def check_same_dtype(**tensors) -> None:
 
 def check_number(name: str, value, *, low=None, high=None, low_inclusive=True, high_inclusive=True,
                  integer=False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    """A Python or numpy number (not a bool) within the bounds; a non-integer one must also fit a float."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):  # numpy's bool is no numbers.Real
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {type(value).__name__}")
+    if not integer:
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"{name} must fit a float, got an int of {len(str(value))} digits") from None
     if value != value:  # NaN
         raise ValueError(f"{name} must be a number, got nan")
     if low is not None and (value < low or (value == low and not low_inclusive)):
@@ -63,25 +80,78 @@ def check_number(name: str, value, *, low=None, high=None, low_inclusive=True, h
         raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
 
 
+def _byte_span(x: torch.Tensor):
+    """[first, last + 1) byte address of x's elements (strides are never negative in torch)."""
+    start = x.data_ptr()
+    reach = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    return start, start + (reach + 1) * x.element_size()
+
+
+def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """False only where a and b provably hold no common element: another storage, byte spans apart, or rows at
+    the same stride whose footprints sit apart within it (the q/k/v or gate/up slices of one fused projection)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
+    if a_end <= b_start or b_end <= a_start:
+        return False
+    if a.dim() >= 2 and b.dim() >= 2 and a.stride(0) == b.stride(0) and a.element_size() == b.element_size():
+        row_bytes = a.stride(0) * a.element_size()
+        a_row, b_row = (_byte_span(x[0])[1] - _byte_span(x[0])[0] for x in (a, b))
+        if a_row <= row_bytes and b_row <= row_bytes:
+            gap = (b_start - a_start) % row_bytes  # where b's row footprint starts within a's row period
+            return not (gap >= a_row and gap + b_row <= row_bytes)
+    return True
+
+
+def check_writable(written: dict, read: Optional[dict] = None, *, same_ok: bool = False) -> None:
+    """For ``inplace=True``: each written tensor must be writable in place (no two of its elements in one memory
+    location; an inference tensor only inside ``torch.inference_mode``) and share no element with another
+    written or read tensor, so that no backend reads what it has already overwritten. ``same_ok``: a read tensor
+    may be the written one itself (the very same elements: an elementwise op reads each before writing it)."""
+    if _tracing():
+        return
+    read = read or {}
+    names = list(written)
+    for index, name in enumerate(names):
+        x = written[name]
+        if torch._debug_has_internal_overlap(x) == 1:
+            raise ValueError(f"inplace=True needs a {name} whose elements each have their own memory (it is written "
+                             f"in place), got shape {tuple(x.shape)} and strides {x.stride()} (expanded?)")
+        if x.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"inplace=True: {name} is an inference tensor, which can be written only inside "
+                             f"torch.inference_mode() (or pass inplace=False)")
+        others = [(n, written[n], False) for n in names[index + 1:]] + [(n, t, same_ok) for n, t in read.items()]
+        for other_name, other, may_be_same in others:
+            same = (other.data_ptr() == x.data_ptr() and other.shape == x.shape and other.stride() == x.stride())
+            if (same and not may_be_same) or (not same and _may_share_elements(x, other)):
+                raise ValueError(f"inplace=True needs {name} and {other_name} to share no memory (the op writes "
+                                 f"{name} in place), got views of one storage that may overlap; pass inplace=False")
+
+
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-# id(cu_seqlens) -> (version, total, longest, values): a model calls attention once per layer with the
-# same cu_seqlens, and reading its values costs a host sync each time, so a checked tensor is remembered
-# (with its values, see :func:`cu_seqlens_values`) until it is modified in place (its version changes) or
-# freed. :func:`register_cu_seqlens` fills it from values known on the host, so that a batch prepared on
-# the host is never read back from the device.
+# id(cu_seqlens) -> (version, total, longest, values): a model calls attention once per layer
+# with the same cu_seqlens, and reading a device tensor's values costs a host sync each time, so a checked
+# tensor on a GPU is remembered (with its values, see :func:`cu_seqlens_values`) until it is modified in place
+# (its version changes) or freed. :func:`register_cu_seqlens` fills it from values known on the host, so that
+# a batch prepared on the host is never read back from the device. The values of a tensor checked by reading
+# it are kept only on a GPU and for a tensor with a version counter: a CPU tensor is read again at every call
+# (no sync there, and a refill through numpy leaves its version as it was), and so is an inference tensor
+# (no version counter, and it may be refilled in place inside ``inference_mode``).
 _CHECKED_CU_SEQLENS = {}
 
 
 def _version(cu_seqlens: torch.Tensor):
-    # Inference tensors have no version counter (and cannot be modified outside inference mode).
     return None if cu_seqlens.is_inference() else cu_seqlens._version
 
 
-def _remember(cu_seqlens: torch.Tensor, version, total: int, longest: int, values) -> None:
+def _remember(cu_seqlens: torch.Tensor, version, total: int, longest: int, values, registered: bool) -> None:
+    if not registered and (cu_seqlens.device.type == "cpu" or cu_seqlens.is_inference()):
+        return
     key = id(cu_seqlens)
     if key not in _CHECKED_CU_SEQLENS:
         weakref.finalize(cu_seqlens, _CHECKED_CU_SEQLENS.pop, key, None)
@@ -110,8 +180,19 @@ def register_cu_seqlens(cu_seqlens: torch.Tensor, values: Sequence[int]) -> bool
     steps = [b - a for a, b in zip(values[:-1], values[1:])]
     if min(steps) < 0:
         return False
-    _remember(cu_seqlens, _version(cu_seqlens), values[-1], max(steps), values)
+    _remember(cu_seqlens, _version(cu_seqlens), values[-1], max(steps), values, registered=True)
     return True
+
+
+def dense_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens as the kernels read it (one int32 after another): itself, or a checked strided one's copy,
+    registered with its values."""
+    if cu_seqlens.is_contiguous():
+        return cu_seqlens
+    copy = cu_seqlens.contiguous()
+    if not _tracing():
+        register_cu_seqlens(copy, cu_seqlens_values(cu_seqlens))
+    return copy
 
 
 def cu_seqlens_values(cu_seqlens: torch.Tensor) -> list:
@@ -130,6 +211,7 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: 
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu_seqlens).__name__}")
+    _check_dense(name, cu_seqlens)
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name} must have dtype int32, got {_dtype_name(cu_seqlens.dtype)}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -151,14 +233,13 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens", like: 
     if min(steps) < 0:
         i = steps.index(min(steps))
         raise ValueError(f"{name} must be non-decreasing, got {name}[{i}]={values[i]} > {name}[{i + 1}]={values[i + 1]}")
-    _remember(cu_seqlens, version, total, max(steps), values)
+    _remember(cu_seqlens, version, total, max(steps), values, registered=False)
     return max(steps)
 
 
 def check_mask(name: str, mask, shape, like: torch.Tensor) -> None:
     """A 0/1 mask: bool or integer dtype (or float holding 0/1), of the given shape, on like's device."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    _check_dense(name, mask)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.device != like.device:

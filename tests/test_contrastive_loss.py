@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -394,6 +395,9 @@ def _ok():
     (dict(scale=0.0), ValueError, r"scale.*got 0"),
     (dict(scale=-1), ValueError, r"scale.*got -1"),
     (dict(scale=float("inf")), ValueError, r"scale.*got inf"),
+    (dict(scale=1e39), ValueError, r"scale must be <= 3\.4\d*e\+38, got 1e\+39"),  # inf in float32
+    (dict(scale=np.float32(-1.0)), ValueError, r"scale must be > 0, got -1\.0"),  # numpy numbers are numbers
+    (dict(q=_randn(4, 8, seed=33).to_sparse()), TypeError, r"q must be a dense \(strided\) tensor"),
     (dict(scale=float("nan")), ValueError, r"scale.*nan"),
     (dict(scale=True), TypeError, r"scale.*bool"),
     (dict(scale="20"), TypeError, r"scale.*str"),
@@ -535,6 +539,19 @@ def test_identical_rows_zero_vectors_and_large_scale_stay_finite(backend):
     loss = lf.contrastive_loss(q, d_pos, d_neg, backend=backend)
     assert abs(loss.item() - torch.log(torch.tensor(9.0)).item()) < 1e-5
 
+
+
+@pytest.mark.parametrize("backend", cpu_backends("contrastive_loss"))
+def test_near_identical_pairs_never_give_a_negative_loss(backend):
+    """Cross-entropy is >= 0. With each positive the row's largest score by far, the lse equals it to rounding,
+    and the triton kernel's base-2 round trip of the lse left the loss a rounding below 0 (-1.9e-6)."""
+    worst = 0.0
+    for seed in range(8):
+        q = _randn(64, 48, seed=90 + seed)
+        d_pos = q + 1e-3 * _randn(64, 48, seed=190 + seed)
+        for scale in (20.0, 1e3, 1e4):
+            worst = min(worst, lf.contrastive_loss(q, d_pos, scale=scale, backend=backend).item())
+    assert worst >= 0.0, worst
 
 # ---------------------------------------------------------------------------------------------------
 # 7. GPU: every backend that runs on CUDA against the reference, at real sizes.

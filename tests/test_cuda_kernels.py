@@ -900,6 +900,12 @@ def test_emulated_contrastive_edge_cases(nce_emulator):
     a, c = make_nce_case(6, 10, dim, torch.float32, 2, seed=5)
     check_nce_against_reference(nce_emulator, a, c, 2, 1e4, where="scale 1e4", loss_tol=dict(rtol=1e-4, atol=1e-2),
                                 compare_grads=False)
+    # Each positive far above its row's other scores: the loss is >= 0, not a rounding below (the lse's base-2
+    # round trip)
+    for seed in range(4):
+        a, c = make_nce_case(64, 64, 48, torch.float32, 0, seed=20 + seed, noise=1e-3)
+        for scale in (20.0, 1e3, 1e4):
+            assert nce_emulator.infonce_forward(a, c, 0, scale)[0].min() >= 0, (seed, scale)
     # No anchors
     loss, lse = nce_emulator.infonce_forward(torch.zeros(0, dim), torch.randn(5, dim), 0, 20.0)
     assert loss.shape == lse.shape == (0,)

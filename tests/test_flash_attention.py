@@ -21,6 +21,7 @@ import importlib.util
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -730,6 +731,10 @@ BAD_INPUTS = [
                  id="cu-list"),
     pytest.param(dict(cu_seqlens=_cu([0, 4, 10], torch.int64)), TypeError, r"cu_seqlens must have dtype int32, got int64",
                  id="cu-int64"),
+    pytest.param(dict(cu_seqlens=_cu([0, 4, 10]).to_sparse()), TypeError,
+                 r"cu_seqlens must be a dense \(strided\) tensor, got a torch\.sparse_coo one", id="cu-sparse"),
+    pytest.param(dict(q=_t(10, 4, 64).to_sparse()), TypeError,
+                 r"q must be a dense \(strided\) tensor, got a torch\.sparse_coo one", id="q-sparse"),
     pytest.param(dict(cu_seqlens=_cu([[0, 4, 10]])), ValueError, r"cu_seqlens must be 1-D .*got shape \(1, 3\)",
                  id="cu-2d"),
     pytest.param(dict(cu_seqlens=_cu([10])), ValueError, r"cu_seqlens must be 1-D with B\+1 >= 2 entries, got shape \(1,\)",
@@ -756,11 +761,16 @@ BAD_INPUTS = [
     pytest.param(dict(causal="yes"), TypeError, r"causal must be a bool, got str", id="causal-str"),
     pytest.param(dict(softmax_scale=0.0), ValueError, r"softmax_scale must be > 0, got 0\.0", id="scale-zero"),
     pytest.param(dict(softmax_scale=-0.5), ValueError, r"softmax_scale must be > 0, got -0\.5", id="scale-negative"),
-    pytest.param(dict(softmax_scale=math.inf), ValueError, r"softmax_scale must be < inf, got inf", id="scale-inf"),
+    pytest.param(dict(softmax_scale=math.inf), ValueError, r"softmax_scale must be <= 3\.4\d*e\+38, got inf",
+                 id="scale-inf"),
+    pytest.param(dict(softmax_scale=1e39), ValueError, r"softmax_scale must be <= 3\.4\d*e\+38, got 1e\+39",
+                 id="scale-over-float32"),
+    pytest.param(dict(softmax_scale=10 ** 400), ValueError, r"softmax_scale must fit a float, got an int of 401 digits",
+                 id="scale-huge-int"),
     pytest.param(dict(softmax_scale=math.nan), ValueError, r"softmax_scale must be a number, got nan", id="scale-nan"),
     pytest.param(dict(softmax_scale="0.1"), TypeError, r"softmax_scale must be a number, got str", id="scale-str"),
     pytest.param(dict(softcap=-1.0), ValueError, r"softcap must be >= 0, got -1\.0", id="softcap-negative"),
-    pytest.param(dict(softcap=math.inf), ValueError, r"softcap must be < inf, got inf", id="softcap-inf"),
+    pytest.param(dict(softcap=math.inf), ValueError, r"softcap must be <= 3\.4\d*e\+38, got inf", id="softcap-inf"),
     pytest.param(dict(softcap=None), TypeError, r"softcap must be a number, got NoneType", id="softcap-none"),
     pytest.param(dict(dropout_p=-0.1), ValueError, r"dropout_p must be >= 0, got -0\.1", id="dropout-negative"),
     pytest.param(dict(dropout_p=1.0), ValueError, r"dropout_p must be < 1, got 1\.0", id="dropout-one"),
@@ -799,6 +809,52 @@ def test_unavailable_backend_lists_available_ones():
 def test_valid_edge_arguments_are_accepted(overrides):
     out = _good(**overrides)
     assert out.shape == (10, 4, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not dispatch.triton_interpreting(), reason="the CPU runs triton only in the interpreter"))])
+def test_strided_cu_seqlens_and_a_loose_max_seqlen(backend):
+    """cu_seqlens as every other element of a buffer (valid values, stride 2: the triton kernels read it as one
+    int32 after another and gave garbage), and a max_seqlen far above the longest sequence (a bound, as
+    flash-attn takes it: the torch backend sized (B, H, max_seqlen^2) scores by it) give the exact call's
+    output and gradients."""
+    q, k, v, cu = rand_packed([4, 6, 1], 4, 2, 64, seed=71, requires_grad=True)
+    strided = torch.stack([cu, torch.full_like(cu, 99)], dim=1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and strided.tolist() == cu.tolist()
+    grad = rand_like(q, 72)
+    want = lf.flash_attention(q, k, v, cu, backend=backend)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    for cu_given, max_seqlen in ((strided, None), (cu, 2 ** 40), (strided, 10 ** 6)):
+        got = lf.flash_attention(q, k, v, cu_given, max_seqlen, backend=backend)
+        assert torch.equal(got, want), max_seqlen
+        for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), want_grads):
+            assert torch.equal(g, w), max_seqlen
+
+
+def test_cu_seqlens_refilled_in_place_without_a_new_version_is_read_again():
+    """A CPU cu_seqlens refilled through numpy (no version bump) and an inference tensor refilled inside
+    inference_mode (no version counter) are checked and read with their new values: a remembered check would
+    have run the old bounds (wrong rows on triton, a crash deep in torch) or let invalid values through."""
+    q, k, v, _ = rand_packed([4, 6], 4, 2, 64, seed=73)
+    buffer = np.array([0, 4, 10], dtype=np.int32)
+    shared = torch.from_numpy(buffer)
+    first = lf.flash_attention(q, k, v, shared)
+    buffer[1] = 7
+    torch.testing.assert_close(lf.flash_attention(q, k, v, shared), lf.flash_attention(q, k, v, _cu([0, 7, 10])),
+                               atol=0, rtol=0)
+    assert not torch.equal(first, lf.flash_attention(q, k, v, shared))
+    buffer[1] = 11
+    with pytest.raises(ValueError, match="non-decreasing"):
+        lf.flash_attention(q, k, v, shared)
+    with torch.inference_mode():
+        frozen = _cu([0, 4, 10])
+        lf.flash_attention(q, k, v, frozen)
+        frozen.copy_(_cu([0, 9, 10]))
+        torch.testing.assert_close(lf.flash_attention(q, k, v, frozen), lf.flash_attention(q, k, v, _cu([0, 9, 10])),
+                                   atol=0, rtol=0)
+        frozen.copy_(_cu([0, 12, 10]))
+        with pytest.raises(ValueError, match="non-decreasing"):
+            lf.flash_attention(q, k, v, frozen)
 
 
 # ----------------------------------------------------------------------------------------------------

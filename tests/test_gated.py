@@ -136,6 +136,31 @@ def test_strided_halves_in_place_and_empty(backend, device):
     assert lf.gated_activation(empty, empty, backend=backend).shape == (0, 40)
 
 
+
+@pytest.mark.parametrize("backend,device", backends_and_devices("gated_activation"))
+def test_in_place_refuses_an_up_it_would_overwrite_before_reading(backend, device):
+    """inplace=True writes gate while up is read: an up sharing some of gate's memory (a shifted view, or gate's
+    first row expanded) would be read after being overwritten (the triton kernel gave other values than the
+    functional form). It raises, leaving gate as it was; up = gate itself (each element read, then written) runs."""
+    buffer = randn(5 * 8, seed=31, device=device)
+    shifted = (buffer[8:40].view(4, 8), buffer[0:32].view(4, 8))
+    gate = randn(4, 8, seed=32, device=device)
+    for gate_view, up_view in (shifted, (gate, gate[:1].expand(4, 8))):
+        before = gate_view.clone()
+        with torch.no_grad(), pytest.raises(ValueError, match="gate and up to share no memory"):
+            lf.gated_activation(gate_view, up_view, inplace=True, backend=backend)
+        assert torch.equal(gate_view, before)
+    want = lf.gated_activation(gate, gate.clone(), backend=backend)
+    with torch.no_grad():
+        assert torch.equal(lf.gated_activation(gate, gate, inplace=True, backend=backend), want)
+    with torch.inference_mode():
+        frozen = randn(4, 8, seed=33, device=device)
+    with pytest.raises(ValueError, match="gate is an inference tensor"):
+        lf.gated_activation(frozen, frozen.clone(), inplace=True, backend=backend)
+    with torch.inference_mode():
+        want = lf.gated_activation(frozen, frozen, backend=backend)
+        assert torch.equal(lf.gated_activation(frozen, frozen.clone(), inplace=True, backend=backend), want)
+
 # ---------------------------------------------------------------------------------------------------
 # the CUDA kernels (csrc/gated.cu): vector width, emulated runs, the cubin
 # ---------------------------------------------------------------------------------------------------
@@ -213,6 +238,7 @@ BAD_INPUTS = [
     (dict(up=torch.ones(3, 8, dtype=torch.float16)), TypeError, "up must have the same dtype as gate"),
     (dict(gate=torch.ones(3, 8, dtype=torch.int32), up=torch.ones(3, 8, dtype=torch.int32)), TypeError,
      "gate must have dtype in"),
+    (dict(gate=torch.ones(3, 0), up=torch.ones(3, 0)), ValueError, r"gate must be \(\.\.\., width >= 1\), got shape \(3, 0\)"),
     (dict(activation="relu"), ValueError, r"activation must be one of \['silu', 'gelu_tanh'\], got 'relu'"),
     (dict(inplace=1), TypeError, "inplace must be a bool, got int 1"),
     (dict(gate=torch.ones(8, 3).t(), up=torch.ones(3, 8), inplace=True), ValueError, "needs a contiguous gate"),

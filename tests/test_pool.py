@@ -400,6 +400,7 @@ def _padded_ok():
     (torch.ones(2, 5, 8, dtype=torch.float64), TypeError, r"hidden.*float64"),
     (torch.ones(2, 5, 8, dtype=torch.int64), TypeError, r"hidden.*int64"),
     ([[1.0, 2.0]], TypeError, r"hidden.*list"),
+    (torch.ones(2, 5, 8).to_sparse(), TypeError, r"hidden must be a dense \(strided\) tensor, got a torch\.sparse_coo"),
 ])
 def test_bad_hidden(hidden, exc, match):
     with pytest.raises(exc, match=match):
@@ -432,6 +433,7 @@ def test_attention_mask_with_cu_seqlens():
     (torch.tensor([10], dtype=torch.int32), ValueError, r"cu_seqlens.*\(1,\)"),
     (torch.tensor([[0, 10]], dtype=torch.int32), ValueError, r"cu_seqlens.*\(1, 2\)"),
     ([0, 4, 10], TypeError, r"cu_seqlens.*list"),
+    (torch.tensor([0, 4, 10], dtype=torch.int32).to_sparse(), TypeError, r"cu_seqlens must be a dense"),
 ])
 def test_bad_cu_seqlens(cu, exc, match):
     with pytest.raises(exc, match=match):
@@ -576,6 +578,24 @@ def cpu_backends(op):
         dispatch._load_backends()
         names += [b for b in dispatch.available_backends(op, torch.device("cpu")) if b not in ("torch",)]
     return names
+
+
+@pytest.mark.parametrize("backend", cpu_backends("pool"))
+def test_strided_cu_seqlens_pools_as_a_contiguous_one(backend):
+    """cu_seqlens as every other element of a buffer (valid values, stride 2): the triton kernel read it as one
+    int32 after another (garbage, NaN gradients); every backend now pools as with the contiguous tensor."""
+    hidden, cu, embed = to_packed(make_sequences((3, 0, 7, 1), seed=34))
+    strided = torch.stack([cu, torch.full_like(cu, 99)], dim=1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and strided.tolist() == cu.tolist()
+    grad_out = _randn(4, DIM, seed=35)
+    results = []
+    for cu_given in (cu, strided):
+        h = hidden.detach().clone().requires_grad_(True)
+        out = lf.pool(h, cu_seqlens=cu_given, embed_mask=embed, mode="weighted_mean", normalize=True,
+                      backend=backend)
+        out.backward(grad_out)
+        results.append((out, h.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)

@@ -337,8 +337,12 @@ BAD_INPUTS = [
     (dict(x=torch.ones(3, 8, dtype=torch.int64)), TypeError, r"x must have dtype in .*got int64"),
     (dict(weight=torch.ones(7)), ValueError, r"weight must have x.shape\[-1\] = 8 elements, got shape \(7,\)"),
     (dict(weight=torch.ones(2, 8)), ValueError, r"weight must have 1 dimensions, got shape \(2, 8\)"),
-    (dict(x=torch.tensor(1.0)), ValueError, "x must have at least 1 dimension"),
+    (dict(x=torch.tensor(1.0)), ValueError, r"x must be \(\.\.\., D >= 1\).*got shape \(\)"),
+    (dict(x=torch.ones(3, 0), weight=torch.ones(0)), ValueError, r"x must be \(\.\.\., D >= 1\).*got shape \(3, 0\)"),
     (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps=1e-46), ValueError, r"eps must be >= 1\.4\d*e-45, got 1e-46"),  # 0 in float32: NaN on a zero row
+    (dict(eps=1e39), ValueError, r"eps must be <= 3\.4\d*e\+38, got 1e\+39"),  # inf in float32: all zeros
+    (dict(eps=10 ** 400), ValueError, "eps must fit a float"),
     (dict(eps="1e-6"), TypeError, "eps must be a number, got str"),
     (dict(offset=math.nan), ValueError, "offset must be a number, got nan"),
     (dict(casting_mode="none"), ValueError, r"casting_mode must be one of \['llama', 'gemma'\], got 'none'"),

@@ -237,6 +237,29 @@ def rotate_fused_in_place(buffer, dim, offset, cos, sin, backend):
     return own
 
 
+
+@pytest.mark.parametrize("backend,device", backends_and_devices(OP))
+def test_in_place_refuses_q_and_k_that_share_memory(backend, device):
+    """inplace=True writes q and k: q is k (the triton kernel rotated it twice, torch once), a q overlapping k,
+    an expanded q (one element for several tokens), or cos held in q's memory raise, changing nothing. The
+    q and k slices of one fused projection (disjoint columns of the same rows) run (test above)."""
+    cos, sin = angles(4, 8, seed=60, device=device)
+    buffer = randn(4 * 16 + 8, seed=61, device=device)
+    q = randn(4, 2, 8, seed=62, device=device)
+    expanded = randn(1, 2, 8, seed=63, device=device).expand(4, 2, 8)
+    cases = [(q, q, "q and k to share no memory"),
+             (buffer[8:72].view(4, 2, 8), buffer[0:64].view(4, 2, 8), "q and k to share no memory"),
+             (expanded, randn(4, 1, 8, seed=64, device=device), "a q whose elements each have their own memory")]
+    for q_view, k_view, message in cases:
+        before = (q_view.clone(), k_view.clone())
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            lf.rotary_embedding(q_view, k_view, cos, sin, inplace=True, backend=backend)
+        assert torch.equal(q_view, before[0]) and torch.equal(k_view, before[1])
+    angles_in_q = q.view(4, 16)[:, :8]
+    with torch.no_grad(), pytest.raises(ValueError, match="q and cos to share no memory"):
+        lf.rotary_embedding(q, randn(4, 1, 8, seed=65, device=device), angles_in_q, sin, inplace=True,
+                            backend=backend)
+
 # ---------------------------------------------------------------------------------------------------
 # the CUDA kernels (csrc/rotary.cu): emulated runs (the CPU emulator of csrc/emulator/)
 # ---------------------------------------------------------------------------------------------------
@@ -478,6 +501,7 @@ BAD_INPUTS = [
     (dict(k=torch.ones(3, 2, 8, dtype=torch.float16)), TypeError, "k must have the same dtype as q"),
     (dict(q=torch.ones(3, 4, 8, dtype=torch.int32)), TypeError, "q must have dtype in"),
     (dict(inplace=1), TypeError, "inplace must be a bool, got int 1"),
+    (dict(k=torch.ones(3, 0, 8)), ValueError, r"q and k must have at least one head each"),
     (dict(cos=torch.ones(3, 8, requires_grad=True)), ValueError, "must not require grad"),
     (dict(q=torch.ones(3, 4, 8, requires_grad=True), inplace=True), ValueError, "computes no gradients"),
     (dict(q=torch.ones(2, 3, 4, 8).transpose(0, 1), k=torch.ones(2, 3, 2, 8).transpose(0, 1),

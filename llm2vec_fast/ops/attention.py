@@ -8,15 +8,14 @@ equal lengths, so every backend implements only the packed layout.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..validation import (HEAD_DIMS, check_cu_seqlens, check_number, check_same_device, check_same_dtype,
-                          check_tensor)
+from ..validation import (FLOAT32_MAX, HEAD_DIMS, check_cu_seqlens, check_number, check_same_device,
+                          check_same_dtype, check_tensor, dense_cu_seqlens)
 from .dropout_seed import draw_seed, seed_value
 
 OP = "flash_attention"
@@ -116,8 +115,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, d
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None:
-        check_number("softmax_scale", softmax_scale, low=0, low_inclusive=False, high=math.inf, high_inclusive=False)
-    check_number("softcap", softcap, low=0, high=math.inf, high_inclusive=False)
+        check_number("softmax_scale", softmax_scale, low=0, low_inclusive=False, high=FLOAT32_MAX)
+    check_number("softcap", softcap, low=0, high=FLOAT32_MAX)
     check_number("dropout_p", dropout_p, low=0, high=1, high_inclusive=False)
     if sliding_window is not None:
         check_number("sliding_window", sliding_window, low=1, integer=True)
@@ -160,11 +159,14 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor
         q, k, v = (x.reshape(batch * seqlen, *x.shape[2:]) for x in (q, k, v))
         cu_seqlens = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seqlen
         max_seqlen = seqlen
-    elif max_seqlen is None:
-        if longest is None:
+    else:
+        if max_seqlen is None and longest is None:
             raise ValueError("max_seqlen must be given with cu_seqlens under torch.compile (it cannot be read "
                              "from the tensor while tracing), got None")
-        max_seqlen = longest
+        # The true longest where known: a loose max_seqlen (a bound, as flash-attn takes it) would size the
+        # grids and the torch backend's (B, H, max_seqlen, max_seqlen) scores by it.
+        max_seqlen = longest if longest is not None else min(int(max_seqlen), q.shape[0])
+        cu_seqlens = dense_cu_seqlens(cu_seqlens)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     seed = draw_seed(dropout_p)
     # A window that reaches every key of the longest sequence is no window: 0 keeps the unwindowed kernels.

@@ -8,7 +8,6 @@ queries) with gradient; each rank differentiates its own anchors' share of the g
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -16,7 +15,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ..distributed import gather_rows, global_value, is_distributed
-from ..validation import check_number, check_same_device, check_same_dtype, check_tensor
+from ..validation import FLOAT32_MAX, check_number, check_same_device, check_same_dtype, check_tensor
 
 OP = "contrastive_loss"
 
@@ -74,7 +73,7 @@ def _validate(q, d_pos, d_neg, scale, symmetric, gather):
                          f"{tuple(d_pos.shape)}")
     if d_neg is not None and d_neg.shape[1] != q.shape[1]:
         raise ValueError(f"d_neg must have q's embedding dim {q.shape[1]}, got shape {tuple(d_neg.shape)}")
-    check_number("scale", scale, low=0, low_inclusive=False, high=math.inf, high_inclusive=False)
+    check_number("scale", scale, low=0, low_inclusive=False, high=FLOAT32_MAX)
     for name, flag in (("symmetric", symmetric), ("gather", gather)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ..reference.gated import ACTIVATIONS
-from ..validation import check_choice, check_same_device, check_same_dtype, check_tensor
+from ..validation import check_choice, check_same_device, check_same_dtype, check_tensor, check_writable
 
 OP = "gated_activation"
 
@@ -73,8 +73,8 @@ def gated_activation(gate: Tensor, up: Tensor, activation: str = "silu", *, inpl
     """
     check_tensor("gate", gate)
     check_tensor("up", up)
-    if gate.dim() == 0:
-        raise ValueError("gate must have at least 1 dimension, got a 0-dim tensor")
+    if gate.dim() == 0 or gate.shape[-1] == 0:
+        raise ValueError(f"gate must be (..., width >= 1), got shape {tuple(gate.shape)}")
     if up.shape != gate.shape:
         raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
     check_same_dtype(gate=gate, up=up)
@@ -91,6 +91,8 @@ def gated_activation(gate: Tensor, up: Tensor, activation: str = "silu", *, inpl
         if not gate.is_contiguous():
             raise ValueError(f"inplace=True needs a contiguous gate (it is written in place), got strides "
                              f"{gate.stride()}")
-        _forward_inplace(gate.view(-1, width), up.reshape(-1, width), activation, backend)
+        gate_rows, up_rows = gate.view(-1, width), up.reshape(-1, width)
+        check_writable({"gate": gate_rows}, {"up": up_rows}, same_ok=True)
+        _forward_inplace(gate_rows, up_rows, activation, backend)
         return gate
     return _forward(gate.reshape(-1, width), up.reshape(-1, width), activation, backend).reshape(gate.shape)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..validation import check_number, check_same_device, check_same_dtype, check_tensor
+from ..validation import FLOAT32_MAX, check_number, check_same_device, check_same_dtype, check_tensor
 from .dropout_seed import draw_seed, seed_value
 
 OP = "lora_linear"
@@ -87,15 +87,15 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
     if in_features != x.shape[-1]:
         raise ValueError(f"weight must be (out_features, {x.shape[-1]}) for x's last dim {x.shape[-1]}, got "
                          f"{tuple(weight.shape)}")
+    if out_features == 0:
+        raise ValueError(f"weight must be (out_features >= 1, {in_features}), got {tuple(weight.shape)}")
     if bias is not None and bias.shape[0] != out_features:
         raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
     if rank < 1 or lora_a.shape[1] != in_features:
         raise ValueError(f"lora_a must be (rank >= 1, {in_features}), got {tuple(lora_a.shape)}")
     if tuple(lora_b.shape) != (out_features, rank):
         raise ValueError(f"lora_b must be ({out_features}, {rank}), got {tuple(lora_b.shape)}")
-    check_number("scaling", scaling)
-    if scaling in (float("inf"), float("-inf")):
-        raise ValueError(f"scaling must be finite, got {scaling}")
+    check_number("scaling", scaling, low=-FLOAT32_MAX, high=FLOAT32_MAX)
     check_number("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
 
 

@@ -6,7 +6,6 @@ Anatomy as in ``ops/attention.py``: validate -> resolve the backend once -> the
 """
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
@@ -14,7 +13,8 @@ from torch import Tensor
 
 from .. import dispatch
 from ..reference.rms_norm import CASTING_MODES
-from ..validation import check_choice, check_number, check_same_device, check_tensor
+from ..validation import (FLOAT32_MAX, FLOAT32_TINY, check_choice, check_number, check_same_device,
+                          check_tensor)
 
 OP = "rms_norm"
 
@@ -69,13 +69,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, offset: float = 0.
     """
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=(1,))
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dimension (the normalised one), got a 0-dim tensor")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (..., D >= 1) (D the normalised dim), got shape {tuple(x.shape)}")
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have x.shape[-1] = {x.shape[-1]} elements, got shape {tuple(weight.shape)}")
     check_same_device(x=x, weight=weight)
-    check_number("eps", eps, low=0, low_inclusive=False, high=math.inf, high_inclusive=False)
-    check_number("offset", offset, low=-math.inf, high=math.inf, low_inclusive=False, high_inclusive=False)
+    check_number("eps", eps, low=FLOAT32_TINY, high=FLOAT32_MAX)  # used in float32: must not round to 0 or inf
+    check_number("offset", offset, low=-FLOAT32_MAX, high=FLOAT32_MAX)
     check_choice("casting_mode", casting_mode, CASTING_MODES)
     backend = dispatch.resolve(OP, backend, x.device)
     rows = x.reshape(-1, x.shape[-1])

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..validation import check_choice, check_cu_seqlens, check_mask, check_tensor
+from ..validation import check_choice, check_cu_seqlens, check_mask, check_tensor, dense_cu_seqlens
 
 OP = "pool"
 MODES = ("mean", "weighted_mean", "last_token", "eos_token", "bos_token")
@@ -96,4 +96,6 @@ def pool(hidden: Tensor, *, cu_seqlens: Optional[Tensor] = None, attention_mask:
     """
     _validate(hidden, cu_seqlens, attention_mask, embed_mask, mode, normalize)
     backend = dispatch.resolve(OP, backend, hidden.device)
+    if cu_seqlens is not None:
+        cu_seqlens = dense_cu_seqlens(cu_seqlens)
     return _forward(hidden, cu_seqlens, attention_mask, embed_mask, _ALIASES.get(mode, mode), normalize, backend)

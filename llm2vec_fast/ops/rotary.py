@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..validation import check_same_device, check_same_dtype, check_tensor
+from ..validation import check_same_device, check_same_dtype, check_tensor, check_writable
 
 OP = "rotary_embedding"
 
@@ -70,6 +70,9 @@ def _check_shapes(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
         raise ValueError(f"cos must be (..., R) with q's token dims {tuple(tokens)}, got shape {tuple(cos.shape)}")
     if sin.shape != cos.shape:
         raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"q and k must have at least one head each, got shapes {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
     width = cos.shape[-1]
     if width % 2 or not 0 < width <= dim:
         raise ValueError(f"cos and sin must have an even width R with 0 < R <= D = {dim} (the rotated dims), got "
@@ -125,6 +128,7 @@ def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inplace:
     cos_rows, sin_rows = (t.reshape(-1, width) for t in (cos, sin))
     cos_rows, sin_rows = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos_rows, sin_rows))
     if inplace:
+        check_writable({"q": q_rows, "k": k_rows}, {"cos": cos_rows, "sin": sin_rows})
         _forward_inplace(q_rows, k_rows, cos_rows, sin_rows, backend)
         return q, k
     rotated_q, rotated_k = _forward(q_rows, k_rows, cos_rows, sin_rows, backend)
