@@ -220,6 +220,50 @@ def test_resume_reads_the_progress_files_of_an_interrupted_multi_rank_run(encode
     assert np.allclose(files.load_embeddings(out), expected, atol=SAME_ATOL, rtol=0)
 
 
+def test_a_rank_stopped_again_keeps_the_earlier_runs_shards_recorded(encoder, tmp_path, monkeypatch):
+    """A multi-rank run resumed after a kill, and killed again before rank 0's final merge: each rank's progress
+    file must still record the shards of the runs before (a rank rewrote its file with only its own new shards,
+    so the next resume encoded finished shards again). Rank 0 of 2 runs in this process (the barriers stubbed)."""
+    import torch.distributed as dist
+
+    import llm2vec_fast.distributed as distributed
+    from llm2vec_fast.encoder import files
+    items = [t for t in INPUTS if isinstance(t, str)][:10]
+    source = str(tmp_path / "input.jsonl")
+    write_jsonl(source, items)
+    out = str(tmp_path / "out")
+    files.encode_file(encoder, source, out, shard_size=2, log=lambda message: None)
+    with open(os.path.join(out, files.INDEX)) as f:
+        index = json.load(f)
+    shards = index["shards"]  # five: the first run's ranks finished shards 0 and 1, then were killed
+    for shard in shards[2:]:
+        os.remove(os.path.join(out, shard["file"]))
+    for rank in range(2):
+        with open(os.path.join(out, files.PROGRESS_NAME.format(rank)), "w") as f:
+            json.dump({"format": files.FORMAT, "shards": [shards[rank]]}, f)
+    index.update(shards=[], complete=False, rows=None)
+    with open(os.path.join(out, files.INDEX), "w") as f:
+        json.dump(index, f)
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_one_shard(message):
+        raise Killed(message)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "rank_and_world", lambda: (0, 2))
+        patch.setattr(dist, "barrier", lambda *args, **kwargs: None)
+        with pytest.raises(Killed, match="shard 2: rows 4..5 written"):
+            files.encode_file(encoder, source, out, shard_size=2, log=killed_after_one_shard)
+    with open(os.path.join(out, files.PROGRESS_NAME.format(0))) as f:
+        assert [s["start"] for s in json.load(f)["shards"]] == [0, 2, 4]
+    messages = []
+    files.encode_file(encoder, source, out, shard_size=2, log=messages.append)
+    assert messages[-1] == "done: 10 rows in 5 shards (2 encoded now, 3 from before)"
+    expected = encoder.encode(items, show_progress_bar=False).numpy()
+    assert np.allclose(files.load_embeddings(out), expected, atol=SAME_ATOL, rtol=0)
+
 def _free_port() -> int:
     import socket
     with socket.socket() as sock:

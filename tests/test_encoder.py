@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -528,6 +529,9 @@ def test_input_edge_cases(encoders):
     assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.float32
     assert isinstance(encoder.encode([text], convert_to_numpy=True, convert_to_tensor=True,
                                      show_progress_bar=False), torch.Tensor)
+    rows = np.array([pair, ["", text]])  # a 2-D array of [instruction, text] rows (llm2vec takes them)
+    assert torch.equal(encoder.encode(rows, show_progress_bar=False),
+                       encoder.encode([pair, ["", text]], show_progress_bar=False))
     normalized = encoder.encode([text, pair], normalize_embeddings=True, show_progress_bar=False)
     assert torch.allclose(normalized.norm(dim=1), torch.ones(2), atol=1e-5)
     assert torch.allclose(normalized, torch.nn.functional.normalize(separate[:2], dim=1), atol=1e-5)
@@ -557,15 +561,39 @@ def test_bad_items_raise_type_error_naming_the_index(encoders, bad, index):
         encoder.encode(bad, show_progress_bar=False)
 
 
+class _Table:
+    """What a pandas DataFrame looks like to encode: columns, and iteration over the column names."""
+    columns = ["instruction", "text"]
+
+    def __iter__(self):
+        return iter(self.columns)
+
+
 def test_bad_arguments(encoders):
     encoder = encoders("llama")
-    for bad in (None, 5, b"text", {"a": "b"}):
-        with pytest.raises(TypeError):
+    for bad, name in ((None, "None"), (5, "int"), (b"text", "bytes"), ({"a": "b"}, "dict"), (_Table(), "_Table")):
+        with pytest.raises(TypeError, match=f"got {name}$"):  # a table would have embedded its column names
             encoder.encode(bad, show_progress_bar=False)
     with pytest.raises(ValueError, match="batch_size"):
         encoder.encode(["a"], batch_size=0, show_progress_bar=False)
     with pytest.raises(ValueError, match="max_tokens_per_batch"):
         encoder.encode(["a"], max_tokens_per_batch=0, show_progress_bar=False)
+    with pytest.raises(ValueError, match=r"truncate_dim must be <= 128 \(the model's hidden size\), got 129"):
+        encoder.encode(["a"], truncate_dim=129, show_progress_bar=False)
+    assert encoder.encode(["a"], batch_size=np.int64(4), truncate_dim=np.int64(8), show_progress_bar=False).shape == \
+        (1, 8)
+    for bad in (["fine", "half an emoji \ud83d"], [["fine", "x"], ["instruction \udc00", "text"]]):
+        with pytest.raises(ValueError, match=r"sentences\[1\](\[0\])? is not valid Unicode text: '\\ud[8c]"):
+            encoder.encode(bad, show_progress_bar=False)
+    for name, bad, message in (("doc_max_length", -1, "an int >= 0"), ("max_length", 0, "a positive int"),
+                               ("doc_max_length", 2.5, "an int >= 0")):
+        setting = getattr(encoder, name)
+        try:
+            setattr(encoder, name, bad)  # llm2vec users set these after construction too
+            with pytest.raises(ValueError, match=f"{name} must be {message}, got {bad}"):
+                encoder.encode(["a b"], show_progress_bar=False)
+        finally:
+            setattr(encoder, name, setting)
     mode = encoder.pooling_mode
     try:
         encoder.pooling_mode = "cls"
@@ -903,7 +931,7 @@ def test_encode_file_instruction_for_rows_without_one(encoders, tmp_path):
         encode_file(encoder, source, str(tmp_path / "out2"), instruction=None, log=lambda message: None)
 
 
-def test_encode_cli_causal(checkpoints, tmp_path):
+def test_encode_cli_causal(checkpoints, tmp_path, capsys):
     """``llm2vec-fast encode --causal``: llm2vec's enable_bidirectional=False, recorded in the index, so that a
     resume without it (a bidirectional model) is refused."""
     from llm2vec_fast import LLM2Vec
@@ -921,8 +949,10 @@ def test_encode_cli_causal(checkpoints, tmp_path):
                                       pooling_mode="last_token")
     assert np.allclose(files.load_embeddings(out), encoder.encode(items, show_progress_bar=False).numpy(),
                        atol=SAME_ATOL, rtol=0)
-    with pytest.raises(ValueError, match="other settings"):
-        files.main(args)
+    capsys.readouterr()
+    assert files.main(args) == 1  # the message alone, no traceback
+    last_line = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading bar
+    assert re.fullmatch(r"llm2vec-fast encode: error: .* holds a run with another input or other settings.*", last_line)
 
 
 def test_encode_file_truncate_dim(encoders, tmp_path):
@@ -955,9 +985,64 @@ def test_encode_file_bad_records(encoders, tmp_path):
     source.write_text('{"text": "fine"}\n{"text": 3}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'text' must be a string"):
         encode_file(encoder, str(source), str(tmp_path / "out"), shard_size=1, log=lambda message: None)
+    source.write_text('{"text": "fine"}\n{"txt": "typo"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: no field 'text' \(fields: \['txt'\]\)"):
+        encode_file(encoder, str(source), str(tmp_path / "out3"), shard_size=1, log=lambda message: None)
+    source.write_text('{"text": "fine"}\n\n{"text": "broken \\ud83d"}\n', encoding="utf-8")  # valid JSON
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: field 'text' is not valid Unicode text"):
+        encode_file(encoder, str(source), str(tmp_path / "out4"), shard_size=1, log=lambda message: None)
     (tmp_path / "x.csv").write_text("a\n", encoding="utf-8")
     with pytest.raises(ValueError, match="unknown input format"):
         encode_file(encoder, str(tmp_path / "x.csv"), str(tmp_path / "out2"), log=lambda message: None)
+    assert not os.path.exists(tmp_path / "out2")
+
+
+NO_FOLDER = r"must be a checkpoint folder or a hub id \(org/name\), got "
+
+
+def test_encode_cli_refuses_bad_options_before_loading_or_writing(checkpoints, tmp_path, capsys, monkeypatch):
+    """Each refusal is one line and exit status 2 (as argparse's), before the model loads (its loader is never
+    called) and before the output folder is made."""
+    from llm2vec_fast.encoder import files
+    monkeypatch.setattr(files, "load_encoder", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    good = tmp_path / "in.txt"
+    good.write_text("a\n", encoding="utf-8")
+    (tmp_path / "in.csv").write_text("a\n", encoding="utf-8")
+    (tmp_path / "a_file").write_text("", encoding="utf-8")
+    base = dict(model=checkpoints("llama"), input=str(good), output=str(tmp_path / "out"))
+    cases = [(dict(input=str(tmp_path / "missing.txt")), "--input must be a file, got '.*missing.txt': no such file"),
+             (dict(input=str(tmp_path)), "--input must be a file, got .*: a folder"),
+             (dict(input=str(tmp_path / "in.csv")), r".*in.csv: unknown input format \(expected .txt, .jsonl or "
+                                                    r".parquet\)"),
+             (dict(output=str(tmp_path / "a_file")), "--output must be a folder, got .*a_file': a file"),
+             (dict(model=str(tmp_path / "no_such_model")), f"--model {NO_FOLDER}'.*no_such_model': no such folder"),
+             (dict(model="./relative/missing"), f"--model {NO_FOLDER}'./relative/missing': no such folder"),
+             (dict(extra=["--peft", "/no/adapter"]), f"--peft {NO_FOLDER}'/no/adapter': no such folder"),
+             (dict(extra=["--batch-size", "0"]), "--batch-size must be a positive int, got 0"),
+             (dict(extra=["--shard-size", "0"]), "--shard-size must be a positive int, got 0"),
+             (dict(extra=["--max-tokens-per-batch", "-1"]), "--max-tokens-per-batch must be a positive int, got -1"),
+             (dict(extra=["--doc-max-length", "-1"]), "--doc-max-length must be an int >= 0, got -1"),
+             (dict(extra=["--max-length", "0"]), "--max-length must be an int >= 1, got 0")]
+    for change, message in cases:
+        args = dict(base, **change)
+        argv = ["--model", args["model"], "--input", args["input"], "--output", args["output"]] + args.get("extra", [])
+        assert files.main(argv) == 2, change
+        err = capsys.readouterr().err
+        assert re.fullmatch(f"llm2vec-fast encode: error: {message}\n", err), (change, err)
+        assert not os.path.exists(tmp_path / "out"), change
+
+
+def test_text_and_jsonl_lines_end_at_newlines_only_and_lose_a_byte_order_mark(tmp_path):
+    """Lines end at "\n" (or "\r\n"): a stray "\r" inside a line stays there (universal newlines made it two
+    rows, shifting every later row); a UTF-8 byte-order mark (Windows editors) is no part of row 0's text."""
+    from llm2vec_fast.encoder.files import read_records
+    text = tmp_path / "rows.txt"
+    text.write_bytes(b"\xef\xbb\xbfhello world\r\nstray \r inside\nlast line without newline")
+    assert list(read_records(str(text))) == [("", "hello world"), ("", "stray \r inside"),
+                                             ("", "last line without newline")]
+    lines = tmp_path / "rows.jsonl"
+    lines.write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n{"instruction": "i", "text": "b"}\n')
+    assert list(read_records(str(lines))) == [("", "a"), ("i", "b")]
 
 
 KILLABLE_SCRIPT = textwrap.dedent("""

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from .files import add_model_arguments, load_encoder
+from .files import add_model_arguments, check_model_arguments, load_encoder
 
 FORMATS = ("llm2vec", "sentence-transformers")
 SIMILARITY_FNS = ("cosine", "dot", "euclidean", "manhattan")
@@ -66,6 +66,7 @@ def check_arguments(args: argparse.Namespace) -> Dict[str, str]:
     for name, source in (("--model", args.model), ("--peft", args.peft)):
         if source is not None and os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(output):
             raise ValueError(f"--output must differ from {name}, got {output!r} for both")
+    check_model_arguments(args)
     prompts = parse_prompts(args.prompt)
     st_only = [flag for flag, given in (("--prompt", bool(prompts)),
                                         ("--default-prompt-name", args.default_prompt_name is not None),

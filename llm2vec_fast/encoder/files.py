@@ -23,6 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .text import check_unicode
+
 INDEX = "index.json"
 FORMAT = "llm2vec_fast.shards/1"
 SHARD_NAME = "shard-{:06d}.npy"
@@ -33,24 +35,41 @@ STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 # ------------------------------------------------------------------------------------------ reading
 
+def input_format(path: str) -> str:
+    """"txt", "jsonl" or "parquet", from the file name (ValueError for anything else)."""
+    lower = os.fspath(path).lower()
+    for suffixes, kind in (((".jsonl", ".json"), "jsonl"), ((".parquet",), "parquet"), ((".txt",), "txt")):
+        if lower.endswith(suffixes):
+            return kind
+    raise ValueError(f"{path}: unknown input format (expected .txt, .jsonl or .parquet)")
+
+
+def _text_lines(path: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file, split at "\n" only (a stray "\r" inside a line stays in it, and "\r\n"
+    ends a line as "\n" does), without their line end or a leading byte-order mark."""
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        for line in f:
+            line = line[:-1] if line.endswith("\n") else line
+            yield line[:-1] if line.endswith("\r") else line
+
+
 def read_records(path: str, text_field: str = "text", instruction_field: str = "instruction"
                  ) -> Iterator[Tuple[str, str]]:
     """(instruction, text) per row of a .txt, .jsonl or .parquet file, in order, streamed."""
-    lower = path.lower()
-    if lower.endswith(".jsonl") or lower.endswith(".json"):
+    kind = input_format(path)
+    if kind == "jsonl":
         yield from _read_jsonl(path, text_field, instruction_field)
-    elif lower.endswith(".parquet"):
+    elif kind == "parquet":
         yield from _read_parquet(path, text_field, instruction_field)
-    elif lower.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                yield "", line.rstrip("\n").rstrip("\r")
     else:
-        raise ValueError(f"{path}: unknown input format (expected .txt, .jsonl or .parquet)")
+        for number, line in enumerate(_text_lines(path), start=1):
+            yield "", check_unicode(line, f"{path}:{number}")
 
 
 def _record(row: Dict[str, Any], where: str, text_field: str, instruction_field: str) -> Tuple[str, str]:
     text = row.get(text_field)
+    if text is None and text_field not in row:
+        raise ValueError(f"{where}: no field {text_field!r} (fields: {sorted(row)})")
     if not isinstance(text, str):
         raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
     instruction = row.get(instruction_field)
@@ -58,22 +77,22 @@ def _record(row: Dict[str, Any], where: str, text_field: str, instruction_field:
         instruction = ""
     if not isinstance(instruction, str):
         raise ValueError(f"{where}: field {instruction_field!r} must be a string, got {type(instruction).__name__}")
-    return instruction, text
+    return check_unicode(instruction, f"{where}: field {instruction_field!r}"), \
+        check_unicode(text, f"{where}: field {text_field!r}")
 
 
 def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(line number, object) per non-blank line of a .jsonl file; ValueError naming file:line otherwise."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
+    for number, line in enumerate(_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
 
 
 def _read_jsonl(path: str, text_field: str, instruction_field: str) -> Iterator[Tuple[str, str]]:
@@ -87,6 +106,8 @@ def _read_parquet(path: str, text_field: str, instruction_field: str) -> Iterato
     except ImportError:
         raise ImportError("reading .parquet needs pyarrow (pip install pyarrow)") from None
     source = pq.ParquetFile(path)
+    if text_field not in source.schema.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {source.schema.names})")
     columns = [text_field] + ([instruction_field] if instruction_field in source.schema.names else [])
     number = 0
     for batch in source.iter_batches(columns=columns, batch_size=4096):
@@ -199,6 +220,7 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     if output_dtype not in STORAGE_DTYPES:
         raise ValueError(f"output_dtype must be one of {sorted(STORAGE_DTYPES)}, got {output_dtype!r}")
+    input_format(input_path)
     hidden = encoder._hidden_size()
     if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
                                      or not 0 < truncate_dim <= hidden):
@@ -252,7 +274,9 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
         os.replace(path + ".tmp", path)
         shard = {"file": name, "start": start, "rows": len(chunk)}
         mine[start] = shard
-        progress["shards"] = sorted(({**done, **mine} if world == 1 else mine).values(), key=lambda s: s["start"])
+        # Each rank's file keeps the earlier runs' shards too: rank 0 merges them only at the end, so a run
+        # stopped again before that must still find them.
+        progress["shards"] = sorted({**done, **mine}.values(), key=lambda s: s["start"])
         _write_json_atomic(progress_path, progress)
         encoded += 1
         log(f"shard {number}: rows {start}..{rows - 1} written" + (f" (rank {rank})" if world > 1 else ""))
@@ -337,6 +361,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Refusals of :func:`add_model_arguments`' options before anything loads: a --model / --peft that names
+    no folder and cannot be a hub id, lengths out of range."""
+    for flag, source in (("--model", args.model), ("--peft", args.peft)):
+        if source is None or os.path.isdir(source):
+            continue
+        if os.path.exists(source) or os.path.isabs(source) or source.startswith((".", "~")) or \
+                source.count("/") > 1 or "\\" in source:
+            raise ValueError(f"{flag} must be a checkpoint folder or a hub id (org/name), got {source!r}: no such "
+                             f"folder")
+    for flag, value, low in (("--max-length", args.max_length, 1), ("--doc-max-length", args.doc_max_length, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be an int >= {low}, got {value}")
+
+
 def load_encoder(args: argparse.Namespace, causal: bool = False):
     """The ``LLM2Vec`` that :func:`add_model_arguments`' options name."""
     import torch
@@ -376,9 +415,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every refusal of the ``encode`` options before the model loads or anything is written."""
+    check_model_arguments(args)
+    if not os.path.isfile(args.input):
+        raise ValueError(f"--input must be a file, got {args.input!r}: "
+                         f"{'a folder' if os.path.isdir(args.input) else 'no such file'}")
+    input_format(args.input)
+    if os.path.isfile(args.output):
+        raise ValueError(f"--output must be a folder, got {args.output!r}: a file")
+    for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size),
+                        ("--max-tokens-per-batch", args.max_tokens_per_batch), ("--truncate-dim", args.truncate_dim)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive int, got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
     """``llm2vec-fast encode``. Under ``torchrun`` (WORLD_SIZE > 1) every rank loads the model once, onto
-    its LOCAL_RANK GPU (or the CPU with gloo), and encodes every world_size-th shard."""
+    its LOCAL_RANK GPU (or the CPU with gloo), and encodes every world_size-th shard. A bad option or input
+    path is refused before the model loads (exit status 2, as argparse), a bad row when it is read (status 1),
+    each with the message alone."""
+    try:
+        check_arguments(args)
+    except ValueError as error:
+        print(f"llm2vec-fast encode: error: {error}", file=sys.stderr)
+        return 2
     from .cpu_heap import retain_freed_memory
     from ..distributed import join_torchrun_group
     device, started_group = join_torchrun_group(args.device)
@@ -393,6 +454,9 @@ def run(args: argparse.Namespace) -> int:
                     truncate_dim=args.truncate_dim, batch_size=args.batch_size,
                     max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     normalize_embeddings=args.normalize, show_progress_bar=args.progress)
+    except ValueError as error:  # a bad row (file:line), or a run there with other settings
+        print(f"llm2vec-fast encode: error: {error}", file=sys.stderr)
+        return 1
     finally:
         if started_group:
             import torch.distributed as dist

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import json
+import numbers
 import os
 import time
 import warnings
@@ -255,9 +256,12 @@ class LLM2Vec(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward/pool
 
-    def _check_mode(self) -> None:
+    def _check_settings(self) -> None:
+        """The settings an encode reads (attributes users may set after construction, as with llm2vec)."""
         if self.pooling_mode not in POOLING_MODES:
             raise ValueError(f"{self.pooling_mode} is not implemented yet.")
+        _check_count("max_length", self.max_length, low=1)
+        _check_count("doc_max_length", self.doc_max_length, low=0)
 
     def _packable(self) -> bool:
         """True when the packed path applies: a model of a supported family (bidirectional, or causal with
@@ -278,7 +282,7 @@ class LLM2Vec(nn.Module):
               embed_mask: Optional[Tensor] = None, normalize: bool = False) -> Tensor:
         """llm2vec's pooling in either layout; ``embed_mask`` applies to mean/weighted_mean under
         skip_instruction; a mean with no embed token pools every real token."""
-        self._check_mode()
+        self._check_settings()
         mode = self.pooling_mode
         use_embed = self.skip_instruction and mode in ("mean", "weighted_mean") and embed_mask is not None
         embed = None
@@ -401,9 +405,9 @@ class LLM2Vec(nn.Module):
         from tqdm.auto import tqdm
 
         items = normalize_inputs(sentences)
-        self._check_mode()
+        self._check_settings()
         _check_batching(batch_size, max_tokens_per_batch)
-        _check_truncate_dim(truncate_dim)
+        _check_truncate_dim(truncate_dim, self._hidden_size())
         if sum(x is not None and x is not False for x in (devices, pool, distributed)) > 1:
             raise ValueError(f"give at most one of devices=, pool= and distributed=True, got devices={devices!r}, "
                              f"pool={pool!r}, distributed={distributed!r}")
@@ -538,9 +542,9 @@ class LLM2Vec(nn.Module):
         if output_value not in ("token_embeddings", None):
             raise ValueError(f"output_value must be 'token_embeddings' or None, got {output_value!r}")
         items = normalize_inputs(sentences)
-        self._check_mode()
+        self._check_settings()
         _check_batching(batch_size, max_tokens_per_batch)
-        _check_truncate_dim(truncate_dim)
+        _check_truncate_dim(truncate_dim, self._hidden_size())
         _, budget = self._ready(device, batch_size, max_tokens_per_batch)
         packable = self._packable()
         plan = self.plan(items)
@@ -690,18 +694,23 @@ class _Progress:
             self.done(entry.texts, entry.tokens)
 
 
+def _check_count(name: str, value, low: int = 1, high: Optional[int] = None, high_is: str = "") -> None:
+    """An int (Python's or numpy's, not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be {'a positive int' if low == 1 else f'an int >= {low}'}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}{high_is}, got {value!r}")
+
+
 def _check_batching(batch_size, max_tokens_per_batch) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or
-                                             isinstance(max_tokens_per_batch, bool) or max_tokens_per_batch < 1):
-        raise ValueError(f"max_tokens_per_batch must be a positive int, got {max_tokens_per_batch!r}")
+    _check_count("batch_size", batch_size)
+    if max_tokens_per_batch is not None:
+        _check_count("max_tokens_per_batch", max_tokens_per_batch)
 
 
-def _check_truncate_dim(truncate_dim) -> None:
-    if truncate_dim is not None and (not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool)
-                                     or truncate_dim < 1):
-        raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
+def _check_truncate_dim(truncate_dim, hidden: int) -> None:
+    if truncate_dim is not None:
+        _check_count("truncate_dim", truncate_dim, high=hidden, high_is=" (the model's hidden size)")
 
 
 def _truncate(rows: Tensor, truncate_dim: Optional[int], normalize: bool) -> Tensor:

@@ -11,6 +11,7 @@ and its token count, tokenised alone, sets how many trailing tokens are pooled w
 """
 from __future__ import annotations
 
+import collections.abc
 from typing import Callable, List, Optional, Sequence, Tuple
 
 SEPARATOR = "!@#$%^&*()"
@@ -101,7 +102,10 @@ def normalize_inputs(sentences) -> List[InputItem]:
     Accepted: one string (one text: llm2vec would iterate its characters); a sequence whose items are
     strings or ``[instruction, text, ...]`` pairs of strings (extra items, such as MEDI's integer, are
     ignored, as llm2vec does; strings and pairs may be mixed); llm2vec's single MEDI item
-    ``[instruction, text, int]``. Any other item raises TypeError naming its index.
+    ``[instruction, text, int]``; a numpy array's rows (a 2-D array of [instruction, text] strings). Any other
+    item raises TypeError naming its index, and a string that is no valid Unicode (a lone surrogate, which no
+    tokenizer takes) ValueError. A mapping or table (a dict, a pandas DataFrame: iterating it gives its column
+    names) raises TypeError.
     """
     if isinstance(sentences, str):
         return [("", sentences)]
@@ -109,7 +113,8 @@ def normalize_inputs(sentences) -> List[InputItem]:
         raise TypeError("sentences must be a str or a sequence of str / [instruction, text] pairs, got bytes")
     if sentences is None:
         raise TypeError("sentences must be a str or a sequence of str / [instruction, text] pairs, got None")
-    if isinstance(sentences, dict) or not hasattr(sentences, "__iter__"):
+    if isinstance(sentences, collections.abc.Mapping) or hasattr(sentences, "columns") or \
+            not hasattr(sentences, "__iter__"):
         raise TypeError(f"sentences must be a str or a sequence of str / [instruction, text] pairs, got "
                         f"{type(sentences).__name__}")
     items = list(sentences)
@@ -119,14 +124,28 @@ def normalize_inputs(sentences) -> List[InputItem]:
     out: List[InputItem] = []
     for index, item in enumerate(items):
         if isinstance(item, str):
-            out.append(("", item))
+            out.append(("", check_unicode(item, f"sentences[{index}]")))
             continue
+        if type(item).__module__ == "numpy" and getattr(item, "ndim", None) == 1:
+            item = item.tolist()  # a row of a 2-D array of strings (llm2vec indexes its items as it would a list)
         if isinstance(item, (list, tuple)) and len(item) >= 2 and isinstance(item[0], str) and isinstance(item[1], str):
-            out.append((item[0], item[1]))
+            out.append((check_unicode(item[0], f"sentences[{index}][0]"),
+                        check_unicode(item[1], f"sentences[{index}][1]")))
             continue
         raise TypeError(f"sentences[{index}] must be a str or an [instruction, text] pair of str, got "
                         f"{_describe(item)}")
     return out
+
+
+def check_unicode(text: str, where: str) -> str:
+    """text, if it encodes to UTF-8 (else ValueError naming ``where`` and the position: a lone surrogate)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{where} is not valid Unicode text: {text[error.start:error.end]!r} at character "
+                             f"{error.start} is a lone surrogate") from None
+    return str(text)
 
 
 def _describe(item) -> str:
