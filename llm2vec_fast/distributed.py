@@ -47,6 +47,14 @@ def rank_and_world() -> Tuple[int, int]:
     return 0, 1
 
 
+def share(rows: int, rank: int, world: int) -> slice:
+    """This rank's contiguous part of ``rows`` global rows: sizes differ by at most one, rank order = row order
+    (so every rank has a row whenever rows >= world)."""
+    base, extra = divmod(rows, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
 def _row_counts(rows: int, device) -> List[int]:
     local = torch.tensor([rows], device=device, dtype=torch.long)
     counts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]

@@ -390,6 +390,35 @@ def _distributed_step(rank: int, root: str) -> None:
         dist.destroy_process_group()
 
 
+def test_every_rank_gets_rows_of_every_batch_and_the_ranks_make_the_union_batch(tmp_path, monkeypatch):
+    """Each rank's share of each global batch, for world sizes whose last partial batch a ceil split left some
+    rank without a row (rank 2 of 3 crashed in its forward, then the others in all_reduce): every share has a
+    row, and the shares in rank order are the global batch of one process (the same rows and masks)."""
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    recipe = MNTPRecipe(mntp_config(str(tmp_path), per_device_train_batch_size=2))
+    chunks = len(recipe.chunks)
+    checked = 0
+    for world in range(2, 9):
+        rest = chunks % (2 * world)
+        if rest < world or -(-rest // world) * (world - 1) < rest:
+            continue  # no last batch kept, or a ceil split would have left no rank empty
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(recipe, "_world", lambda rank=rank, world=world: (rank, world))
+            shares.append(list(recipe.batches(0)))
+        monkeypatch.setattr(recipe, "_world", lambda: (0, 1))
+        monkeypatch.setattr(recipe.config, "per_device_train_batch_size", 2 * world)
+        whole = list(recipe.batches(0))
+        monkeypatch.setattr(recipe.config, "per_device_train_batch_size", 2)
+        assert len(whole) == len(shares[0]) and whole[-1]["input_ids"].shape[0] == rest
+        for index, batch in enumerate(whole):
+            parts = [share[index] for share in shares]
+            assert all(part["input_ids"].shape[0] >= 1 for part in parts), (world, index)
+            for key in ("input_ids", "labels"):
+                assert torch.equal(torch.cat([part[key] for part in parts]), batch[key]), (world, index, key)
+        checked += 1
+    assert checked, f"no world size in 2..8 leaves a rank empty with {chunks} chunks"
+
 def test_two_gloo_ranks_equal_one_process_on_the_union_batch(tmp_path):
     import torch.multiprocessing as mp
 

@@ -32,7 +32,7 @@ from typing import Callable, ClassVar, Dict, Iterator, List, Optional, Sequence,
 
 import torch
 
-from ..distributed import rank_and_world
+from ..distributed import rank_and_world, share
 from ..encoder.files import iter_jsonl, read_records
 from ..encoder.llm2vec import POOLING_MODES
 from .config import TrainConfig, data_files
@@ -244,10 +244,8 @@ def read_supervised(path: str, instructions: Dict[str, str], instruction_suffix:
 
 
 def shard(rows: Sequence, rank: int, world: int) -> list:
-    """This rank's contiguous part of a global batch (sizes differ by at most one; rank order = batch order)."""
-    base, extra = divmod(len(rows), world)
-    start = rank * base + min(rank, extra)
-    return list(rows[start:start + base + (1 if rank < extra else 0)])
+    """This rank's contiguous part of a global batch (:func:`llm2vec_fast.distributed.share`)."""
+    return list(rows[share(len(rows), rank, world)])
 
 
 def dataset_batches(sizes: Dict[str, int], batch_size: int, seed: int, epoch: int) -> List[Tuple[str, List[int]]]:

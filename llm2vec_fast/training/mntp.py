@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..distributed import share
 from .config import MNTPConfig, data_files
 
 logger = logging.getLogger(__name__)
@@ -260,8 +261,7 @@ class MNTPRecipe:
         for index in range(self.num_batches()):
             rows = order[index * size:(index + 1) * size]
             masked = self._masked(self.chunks[rows], epoch, index)
-            share = math.ceil(len(rows) / world)
-            part = slice(rank * share, (rank + 1) * share)
+            part = share(len(rows), rank, world)  # a row for every rank (a ceil split left the last ones none)
             yield {"input_ids": masked.input_ids[part], "labels": masked.labels[part]}
 
     def eval_batch(self) -> MaskedBatch:
