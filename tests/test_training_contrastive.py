@@ -531,6 +531,10 @@ def test_config_defaults_and_alias(files, tmp_path):
      r"'matryoshka_weights' needs one weight per entry"),
     ("simcse", {"matryoshka_weights": [1.0]}, ValueError, r"'matryoshka_weights' needs one weight"),
     ("simcse", {"matryoshka_dims": [64, 32], "matryoshka_weights": [0, 0]}, ValueError, r"one > 0"),
+    ("simcse", {"matryoshka_dims": [64, 32], "matryoshka_weights": [float("nan"), 1.0]}, ValueError,
+     r"'matryoshka_weights'"),  # every loss NaN, and an all-NaN adapter saved
+    ("simcse", {"per_device_train_batch_size": 1}, ValueError,
+     r"'per_device_train_batch_size' must give SimCSE at least 2 sentences a batch .*got 1 on 1 process"),
 ])
 def test_bad_configs(files, tmp_path, kind, change, exc, match):
     make = simcse_config if kind == "simcse" else supervised_config

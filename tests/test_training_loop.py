@@ -184,6 +184,86 @@ def test_epochs_set_the_step_count(tmp_path):
     assert os.listdir(tmp_path / "out" / "checkpoint-4") != []
 
 
+def test_stop_after_n_steps_stops_early_on_the_epochs_schedule(tmp_path):
+    """llm2vec's stop_after_n_steps is a callback: training ends after N steps while the learning-rate schedule
+    spans num_train_epochs (it was max_steps here, which decayed the rate to 0 at step N)."""
+    from llm2vec_fast.training import TrainConfig
+    from llm2vec_fast.training.loop import LOG_FILE, Trainer
+    base = make_base(str(tmp_path / "base"))
+    config = TrainConfig.from_dict(dict(model_name_or_path=base, output_dir=str(tmp_path / "out"),
+                                        num_train_epochs=3, stop_after_n_steps=4, disable_tqdm=True,
+                                        learning_rate=0.1, logging_steps=1, save_steps=100))
+    trainer = Trainer(ToyRecipe(config))
+    assert (trainer.total_steps, trainer.last_step) == (15, 4)  # 5 batches an epoch, 3 epochs
+    assert len(trainer.train()) == 4
+    with open(os.path.join(config.output_dir, LOG_FILE)) as f:
+        logged = [json.loads(line)["lr"] for line in f if '"lr"' in line]
+    assert logged == pytest.approx([0.1 * (1 - step / 15) for step in range(1, 5)], abs=1e-12)
+    assert sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-")) == ["checkpoint-4"]
+
+
+def test_a_fresh_run_leaves_another_runs_checkpoints_alone_unless_told(tmp_path):
+    """A new run in an output_dir holding an earlier run's checkpoint-100: save_total_limit kept the highest step
+    numbers, so it deleted each of the new run's checkpoints at once. The config refuses it, naming the ways out;
+    overwrite_output_dir=true removes the old checkpoints first."""
+    from llm2vec_fast.training import TrainConfig
+    from llm2vec_fast.training.loop import Trainer
+    base = make_base(str(tmp_path / "base"))
+    out = tmp_path / "out"
+    (out / "checkpoint-100").mkdir(parents=True)
+    (out / "checkpoint-100" / "trainer_state.json").write_text("{}")
+    settings = dict(model_name_or_path=base, output_dir=str(out), max_steps=3, save_steps=1, save_total_limit=1,
+                    disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-100\); resume it with "
+                                         r"resume_from_checkpoint='latest', set overwrite_output_dir=true"):
+        TrainConfig.from_dict(settings)
+    Trainer(ToyRecipe(TrainConfig.from_dict(dict(settings, overwrite_output_dir=True)))).train()
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-3"]
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(tmp_path):
+    """A NaN in the step (e.g. float16 overflow) stops training with FloatingPointError before the optimizer
+    applies it: the weights keep their last finite values and no checkpoint of that step is written."""
+    from llm2vec_fast.training import TrainConfig
+    from llm2vec_fast.training.loop import Trainer
+    base = make_base(str(tmp_path / "base"))
+    config = TrainConfig.from_dict(dict(model_name_or_path=base, output_dir=str(tmp_path / "out"), max_steps=4,
+                                        save_steps=1, disable_tqdm=True, learning_rate=0.1))
+    recipe = ToyRecipe(config)
+    step = recipe.train_step
+    calls = []
+
+    def poisoned(batch, grad_scale):
+        calls.append(1)
+        loss = step(batch, grad_scale)
+        if len(calls) == 3:
+            for param in recipe.model.parameters():
+                param.grad.fill_(float("nan"))
+            return float("nan")
+        return loss
+    recipe.train_step = poisoned
+    trainer = Trainer(recipe)
+    with pytest.raises(FloatingPointError, match="step 3: the loss is nan and the gradient norm nan"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in recipe.model.parameters())
+    assert sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-")) == \
+        ["checkpoint-1", "checkpoint-2"]
+
+
+def test_resume_refuses_a_checkpoint_of_a_run_with_other_settings(tmp_path):
+    """A resume continues the checkpoint's run only with its batches: another global batch or seed (other rows at
+    the recorded batch index) or another LoRA rank (other shapes) is refused, naming each difference."""
+    from llm2vec_fast.training.loop import Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    root = str(tmp_path)
+    Trainer(MNTPRecipe(mntp_config(root, max_steps=1, save_steps=1, per_device_train_batch_size=4))).train()
+    changed = mntp_config(root, max_steps=2, per_device_train_batch_size=2, seed=7,
+                          resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match=r"comes from a run with other settings.*seed: 42 in the checkpoint, 7 now; "
+                                         r"global batch .*: 4 in the checkpoint, 2 now"):
+        Trainer(MNTPRecipe(changed)).train()
+
+
 # ------------------------------------------------------------------------------------------ config + CLI
 def _parser():
     import argparse
@@ -217,8 +297,11 @@ def test_llm2vec_config_keys_are_accepted(valid):
     from llm2vec_fast.training.cli import load_config
     path, _, _ = valid
     config = load_config(_parser().parse_args(["train", "mntp", "--config", path, "--set", "learning_rate=3e-4",
-                                               "--set", "lora_target_modules=[\"q_proj\"]"]))
-    assert config.max_steps == 2 and config.learning_rate == 3e-4 and config.lora_target_modules == ["q_proj"]
+                                               "--set", "lora_target_modules=[\"q_proj\"]",
+                                               "--set", "eval_strategy=epoch"]))  # the file says evaluation_strategy
+    assert config.stop_after_n_steps == 2 and config.max_steps == -1  # llm2vec's early stop, not the schedule's end
+    assert config.learning_rate == 3e-4 and config.lora_target_modules == ["q_proj"] and config.eval_strategy == "epoch"
+    assert config.lora_alpha == 32  # 2 * lora_r, as llm2vec's scripts set it
     assert config.attention == "llm2vec_fast"  # llm2vec's flash_attention_2 runs on our kernels
 
 
@@ -245,9 +328,19 @@ def test_cli_prints_the_validated_config(valid, capsys, monkeypatch):
     path, _, _ = valid
     assert main(["train", "mntp", "--config", path, "--set", "learning_rate=3e-4", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["max_steps"] == 2 and printed["learning_rate"] == 3e-4  # stop_after_n_steps -> max_steps
+    assert printed["stop_after_n_steps"] == 2 and printed["max_steps"] == -1 and printed["learning_rate"] == 3e-4
     assert printed["eval_strategy"] == "steps" and printed["lr_scheduler_type"] == "linear"
-    assert "stop_after_n_steps" not in printed and "dataset_name" not in printed
+    assert "evaluation_strategy" not in printed and "dataset_name" not in printed
+
+
+def _a_file(root):
+    (root / "a_file").write_text("")
+    return str(root / "a_file")
+
+
+def _earlier_run(root):
+    (root / "earlier" / "checkpoint-7").mkdir(parents=True, exist_ok=True)
+    return str(root / "earlier")
 
 
 def _gpt2_folder(root):
@@ -289,6 +382,18 @@ def _gpt2_folder(root):
     ({"adam_epsilon": 0}, ValueError, ["'adam_epsilon'", "> 0"]),
     ({"report_to": "mlflow"}, ValueError, ["'report_to'", "'mlflow'"]),
     ({"report_to": 3}, TypeError, ["'report_to'", "3"]),
+    ({"learning_rate": float("nan")}, ValueError, ["'learning_rate'", "finite", "nan"]),
+    ({"num_train_epochs": float("inf")}, ValueError, ["'num_train_epochs'", "finite", "inf"]),
+    ({"max_grad_norm": float("nan")}, ValueError, ["'max_grad_norm'", "finite"]),  # NaN > 0 turned clipping off
+    ({"seed": -1}, ValueError, ["'seed'", "[0, 2**32)", "-1"]),
+    ({"seed": 2 ** 32}, ValueError, ["'seed'", "[0, 2**32)", "4294967296"]),
+    ({"lora_alpha": 0}, ValueError, ["'lora_alpha'", "> 0"]),  # a LoRA scaling of 0 trains nothing
+    ({"max_seq_length": 1}, ValueError, ["'max_seq_length'", ">= 2", "predicts nothing"]),
+    ({"stop_after_n_steps": 0}, ValueError, ["'stop_after_n_steps'", "> 0"]),
+    ({"device": "gpu"}, ValueError, ["'device'", "'gpu'"]),
+    ({"output_dir": "FILE"}, ValueError, ["'output_dir'", "a file"]),
+    ({"overwrite_output_dir": False, "output_dir": "EARLIER_RUN"}, ValueError,
+     ["checkpoint-7", "resume_from_checkpoint='latest'", "overwrite_output_dir"]),
 ])
 def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, words):
     from llm2vec_fast.training import cli, mntp
@@ -302,7 +407,8 @@ def test_bad_configs_fail_before_loading(valid, monkeypatch, change, error, word
         if value is None:
             data.pop(key)
         else:
-            data[key] = _gpt2_folder(root) if value == "GPT2" else value
+            data[key] = {"GPT2": _gpt2_folder, "FILE": _a_file, "EARLIER_RUN": _earlier_run}.get(
+                value, lambda root: value)(root) if isinstance(value, str) else value
     path = root / "bad.json"
     path.write_text(json.dumps(data))
     with pytest.raises(error) as info:
@@ -353,7 +459,8 @@ def test_llm2vec_shipped_configs_load(valid, kind):
     data = {key: paths.get(value, value) if isinstance(value, str) else value
             for key, value in LLM2VEC_CONFIGS[kind].items()}
     loaded = recipe_classes(kind)[0].from_dict(data)
-    assert loaded.max_steps == 1000 and loaded.dataset_file_path == paths["ECHO" if kind == "supervised" else "TEXT"]
+    assert loaded.stop_after_n_steps == 1000 and loaded.max_steps == -1 and loaded.lora_alpha == 32
+    assert loaded.dataset_file_path == paths["ECHO" if kind == "supervised" else "TEXT"]
     assert loaded.per_device_train_batch_size == data["per_device_train_batch_size"]
 
 

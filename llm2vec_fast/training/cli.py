@@ -72,7 +72,12 @@ def load_config(args):
         raise ValueError(f"--config {args.config!r} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise TypeError(f"--config {args.config!r} must hold a JSON object, got {type(data).__name__}")
-    data.update(parse_overrides(getattr(args, "overrides", []) or []))
+    overrides = parse_overrides(getattr(args, "overrides", []) or [])
+    target = config_class.ALIASES.get  # alias -> key; a key maps to itself
+    for key in overrides:  # --set max_steps=3 replaces the file's stop_after_n_steps (its alias), and back
+        for other in [k for k in data if k != key and target(k, k) == target(key, key)]:
+            del data[other]
+    data.update(overrides)
     return config_class.from_dict(data)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple, Union
@@ -37,7 +39,7 @@ ATTN_IMPLEMENTATIONS = (None, "llm2vec_fast", "flash_attention_2", "sdpa", "eage
 # a model trains here (evaluation, logging destinations, hub, data-loading plumbing, precision flags: the
 # precision is torch_dtype's): accepted so those files load unchanged, and reported once in the log.
 IGNORED_LLM2VEC_KEYS = frozenset({
-    "do_train", "do_eval", "do_predict", "overwrite_output_dir", "evaluation_strategy", "eval_strategy",
+    "do_train", "do_eval", "do_predict", "evaluation_strategy", "eval_strategy",
     "eval_steps", "per_device_eval_batch_size", "remove_unused_columns", "save_only_model",
     "experiment_id", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
     "save_strategy", "save_safetensors", "dataloader_num_workers", "dataloader_drop_last",
@@ -49,6 +51,18 @@ IGNORED_LLM2VEC_KEYS = frozenset({
     "config_overrides", "dataset_name", "dataset_config_name", "validation_file", "pad_to_max_length",
     "pad_to_multiple_of_8", "local_rank",
 })
+
+def checkpoint_folders(output_dir: str) -> List[str]:
+    """The ``checkpoint-N`` folders of ``output_dir`` (complete or not), lowest N first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [folder for _, folder in sorted(found)]
+
 
 # Keys that would change the training if set to anything but what this trainer does: accepted at these
 # values (llm2vec's, or HF's defaults), refused otherwise, so that a config never trains differently in silence.
@@ -89,10 +103,13 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     num_train_epochs: float = 1.0
     max_steps: int = -1
+    # llm2vec's callback: stop after N optimizer steps, the learning-rate schedule still spanning max_steps (or
+    # num_train_epochs), where max_steps ends the schedule too.
+    stop_after_n_steps: Optional[int] = None
     seed: int = 42
     max_seq_length: int = 512
     lora_r: int = 16
-    lora_alpha: int = 32
+    lora_alpha: Optional[int] = None  # None: 2 * lora_r, as llm2vec's run scripts set it
     lora_dropout: float = 0.05
     lora_target_modules: Optional[List[str]] = None  # None: every projection of the family (lora_targets)
     gradient_checkpointing: bool = True
@@ -104,6 +121,9 @@ class TrainConfig:
     save_total_limit: Optional[int] = None  # keep the newest N complete checkpoints (HF's key); None: all
     max_grad_norm: float = 1.0
     resume_from_checkpoint: Optional[str] = None
+    # A run that does not resume refuses an output_dir holding checkpoints (their rotation would be mixed with its
+    # own, and "latest" would find them); True removes them first (HF's overwrite of the output directory).
+    overwrite_output_dir: bool = False
     device: Optional[str] = None
     disable_tqdm: bool = False
     # Hugging Face's: "none", "all", or integrations ("tensorboard", "wandb"); see training/reporting.py.
@@ -116,7 +136,7 @@ class TrainConfig:
     lean_layers: bool = True
 
     REQUIRED: ClassVar[Tuple[str, ...]] = ("model_name_or_path", "output_dir")
-    ALIASES: ClassVar[Dict[str, str]] = {"stop_after_n_steps": "max_steps"}
+    ALIASES: ClassVar[Dict[str, str]] = {}
     IGNORED_KEYS: ClassVar[FrozenSet[str]] = IGNORED_LLM2VEC_KEYS
 
     # ----------------------------------------------------------------------------------------------- build
@@ -175,8 +195,16 @@ class TrainConfig:
             if hints[f.name] is float and isinstance(getattr(self, f.name), int):
                 setattr(self, f.name, float(getattr(self, f.name)))
 
+        for f in dataclasses.fields(self):  # NaN passes every comparison below, and inf overflows the schedule
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config key {f.name!r} must be a finite number, got {value!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_r
+        if not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"config key 'seed' must be in [0, 2**32), got {self.seed!r}")
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r",
-                    "logging_steps", "save_steps")
+                    "lora_alpha", "logging_steps", "save_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
@@ -207,12 +235,29 @@ class TrainConfig:
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ValueError("config key 'lora_target_modules' must name at least one module, or be null (every "
                              "projection of the family), got []")
+        if self.stop_after_n_steps is not None and self.stop_after_n_steps <= 0:
+            raise ValueError(f"config key 'stop_after_n_steps' must be > 0 or null, got {self.stop_after_n_steps!r}")
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ValueError(f"config key 'save_total_limit' must be > 0 or null, got {self.save_total_limit!r}")
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size <= 0:
             raise ValueError(f"config key 'grad_cache_chunk_size' must be > 0 or null, "
                              f"got {self.grad_cache_chunk_size!r}")
         self.model_type  # noqa: B018  (raises for a missing folder or an unsupported family)
+        if os.path.isfile(self.output_dir):
+            raise ValueError(f"config key 'output_dir' must be a folder, got {self.output_dir!r}: a file")
+        if self.device is not None:
+            try:
+                import torch
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"config key 'device' must be a torch device such as 'cuda', 'cuda:1' or 'cpu', "
+                                 f"got {self.device!r}") from None
+        earlier = checkpoint_folders(self.output_dir)
+        if self.resume_from_checkpoint is None and earlier and not self.overwrite_output_dir:
+            raise ValueError(f"output_dir {self.output_dir!r} holds checkpoints of an earlier run "
+                             f"({', '.join(os.path.basename(f) for f in earlier[-3:])}); resume it with "
+                             f"resume_from_checkpoint='latest', set overwrite_output_dir=true to remove them and start "
+                             f"over, or choose another output_dir")
         if self.peft_model_name_or_path is not None and not os.path.isdir(self.peft_model_name_or_path):
             raise ValueError(f"config key 'peft_model_name_or_path' must be a local adapter folder; "
                              f"{self.peft_model_name_or_path!r} does not exist")
@@ -299,6 +344,9 @@ class MNTPConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.max_seq_length < 2:
+            raise ValueError(f"config key 'max_seq_length' must be >= 2 for MNTP (token i is predicted at position "
+                             f"i - 1: a one-token chunk predicts nothing), got {self.max_seq_length}")
         if self.mask_token_type not in self.MASK_TOKEN_TYPES:
             raise ValueError(f"config key 'mask_token_type' must be one of {self.MASK_TOKEN_TYPES}, "
                              f"got {self.mask_token_type!r}")

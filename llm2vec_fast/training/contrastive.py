@@ -25,6 +25,7 @@ equals that of the whole batch embedded at once with the same masks; memory is t
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -78,8 +79,9 @@ class ContrastiveConfig(TrainConfig):
             if dims is None or len(weights) != len(dims):
                 raise ValueError(f"config key 'matryoshka_weights' needs one weight per entry of 'matryoshka_dims' "
                                  f"({dims!r}), got {weights!r}")
-            if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-                raise ValueError(f"config key 'matryoshka_weights' must be >= 0 with one > 0, got {weights!r}")
+            if not all(0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights):  # NaN fails both
+                raise ValueError(f"config key 'matryoshka_weights' must be finite, >= 0, with one > 0, got "
+                                 f"{weights!r}")
         if self.doc_max_length <= 0:
             raise ValueError(f"config key 'doc_max_length' must be > 0, got {self.doc_max_length!r}")
         if self.dataset_file_path is None:
@@ -101,6 +103,11 @@ class SimCSEConfig(ContrastiveConfig):
         super().validate()
         if not 0.0 <= self.simcse_dropout < 1.0:
             raise ValueError(f"config key 'simcse_dropout' must be in [0, 1), got {self.simcse_dropout!r}")
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by torchrun; the batch spans the ranks
+        if self.per_device_train_batch_size * world < 2:
+            raise ValueError(f"config key 'per_device_train_batch_size' must give SimCSE at least 2 sentences a "
+                             f"batch (the other sentences are each one's negatives; alone, the loss is 0), got "
+                             f"{self.per_device_train_batch_size} on {world} process(es)")
         path = self.dataset_file_path
         if not os.path.isfile(path) or not path.endswith((".txt", ".jsonl")):
             raise ValueError(f"config key 'dataset_file_path' must be an existing .txt (one sentence per line) or "

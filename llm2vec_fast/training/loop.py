@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import time
@@ -44,6 +43,7 @@ import torch.distributed as dist
 
 from ..distributed import rank_and_world
 from ..models.lean import lean_layers
+from .config import checkpoint_folders
 from .model_setup import seed_everything
 from .reporting import Reporters, resolve_report_to
 
@@ -69,14 +69,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def complete_checkpoints(output_dir: str) -> List[str]:
     """The complete (trainer_state.json present) checkpoint-N folders, oldest (lowest N) first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return [folder for _, folder in sorted(found)]
+    return [folder for folder in checkpoint_folders(output_dir) if os.path.isfile(os.path.join(folder, STATE_FILE))]
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -104,7 +97,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         self.batches_per_epoch = self._batches_per_epoch()
-        self.total_steps = self._total_steps()
+        self.total_steps = self._total_steps()  # what the learning-rate schedule spans
+        # The step training ends at: stop_after_n_steps (llm2vec's early stop) cuts it short of the schedule's end.
+        self.last_step = min(self.total_steps, cfg.stop_after_n_steps or self.total_steps)
         from transformers import get_scheduler
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
@@ -168,8 +163,14 @@ class Trainer:
         self.model.train()
         os.makedirs(cfg.output_dir, exist_ok=True)
         log_file = os.path.join(cfg.output_dir, LOG_FILE)
-        if resume is None and self.rank == 0 and os.path.exists(log_file):
-            os.remove(log_file)  # a fresh run starts a fresh log; a resumed one appends
+        if resume is None and self.rank == 0:
+            if os.path.exists(log_file):
+                os.remove(log_file)  # a fresh run starts a fresh log; a resumed one appends
+            if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None:
+                for folder in checkpoint_folders(cfg.output_dir):  # the config refused them otherwise
+                    logger.info("overwrite_output_dir: removing %s", folder)
+                    shutil.rmtree(folder)
+        _barrier()
         names = resolve_report_to(cfg.report_to) if self.rank == 0 else []
         if names:
             self.reporters = Reporters(names, output_dir=cfg.output_dir, logging_dir=cfg.logging_dir,
@@ -189,7 +190,7 @@ class Trainer:
         window_samples = 0
         window_start = start = time.perf_counter()
         scale = 1.0 / cfg.gradient_accumulation_steps
-        while self.step < self.total_steps:
+        while self.step < self.last_step:
             loss = 0.0
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
@@ -198,15 +199,20 @@ class Trainer:
                     loss += float(self.recipe.train_step(batch, scale)) * scale
                 window_samples += self.recipe.num_samples(batch)
             self._sum_gradients()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
+            # The norm of the summed gradients (the same on every rank), clipped where max_grad_norm > 0.
+            norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params],
+                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise FloatingPointError(f"step {self.step + 1}: the loss is {loss} and the gradient norm {norm}; "
+                                         f"training stopped before this update (the checkpoints hold finite "
+                                         f"weights): lower learning_rate, or train in bfloat16 or float32")
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.step_losses.append(loss)
             window_losses.append(loss)
-            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+            if self.step % cfg.logging_steps == 0 or self.step == self.last_step:
                 now = time.perf_counter()
                 record = {"step": self.step, "loss": sum(window_losses) / len(window_losses),
                           "lr": self.scheduler.get_last_lr()[0],
@@ -218,7 +224,7 @@ class Trainer:
                 self.evaluate(bar)
             if bar is not None:
                 bar.update(1)
-            if self.step % cfg.save_steps == 0 or self.step == self.total_steps:
+            if self.step % cfg.save_steps == 0 or self.step == self.last_step:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
@@ -234,7 +240,7 @@ class Trainer:
             return True
         if strategy == "epoch" and self.step % self.steps_per_epoch == 0:
             return True
-        return self.step == self.total_steps and getattr(cfg, "do_eval", False)
+        return self.step == self.last_step and getattr(cfg, "do_eval", False)
 
     def evaluate(self, bar=None) -> Dict[str, float]:
         """The recipe's evaluation at this step, logged (``{"step": ..., **metrics}`` in log.jsonl). The model's
@@ -259,7 +265,7 @@ class Trainer:
         if self.config.disable_tqdm or self.rank != 0:
             return None
         from tqdm.auto import tqdm
-        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
+        return tqdm(total=self.last_step, initial=self.step, desc="train", unit="step")
 
     def _write_record(self, record: Dict) -> None:
         if self.rank == 0:
@@ -321,11 +327,19 @@ class Trainer:
         _barrier()
         return folder
 
+    def _check_same_run(self, folder: str, state: Dict) -> None:
+        differences = _differences(state.get("config", {}), self.config.to_dict(), self.world,
+                                   state.get("world_size", self.world))
+        if differences:
+            raise ValueError(f"checkpoint {folder!r} comes from a run with other settings, so resuming would not "
+                             f"continue it (other batches, or other shapes): {'; '.join(differences)}")
+
     def load_checkpoint(self, folder: str) -> None:
         """Restores trainable weights, optimizer, scheduler, RNGs and the data position from ``folder``."""
         from safetensors.torch import load_file
         with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
+        self._check_same_run(folder, state)
         saved = load_file(os.path.join(folder, TRAINABLE_FILE))
         names = [n for n, _ in self.params]
         if sorted(saved) != sorted(names):
@@ -347,6 +361,23 @@ class Trainer:
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, self.epoch,
                     self.batch_index)
+
+
+# The settings a resumed run must share with the checkpoint's: they fix the data order and position (what batch
+# `batch_index` counts), the masks, and the shape of what is restored.
+RESUME_KEYS = ("seed", "gradient_accumulation_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_target_modules",
+               "dataset_file_path", "mlm_probability", "data_collator_type", "mask_token_type")
+
+
+def _differences(saved: Dict, current: Dict, world: int, saved_world: int) -> List[str]:
+    found = [f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} now" for key in RESUME_KEYS
+             if key in saved and key in current and saved[key] != current[key]]
+    batch, saved_batch = current["per_device_train_batch_size"] * world, \
+        saved.get("per_device_train_batch_size", 0) * saved_world
+    if saved_batch and batch != saved_batch:
+        found.append(f"global batch (per_device_train_batch_size x processes): {saved_batch} in the checkpoint, "
+                     f"{batch} now")
+    return found
 
 
 def _rng_state() -> Dict:
