@@ -363,6 +363,28 @@ def test_validation_split_holds_out_the_first_documents(tmp_path):
                                validation_split_percentage=10))
 
 
+def test_bad_data_is_reported_before_the_model_loads(tmp_path, monkeypatch):
+    """The data are read and chunked before the model loads (minutes for a 7B one): too little text, and bytes
+    that are no UTF-8 (named by file and line, not a bare UnicodeDecodeError), fail at once."""
+    from llm2vec_fast.training import model_setup
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    root = str(tmp_path)
+    config_of = {"short": "tiny text\n".encode(), "latin1": "fine line\ncaf\xe9 au lait\n".encode("latin-1")}
+    configs = {}
+    for name, raw in config_of.items():
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes(raw)
+        configs[name] = mntp_config(root, dataset_file_path=str(path))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data were checked")
+    monkeypatch.setattr(model_setup, "load_mntp_model", refuse)
+    with pytest.raises(ValueError, match="chunk"):
+        MNTPRecipe(configs["short"])
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text after line \d+ \(invalid continuation byte"):
+        MNTPRecipe(configs["latin1"])
+
+
 # ------------------------------------------------------------------------------------------ distributed
 WORLD = 2
 

@@ -47,10 +47,15 @@ def input_format(path: str) -> str:
 def _text_lines(path: str) -> Iterator[str]:
     """The lines of a UTF-8 text file, split at "\n" only (a stray "\r" inside a line stays in it, and "\r\n"
     ends a line as "\n" does), without their line end or a leading byte-order mark."""
+    number = 0
     with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for line in f:
-            line = line[:-1] if line.endswith("\n") else line
-            yield line[:-1] if line.endswith("\r") else line
+        try:
+            for number, line in enumerate(f, start=1):
+                line = line[:-1] if line.endswith("\n") else line
+                yield line[:-1] if line.endswith("\r") else line
+        except UnicodeDecodeError as error:  # decoded a block at a time: the bad byte is past the last good line
+            raise ValueError(f"{path}: not UTF-8 text after line {number} ({error.reason}: "
+                             f"{error.object[error.start:error.end]!r})") from None
 
 
 def read_records(path: str, text_field: str = "text", instruction_field: str = "instruction"

@@ -192,9 +192,12 @@ class MNTPRecipe:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
         self.mask_token_id = self._mask_token_id()
         self.vocab_size = len(self.tokenizer) + (1 if self.mask_token_id == len(self.tokenizer) else 0)
-        self.model = model if model is not None else load_mntp_model(config, self.device, self.vocab_size)
         self.special_ids = sorted(set(self.tokenizer.all_special_ids))
+        self._read_data(config)  # before the model: bad data is reported in seconds, not after a 7B load
+        self.model = model if model is not None else load_mntp_model(config, self.device, self.vocab_size)
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+
+    def _read_data(self, config: MNTPConfig) -> None:
         docs = read_documents(config.dataset_file_path)
         held_out: Optional[List[str]] = None
         if config.validation_file is not None:
