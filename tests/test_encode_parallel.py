@@ -190,27 +190,36 @@ def test_cli_under_torchrun_splits_the_shards(checkpoint, encoder, tmp_path):
     assert messages == ["done: 23 rows in 6 shards (0 encoded now, 6 from before)"]
 
 
-def test_resume_reads_the_progress_files_of_an_interrupted_multi_rank_run(encoder, tmp_path):
-    """A multi-rank run killed before its final merge left shards recorded only in progress files; a
-    resumed run (any world size) keeps them."""
+def _killed_two_rank_run(encoder, tmp_path, shard_size: int, recorded, written: int):
+    """A finished run of 10 texts rewound to a 2-rank run killed before its final merge: index.json without
+    shards, rank r's progress file recording the shards numbered recorded[r], only the first ``written`` shards
+    on disk. Returns (items, input file, output folder, the shards)."""
     from llm2vec_fast.encoder import files
     items = [t for t in INPUTS if isinstance(t, str)][:10]
     source = str(tmp_path / "input.jsonl")
     write_jsonl(source, items)
     out = str(tmp_path / "out")
-    files.encode_file(encoder, source, out, shard_size=3, log=lambda message: None)
+    files.encode_file(encoder, source, out, shard_size=shard_size, log=lambda message: None)
     with open(os.path.join(out, files.INDEX)) as f:
         index = json.load(f)
-    # Rewind to the state of a killed 2-rank run: index.json without shards, two progress files.
     shards = index["shards"]
-    stamps = {s["file"]: os.stat(os.path.join(out, s["file"])).st_mtime_ns for s in shards[:3]}
-    os.remove(os.path.join(out, shards[3]["file"]))  # this one was never written
+    for shard in shards[written:]:
+        os.remove(os.path.join(out, shard["file"]))
     for rank in range(2):
         with open(os.path.join(out, files.PROGRESS_NAME.format(rank)), "w") as f:
-            json.dump({"format": files.FORMAT, "shards": shards[rank:3:2]}, f)
+            json.dump({"format": files.FORMAT, "shards": [shards[i] for i in recorded[rank]]}, f)
     index.update(shards=[], complete=False, rows=None)
     with open(os.path.join(out, files.INDEX), "w") as f:
         json.dump(index, f)
+    return items, source, out, shards
+
+
+def test_resume_reads_the_progress_files_of_an_interrupted_multi_rank_run(encoder, tmp_path):
+    """A multi-rank run killed before its final merge left shards recorded only in progress files; a
+    resumed run (any world size) keeps them."""
+    from llm2vec_fast.encoder import files
+    items, source, out, shards = _killed_two_rank_run(encoder, tmp_path, 3, recorded=([0, 2], [1]), written=3)
+    stamps = {s["file"]: os.stat(os.path.join(out, s["file"])).st_mtime_ns for s in shards[:3]}
     messages = []
     files.encode_file(encoder, source, out, shard_size=3, log=messages.append)
     assert messages[-1] == "done: 10 rows in 4 shards (1 encoded now, 3 from before)"
@@ -228,22 +237,8 @@ def test_a_rank_stopped_again_keeps_the_earlier_runs_shards_recorded(encoder, tm
 
     import llm2vec_fast.distributed as distributed
     from llm2vec_fast.encoder import files
-    items = [t for t in INPUTS if isinstance(t, str)][:10]
-    source = str(tmp_path / "input.jsonl")
-    write_jsonl(source, items)
-    out = str(tmp_path / "out")
-    files.encode_file(encoder, source, out, shard_size=2, log=lambda message: None)
-    with open(os.path.join(out, files.INDEX)) as f:
-        index = json.load(f)
-    shards = index["shards"]  # five: the first run's ranks finished shards 0 and 1, then were killed
-    for shard in shards[2:]:
-        os.remove(os.path.join(out, shard["file"]))
-    for rank in range(2):
-        with open(os.path.join(out, files.PROGRESS_NAME.format(rank)), "w") as f:
-            json.dump({"format": files.FORMAT, "shards": [shards[rank]]}, f)
-    index.update(shards=[], complete=False, rows=None)
-    with open(os.path.join(out, files.INDEX), "w") as f:
-        json.dump(index, f)
+    # five shards: the first run's ranks finished shards 0 and 1, then were killed
+    items, source, out, _ = _killed_two_rank_run(encoder, tmp_path, 2, recorded=([0], [1]), written=2)
 
     class Killed(Exception):
         pass
