@@ -950,9 +950,13 @@ def test_encode_cli_causal(checkpoints, tmp_path, capsys):
     assert np.allclose(files.load_embeddings(out), encoder.encode(items, show_progress_bar=False).numpy(),
                        atol=SAME_ATOL, rtol=0)
     capsys.readouterr()
-    assert files.main(args) == 1  # the message alone, no traceback
+    assert files.main(args) == 1  # the message alone, no traceback, naming what differs
     last_line = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading bar
-    assert re.fullmatch(r"llm2vec-fast encode: error: .* holds a run with another input or other settings.*", last_line)
+    assert re.fullmatch(r"llm2vec-fast encode: error: .* holds a run with another input or other settings; .*"
+                        r"\(bidirectional: False there, True now\)", last_line)
+    respelled = [checkpoints("llama_causal") + "/" if a == checkpoints("llama_causal") else a for a in args]
+    assert files.main(respelled + ["--causal"]) == 0  # the same folder spelled another way resumes the run
+    assert capsys.readouterr().out.strip().endswith("(0 encoded now, 1 from before)")
 
 
 def test_encode_file_truncate_dim(encoders, tmp_path):

@@ -202,6 +202,23 @@ def test_stop_after_n_steps_stops_early_on_the_epochs_schedule(tmp_path):
     assert sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-")) == ["checkpoint-4"]
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A run killed in step 5 had logged steps 1 to 4 but saved only checkpoint-3; its resume logs 4 again. The
+    log keeps one record a step (it held step 4 twice), the resumed run's."""
+    from llm2vec_fast.training import TrainConfig
+    from llm2vec_fast.training.loop import LOG_FILE, Trainer
+    base = make_base(str(tmp_path / "base"))
+    settings = dict(model_name_or_path=base, output_dir=str(tmp_path / "out"), max_steps=6, save_steps=3,
+                    logging_steps=1, disable_tqdm=True, learning_rate=0.1)
+    killed = ToyRecipe(TrainConfig.from_dict(settings))
+    _crash_after(killed, 4)
+    with pytest.raises(Crash):
+        Trainer(killed).train()
+    Trainer(ToyRecipe(TrainConfig.from_dict(dict(settings, resume_from_checkpoint="latest")))).train()
+    with open(os.path.join(settings["output_dir"], LOG_FILE)) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_fresh_run_leaves_another_runs_checkpoints_alone_unless_told(tmp_path):
     """A new run in an output_dir holding an earlier run's checkpoint-100: save_total_limit kept the highest step
     numbers, so it deleted each of the new run's checkpoints at once. The config refuses it, naming the ways out;

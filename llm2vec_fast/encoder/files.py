@@ -313,10 +313,18 @@ def _open_index(output: str, identity: Dict[str, Any], recorded: Dict[str, Any],
     """The run's index: the recorded one when input and settings match (else ValueError), or a new one."""
     index = _load_index(output)
     if index is not None:
-        if index["settings"] != recorded or index["input"]["size"] != identity["size"] or \
-                index["input"]["sha256_first_mib"] != identity["sha256_first_mib"] or index["dim"] != dim:
+        settings = index["settings"]
+        differences = [f"{key}: {settings.get(key)!r} there, {recorded.get(key)!r} now"
+                       for key in sorted(set(settings) | set(recorded)) if settings.get(key) != recorded.get(key)]
+        if index["input"]["size"] != identity["size"] or \
+                index["input"]["sha256_first_mib"] != identity["sha256_first_mib"]:
+            differences.append(f"input: {index['input']['path']} ({index['input']['size']} bytes) there, "
+                               f"{identity['path']} ({identity['size']} bytes) now")
+        if index["dim"] != dim:
+            differences.append(f"embedding size: {index['dim']} there, {dim} now")
+        if differences:
             raise ValueError(f"{output} holds a run with another input or other settings; use a new output folder "
-                             f"(recorded: {index['settings']}, input {index['input']})")
+                             f"({'; '.join(differences)})")
         return index
     index = {"format": FORMAT, "input": identity, "settings": recorded, "dim": dim, "shards": [],
              "complete": False, "rows": None}
@@ -420,6 +428,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _source(path_or_id: Optional[str]) -> Optional[str]:
+    return os.path.realpath(path_or_id) if path_or_id is not None and os.path.isdir(path_or_id) else path_or_id
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Every refusal of the ``encode`` options before the model loads or anything is written."""
     check_model_arguments(args)
@@ -452,7 +464,9 @@ def run(args: argparse.Namespace) -> int:
         retain_freed_memory()  # this process is ours: reuse layer buffers instead of page-faulting them in
     try:
         encoder = load_encoder(args, causal=args.causal)
-        settings = {"model": args.model, "peft": args.peft, "merge_peft": args.merge_peft, "dtype": args.dtype}
+        # A local folder by its real path: a resume that spells it another way (relative, a trailing /) matches.
+        settings = {"model": _source(args.model), "peft": _source(args.peft), "merge_peft": args.merge_peft,
+                    "dtype": args.dtype}
         encode_file(encoder, args.input, args.output, settings=settings, shard_size=args.shard_size,
                     output_dtype=args.output_dtype, text_field=args.text_field,
                     instruction_field=args.instruction_field, instruction=args.instruction,

@@ -163,6 +163,8 @@ class Trainer:
         self.model.train()
         os.makedirs(cfg.output_dir, exist_ok=True)
         log_file = os.path.join(cfg.output_dir, LOG_FILE)
+        if resume is not None and self.rank == 0 and os.path.exists(log_file):
+            _drop_records_after(log_file, self.step)  # logged by the run killed after its last checkpoint
         if resume is None and self.rank == 0:
             if os.path.exists(log_file):
                 os.remove(log_file)  # a fresh run starts a fresh log; a resumed one appends
@@ -361,6 +363,24 @@ class Trainer:
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, self.epoch,
                     self.batch_index)
+
+
+def _drop_records_after(log_file: str, step: int) -> None:
+    """Keeps the log records up to ``step``: a run resumed there logs the later steps again (once, not twice)."""
+    with open(log_file, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except ValueError:
+            continue  # a record cut short by the kill
+        kept.append(line)
+    if len(kept) != len(lines):
+        with open(log_file + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(log_file + ".tmp", log_file)
 
 
 # The settings a resumed run must share with the checkpoint's: they fix the data order and position (what batch
