@@ -68,6 +68,7 @@ def test_the_encode_command_retains_on_the_cpu(monkeypatch, tmp_path):
         raise Stop
     import llm2vec_fast.encoder.llm2vec as llm2vec_module
     monkeypatch.setattr(llm2vec_module.LLM2Vec, "from_pretrained", staticmethod(stop))
+    (tmp_path / "in.txt").write_text("a text\n", encoding="utf-8")  # the options are checked before the model loads
     parser = __import__("argparse").ArgumentParser()
     files.add_arguments(parser)
     args = parser.parse_args(["--model", str(tmp_path), "--input", str(tmp_path / "in.txt"), "--output",
