@@ -44,6 +44,12 @@ def check_tensor(name: str, x, *, ndim: Optional[Sequence[int]] = None, dtypes=F
         raise TypeError(f"{name} must have dtype in {[_dtype_name(d) for d in dtypes]}, got {_dtype_name(x.dtype)}")
 
 
+def check_last_dim(name: str, x: torch.Tensor, dim_name: str) -> None:
+    """x has a last dimension, of at least one element (the one the op works along)."""
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must be (..., {dim_name} >= 1), got shape {tuple(x.shape)}")
+
+
 def check_same_device(**tensors) -> None:
     items = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = items[0]
@@ -80,11 +86,9 @@ def check_number(name: str, value, *, low=None, high=None, low_inclusive=True, h
         raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
 
 
-def _byte_span(x: torch.Tensor):
-    """[first, last + 1) byte address of x's elements (strides are never negative in torch)."""
-    start = x.data_ptr()
-    reach = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
-    return start, start + (reach + 1) * x.element_size()
+def _reach_bytes(x: torch.Tensor) -> int:
+    """Bytes from x's first element to the end of its last (strides are never negative in torch)."""
+    return (sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) + 1) * x.element_size()
 
 
 def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -92,12 +96,12 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     the same stride whose footprints sit apart within it (the q/k/v or gate/up slices of one fused projection)."""
     if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
-    (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
-    if a_end <= b_start or b_end <= a_start:
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    if a_start + _reach_bytes(a) <= b_start or b_start + _reach_bytes(b) <= a_start:
         return False
     if a.dim() >= 2 and b.dim() >= 2 and a.stride(0) == b.stride(0) and a.element_size() == b.element_size():
         row_bytes = a.stride(0) * a.element_size()
-        a_row, b_row = (_byte_span(x[0])[1] - _byte_span(x[0])[0] for x in (a, b))
+        a_row, b_row = _reach_bytes(a[0]), _reach_bytes(b[0])
         if a_row <= row_bytes and b_row <= row_bytes:
             gap = (b_start - a_start) % row_bytes  # where b's row footprint starts within a's row period
             return not (gap >= a_row and gap + b_row <= row_bytes)

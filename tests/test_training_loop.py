@@ -238,14 +238,16 @@ def test_a_fresh_run_leaves_another_runs_checkpoints_alone_unless_told(tmp_path)
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-3"]
 
 
-def test_a_non_finite_loss_stops_training_before_the_update(tmp_path):
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])  # clipped, and not clipped (the norm computed alone)
+def test_a_non_finite_loss_stops_training_before_the_update(tmp_path, max_grad_norm):
     """A NaN in the step (e.g. float16 overflow) stops training with FloatingPointError before the optimizer
     applies it: the weights keep their last finite values and no checkpoint of that step is written."""
     from llm2vec_fast.training import TrainConfig
     from llm2vec_fast.training.loop import Trainer
     base = make_base(str(tmp_path / "base"))
     config = TrainConfig.from_dict(dict(model_name_or_path=base, output_dir=str(tmp_path / "out"), max_steps=4,
-                                        save_steps=1, disable_tqdm=True, learning_rate=0.1))
+                                        save_steps=1, disable_tqdm=True, learning_rate=0.1,
+                                        max_grad_norm=max_grad_norm))
     recipe = ToyRecipe(config)
     step = recipe.train_step
     calls = []

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .. import dispatch
 from ..reference.gated import ACTIVATIONS
-from ..validation import check_choice, check_same_device, check_same_dtype, check_tensor, check_writable
+from ..validation import (check_choice, check_last_dim, check_same_device, check_same_dtype, check_tensor,
+                          check_writable)
 
 OP = "gated_activation"
 
@@ -73,8 +74,7 @@ def gated_activation(gate: Tensor, up: Tensor, activation: str = "silu", *, inpl
     """
     check_tensor("gate", gate)
     check_tensor("up", up)
-    if gate.dim() == 0 or gate.shape[-1] == 0:
-        raise ValueError(f"gate must be (..., width >= 1), got shape {tuple(gate.shape)}")
+    check_last_dim("gate", gate, "width")
     if up.shape != gate.shape:
         raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
     check_same_dtype(gate=gate, up=up)

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..validation import FLOAT32_MAX, check_number, check_same_device, check_same_dtype, check_tensor
+from ..validation import (FLOAT32_MAX, check_last_dim, check_number, check_same_device, check_same_dtype,
+                          check_tensor)
 from .dropout_seed import draw_seed, seed_value
 
 OP = "lora_linear"
@@ -72,8 +73,7 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
     check_tensor("x", x)
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must be (..., in_features >= 1), got shape {tuple(x.shape)}")
+    check_last_dim("x", x, "in_features")
     check_tensor("weight", weight, ndim=(2,))
     check_tensor("lora_a", lora_a, ndim=(2,))
     check_tensor("lora_b", lora_b, ndim=(2,))

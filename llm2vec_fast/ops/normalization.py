@@ -13,8 +13,8 @@ from torch import Tensor
 
 from .. import dispatch
 from ..reference.rms_norm import CASTING_MODES
-from ..validation import (FLOAT32_MAX, FLOAT32_TINY, check_choice, check_number, check_same_device,
-                          check_tensor)
+from ..validation import (FLOAT32_MAX, FLOAT32_TINY, check_choice, check_last_dim, check_number,
+                          check_same_device, check_tensor)
 
 OP = "rms_norm"
 
@@ -69,8 +69,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, offset: float = 0.
     """
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=(1,))
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must be (..., D >= 1) (D the normalised dim), got shape {tuple(x.shape)}")
+    check_last_dim("x", x, "D")  # D: the normalised dim
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have x.shape[-1] = {x.shape[-1]} elements, got shape {tuple(weight.shape)}")
     check_same_device(x=x, weight=weight)

@@ -202,8 +202,9 @@ class Trainer:
                 window_samples += self.recipe.num_samples(batch)
             self._sum_gradients()
             # The norm of the summed gradients (the same on every rank), clipped where max_grad_norm > 0.
-            norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params],
-                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+            params = [p for _, p in self.params]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else
+                         torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise FloatingPointError(f"step {self.step + 1}: the loss is {loss} and the gradient norm {norm}; "
                                          f"training stopped before this update (the checkpoints hold finite "
