@@ -6,13 +6,13 @@
 - one batch (host preparation in pinned memory, the asynchronous copies, the forward, the pooling and the
   ``index_copy_`` into the chunk's buffer) never syncs with the host: ``torch.cuda.set_sync_debug_mode("error")``
   raises on any synchronizing CUDA call, for each attention backend that can run here;
-- a whole encode makes one synchronizing call per plan chunk (the copy of the chunk's embeddings to the CPU).
-  The lookahead's waits on CUDA events (at most ``GPU_LOOKAHEAD + 1`` batches in flight) wait for one old batch
+- a whole encode makes no synchronizing call: each plan chunk's embeddings come to the CPU through pinned
+  memory, awaited by an event once the next chunk's first batch is queued. The lookahead's waits on CUDA
+  events (at most ``GPU_LOOKAHEAD + 1`` batches in flight) wait for one old batch
   while later ones stay queued; sync-debug mode does not report event waits, so they are not counted.
 The first run of each shape compiles and autotunes the Triton kernels (which synchronizes): each sync check runs
 the same work once before.
 """
-import math
 import warnings
 
 import pytest
@@ -116,21 +116,26 @@ def test_one_batch_never_syncs(checkpoint, backend, dtype):
             assert torch.equal(chunk[index.cuda()], emb)
 
 
+@pytest.mark.parametrize("first_chunk", [2, 64], ids=["ramp", "chunks-of-8"])
 @pytest.mark.parametrize("lookahead", [0, 1], ids=["no-lookahead", "lookahead"])
-def test_encode_syncs_once_per_plan_chunk(checkpoint, monkeypatch, lookahead):
+def test_a_whole_encode_never_syncs_the_stream(checkpoint, monkeypatch, lookahead, first_chunk):
+    """Across several plan chunks (each chunk's rows landing in the output through pinned memory), a whole
+    encode makes no synchronizing call: the host waits on events only."""
     from llm2vec_fast.encoder import llm2vec as module
     monkeypatch.setattr(module, "GPU_LOOKAHEAD", lookahead)
     monkeypatch.setattr(module, "PLAN_CHUNK", 8)
+    monkeypatch.setattr(module, "FIRST_PLAN_CHUNK", first_chunk)
     encoder = _encoder(checkpoint)
     configure(encoder, RUNS[0])
-    plan = encoder.plan(as_items(ENCODE_ITEMS))
-    chunks = math.ceil(len(ENCODE_ITEMS) / 8)
-    with_tokens = sum(any(plan.input_ids[i] for i in range(start, min(start + 8, len(ENCODE_ITEMS))))
-                      for start in range(0, len(ENCODE_ITEMS), 8))
+    landings = []
+    land = module._Landing.land
+    monkeypatch.setattr(module._Landing, "land", lambda self: landings.append(1) or land(self))
     options = dict(device="cuda", show_progress_bar=False, max_tokens_per_batch=SMALL_BUDGET)
     with torch.no_grad():
         expected = encoder.encode(ENCODE_ITEMS, **options)  # moves the model, compiles, autotunes
     torch.cuda.synchronize()
+    chunks = len(module.plan_chunks(len(dict.fromkeys(as_items(ENCODE_ITEMS))), ramp=True))
+    assert chunks >= 3 and len(landings) == chunks
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -138,9 +143,8 @@ def test_encode_syncs_once_per_plan_chunk(checkpoint, monkeypatch, lookahead):
             got = encoder.encode(ENCODE_ITEMS, **options)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
-    assert len(syncs) == with_tokens, [str(w.message) for w in syncs]
-    assert chunks >= with_tokens >= 2
+    syncs = [str(w.message) for w in caught if SYNC_WARNING in str(w.message)]
+    assert syncs == []
     assert torch.equal(got, expected)
 
 

@@ -407,6 +407,57 @@ def test_an_input_too_long_to_run_alone_names_its_length(encoders, monkeypatch):
         encoder.encode(INPUTS, show_progress_bar=False)
 
 
+@pytest.mark.parametrize("plan_chunk", [1, 5, 8, 16384])
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 63, 64, 65, 95, 96, 97, 200, 384, 1000, 20000, 40000])
+def test_plan_chunks_cover_every_input_once(monkeypatch, count, plan_chunk):
+    """Chunks are consecutive, cover [0, count) once and hold at most PLAN_CHUNK inputs; without the ramp
+    each holds PLAN_CHUNK (the last the rest); with it they start at FIRST_PLAN_CHUNK and double, and only
+    the last may break that, by taking in a remainder under half the chunk before it."""
+    from llm2vec_fast.encoder import llm2vec as module
+    monkeypatch.setattr(module, "PLAN_CHUNK", plan_chunk)
+    for ramp in (False, True):
+        chunks = module.plan_chunks(count, ramp)
+        assert [start for start, _ in chunks] == [0, *(stop for _, stop in chunks)][:len(chunks)]
+        assert (chunks[-1][1] if chunks else 0) == count
+        sizes = [stop - start for start, stop in chunks]
+        assert all(0 < size <= plan_chunk for size in sizes), sizes
+        if not ramp:
+            assert sizes[:-1] == [plan_chunk] * (len(sizes) - 1)
+            continue
+        planned = [min(module.FIRST_PLAN_CHUNK * 2 ** k, plan_chunk) for k in range(len(sizes))]
+        assert sizes[:-1] == planned[:-1], sizes
+        if len(sizes) > 1:  # the last: its planned size cut short, or that plus a small remainder
+            assert sizes[-1] <= planned[-1] or sizes[-1] - planned[-1] < planned[-1] // 2, sizes
+    monkeypatch.setattr(module, "PLAN_CHUNK", 16384)
+    assert [stop - start for start, stop in module.plan_chunks(384, ramp=True)] == [64, 128, 192]
+    assert [stop - start for start, stop in module.plan_chunks(200, ramp=True)] == [64, 136]  # not 64, 128, 8
+    assert module.plan_chunks(384) == [(0, 384)]
+
+
+def test_a_ramped_encode_plans_small_chunks_first_and_gives_the_same_rows(encoders, monkeypatch):
+    """On a GPU's settings (plan-ahead forced here on the CPU, so the ramp is on) the first chunk holds
+    FIRST_PLAN_CHUNK inputs and the next ones double; every row equals the one-chunk encode's."""
+    from llm2vec_fast.encoder import llm2vec as module
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    items = ENCODE_ITEMS + [f"{word} tide {i}" for i, word in enumerate("one two three four five six".split() * 5)]
+    expected = encoder.encode(items, show_progress_bar=False)
+    monkeypatch.setattr(module, "_plan_ahead", lambda device: True)
+    monkeypatch.setattr(module, "FIRST_PLAN_CHUNK", 2)
+    planned = []
+    plan = type(encoder).plan
+
+    def recording_plan(self, chunk_items, direct=False):
+        planned.append(len(chunk_items))
+        return plan(self, chunk_items, direct)
+    monkeypatch.setattr(type(encoder), "plan", recording_plan)
+    got = encoder.encode(items, show_progress_bar=False)
+    distinct = len(dict.fromkeys(normalize_inputs(items)))
+    assert planned == [stop - start for start, stop in module.plan_chunks(distinct, ramp=True)]
+    assert planned[:4] == [2, 4, 8, 16] and sum(planned) == distinct
+    assert torch.allclose(got, expected, atol=SAME_ATOL, rtol=0)
+
+
 def test_next_chunk_is_tokenised_while_this_one_runs(encoders, monkeypatch):
     """With plan-ahead (a GPU's setting, forced here on the CPU), chunk k+1 is tokenised on a background
     thread while chunk k's batches run: the first batch of chunk 0 waits until the plan of chunk 1 has
@@ -673,7 +724,7 @@ def test_templates_and_eos_texts():
     assert prepare_for_tokenization(joined, "x", "mistral", "eos_token") == "Instruct: !@#$%^&*()a text </s>"
     assert prepare_for_tokenization(joined, "x", "gemma", "eos_token").endswith("a text<eos>")
     assert prepare_for_tokenization(joined, "x", "qwen2", "eos_token").endswith("a text<|endoftext|>")
-    for family in ("gemma2", "gemma3_text", "qwen3", "phi3"):  # llm2vec 0.2.3 appends nothing for families it does not know
+    for family in ("gemma2", "gemma3_text", "qwen3", "phi3"):  # llm2vec 0.2.3 appends nothing for these
         assert prepare_for_tokenization(joined, "x", family, "eos_token") == joined
     assert prepare_for_tokenization(joined, "meta-llama/Meta-Llama-3-8B-Instruct", "llama", "eos_token") == (
         "<|start_header_id|>user<|end_header_id|>\n\nInstruct: !@#$%^&*()a text<|eot_id|>")

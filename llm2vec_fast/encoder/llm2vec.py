@@ -10,8 +10,9 @@ compute on padding; causal per sequence with ``enable_bidirectional=False``) and
 pooled straight from the packed layout (``llm2vec_fast.pool``, float32). On a CUDA device each batch
 is built on the host in pinned memory, copied asynchronously and only enqueued (no host sync inside a
 batch), the host preparing the next batch meanwhile; the embeddings gather on the device and come to
-the CPU once per ``PLAN_CHUNK`` inputs, and the next chunk is tokenised on a background thread while the
-device runs this one.
+the CPU once per chunk of inputs, through pinned memory while the next chunk runs, and the next chunk is
+tokenised on a background thread while the device runs this one (the first chunks small, so that the
+device starts early).
 
 Behaviour that deliberately differs from llm2vec 0.2.3 (each a bug or an input llm2vec cannot take):
 - a single string is one text (llm2vec encodes each of its characters); an empty list gives a
@@ -57,6 +58,10 @@ _POOL_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "la
               "last_token": "last_token", "bos_token": "bos_token"}
 ENCODER_ARGS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 PLAN_CHUNK = 16384  # inputs tokenised, sorted and batched together (bounds the memory of token lists)
+# On a GPU the first chunks are smaller: FIRST_PLAN_CHUNK inputs, doubling up to PLAN_CHUNK (plan_chunks), so
+# that the device starts once a few texts are tokenised instead of a whole chunk (an encode of a few thousand
+# texts is one chunk), the rest being tokenised on the background thread meanwhile.
+FIRST_PLAN_CHUNK = 64
 # Default token budget on the CPU: larger packs spill the caches (benchmarks/bench_encode.py workload, one
 # thread, seconds per encode of 384 texts; 4 layers, hidden 256: 512 tokens 3.6, 1024 3.4, 2048 4.0, 4096 4.3;
 # hidden 512 (192 texts): 512 5.8, 1024 5.7-6.0, 2048 6.0, 4096 6.0).
@@ -448,28 +453,35 @@ class LLM2Vec(nn.Module):
                       normalize_embeddings: bool, max_tokens_per_batch: Optional[int]) -> Tensor:
         """The single-process encode of normalised items (see :meth:`encode`); ``bar`` counts texts.
 
-        Per PLAN_CHUNK inputs: tokenise, sort, batch; each batch's embeddings are written (``index_copy_``,
-        by input index) into one float32 buffer on the output device, which goes to the CPU once per chunk.
-        On a GPU the next chunk is tokenised on a background thread meanwhile (:meth:`_chunk_plans`).
-        On a CUDA device each batch is prepared in pinned memory and only enqueued (no host sync inside a
-        batch), so the host prepares the next batch while the device runs this one; at most
-        ``GPU_LOOKAHEAD + 1`` batches are in flight (their pinned buffers stay referenced until their CUDA
-        event has completed). The progress bar counts a batch (texts and tokens/s) once it has completed on
-        the device. On the CPU every batch completes before the next is prepared (no pinned memory).
+        Per chunk of inputs (:func:`plan_chunks`): tokenise, sort, batch; each batch's embeddings are written
+        (``index_copy_``, by input index) into one float32 buffer of the chunk on the output device.
+        On a CUDA device:
+        - each batch is prepared in pinned memory and only enqueued (no host sync inside a batch), so the host
+          prepares the next batch while the device runs this one; at most ``GPU_LOOKAHEAD + 1`` batches are in
+          flight (their pinned buffers stay referenced until their CUDA event has completed);
+        - the next chunk is tokenised on a background thread meanwhile (:meth:`_chunk_plans`), and the first
+          chunks are small (the device starts once a few texts are tokenised);
+        - a chunk's rows go to the CPU through pinned memory (:class:`_Landing`), awaited only once the next
+          chunk's first batch is queued: the device never waits for the host between chunks, and the host
+          never blocks on the whole stream, only on events.
+        The progress bar counts a batch (texts and tokens/s) once it has completed on the device. On the CPU
+        every batch completes before the next is prepared (no pinned memory).
         """
         target_device, budget = self._ready(device, batch_size, max_tokens_per_batch)
         packable = self._packable()
         hidden_size = self._hidden_size()
         out = torch.zeros((len(items), hidden_size), dtype=torch.float32)
         progress = _Progress(bar)
+        in_flight: List[_InFlight] = []  # across chunks: the device runs on while the host starts the next one
+        landing: Optional[_Landing] = None  # the previous chunk's rows on their way to `out`
+        ahead = _plan_ahead(target_device)
         with torch.no_grad():
-            for start, plan in self._chunk_plans(items, ahead=_plan_ahead(target_device)):
+            for start, plan in self._chunk_plans(items, ahead=ahead, ramp=ahead and packable):
                 lengths = [len(ids) for ids in plan.input_ids]
                 order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
                 bar.update(len(lengths) - len(order))  # inputs without tokens embed to zeros
                 target = out.narrow(0, start, len(lengths))
                 chunk: Optional[Tensor] = None  # the chunk's rows on the output device (target itself on the CPU)
-                in_flight: List[_InFlight] = []
                 pending = collections.deque(token_batches(order, lengths, budget, padded=not packable))
                 while pending:
                     batch = pending.popleft()
@@ -484,6 +496,9 @@ class LLM2Vec(nn.Module):
                         rest = batch + [i for later in pending for i in later]
                         pending = collections.deque(token_batches(rest, lengths, budget, padded=not packable))
                         continue
+                    if landing is not None:  # awaited now that the device has this chunk's first batch to run
+                        landing.land()
+                        landing = None
                     if chunk is None:
                         chunk = target if emb.device.type == "cpu" else \
                             torch.zeros((len(lengths), hidden_size), dtype=torch.float32, device=emb.device)
@@ -500,10 +515,12 @@ class LLM2Vec(nn.Module):
                     event.record(torch.cuda.current_stream(emb.device))
                     in_flight.append(_InFlight(event, texts, tokens, (prepared, rows)))
                     progress.settle(in_flight, keep=max(GPU_LOOKAHEAD, 0))
-                if chunk is not None and chunk is not target:
-                    target.copy_(chunk)  # the chunk's one host sync: everything enqueued so far has run
+                if chunk is not None and chunk is not target:  # (any earlier landing has landed: a batch ran)
+                    landing = _Landing(chunk, target)
                     del chunk
-                progress.settle(in_flight, keep=0)
+            if landing is not None:
+                landing.land()
+            progress.settle(in_flight, keep=0)
         return out
 
     def _ready(self, device: Optional[str], batch_size: int,
@@ -581,22 +598,21 @@ class LLM2Vec(nn.Module):
                  "sentence_embedding": p if p is not None else _truncate(torch.zeros(1, width), truncate_dim, False)[0]}
                 for ids, t, p in zip(plan.input_ids, tokens, pooled)]
 
-    def _chunk_plans(self, items: Sequence[InputItem], ahead: bool) -> Iterator[Tuple[int, Plan]]:
-        """(first input, plan) per ``PLAN_CHUNK`` inputs. With ``ahead`` the next chunk is tokenised on a
-        background thread while the caller runs this one, so that a GPU is not idle while the host
-        tokenises (the fast tokenizers release the GIL)."""
-        starts = list(range(0, len(items), PLAN_CHUNK))
-        if not ahead or len(starts) < 2:
-            for start in starts:
-                yield start, self.plan(items[start:start + PLAN_CHUNK])
+    def _chunk_plans(self, items: Sequence[InputItem], ahead: bool, ramp: bool) -> Iterator[Tuple[int, Plan]]:
+        """(first input, plan) per chunk of :func:`plan_chunks` (``ramp``: small chunks first). With ``ahead``
+        the next chunk is tokenised on a background thread while the caller runs this one, so that a GPU is
+        not idle while the host tokenises (the fast tokenizers release the GIL)."""
+        chunks = plan_chunks(len(items), ramp)
+        if not ahead or len(chunks) < 2:
+            for start, stop in chunks:
+                yield start, self.plan(items[start:stop])
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm2vec-fast-plan") as planner:
-            future = planner.submit(self.plan, items[:PLAN_CHUNK])
-            for number, start in enumerate(starts):
+            future = planner.submit(self.plan, items[slice(*chunks[0])])
+            for number, (start, _) in enumerate(chunks):
                 plan = future.result()
-                if number + 1 < len(starts):
-                    following = starts[number + 1]
-                    future = planner.submit(self.plan, items[following:following + PLAN_CHUNK])
+                if number + 1 < len(chunks):
+                    future = planner.submit(self.plan, items[slice(*chunks[number + 1])])
                 yield start, plan
 
     def _settings(self) -> Dict[str, object]:
@@ -667,6 +683,29 @@ class _InFlight:
         self.event, self.texts, self.tokens, self.keep = event, texts, tokens, keep
 
 
+class _Landing:
+    """A chunk's rows on their way from the device to their place in the output: on a CUDA device copied
+    into pinned memory on the current stream (enqueued after the chunk's batches, no host wait) and moved
+    into place by :meth:`land`, which waits for that copy alone (an event); on another device copied at once."""
+
+    def __init__(self, rows: Tensor, target: Tensor):
+        self.target, self.event = target, None
+        if rows.device.type != "cuda":
+            target.copy_(rows)
+            self.staging = None
+            return
+        self.staging = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        self.staging.copy_(rows, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(rows.device))
+
+    def land(self) -> None:
+        if self.staging is not None:
+            self.event.synchronize()
+            self.target.copy_(self.staging)
+            self.staging = None
+
+
 class _Progress:
     """The progress bar's counts of completed work: texts, and tokens per second since the start."""
 
@@ -692,6 +731,22 @@ class _Progress:
                 entry.event.synchronize()  # waits for this batch only: later ones stay queued on the device
             in_flight.pop(0)
             self.done(entry.texts, entry.tokens)
+
+
+def plan_chunks(count: int, ramp: bool = False) -> List[Tuple[int, int]]:
+    """(start, stop) of the chunks of ``count`` inputs that encode tokenises, sorts and batches together:
+    PLAN_CHUNK inputs each; with ``ramp``, FIRST_PLAN_CHUNK first, doubling up to PLAN_CHUNK, a remainder
+    under half the last chunk taken into it (no tiny last batch) where that stays within PLAN_CHUNK."""
+    chunks: List[Tuple[int, int]] = []
+    size = min(FIRST_PLAN_CHUNK, PLAN_CHUNK) if ramp else PLAN_CHUNK
+    start = 0
+    while start < count:
+        stop = min(start + size, count)
+        if ramp and count - stop < size // 2 and count - start <= PLAN_CHUNK:
+            stop = count
+        chunks.append((start, stop))
+        start, size = stop, min(2 * size, PLAN_CHUNK)
+    return chunks
 
 
 def _check_count(name: str, value, low: int = 1, high: Optional[int] = None, high_is: str = "") -> None:
