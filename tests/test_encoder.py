@@ -815,6 +815,97 @@ def test_pickled_weights_are_refused(checkpoints, adapters, tmp_path):
         LLM2Vec.from_pretrained(checkpoints("llama"), peft_model_name_or_path=str(adapter))
 
 
+def test_a_causal_encoder_saved_loads_back_causal(checkpoints, tmp_path):
+    """save records enable_bidirectional=False (only then: llm2vec 0.2.3's constructor would refuse the key), so
+    the folder loads back causal with the same embeddings; an explicit argument still wins; a bad record is named."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.models import is_bidirectional
+    causal = LLM2Vec.from_pretrained(checkpoints("llama_causal"), enable_bidirectional=False)
+    expected = causal.encode(INPUTS[:6], show_progress_bar=False)
+    causal.save(str(tmp_path / "causal"))
+    with open(tmp_path / "causal" / "llm2vec_config.json") as f:
+        assert json.load(f)["enable_bidirectional"] is False
+    again = LLM2Vec.from_pretrained(str(tmp_path / "causal"))
+    assert not is_bidirectional(again.model) and "enable_bidirectional" not in vars(again)
+    assert torch.allclose(again.encode(INPUTS[:6], show_progress_bar=False), expected, atol=SAME_ATOL, rtol=0)
+    assert is_bidirectional(LLM2Vec.from_pretrained(str(tmp_path / "causal"), enable_bidirectional=True).model)
+    LLM2Vec.from_pretrained(checkpoints("llama_causal")).save(str(tmp_path / "bidirectional"))
+    with open(tmp_path / "bidirectional" / "llm2vec_config.json") as f:
+        assert "enable_bidirectional" not in json.load(f)
+    with open(tmp_path / "causal" / "llm2vec_config.json", "w") as f:
+        json.dump({"enable_bidirectional": "no"}, f)
+    with pytest.raises(ValueError, match="'enable_bidirectional' must be true or false, got 'no'"):
+        LLM2Vec.from_pretrained(str(tmp_path / "causal"))
+
+
+@pytest.mark.parametrize("first", ["adapter", "weights"])
+def test_saving_over_the_other_layout_removes_its_files(adapters, tmp_path, first):
+    """An unmerged save then a merged one into the same folder (or the reverse): the earlier layout's files go,
+    with a warning, so that the folder loads back as what was saved last (not an adapter merged twice, or old
+    weights under a new adapter)."""
+    from llm2vec_fast import LLM2Vec
+    _, mntp, simcse = adapters
+    encoder = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=simcse)
+    expected = encoder.encode(INPUTS[:6], show_progress_bar=False)
+    folder = str(tmp_path / "saved")
+    saves = {"adapter": lambda: encoder.save(folder), "weights": lambda: encoder.save(folder, merged_copy=True)}
+    second = "weights" if first == "adapter" else "adapter"
+    saves[first]()
+    with open(os.path.join(folder, "notes.txt"), "w") as f:
+        f.write("the user's own file")
+    with pytest.warns(UserWarning, match="removed .* left by an earlier save"):
+        saves[second]()
+    names = set(os.listdir(folder))
+    assert ("model.safetensors" in names) == (second == "weights")
+    assert ("adapter_model.safetensors" in names) == (second == "adapter") == ("adapter_config.json" in names)
+    assert "notes.txt" in names
+    got = LLM2Vec.from_pretrained(folder).encode(INPUTS[:6], show_progress_bar=False) if second == "weights" else \
+        LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=folder).encode(INPUTS[:6], show_progress_bar=False)
+    assert torch.allclose(got, expected, atol=SAME_ATOL, rtol=0)
+
+
+def test_none_for_dtype_or_attention_means_the_default(checkpoints, tmp_path):
+    """llm2vec's run scripts pass torch_dtype=None and attn_implementation=None when unset: float32 (transformers
+    4.44's default, not the checkpoint's bfloat16) and the packed attention, as when they are not given."""
+    from llm2vec_fast import LLM2Vec
+    folder = tmp_path / "bf16"
+    shutil.copytree(checkpoints("llama"), folder)
+    with open(folder / "config.json") as f:
+        config = json.load(f)
+    config["dtype"] = config["torch_dtype"] = "bfloat16"
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f)
+    for kwargs in ({"torch_dtype": None}, {"dtype": None}, {"torch_dtype": None, "attn_implementation": None}):
+        encoder = LLM2Vec.from_pretrained(str(folder), **kwargs)
+        assert next(encoder.model.parameters()).dtype == torch.float32, kwargs
+        assert encoder._packable(), kwargs
+    assert next(LLM2Vec.from_pretrained(str(folder), dtype="auto").model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_base_with_its_own_adapter_keeps_its_folder_as_name(adapters, tmp_path):
+    """Full weights and an adapter in one folder load through a temporary view; the model still names the
+    folder (peft records it as a new adapter's base), not the view."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm2vec_fast import LLM2Vec
+    base, mntp, _ = adapters
+    both = str(tmp_path / "both")
+    shutil.copytree(base, both)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(os.path.join(mntp, name), both)
+    model = LLM2Vec.from_pretrained(both).model
+    assert model.name_or_path == both
+    assert get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).peft_config[
+        "default"].base_model_name_or_path == both
+
+
+def test_an_uncached_hub_adapter_offline_says_so(checkpoints, monkeypatch):
+    from llm2vec_fast import LLM2Vec
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="no local folder, and the hub cache holds no adapter_config.json"):
+        LLM2Vec.from_pretrained(checkpoints("llama"), peft_model_name_or_path="nobody-here/no-such-adapter-4f2a")
+
+
 def test_causal_encoder_runs_packed(checkpoints, monkeypatch):
     """enable_bidirectional=False on a supported family: the packed causal path (the parity tests compare it with
     llm2vec), equal to the same model padded with sdpa, and the packed forward is what runs."""
@@ -1428,6 +1519,48 @@ def test_export_cli(adapters, tmp_path, capsys):
     assert set(os.listdir(tmp_path)) <= {"keep.txt", "plain", "st"}  # no folder of a refused run
     with open(os.path.join(str(tmp_path), "keep.txt")) as f:
         assert f.read() == "user data"
+
+
+def test_export_merges_any_adapter_and_a_failure_leaves_nothing(adapters, tmp_path, capsys, monkeypatch):
+    """A DoRA adapter (which the encoder's merged_copy refuses) exports merged by peft, with its embeddings; an
+    export that fails after loading exits 1 with the message and removes what it wrote (a new folder, or the
+    entries of the empty one it got)."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.encoder import st_adapter
+    from llm2vec_fast.models import LlamaBiModel
+    base, _, _ = adapters
+    dora = str(tmp_path / "dora")
+    torch.manual_seed(3)
+    peft_model = get_peft_model(LlamaBiModel.from_pretrained(base), LoraConfig(r=4, use_dora=True,
+                                                                              target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(dora)
+    texts = [t for t in INPUTS if isinstance(t, str)][:4]
+    expected = LLM2Vec.from_pretrained(base, peft_model_name_or_path=dora).encode(texts, show_progress_bar=False)
+    args = ["export", "--model", base, "--peft", dora, "--dtype", "float32"]
+    assert main(args + ["--output", str(tmp_path / "merged")]) == 0
+    assert "adapter_config.json" not in os.listdir(tmp_path / "merged")
+    got = LLM2Vec.from_pretrained(str(tmp_path / "merged")).encode(texts, show_progress_bar=False)
+    assert torch.allclose(got, expected, atol=SAME_ATOL, rtol=0)
+    capsys.readouterr()
+
+    def failing_save(self, output_path, *args, **kwargs):
+        with open(os.path.join(output_path, "config_sentence_transformers.json"), "w") as f:
+            f.write("{}")
+        raise ValueError("the save failed halfway")
+    monkeypatch.setattr(st_adapter.LLM2VecModule, "save", failing_save)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for output in (str(tmp_path / "new" / "nested"), str(empty)):
+        assert main(args + ["--output", output, "--format", "sentence-transformers"]) == 1
+        assert "llm2vec-fast export: error: the save failed halfway" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "new" / "nested") and os.listdir(empty) == []
 
 
 # ---------------------------------------------------------- the encode loop: chunks, progress, host batches

@@ -207,6 +207,60 @@ def test_packed_equals_padded_and_left_padding_equals_alone(family):
     assert rel_err(padded[0, -LENGTHS[0]:], alone) <= 1e-5
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa", ATTN_IMPLEMENTATION])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_a_packed_row_called_directly_attends_within_each_sequence(family, impl):
+    """transformers' padding-free convention (one row, position_ids restarting per sequence, no mask): every
+    attention implementation keeps attention within each sequence, equal to the eager oracle run on the padded
+    batch (the sliding window of mistral and gemma2 shorter than the longest sequence)."""
+    if family == "gemma2" and impl == "sdpa":
+        pytest.skip("sdpa has no logit softcap (see test_sliding_window_is_symmetric)")
+    window = None if family == "llama" else 4
+    config = tiny_config(family, sliding_window=window) if window else tiny_config(family)
+    state = family_state(family)
+    ids, mask = make_batch(seed=3)
+    oracle_mask = explicit_4d_mask(mask, window=window)
+    if family == "gemma2":  # layer 0 slides, layer 1 is full
+        oracle_mask = {"full_attention": explicit_4d_mask(mask), "sliding_attention": oracle_mask}
+    expected = real(reference_hidden(family, state, ids, mask, config=config, mask_4d=oracle_mask), mask)
+    batch = pack(ids, mask)
+    model = bi_model(family, impl, state, config=tiny_config(family, sliding_window=window) if window else None)
+    with torch.no_grad():
+        got = model(batch.input_ids[None], position_ids=batch.position_ids[None]).last_hidden_state[0]
+    assert rel_err(got, expected) < TOL
+
+
+def test_padded_positions_read_any_nonzero_mask_value_as_a_token():
+    """An integer mask with values other than 1 (read as real tokens by the attention masks) gives the positions
+    and the output of the 0/1 mask, not positions that skip."""
+    state = family_state("llama")
+    ids, mask = make_batch(seed=4, left=True)
+    model = bi_model("llama", "eager", state)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+        got = model(ids, attention_mask=mask * 2).last_hidden_state
+    assert rel_err(real(got, mask), real(expected, mask)) < 1e-6
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {"sliding_window": 4}),
+                                              ("gemma2", {}), ("llama", {"attention_dropout": 0.1})])
+def test_forward_packed_names_a_bad_cu_seqlens(family, overrides):
+    """cu_seqlens that disagree with the batch's tokens are named before any layer splits by them (the windowed,
+    softcap and dropout paths of the torch backend split first)."""
+    from dataclasses import replace
+    model = bi_model(family, config=tiny_config(family, **overrides))
+    model.train(bool(overrides.get("attention_dropout")))
+    ids, mask = make_batch(seed=5)
+    good = pack(ids, mask)
+    total = good.num_tokens
+    cases = [([0, 1, total - 2], "must end at the total token count"), ([1, 5, total], "must start at 0"),
+             ([0, 9, 5, total], "must be non-decreasing"), ([0, 9, 14, total, total - 1], "must end at the total")]
+    for values, message in cases:
+        bad = replace(good, cu_seqlens=torch.tensor(values, dtype=torch.int32))
+        with pytest.raises(ValueError, match=f"batch.cu_seqlens {message}"):
+            forward_packed(model, batch=bad)
+
+
 def test_rope_positions_restart_at_each_sequence():
     """Padded (left or right) and packed forwards feed RoPE each sequence's own positions 0..n-1."""
     model = bi_model("llama", state=family_state("llama"))

@@ -221,6 +221,29 @@ def test_mask_token_types(tmp_path):
     assert torch.isfinite(loss_sum) and count > 0
 
 
+def test_a_checkpoint_with_an_added_mask_token_loads(tmp_path):
+    """MNTP with an added <mask> on a base with no spare embedding row: peft saves the grown embedding matrix in
+    the adapter; LLM2Vec.from_pretrained(checkpoint) grows the base's to it before loading (peft would fail on
+    the size), and encodes as the trained model."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.training.loop import Trainer
+    from llm2vec_fast.training.mntp import MNTPRecipe
+    probe = MNTPRecipe(mntp_config(str(tmp_path / "probe"), mask_token_type="blank"))
+    small = make_base(str(tmp_path / "small"), vocab_size=len(probe.tokenizer))
+    config = mntp_config(str(tmp_path), model_name_or_path=small, mask_token_type="mask", max_steps=2,
+                         save_steps=2)
+    recipe = MNTPRecipe(config)
+    Trainer(recipe).train()
+    folder = os.path.join(config.output_dir, "checkpoint-2")
+    loaded = LLM2Vec.from_pretrained(folder, dtype=torch.float32)
+    assert loaded.model.get_input_embeddings().weight.shape[0] == len(probe.tokenizer) + 1
+    recipe.model.eval()
+    texts = ["the lazy dog", "a stitch in time"]
+    with torch.no_grad():
+        expected = LLM2Vec(recipe.model.model, recipe.tokenizer).encode(texts, show_progress_bar=False)
+    torch.testing.assert_close(loaded.encode(texts, show_progress_bar=False), expected, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ training
 def test_mntp_trains_and_the_checkpoint_loads_with_llm2vec(tmp_path):
     from llm2vec_fast import LLM2Vec

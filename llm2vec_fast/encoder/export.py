@@ -13,12 +13,15 @@ skip_instruction, ``--pooling-mode`` etc. overriding the checkpoint's). The fold
 ``--prompt`` NAME=TEXT pairs (llm2vec instructions), ``--default-prompt-name``, ``--similarity-fn`` and
 ``--truncate-dim`` recorded in ``config_sentence_transformers.json``.
 
-An existing non-empty output folder is refused: nothing there is overwritten.
+An existing non-empty output folder is refused: nothing there is overwritten. An export that fails (an error
+loading or writing) leaves the output folder as it found it (absent or empty), and exits with status 1 and the
+message.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -91,19 +94,46 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as error:  # as argparse reports a bad option: the message and exit status 2
         print(f"llm2vec-fast export: error: {error}", file=sys.stderr)
         return 2
-    encoder = load_encoder(args)
-    if args.format == "sentence-transformers":
-        from .st_adapter import to_sentence_transformer
-        model = to_sentence_transformer(encoder, prompts=prompts, default_prompt_name=args.default_prompt_name,
-                                        similarity_fn_name=args.similarity_fn, truncate_dim=args.truncate_dim,
-                                        device="cpu")
-        model.save(args.output)
-    else:
-        encoder.save(args.output, merged_copy=True)
+    created = not os.path.exists(args.output)
+    try:
+        encoder = load_encoder(args)
+        merge_adapters(encoder)
+        if args.format == "sentence-transformers":
+            from .st_adapter import to_sentence_transformer
+            model = to_sentence_transformer(encoder, prompts=prompts, default_prompt_name=args.default_prompt_name,
+                                            similarity_fn_name=args.similarity_fn, truncate_dim=args.truncate_dim,
+                                            device="cpu")
+            model.save(args.output)
+        else:
+            encoder.save(args.output)
+    except BaseException as error:  # nothing half-written is left: the folder was new or empty
+        remove_partial_output(args.output, created)
+        if not isinstance(error, ValueError):
+            raise
+        print(f"llm2vec-fast export: error: {error}", file=sys.stderr)
+        return 1
     files: List[str] = sorted(os.listdir(args.output))
     print(f"exported {args.model}" + (f" + {args.peft}" if args.peft else "") + f" to {args.output} "
           f"({args.format}, {args.dtype}): {', '.join(files)}")
     return 0
+
+
+def merge_adapters(encoder) -> None:
+    """Every adapter of the (throwaway) encoder merged into its weights by peft, whatever its kind (LoRA, DoRA,
+    modules_to_save, ...), so that the folder holds one whole model."""
+    from peft import PeftModel
+    if isinstance(encoder.model, PeftModel):
+        encoder.model = encoder.model.merge_and_unload()
+
+
+def remove_partial_output(output: str, created: bool) -> None:
+    """Removes what a failed export wrote: the folder it created, or the entries of the empty folder it got."""
+    if created:
+        shutil.rmtree(output, ignore_errors=True)
+        return
+    for name in os.listdir(output) if os.path.isdir(output) else []:
+        path = os.path.join(output, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

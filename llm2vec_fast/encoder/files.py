@@ -398,7 +398,8 @@ def load_encoder(args: argparse.Namespace, causal: bool = False):
     if args.attn_implementation:
         model_kwargs["attn_implementation"] = args.attn_implementation
     return LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=args.merge_peft,
-                                   enable_bidirectional=not causal, pooling_mode=args.pooling_mode,
+                                   enable_bidirectional=False if causal else None,  # None: the folder's record
+                                   pooling_mode=args.pooling_mode,
                                    max_length=args.max_length, doc_max_length=args.doc_max_length,
                                    skip_instruction=args.skip_instruction, **model_kwargs)
 

@@ -57,6 +57,9 @@ POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token"
 _POOL_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last_token",
               "last_token": "last_token", "bos_token": "bos_token"}
 ENCODER_ARGS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+# The llm2vec_config.json key that records a causal encoder (save writes it only then: llm2vec 0.2.3 would refuse
+# a folder with it rather than load the model bidirectional).
+BIDIRECTIONAL_KEY = "enable_bidirectional"
 PLAN_CHUNK = 16384  # inputs tokenised, sorted and batched together (bounds the memory of token lists)
 # On a GPU the first chunks are smaller: FIRST_PLAN_CHUNK inputs, doubling up to PLAN_CHUNK (plan_chunks), so
 # that the device starts once a few texts are tokenised instead of a whole chunk (an encode of a few thousand
@@ -108,7 +111,7 @@ class LLM2Vec(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model_name_or_path, peft_model_name_or_path=None, merge_peft: bool = False,
-                        enable_bidirectional: bool = True, **kwargs) -> "LLM2Vec":
+                        enable_bidirectional: Optional[bool] = None, **kwargs) -> "LLM2Vec":
         """Loads tokenizer, config and model as llm2vec 0.2.3 does, from a folder or the hub cache.
 
         ``pooling_mode``, ``max_length``, ``doc_max_length`` and ``skip_instruction`` are taken from the
@@ -118,13 +121,18 @@ class LLM2Vec(nn.Module):
         adapter (llm2vec's MNTP checkpoints: config, tokenizer and adapter, the weights named by
         ``adapter_config.json``'s ``base_model_name_or_path``), the adapter is merged into the base;
         ``peft_model_name_or_path`` then adds a second adapter, merged when ``merge_peft``.
+        ``enable_bidirectional`` defaults to what :meth:`save` recorded for a causal encoder
+        (``"enable_bidirectional": false`` in that ``llm2vec_config.json``), else True (llm2vec's default).
 
         Differences from llm2vec, all about safety or speed: weights are read from safetensors only;
         ``trust_remote_code`` is False unless given; the dtype defaults to float32 (transformers
         4.44's default, which llm2vec got) unless ``dtype``/``torch_dtype`` is given; models of the
         supported families (bidirectional or not) get ``attn_implementation="llm2vec_fast"`` unless another
-        is given; a base folder that holds both an adapter and full weights loads its own weights
-        (transformers 5's rule).
+        is given (``dtype``, ``torch_dtype`` or ``attn_implementation`` given as None, as llm2vec's run scripts
+        pass them when unset, mean the default, as they did in transformers 4.44); a base folder that holds both
+        an adapter and full weights loads its own weights (transformers 5's rule). An adapter that saved a
+        larger embedding matrix (peft does where training added tokens, as MNTP's ``<mask>``) gets the base's
+        embeddings resized to it first.
         """
         from peft import PeftModel
         from transformers import AutoConfig, AutoTokenizer
@@ -136,6 +144,9 @@ class LLM2Vec(nn.Module):
             value = kwargs.pop(key, None)
             if value is not None:
                 encoder_args[key] = value
+        for key in ("dtype", "torch_dtype", "attn_implementation"):
+            if key in kwargs and kwargs[key] is None:  # "not set" in llm2vec's scripts: the default
+                del kwargs[key]
         hub = loading.hub_kwargs(kwargs)
         trust_remote_code = kwargs.pop("trust_remote_code", False)
         if "torch_dtype" in kwargs:
@@ -150,6 +161,13 @@ class LLM2Vec(nn.Module):
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
         config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
+        settings = loading.llm2vec_config(peft_model_name_or_path if peft_model_name_or_path is not None else base)
+        recorded = settings.pop(BIDIRECTIONAL_KEY, True)
+        if not isinstance(recorded, bool):
+            raise ValueError(f"{loading.LLM2VEC_CONFIG}'s {BIDIRECTIONAL_KEY!r} must be true or false, got "
+                             f"{recorded!r}")
+        if enable_bidirectional is None:
+            enable_bidirectional = recorded
         model_class = cls._get_model_class(config, enable_bidirectional)
         if getattr(config, "model_type", None) in BI_MODELS:  # causal ones too: the kernels take causal=True
             kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
@@ -164,21 +182,23 @@ class LLM2Vec(nn.Module):
             # below, once, through peft).
             with loading.without_adapter(base) as view:
                 model = model_class.from_pretrained(view, trust_remote_code=trust_remote_code, **kwargs)
+            model.name_or_path = base  # not the view's (gone), which peft would record as an adapter's base
         else:
             model = model_class.from_pretrained(weights_from, trust_remote_code=trust_remote_code, **kwargs)
         model.config._name_or_path = loading.name_or_path(base, weights_from)
 
         if adapter_config is not None:
-            model = PeftModel.from_pretrained(model, loading.adapter_folder(base, hub))
-            model = model.merge_and_unload()
+            folder = loading.adapter_folder(base, hub)
+            loading.fit_vocabulary(model, folder)
+            model = PeftModel.from_pretrained(model, folder).merge_and_unload()
         if peft_model_name_or_path is not None:
             other_repo = {k: v for k, v in hub.items() if k != "revision"}  # the revision is the base's
-            model = PeftModel.from_pretrained(model, loading.adapter_folder(os.fspath(peft_model_name_or_path),
-                                                                            other_repo))
+            folder = loading.adapter_folder(os.fspath(peft_model_name_or_path), other_repo)
+            loading.fit_vocabulary(model, folder)
+            model = PeftModel.from_pretrained(model, folder)
             if merge_peft:
                 model = model.merge_and_unload()
 
-        settings = loading.llm2vec_config(peft_model_name_or_path if peft_model_name_or_path is not None else base)
         settings.update(encoder_args)
         encoder = cls(model=model, tokenizer=tokenizer, **settings)
         encoder._load_spec = load_spec
@@ -189,26 +209,37 @@ class LLM2Vec(nn.Module):
         """Saves model (safetensors), tokenizer and ``llm2vec_config.json``, as llm2vec does; also keeps
         the template name in config.json's ``_name_or_path``. A peft model is saved as its adapter, merged
         into the base first with ``merge_before_save``; ``merged_copy=True`` writes the merged weights instead
-        and leaves this encoder's adapter unmerged (plain LoRA only), so that the folder holds a full model."""
+        and leaves this encoder's adapter unmerged (plain LoRA only), so that the folder holds a full model.
+        A causal encoder (``enable_bidirectional=False``) is recorded as such in ``llm2vec_config.json``.
+
+        The files of the other layout left by an earlier save into the same folder (an adapter beside full
+        weights, or full weights beside an adapter), which :meth:`from_pretrained` would combine with these,
+        are removed, with a warning naming them."""
         from peft import PeftModel
+
+        from ..models.bidirectional import is_bidirectional
         output_path = os.fspath(output_path)
         if merge_before_save and isinstance(self.model, PeftModel):
             self.model = self.model.merge_and_unload()
             if hasattr(self.model, "_hf_peft_config_loaded"):
                 self.model._hf_peft_config_loaded = False
+        as_adapter = isinstance(self.model, PeftModel) and not merged_copy
         if merged_copy and isinstance(self.model, PeftModel):
             base, state = loading.merged_weights(self.model)
             base.save_pretrained(output_path, state_dict=state)
         else:
             self.model.save_pretrained(output_path)
+        loading.remove_other_layout(output_path, adapter=as_adapter)
         self.tokenizer.save_pretrained(output_path)
         loading.record_name_or_path(output_path, self._name_or_path())
         if save_config:
             os.makedirs(output_path, exist_ok=True)
+            settings = {"pooling_mode": self.pooling_mode, "max_length": self.max_length,
+                        "doc_max_length": self.doc_max_length, "skip_instruction": self.skip_instruction}
+            if not is_bidirectional(self.model):
+                settings[BIDIRECTIONAL_KEY] = False
             with open(os.path.join(output_path, loading.LLM2VEC_CONFIG), "w") as f:
-                json.dump({"pooling_mode": self.pooling_mode, "max_length": self.max_length,
-                           "doc_max_length": self.doc_max_length, "skip_instruction": self.skip_instruction}, f,
-                          indent=4)
+                json.dump(settings, f, indent=4)
 
     # ----------------------------------------------------------------------------- llm2vec's text steps
 

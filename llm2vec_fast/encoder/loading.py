@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,6 +47,10 @@ def read_json(path: str) -> Dict[str, Any]:
 def adapter_folder(path_or_id: str, hub: Optional[Dict[str, Any]] = None) -> str:
     """A local folder holding the adapter's config and safetensors weights (raises if it has only pickles)."""
     config = resolve_file(path_or_id, ADAPTER_CONFIG, hub)
+    if config is None and not os.path.isdir(os.fspath(path_or_id)):
+        raise ValueError(f"{path_or_id!r} is no local folder, and the hub cache holds no {ADAPTER_CONFIG} for it: "
+                         f"pass the adapter's local folder, or download it first (nothing is fetched with "
+                         f"HF_HUB_OFFLINE=1 or without a network)")
     if config is None:
         raise ValueError(f"{path_or_id!r} holds no {ADAPTER_CONFIG}: not a peft adapter")
     weights = resolve_file(path_or_id, ADAPTER_WEIGHTS, hub)
@@ -54,6 +60,40 @@ def adapter_folder(path_or_id: str, hub: Optional[Dict[str, Any]] = None) -> str
     if os.path.dirname(config) != os.path.dirname(weights):
         raise ValueError(f"{path_or_id!r}: adapter config and weights resolved to different folders")
     return os.path.dirname(config)
+
+
+def fit_vocabulary(model, adapter_folder_path: str) -> None:
+    """Resizes ``model``'s token embeddings to the rows of the embedding matrix the adapter saved whole, where
+    that has more (peft saves it where training added tokens, as MNTP's ``<mask>``): peft could not load it
+    onto the smaller matrix."""
+    from safetensors import safe_open
+    embeddings = model.get_input_embeddings()
+    name = next((n for n, module in model.named_modules() if module is embeddings), None)
+    if name is None:
+        return
+    with safe_open(os.path.join(adapter_folder_path, ADAPTER_WEIGHTS), framework="pt") as f:
+        rows = [f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith(f"{name}.weight")]
+    if rows and max(rows) > embeddings.weight.shape[0]:
+        model.resize_token_embeddings(max(rows), mean_resizing=False)
+
+
+# The files each layout of a saved model consists of (what from_pretrained reads to choose and load it).
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin")
+WEIGHT_FILES = re.compile(r"model\.safetensors|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors")
+
+
+def remove_other_layout(folder: str, adapter: bool) -> None:
+    """After a save of an adapter (``adapter=True``) or of full weights into ``folder``: removes the other
+    layout's files an earlier save left there, which from_pretrained would combine with the new ones (an old
+    adapter merged again into merged weights, or old weights under a new adapter), with a warning."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    stale = sorted(n for n in names if (WEIGHT_FILES.fullmatch(n) if adapter else n in ADAPTER_FILES))
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    if stale:
+        warnings.warn(f"save: removed {', '.join(stale)} from {folder!r}, left by an earlier save of "
+                      f"{'full weights' if adapter else 'an adapter'}: loading the folder would have combined them "
+                      f"with the {'adapter' if adapter else 'weights'} saved now", UserWarning, stacklevel=3)
 
 
 def name_or_path(base: str, loaded_from: str) -> str:

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from ..reference.attention import window_keeps
+from ..validation import check_cu_seqlens
 from .attention import ATTN_IMPLEMENTATION, set_attention_backend
 from .lean import lean_layers
 from .packing import PackedBatch, pack, repad
@@ -162,9 +163,22 @@ def bidirectional_masks(body: PreTrainedModel, batch_size: int, seqlen: int, att
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """(B, S) positions counting each row's real tokens from 0 (padding gets 0)."""
-    mask = attention_mask.to(torch.long)
+    """(B, S) positions counting each row's real tokens from 0 (padding gets 0). Any nonzero value is a real
+    token, as the attention masks read it (no device read to refuse a mask of other values)."""
+    mask = (attention_mask != 0).to(torch.long)
     return (mask.cumsum(dim=-1) - 1).clamp_(min=0)
+
+
+def _packed_sequence_ids(position_ids: Tensor, seqlen: int) -> Optional[Tensor]:
+    """(1, S) sequence index of each token of one row of packed sequences (positions restarting, transformers'
+    padding-free convention), or None where the positions never restart (one sequence)."""
+    if position_ids.numel() != seqlen or seqlen < 2:
+        return None
+    positions = position_ids.reshape(1, seqlen)
+    starts = positions[:, 1:] != positions[:, :-1] + 1
+    if not bool(starts.any()):  # a device read, only on this mask-building path (as transformers' own)
+        return None
+    return torch.nn.functional.pad(starts.to(torch.long).cumsum(dim=-1), (1, 0))
 
 
 _FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids")
@@ -183,6 +197,12 @@ def _before_forward(body: PreTrainedModel, args: Tuple, kwargs: Dict) -> Optiona
     if reference is None or reference.dim() < 2:
         return (), kwargs
     batch_size, seqlen = reference.shape[:2]
+    if mask is None and batch_size == 1 and kwargs.get("position_ids") is not None and _uses_masks(body.config):
+        sequence_ids = _packed_sequence_ids(kwargs["position_ids"], seqlen)
+        if sequence_ids is not None:  # attention within each packed sequence, as "llm2vec_fast" keeps it
+            kwargs["attention_mask"] = bidirectional_masks(body, 1, seqlen, None, sequence_ids=sequence_ids,
+                                                           device=reference.device)
+            return (), kwargs
     padded = isinstance(mask, Tensor) and mask.dim() == 2
     if padded and kwargs.get("position_ids") is None:
         kwargs["position_ids"] = positions_from_mask(mask)
@@ -201,7 +221,11 @@ def make_bidirectional(model: torch.nn.Module, *, backend: Optional[str] = None)
     ``attn_implementation="llm2vec_fast"``. Raises ValueError for other families. Returns ``model``.
     Note: ``config.is_causal = False`` is saved with the model by ``save_pretrained``, and so is
     ``use_bidirectional_attention = True`` where the config has that switch (Gemma3, as EmbeddingGemma
-    uses it): plain transformers then reloads the saved model bidirectional, with our window |i - j| < w.
+    uses it): plain transformers then reloads the saved model bidirectional, but with its own window on
+    sliding layers, |i - j| <= w (ours, the kernels', is |i - j| < w): the two differ on inputs longer than
+    the window (Gemma3's 512 tokens); reload with llm2vec_fast's classes to keep ours.
+    A row of packed sequences (B = 1, ``position_ids`` restarting, no mask: transformers' padding-free
+    convention) attends within each sequence with every attention implementation.
     """
     body = decoder_body(model)
     check_family(body)
@@ -272,6 +296,7 @@ def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
     if batch.input_ids is None:
         raise ValueError("batch has no input_ids (it was packed from a mask alone)")
     total = batch.num_tokens
+    check_cu_seqlens(batch.cu_seqlens, total, name="batch.cu_seqlens", like=batch.position_ids)
     if _uses_masks(body.config):
         # A causal model needs no mask: transformers finds the packed sequences from the restarting
         # position_ids and builds block-diagonal causal (and sliding-window) masks itself.
