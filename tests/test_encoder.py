@@ -1513,10 +1513,12 @@ def test_export_cli(adapters, tmp_path, capsys):
         (["--output", str(tmp_path / "e"), "--format", "sentence-transformers", "--truncate-dim", "0"],
          "--truncate-dim must be a positive int, got 0"),
     ]
+    os.symlink(str(tmp_path / "nowhere"), str(tmp_path / "dangling"))
+    refusals.append((["--output", str(tmp_path / "dangling")], "a link to nothing"))
     for extra, message in refusals:
         assert main(base_args + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
-    assert set(os.listdir(tmp_path)) <= {"keep.txt", "plain", "st"}  # no folder of a refused run
+    assert set(os.listdir(tmp_path)) <= {"keep.txt", "plain", "st", "dangling"}  # no folder of a refused run
     with open(os.path.join(str(tmp_path), "keep.txt")) as f:
         assert f.read() == "user data"
 

@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def check_arguments(args: argparse.Namespace) -> Dict[str, str]:
     """Every refusal before the model loads: the output folder, the sentence-transformers options."""
     output = os.fspath(args.output)
+    if os.path.islink(output) and not os.path.exists(output):
+        raise ValueError(f"--output must be a new or empty folder, got {output!r}, a link to nothing")
     if os.path.isfile(output) or (os.path.isdir(output) and os.listdir(output)):
         raise ValueError(f"--output must be a new or empty folder (nothing is overwritten), got {output!r}, which "
                          f"holds files")
