@@ -38,6 +38,17 @@ STS_PAIRS = [  # identical pairs score 5, unrelated pairs 0
     ("The museum opens at nine.", "Owls hunt at night.", 0.0),
 ]
 
+GRADED_PAIRS = [  # (sentence1, sentence2, similarity 0-5)
+    ("The cat sleeps on the warm windowsill.", "A cat is sleeping by the window.", 4.5),
+    ("Rain is expected in the afternoon.", "It will probably rain later today.", 4.0),
+    ("She plays the piano every evening.", "He repaired the bicycle tyre.", 0.5),
+    ("The train left the station late.", "Apples grow on trees in the orchard.", 0.0),
+    ("A river flows into the sea.", "The river reaches the ocean.", 4.2),
+    ("The museum opens at nine.", "Owls hunt at night.", 0.0),
+    ("Stocks fell sharply today.", "The market dropped a lot today.", 4.4),
+    ("He is reading a novel.", "The dog barks at strangers.", 0.2),
+]
+
 
 @pytest.fixture(scope="module")
 def mteb_env(tmp_path_factory):
@@ -95,10 +106,14 @@ def tasks(mteb_env):
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
+def llama_folder(tmp_path_factory):
+    return write_checkpoint("llama", str(tmp_path_factory.mktemp("mteb_ckpt") / "llama"))
+
+
+@pytest.fixture(scope="module")
+def encoder(llama_folder):
     from llm2vec_fast import LLM2Vec
-    folder = write_checkpoint("llama", str(tmp_path_factory.mktemp("mteb_ckpt") / "llama"))
-    return LLM2Vec.from_pretrained(folder, pooling_mode="mean", skip_instruction=True, max_length=64,
+    return LLM2Vec.from_pretrained(llama_folder, pooling_mode="mean", skip_instruction=True, max_length=64,
                                    doc_max_length=48)
 
 
@@ -239,6 +254,107 @@ def test_instruction_resolution_and_metadata(mteb_env, tasks, encoder):
         to_mteb(encoder, name="no-slash")
     with pytest.raises(TypeError):
         to_mteb(encoder, instructions={"STS": 3})
+
+
+def test_instruction_keys_follow_mteb(mteb_env, tasks, encoder):
+    """instructions takes every key form mteb's model_prompts take (task name, task type, prompt type,
+    "{name or type}-{prompt type}") and picks the most specific one as mteb's get_prompt_name does (documents:
+    only keys naming the document side); a key of no such form raises ValueError when the adapter is made."""
+    from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
+    from mteb.types import PromptType
+
+    from llm2vec_fast.encoder.mteb_adapter import to_mteb
+    mteb, _ = mteb_env
+    sci = mteb.get_task("SciFact").metadata
+    retrieval, sts = (task.metadata for task in tasks)
+    for metadata in (sci, retrieval):
+        name, kind = metadata.name, metadata.type
+        keys = [f"{name}-query", name, f"{kind}-query", kind, "query", f"{name}-document", f"{kind}-document",
+                "document"]
+        instructions = {key: f"instruction for {key}" for key in keys}
+        while instructions:
+            model = to_mteb(encoder, instructions=instructions, query_instruction="fallback q",
+                            document_instruction="fallback d")
+            for prompt_type in (PromptType.query, PromptType.document, None):
+                visible = instructions
+                if prompt_type == PromptType.document:  # a bare task name or type is the query side's
+                    visible = {k: v for k, v in instructions.items() if k.endswith("document")}
+                key = get_prompt_name(visible, metadata, prompt_type)
+                fallback = "fallback d" if prompt_type == PromptType.document else "fallback q"
+                want = visible[key] if key is not None else fallback
+                assert model.get_instruction(metadata, prompt_type) == want, (sorted(instructions), prompt_type)
+            del instructions[next(iter(instructions))]  # the most specific of each side goes first
+
+    for bad in ("Scifact", "SciFact-queries", "STS-doc", "Retrieve", "query-document", "L2VFastTinySTS-passage"):
+        with pytest.raises(ValueError, match=f"no task name, task type or prompt type: \\['{bad}'\\]"):
+            to_mteb(encoder, instructions={"SciFact": "fine", bad: "x"})
+    with pytest.raises(ValueError, match="did you mean 'SciFact'"):
+        to_mteb(encoder, instructions={"Scifact": "x"})
+    for good in ("SciFact", "SciFact-query", "Retrieval-document", "query", "document", "STS"):
+        AbsEncoder.validate_task_to_prompt_name({good: "x"})  # mteb takes these too
+        to_mteb(encoder, instructions={good: "x"})
+    to_mteb(encoder, instructions={"L2VFastTinySTS": "x", "L2VFastTinyRetrieval-query": "y"})  # custom tasks
+
+
+def test_metadata_tells_apart_what_changes_the_embeddings(mteb_env, tasks, encoder, llama_folder, no_network,
+                                                          tmp_path):
+    """Two wrappers of one checkpoint that embed differently (causal vs bidirectional, dtype, pooling, lengths,
+    skip_instruction, normalisation, an unmerged adapter's configuration) get different ModelMeta, so mteb's
+    result cache never hands one the other's scores; settings changed on the encoder show in the metadata."""
+    mteb, _ = mteb_env
+    from peft import LoraConfig, get_peft_model
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.encoder.mteb_adapter import to_mteb
+
+    def load(**kwargs):
+        return LLM2Vec.from_pretrained(llama_folder, **{"pooling_mode": "mean", "max_length": 64, **kwargs})
+
+    class GradedSTS(tasks[1]):  # graded pairs: the two models rank them differently
+        metadata = tasks[1].metadata.model_copy(update={"name": "L2VFastGradedSTS"})
+
+        def load_data(self, num_proc=None, **kwargs):
+            from datasets import Dataset
+            s1, s2, score = (list(x) for x in zip(*GRADED_PAIRS))
+            self.dataset = {"test": Dataset.from_dict({"sentence1": s1, "sentence2": s2, "score": score})}
+            self.data_loaded = True
+
+    causal, bidirectional = to_mteb(load(enable_bidirectional=False)), to_mteb(load())
+    cache = mteb.ResultCache(str(tmp_path / "shared"))
+    scores = {}
+    for label, model in (("causal", causal), ("bidirectional", bidirectional)):
+        for where in ("shared", None):
+            result = mteb.evaluate(model, [GradedSTS()], cache=cache if where else None, co2_tracker=False,
+                                   show_progress_bar=False, encode_kwargs={"show_progress_bar": False})
+            scores[label, where] = scores_of(result, "L2VFastGradedSTS")["cosine_spearman"]
+    assert scores["causal", None] != pytest.approx(scores["bidirectional", None], abs=1e-3)
+    assert scores["bidirectional", "shared"] == pytest.approx(scores["bidirectional", None], abs=1e-6)
+    assert scores["causal", "shared"] == pytest.approx(scores["causal", None], abs=1e-6)
+    assert causal.mteb_model_meta != bidirectional.mteb_model_meta
+    assert causal.mteb_model_meta.experiment_kwargs["bidirectional"] is False
+    assert bidirectional.mteb_model_meta.experiment_kwargs["bidirectional"] is True
+
+    base = to_mteb(load())
+    lora = load()
+    lora.model = get_peft_model(lora.model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    lora_alpha = load()
+    lora_alpha.model = get_peft_model(lora_alpha.model, LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj"]))
+    lora_alpha.model.load_state_dict(lora.model.state_dict())  # the same weights, another scaling
+    variants = {"dtype": to_mteb(load(dtype=torch.bfloat16)), "pooling": to_mteb(load(pooling_mode="eos_token")),
+                "max_length": to_mteb(load(max_length=32)), "doc_max_length": to_mteb(load(doc_max_length=16)),
+                "skip_instruction": to_mteb(load(skip_instruction=False)),
+                "normalize": to_mteb(load(), normalize_embeddings=True), "lora": to_mteb(lora),
+                "lora_alpha": to_mteb(lora_alpha)}
+    metas = {label: model.mteb_model_meta for label, model in variants.items()}
+    metas["base"] = base.mteb_model_meta
+    for label, meta in metas.items():
+        assert sum(meta == other for other in metas.values()) == 1, label
+    assert to_mteb(load()).mteb_model_meta == metas["base"]  # deterministic
+
+    before = base.mteb_model_meta
+    base.encoder.pooling_mode = "weighted_mean"
+    assert base.mteb_model_meta != before and base.mteb_model_meta.experiment_kwargs["pooling_mode"] == \
+        "weighted_mean"
 
 
 def test_revision_fingerprint_follows_the_weights(encoder):
