@@ -272,8 +272,11 @@ def _task_types():
 def _known_task_names() -> set:
     """mteb's registered task names and those of every task class defined so far (custom tasks)."""
     from mteb.abstasks.abstask import AbsTask
-    from mteb.get_tasks import _TASKS_REGISTRY
-    names = set(_TASKS_REGISTRY)
+    try:  # a private registry (mteb 2.x); the subclass walk below finds the imported tasks without it
+        from mteb.get_tasks import _TASKS_REGISTRY
+        names = set(_TASKS_REGISTRY)
+    except ImportError:  # pragma: no cover - other mteb 2.x layouts
+        names = set()
     pending = list(AbsTask.__subclasses__())
     while pending:
         cls = pending.pop()
