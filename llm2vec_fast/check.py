@@ -7,13 +7,15 @@ backward, on fresh random inputs (odd varlen lengths, GQA, softcap, sliding wind
 negatives, both RMSNorm casting modes, SwiGLU and GeGLU, LoRA linears with float32 and bf16 adapters), and
 compares each with a float64 evaluation of the same formulas. The bound is flash-attention's: a backend may err
 at most 2x (forward) or 3x (gradients) as much as PyTorch's own evaluation in the same dtype, plus a small floor
-for results that PyTorch happens to get exactly. Exit status 0 when every check passes, 1 otherwise.
+for results that PyTorch happens to get exactly. Exit status 0 when every check passes, 1 otherwise, 2 for
+options that are wrong or that this machine cannot honour (an unknown or absent device, a backend that cannot run).
 
     llm2vec-fast check [--device cuda] [--backend triton] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -152,7 +154,8 @@ def _exact_pool(hidden, lengths, embed, mode, normalize):
             picked = tokens[chosen]
             weights = torch.ones(len(picked), dtype=hidden.dtype) if mode == "mean" else \
                 torch.arange(1, len(picked) + 1, dtype=hidden.dtype)
-            row = (weights[:, None] * picked).sum(0) / weights.sum() if len(picked) else hidden.new_zeros(hidden.shape[1])
+            row = (weights[:, None] * picked).sum(0) / weights.sum() if len(picked) else \
+                hidden.new_zeros(hidden.shape[1])
         elif n == 0:
             row = hidden.new_zeros(hidden.shape[1])
         else:
@@ -332,21 +335,67 @@ def report(results: Sequence[Result], dtype_note: str = "") -> List[str]:
 
 # --------------------------------------------------------------------------------------------------- CLI
 
+def _device_option(value: str) -> torch.device:
+    """--device, checked while parsing: a wrong or unusable device is a usage error (exit 2, one line), not a
+    failed check (exit 1) or a traceback."""
+    choices = "cpu, cuda or cuda:0..cuda:{}".format(torch.cuda.device_count() - 1) if torch.cuda.is_available() \
+        else "cpu (no CUDA device here)"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; choose {choices}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r}: the check runs on cpu or cuda; choose {choices}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available here; choose cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value!r}: only {torch.cuda.device_count()} CUDA devices are "
+                                             f"visible; choose {choices}")
+    return device
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--backend", action="append", default=None,
+    from . import dispatch
+    parser.add_argument("--device", default=None, type=_device_option,
+                        help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
+    parser.add_argument("--backend", action="append", default=None, choices=list(dispatch.BACKENDS),
                         help="check only this backend (repeatable); default: every accelerated backend")
     parser.add_argument("--op", action="append", default=None, choices=list(CHECKS),
                         help="check only this op (repeatable); default: every op")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--failures-only", action="store_true", help="print only failing checks")
+    parser.set_defaults(check_parser=parser)  # run() reports options this device cannot honour through it
     return parser
 
 
+def _usage_error(args: argparse.Namespace, message: str) -> None:
+    """argparse's one line and exit status 2 when run from the command line; ValueError when called directly."""
+    parser = getattr(args, "check_parser", None)
+    if parser is None:
+        raise ValueError(message)
+    parser.error(message)
+
+
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r}: CUDA is not available here")
+    from . import dispatch
+    device = args.device if args.device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str):  # a Namespace built by hand
+        try:
+            device = _device_option(device)
+        except argparse.ArgumentTypeError as error:
+            _usage_error(args, f"argument --device: {error}")
+    if args.backend:
+        ops = args.op or list(CHECKS)
+        here = sorted({b for op in ops for b in dispatch.available_backends(op, device)},
+                      key=dispatch.BACKENDS.index)
+        missing = [b for b in args.backend if b not in here]
+        if missing:
+            hint = " (Triton runs on the CPU only with TRITON_INTERPRET=1)" if "triton" in missing and \
+                device.type == "cpu" and importlib.util.find_spec("triton") is not None else ""
+            _usage_error(args, f"argument --backend: {', '.join(map(repr, missing))} cannot run "
+                               f"{'any op' if not args.op else ', '.join(ops)} on {device}{hint}; choose from "
+                               f"{', '.join(here)}")
     for name, value in environment(device):
         print(f"{name:>28}: {value}")
     print()

@@ -78,3 +78,22 @@ def test_check_runs_the_cuda_row_kernels_in_the_emulator(_cuda_kernels_in_the_em
     assert emulated.launches["rms_norm_forward"] and emulated.launches["gated_forward"] and not emulated.declined
     assert emulated.launches["rotary_forward"] and emulated.launches["rotary_backward"]
     assert emulated.last_plan["vec"] == 8
+
+
+@pytest.mark.parametrize("args, choices", [
+    (["--device", "gpu7"], "choose cpu"),
+    (["--device", "cuda"], "choose cpu"),
+    (["--device", "meta"], "choose cpu"),
+    (["--backend", "nosuch"], "choose from 'torch', 'triton', 'cuda', 'flash_attn'"),
+    (["--backend", "flash_attn", "--op", "pool"], "choose from torch"),
+])
+def test_bad_options_are_usage_errors(capsys, monkeypatch, args, choices):
+    """An option this machine cannot honour exits 2 with argparse's one line naming the valid choices, not 1 (the
+    checks failed), a traceback, or a silent run of nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "--quick", *args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("llm2vec-fast check: error: argument ") and choices in err[-1], err[-1]
+    assert "Traceback" not in "\n".join(err)

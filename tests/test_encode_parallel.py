@@ -2,8 +2,12 @@
 and the file CLI under torchrun. Every path must give the single-process embeddings, in input order."""
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -122,6 +126,170 @@ def test_worker_failure_is_raised_with_its_traceback(encoder):
         assert pool._processes is None  # a failed job closes the pool
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _in_thread(call, timeout: float):
+    """call()'s result or exception, or "still waiting" when it has not returned within ``timeout`` seconds (a
+    hang: the thread is left behind, a daemon)."""
+    outcome = []
+
+    def target():
+        try:
+            outcome.append(call())
+        except BaseException as error:
+            outcome.append(error)
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else "still waiting"
+
+
+def _writing_a_full_pipe(pid: int) -> bool:
+    """Whether a thread of ``pid`` is blocked writing into a pipe (Linux's /proc/<pid>/task/<tid>/wchan)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if "pipe_write" in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/wchan"), reason="needs Linux's /proc/<pid>/wchan")
+def test_a_worker_killed_while_sending_its_result_raises(encoder):
+    """A worker killed halfway through sending a result larger than a pipe holds (the OOM killer, while the parent
+    was busy) must raise like any dead worker, not leave the parent waiting for the rest of the message."""
+    items = [("", f"t{i}") for i in range(800)]  # 4 chunks of 200 rows: 100 KB each, more than a pipe's 64 KB
+    with encoder.start_multi_process_pool(["cpu"]) as pool:
+        victim = pool.worker_pids[0]
+
+        def kill_while_it_sends(rows):  # the parent is held here, so the next result fills the pipe
+            if _alive(victim):
+                deadline = time.monotonic() + 60
+                while not _writing_a_full_pipe(victim):
+                    assert time.monotonic() < deadline, "the worker never blocked sending its next result"
+                    time.sleep(0.05)
+                os.kill(victim, signal.SIGKILL)
+        outcome = _in_thread(lambda: pool.encode(items, encoder._hidden_size(), progress=kill_while_it_sends,
+                                                 settings=encoder._settings(), batch_size=1024), timeout=60)
+        assert isinstance(outcome, RuntimeError), outcome
+        assert "an encoding worker exited unexpectedly" in str(outcome) and "-9" in str(outcome)
+        assert pool._processes is None
+
+
+_ORPHAN = """
+import sys, time
+from llm2vec_fast import LLM2Vec
+encoder = LLM2Vec.from_pretrained(sys.argv[1], max_length=64, doc_max_length=48)
+pool = encoder.start_multi_process_pool(["cpu"])
+print(pool.worker_pids[0], flush=True)
+while sys.argv[2] == "busy":
+    encoder.encode([f"text {i} " + "w " * (i % 50) for i in range(2000)], pool=pool, show_progress_bar=False)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("mode", ["idle", "busy"])
+def test_workers_exit_when_their_parent_is_killed(checkpoint, mode):
+    """SIGKILL leaves the parent no chance to close its pool: the workers (each holding a model copy, maybe a GPU)
+    must notice and exit by themselves, idle or in the middle of a chunk."""
+    path = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN, checkpoint, mode], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env)
+    worker = None
+    try:
+        assert select.select([parent.stdout], [], [], 120)[0], "the pool did not start"
+        worker = int(parent.stdout.readline())
+        time.sleep(1.0)  # busy: the worker is in a chunk by now
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), f"worker {worker} outlived its killed parent ({mode})"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_threads_sharing_a_pool_take_turns(encoder):
+    """Two threads encoding through one pool at once (a server sharing it) each get their own rows; neither
+    waits forever for results the other thread took."""
+    jobs = {name: [f"thread {name} text {i} " + "w " * (i % 30) for i in range(48)] for name in "AB"}
+    start = threading.Barrier(2)
+    with encoder.start_multi_process_pool(["cpu"]) as pool:
+        def run(name):
+            start.wait()
+            return encoder.encode(jobs[name], pool=pool, show_progress_bar=False)
+        results = {}
+        threads = [threading.Thread(target=lambda n=n: results.setdefault(n, run(n)), daemon=True) for n in jobs]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert sorted(results) == ["A", "B"], f"still waiting: {sorted(set(jobs) - set(results))}"
+    for name, texts in jobs.items():
+        assert torch.allclose(results[name], encoder.encode(texts, show_progress_bar=False), atol=SAME_ATOL, rtol=0)
+
+
+def test_a_pool_serves_only_the_encoder_it_holds(encoder, checkpoint):
+    """Another encoder's rows must not come from this pool's model: a pool that shares its encoder's weights
+    serves that encoder only; one whose workers loaded the checkpoint serves any encoder loaded the same way."""
+    from llm2vec_fast import LLM2Vec
+    by_hand = LLM2Vec(encoder.model, encoder.tokenizer, max_length=64, doc_max_length=48)
+    same_load = LLM2Vec.from_pretrained(checkpoint, max_length=32, doc_max_length=48)  # settings travel per job
+    other_load = LLM2Vec.from_pretrained(checkpoint, max_length=64, doc_max_length=48, dtype=torch.bfloat16)
+    items = [("", "a"), ("", "b")]
+    with encoder.start_multi_process_pool(["cpu"], load_in_workers=False) as shared:
+        assert shared.serves(encoder) and not shared.serves(by_hand) and not shared.serves(same_load)
+        with pytest.raises(ValueError, match=r"pool was started from encoder LLM2Vec at 0x[0-9a-f]+ \(from_pretrained"
+                                             r"(.|\n)*cannot encode for encoder LLM2Vec at 0x[0-9a-f]+:"):
+            shared.encode(items, encoder._hidden_size(), settings=by_hand._settings(), encoder=by_hand)
+        assert shared._processes is not None  # refused before any work: the pool is still usable
+        with pytest.raises(ValueError, match="cannot encode for encoder"):  # through LLM2Vec.encode(pool=)
+            by_hand.encode(["a"], pool=shared, show_progress_bar=False)
+        out = shared.encode(items, encoder._hidden_size(), settings=encoder._settings(), encoder=encoder)
+        assert np.allclose(out, encoder.encode(items, show_progress_bar=False).numpy(), atol=SAME_ATOL)
+    with encoder.start_multi_process_pool(["cpu"], load_in_workers=True) as loaded:
+        assert loaded.serves(encoder) and loaded.serves(same_load)
+        assert not loaded.serves(other_load) and not loaded.serves(by_hand)
+        with pytest.raises(ValueError, match=r"cannot encode for encoder LLM2Vec at 0x[0-9a-f]+ \(from_pretrained"):
+            loaded.encode(items, encoder._hidden_size(), settings=other_load._settings(), encoder=other_load)
+
+
+def test_an_interrupted_job_stops_the_pool_promptly(encoder):
+    """Ctrl-C (or any error) during a job closes the pool within moments: the chunks still queued or running
+    are dropped, not encoded to the end before close() returns."""
+    texts = [f"text {i} " + "many more words here " * 20 for i in range(400)]  # 4 chunks of ~1 s or more each
+    with encoder.start_multi_process_pool(["cpu"]) as pool:
+        pids = list(pool.worker_pids)
+        started = time.monotonic()
+        timing = {}
+
+        def interrupt(rows):
+            timing["chunk"] = time.monotonic() - started
+            timing["raised"] = time.monotonic()
+            raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            pool.encode([("", t) for t in texts], encoder._hidden_size(), progress=interrupt,
+                        settings=encoder._settings())
+        stopped = time.monotonic() - timing["raised"]
+        assert pool._processes is None and not any(_alive(pid) for pid in pids)
+        assert stopped < max(1.0, timing["chunk"]), timing  # a queued chunk takes about timing["chunk"]
+
+
 # ------------------------------------------------------------------------------------- torchrun ranks
 
 def _rank_main(rank: int, world: int, rendezvous: str, checkpoint: str, items, out_dir: str) -> None:
@@ -157,6 +325,64 @@ def test_distributed_ranks_share_the_work_and_all_get_every_row(checkpoint, enco
     seen = [[tuple(x) for x in result["seen"]] for result in results]
     assert all(0 < len(s) < len(items) for s in seen)  # each rank encoded only its share
     assert sorted(seen[0] + seen[1]) == sorted(normalize_inputs(items))
+
+
+_MISMATCHES = ("diff_content", "diff_order", "diff_count", "empty_vs_one")
+
+
+def _inputs_of_rank(case: str, rank: int, items):
+    return {"diff_content": [f"rank {rank} text {i}" for i in range(6)], "diff_order": items[::-1] if rank else items,
+            "diff_count": items[:10 + rank], "empty_vs_one": ["a"] if rank else [], "same": items}[case]
+
+
+def _mismatch_rank_main(rank: int, world: int, rendezvous: str, checkpoint: str, items, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from llm2vec_fast import LLM2Vec
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        encoder = LLM2Vec.from_pretrained(checkpoint, max_length=64, doc_max_length=48)
+        errors, out = {}, None
+        for case in _MISMATCHES:
+            try:
+                encoder.encode(_inputs_of_rank(case, rank, items), distributed=True, show_progress_bar=False)
+                errors[case] = None
+                break  # not refused: the ranks may be out of step now, stop here
+            except ValueError as error:
+                errors[case] = str(error)
+        else:  # every rank raised every time: the group is still in step
+            out = encoder.encode(items, distributed=True, show_progress_bar=False)
+        torch.save({"errors": errors, "out": out}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_with_different_inputs_all_raise(checkpoint, encoder, tmp_path):
+    """Ranks given different inputs (other texts, another order, another count, none on one rank) all raise the
+    same ValueError, instead of returning rows of another rank's texts or aborting in the gather; the group is
+    still usable afterwards."""
+    items = _items()
+    world = 2
+    context = mp.start_processes(_mismatch_rank_main, nprocs=world, join=False, start_method="spawn",
+                                 args=(world, str(tmp_path / "rendezvous"), checkpoint, items, str(tmp_path)))
+    deadline = time.monotonic() + 180
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "the ranks hang"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for case in _MISMATCHES:
+        messages = [result["errors"].get(case) for result in results]
+        assert messages[0] and messages[0] == messages[1], (case, messages)
+        assert "distributed=True needs the same inputs, in the same order, on every rank" in messages[0]
+    assert "rank 0: 10 inputs, rank 1: 11 inputs" in results[0]["errors"]["diff_count"]
+    expected = encoder.encode(items, show_progress_bar=False)
+    for result in results:
+        assert torch.allclose(result["out"], expected, atol=SAME_ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------- CLI under torchrun

@@ -464,7 +464,7 @@ class LLM2Vec(nn.Module):
                     pool = self.start_multi_process_pool(devices)
                 try:
                     out = torch.from_numpy(pool.encode(items, self._hidden_size(), progress=bar.update,
-                                                       settings=self._settings(), **options))
+                                                       settings=self._settings(), encoder=self, **options))
                 finally:
                     if own_pool:
                         pool.close()

@@ -9,16 +9,25 @@ single-process ``LLM2Vec.encode`` and the rows are put back in input order.
   checkpoint itself when the encoder came from ``LLM2Vec.from_pretrained`` (its arguments are recorded),
   otherwise it receives the encoder once at start (CPU weights travel through shared memory). After
   that only texts go to the workers and embeddings come back; the model is never pickled per batch.
+  A worker that dies (even halfway through sending its rows) fails the job with a RuntimeError, never a
+  hang; workers exit when their parent dies, however it dies; an error or Ctrl-C stops the pool within
+  seconds; threads sharing a pool take turns; a pool refuses an encoder whose model its workers do not hold.
 - :func:`encode_over_ranks` (``encode(..., distributed=True)``) runs under an initialised
   ``torch.distributed`` process group (``torchrun``, any number of nodes): every rank passes the same
-  inputs, encodes its share, and receives all rows. Ranks must all call it, as with any collective.
+  inputs (checked: otherwise every rank raises the same ValueError), encodes its share, and receives all
+  rows. Ranks must all call it, as with any collective.
 """
 from __future__ import annotations
 
+import hashlib
+import multiprocessing.connection as mp_connection
 import os
-import queue as queue_module
+import signal
+import threading
+import time
 import traceback
-from typing import Any, Dict, List, Optional, Sequence
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +38,8 @@ from .text import InputItem
 # Work units per worker: the pool hands out this many chunks per process so that a slow one (a busy
 # GPU, longer texts) does not hold up the others.
 CHUNKS_PER_WORKER = 4
-_POLL_SECONDS = 1.0
+_POLL_SECONDS = 1.0  # how often a worker checks that its parent is alive
+_STOP_SECONDS = 3.0  # how long close() waits for the workers before it kills them
 
 
 def _longest_first(items: Sequence[InputItem]):
@@ -57,7 +67,7 @@ def balanced_shards(items: Sequence[InputItem], parts: int) -> List[List[int]]:
 
 
 def _chunks_for_pool(items: Sequence[InputItem], workers: int) -> List[List[int]]:
-    """Work units for the pool's shared queue: consecutive runs of the length-sorted inputs (similar
+    """Work units the pool hands to its idle workers: consecutive runs of the length-sorted inputs (similar
     lengths batch well), longest first so that the big units start early."""
     _, order = _longest_first(items)
     count = max(1, min(len(order), workers * CHUNKS_PER_WORKER))
@@ -89,8 +99,24 @@ def _check_devices(devices) -> List[str]:
     return checked
 
 
-def _worker(rank: int, device: str, cpu_threads: int, source: Dict[str, Any], tasks, results) -> None:
-    """One pool process: load the encoder once, then encode the chunks it takes from ``tasks``."""
+def _exit_with_parent(parent_pid: int) -> None:
+    """A daemon thread that ends this worker once its parent is gone, even mid-chunk: a parent killed by SIGKILL
+    cannot close the pool, and a worker left behind would hold a model copy (and its GPU) forever. It polls
+    ``getppid`` rather than using ``PR_SET_PDEATHSIG``, which fires when the *thread* that started the worker
+    ends: it would kill the workers of a pool started from a short-lived thread."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_POLL_SECONDS)
+        os._exit(1)
+    threading.Thread(target=watch, name="llm2vec-fast-parent-watch", daemon=True).start()
+
+
+def _worker(rank: int, device: str, cpu_threads: int, source: Dict[str, Any], tasks, results,
+            parent_pid: int) -> None:
+    """One pool process: load the encoder once, then encode each chunk the parent sends on ``tasks`` (one at a
+    time) and send its rows back on ``results``. Ends on ``None``, or when the parent closed its pipe or died."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    _exit_with_parent(parent_pid)
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
@@ -102,32 +128,63 @@ def _worker(rank: int, device: str, cpu_threads: int, source: Dict[str, Any], ta
         else:
             from .llm2vec import LLM2Vec
             encoder = LLM2Vec.from_pretrained(*source["args"], **source["kwargs"])
-        results.put(("ready", rank, os.getpid()))
     except BaseException:  # report instead of dying silently: the parent raises it
-        results.put(("error", rank, traceback.format_exc()))
+        try:
+            results.send(("error", rank, traceback.format_exc()))
+        except OSError:
+            pass
         return
+    message: Tuple = ("ready", rank, os.getpid())
     while True:
-        task = tasks.get()
+        try:
+            results.send(message)
+            task = tasks.recv()
+        except (EOFError, OSError):  # the pool was closed, or the parent died
+            return
         if task is None:
             return
-        job, chunk, items, settings, kwargs = task
+        chunk, items, settings, kwargs = task
         try:
             for name, value in settings.items():  # the parent's current pooling and length settings
                 setattr(encoder, name, value)
             embeddings = encoder.encode(items, show_progress_bar=False, convert_to_numpy=True, device=device,
                                         **kwargs)
-            results.put(("done", job, chunk, embeddings))
+            message = ("done", rank, chunk, embeddings)
         except BaseException:
-            results.put(("error", rank, traceback.format_exc()))
+            message = ("error", rank, traceback.format_exc())
+
+
+def _comparable_spec(spec: Optional[Dict[str, Any]]):
+    """What makes two ``from_pretrained`` loads the same model: the arguments, less the placement (each worker
+    places its own copy) and the encoder settings (every job sends the caller's)."""
+    if spec is None:
+        return None
+    from .llm2vec import ENCODER_ARGS
+    kwargs = {k: v for k, v in spec["kwargs"].items() if k != "device_map" and k not in ENCODER_ARGS}
+    return tuple(spec["args"]), kwargs
+
+
+def _describe(encoder) -> str:
+    spec = getattr(encoder, "_load_spec", None)
+    where = f"{type(encoder).__name__} at {id(encoder):#x}"
+    return where if spec is None else f"{where} (from_pretrained{tuple(spec['args'])!r}, {spec['kwargs']!r})"
 
 
 class EncodePool:
     """One encoding process per device; see the module docstring. Use as a context manager or call
-    :meth:`close`. ``worker_pids`` lists the processes (one model load each)."""
+    :meth:`close`. ``worker_pids`` lists the processes (one model load each).
+
+    Each worker has its own pair of pipes, and the parent hands a chunk only to an idle worker, one at a time:
+    the parent waits on the result pipes and the processes' sentinels together, and a worker that dies, even
+    halfway through sending, closes its pipe, so the parent never waits on a dead worker. Jobs from several
+    threads run one after another (a lock). A pool serves only the encoder it was started from (see
+    :meth:`serves`)."""
 
     def __init__(self, encoder, devices: Sequence[str], load_in_workers: Optional[bool] = None):
         import torch.multiprocessing as mp
 
+        self._processes: Optional[List[Any]] = None
+        self._lock = threading.RLock()  # reentrant: a failing job closes the pool while holding it
         self.devices = _check_devices(devices)
         spec = getattr(encoder, "_load_spec", None)
         if load_in_workers is None:  # share a CPU model as it is now; load others from their checkpoint
@@ -144,85 +201,153 @@ class EncodePool:
             raise ValueError("the workers can only load an encoder that came from LLM2Vec.from_pretrained; for "
                              "this one call encoder.to('cpu') first (the workers then share its weights)")
         self.loads_in_workers = load_in_workers
+        try:
+            self._owner = weakref.ref(encoder)
+        except TypeError:
+            self._owner = lambda encoder=encoder: encoder
+        self._owner_name = _describe(encoder)
+        self._spec = _comparable_spec(spec) if load_in_workers else None
         context = mp.get_context("spawn")
-        self._tasks = context.Queue()
-        self._results = context.Queue()
         cpu_workers = sum(d == "cpu" for d in self.devices)
         threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
-        self._processes = [context.Process(target=_worker, daemon=True,
-                                           args=(rank, device, threads, source, self._tasks, self._results))
-                           for rank, device in enumerate(self.devices)]
-        self._next_job = 0
+        self._tasks: List[Any] = []  # the parent's ends: tasks[rank] to send, results[rank] to receive
+        self._results: List[Any] = []
+        self._busy: Dict[int, int] = {}  # rank -> the chunk it is encoding
+        self._processes = []
         self.worker_pids: List[int] = []
-        for process in self._processes:
-            process.start()
         try:
-            ready = 0
-            while ready < len(self._processes):
+            for rank, device in enumerate(self.devices):
+                task_reader, task_writer = context.Pipe(duplex=False)
+                result_reader, result_writer = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, daemon=True,
+                                          args=(rank, device, threads, source, task_reader, result_writer,
+                                                os.getpid()))
+                self._processes.append(process)
+                self._tasks.append(task_writer)
+                self._results.append(result_reader)
+                process.start()
+                # Only the worker may hold these ends: its death then ends our reads (EOF) and sends (EPIPE).
+                task_reader.close()
+                result_writer.close()
+            pids: Dict[int, int] = {}
+            while len(pids) < len(self._processes):
                 message = self._receive()
                 if message[0] == "ready":
-                    ready += 1
-                    self.worker_pids.append(message[2])
+                    pids[message[1]] = message[2]
+            self.worker_pids = [pids[rank] for rank in range(len(self._processes))]
         except BaseException:
             self.close()
             raise
 
+    def serves(self, encoder) -> bool:
+        """Whether this pool's workers hold ``encoder``'s model: the very encoder the pool was started from when
+        its model was shared with the workers, or, when the workers loaded it themselves, any encoder loaded by
+        ``LLM2Vec.from_pretrained`` with the same arguments (the pooling and length settings aside: every job
+        sends the caller's). Weights changed after loading are not compared."""
+        if self._owner() is encoder:
+            return True
+        return self._spec is not None and _comparable_spec(getattr(encoder, "_load_spec", None)) == self._spec
+
+    def _died(self, rank: int) -> RuntimeError:
+        process = self._processes[rank]
+        process.join(timeout=1)  # its pipe closed a moment before the process is reaped
+        return RuntimeError(f"an encoding worker exited unexpectedly (worker {rank} ({self.devices[rank]}), "
+                            f"exit code {process.exitcode})")
+
     def _receive(self):
-        """The next worker message; raises when a worker failed or died."""
+        """The next worker message; raises when a worker failed or died. Cannot hang on a dead worker: a
+        message is read only once its pipe is readable, and a worker's death closes its end of the pipe, so
+        even a half-sent message ends in EOF."""
+        readers = {reader: rank for rank, reader in enumerate(self._results)}
+        sentinels = {process.sentinel: rank for rank, process in enumerate(self._processes)}
         while True:
-            try:
-                message = self._results.get(timeout=_POLL_SECONDS)
-            except queue_module.Empty:
-                dead = [p for p in self._processes if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"an encoding worker exited unexpectedly (exit code {dead[0].exitcode})")
-                continue
-            if message[0] == "error":
-                raise RuntimeError(f"encoding worker {message[1]} ({self.devices[message[1]]}) failed:\n{message[2]}")
-            return message
+            ready = mp_connection.wait(list(readers) + list(sentinels))
+            for reader in [r for r in ready if r in readers]:  # messages first: a failing worker's traceback
+                rank = readers[reader]
+                try:
+                    message = reader.recv()
+                except (EOFError, OSError):
+                    raise self._died(rank) from None
+                if message[0] == "error":
+                    raise RuntimeError(f"encoding worker {message[1]} ({self.devices[message[1]]}) failed:\n"
+                                       f"{message[2]}")
+                return message
+            for sentinel in ready:
+                if sentinel in sentinels:
+                    raise self._died(sentinels[sentinel])
+
+    def _send(self, rank: int, task) -> None:
+        try:
+            self._tasks[rank].send(task)
+        except OSError:  # EPIPE: the worker is gone
+            raise self._died(rank) from None
 
     def encode(self, items: Sequence[InputItem], hidden_size: int, progress=None,
-               settings: Optional[Dict[str, Any]] = None, **encode_kwargs) -> np.ndarray:
+               settings: Optional[Dict[str, Any]] = None, encoder=None, **encode_kwargs) -> np.ndarray:
         """(N, hidden) float32 embeddings of normalised (instruction, text) items, in input order;
-        ``settings`` are encoder attributes the workers set first, ``encode_kwargs`` go to their encode."""
-        if self._processes is None:
-            raise RuntimeError("this EncodePool is closed")
-        out = np.zeros((len(items), hidden_size), dtype=np.float32)
-        job = self._next_job
-        self._next_job += 1
-        chunks = _chunks_for_pool(items, len(self._processes)) if items else []
-        for number, chunk in enumerate(chunks):
-            self._tasks.put((job, number, [list(items[i]) for i in chunk], settings or {}, encode_kwargs))
-        pending = len(chunks)
-        try:
-            while pending:
-                message = self._receive()
-                if message[0] != "done" or message[1] != job:
-                    continue  # a late message of an earlier, failed job
-                chunk = chunks[message[2]]
-                out[np.asarray(chunk, dtype=np.int64)] = message[3]
-                pending -= 1
-                if progress is not None:
-                    progress(len(chunk))
-        except BaseException:
-            self.close()  # a failed job leaves work queued: the pool cannot be reused
-            raise
-        return out
+        ``settings`` are encoder attributes the workers set first, ``encode_kwargs`` go to their encode.
+        ``encoder``, the caller, must be one this pool :meth:`serves` (else the rows would be another model's).
+        Threads that share the pool take turns."""
+        with self._lock:
+            if self._processes is None:
+                raise RuntimeError("this EncodePool is closed")
+            if encoder is not None and not self.serves(encoder):
+                raise ValueError(f"pool was started from encoder {self._owner_name} and its workers hold that "
+                                 f"model; it cannot encode for encoder {_describe(encoder)}: start a pool from "
+                                 f"this encoder (encoder.start_multi_process_pool)")
+            out = np.zeros((len(items), hidden_size), dtype=np.float32)
+            chunks = _chunks_for_pool(items, len(self._processes)) if items else []
+            waiting = list(range(len(chunks)))[::-1]  # popped from the end: the longest chunks first
+            idle = list(range(len(self._processes)))[::-1]
+
+            def hand_out() -> None:  # only to idle workers: they are reading their pipe, so a send finishes
+                while waiting and idle:
+                    rank, number = idle.pop(), waiting.pop()
+                    self._busy[rank] = number
+                    self._send(rank, (number, [list(items[i]) for i in chunks[number]], settings or {},
+                                      encode_kwargs))
+            try:
+                hand_out()
+                for _ in chunks:
+                    _, rank, number, rows = self._receive()  # ("done", ...): the workers are ready by now
+                    del self._busy[rank]
+                    idle.append(rank)
+                    hand_out()  # before the copy and the progress bar: the worker goes on meanwhile
+                    out[np.asarray(chunks[number], dtype=np.int64)] = rows
+                    if progress is not None:
+                        progress(len(chunks[number]))
+            except BaseException:
+                self.close()  # stops the other workers' chunks: the pool cannot be reused
+                raise
+            return out
 
     def close(self) -> None:
-        if self._processes is None:
-            return
-        for _ in self._processes:
-            try:
-                self._tasks.put(None)
-            except (OSError, ValueError):
-                pass
-        for process in self._processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-        self._processes = None
+        """Stops the workers within about :data:`_STOP_SECONDS`: idle ones are told to stop, those still
+        encoding a chunk of a failed or interrupted job are terminated (their rows would be thrown away)."""
+        with self._lock:
+            if self._processes is None:
+                return
+            processes, self._processes = self._processes, None
+            for rank, connection in enumerate(self._tasks):
+                if rank not in self._busy:
+                    try:
+                        connection.send(None)
+                    except OSError:
+                        pass
+            for rank in self._busy:
+                if processes[rank].is_alive():
+                    processes[rank].terminate()
+            deadline = time.monotonic() + _STOP_SECONDS
+            for process in processes:
+                if process.pid is not None:
+                    process.join(timeout=max(0.0, deadline - time.monotonic()))
+            for process in processes:
+                if process.pid is not None and process.is_alive():
+                    process.kill()
+                    process.join(timeout=_STOP_SECONDS)
+            for connection in self._tasks + self._results:
+                connection.close()
+            self._busy.clear()
 
     def __enter__(self) -> "EncodePool":
         return self
@@ -239,21 +364,52 @@ class EncodePool:
 
 # ------------------------------------------------------------------------------------- torchrun ranks
 
+def _fingerprint(items: Sequence[InputItem]) -> List[int]:
+    """[count, 128-bit hash of the items as two int64]: equal on two ranks only for the same items in the same
+    order (the lengths go in first, so that no two different lists of strings hash the same bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for instruction, text in items:
+        parts = (instruction.encode("utf-8", "surrogatepass"), text.encode("utf-8", "surrogatepass"))
+        digest.update(b"%d:%d:" % (len(parts[0]), len(parts[1])) + parts[0] + parts[1])
+    raw = digest.digest()
+    return [len(items), int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(raw[8:], "little", signed=True)]
+
+
+def _check_same_inputs(items: Sequence[InputItem], world: int, rank: int, device: torch.device) -> None:
+    """Raises the same ValueError on every rank when the ranks were given different inputs: the split assumes the
+    same list everywhere (else rows come back from another rank's texts, or the gather of unequal shapes aborts).
+    Every rank sees every fingerprint, so all of them raise, or none: no rank is left waiting in a collective."""
+    import torch.distributed as dist
+
+    mine = torch.tensor(_fingerprint(items), dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    prints = [tuple(int(x) for x in t.cpu()) for t in gathered]
+    differ = [r for r in range(world) if prints[r] != prints[0]]
+    if differ:
+        counts = ", ".join(f"rank {r}: {prints[r][0]} inputs" for r in range(world))
+        raise ValueError(f"distributed=True needs the same inputs, in the same order, on every rank; got different "
+                         f"inputs on rank 0 and rank {differ[0]} ({counts}; the ranks differing from rank 0: "
+                         f"{differ})")
+
+
 def encode_over_ranks(encode_local, items: Sequence[InputItem], hidden_size: int) -> torch.Tensor:
     """Every rank's share of ``items`` encoded by ``encode_local(list_of_items) -> (n, hidden) tensor``,
-    all rows gathered to every rank in input order. Needs an initialised process group."""
+    all rows gathered to every rank in input order. Needs an initialised process group, and the same ``items``
+    on every rank (else ValueError, on every rank)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("distributed=True needs an initialised torch.distributed process group (launch with "
                          "torchrun and call torch.distributed.init_process_group first)")
     world, rank = dist.get_world_size(), dist.get_rank()
-    shards = balanced_shards(items, world)
-    mine = shards[rank]
-    local = encode_local([items[i] for i in mine]).float().cpu()
     # Collectives need the backend's device: CUDA tensors for NCCL, CPU tensors for gloo.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
         torch.device("cpu")
+    _check_same_inputs(items, world, rank, device)
+    shards = balanced_shards(items, world)
+    mine = shards[rank]
+    local = encode_local([items[i] for i in mine]).float().cpu()
     widest = max(len(s) for s in shards)
     padded = torch.zeros((widest, hidden_size), dtype=torch.float32, device=device)
     padded[: len(mine)] = local.to(device)
