@@ -135,7 +135,10 @@ def remove_partial_output(output: str, created: bool) -> None:
         return
     for name in os.listdir(output) if os.path.isdir(output) else []:
         path = os.path.join(output, name)
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -216,8 +216,6 @@ class LLM2Vec(nn.Module):
         weights, or full weights beside an adapter), which :meth:`from_pretrained` would combine with these,
         are removed, with a warning naming them."""
         from peft import PeftModel
-
-        from ..models.bidirectional import is_bidirectional
         output_path = os.fspath(output_path)
         if merge_before_save and isinstance(self.model, PeftModel):
             self.model = self.model.merge_and_unload()
@@ -234,8 +232,7 @@ class LLM2Vec(nn.Module):
         loading.record_name_or_path(output_path, self._name_or_path())
         if save_config:
             os.makedirs(output_path, exist_ok=True)
-            settings = {"pooling_mode": self.pooling_mode, "max_length": self.max_length,
-                        "doc_max_length": self.doc_max_length, "skip_instruction": self.skip_instruction}
+            settings = self._settings()
             if not is_bidirectional(self.model):
                 settings[BIDIRECTIONAL_KEY] = False
             with open(os.path.join(output_path, loading.LLM2VEC_CONFIG), "w") as f:
@@ -350,6 +347,12 @@ class LLM2Vec(nn.Module):
     def forward(self, sentence_feature: Dict[str, Tensor]) -> Tensor:
         """Embeddings of padded features from :meth:`tokenize` (differentiable). A bidirectional model with
         a varlen attention runs packed (padding dropped); any other model runs padded."""
+        return self._forward_with_states(sentence_feature, keep_states=False)[0]
+
+    def _forward_with_states(self, sentence_feature: Dict[str, Tensor],
+                            keep_states: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`forward`'s embeddings and, with ``keep_states``, the last hidden states (B, S, H) in the
+        features' padded layout (zeros at padding where the forward ran packed)."""
         features = dict(sentence_feature)
         embed_mask = features.pop("embed_mask", None)
         if self._packable():
@@ -358,10 +361,11 @@ class LLM2Vec(nn.Module):
             packed_embed = None
             if embed_mask is not None:
                 packed_embed = embed_mask.reshape(-1).to(batch.indices.device)[batch.indices]
-            return self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=packed_embed)
+            embeddings = self._pool(out.hidden, cu_seqlens=out.cu_seqlens, embed_mask=packed_embed)
+            return embeddings, out.padded() if keep_states else None
         reps = self.model(**features)
         features["embed_mask"] = embed_mask
-        return self.get_pooling(features, reps.last_hidden_state)
+        return self.get_pooling(features, reps.last_hidden_state), reps.last_hidden_state if keep_states else None
 
     def _embed_batch(self, input_ids: List[List[int]], embed_counts: List[int], normalize: bool) -> Tensor:
         """(B, H) float32 embeddings of token-id lists (each non-empty), on the model's output device."""

@@ -201,10 +201,7 @@ class EncodePool:
             raise ValueError("the workers can only load an encoder that came from LLM2Vec.from_pretrained; for "
                              "this one call encoder.to('cpu') first (the workers then share its weights)")
         self.loads_in_workers = load_in_workers
-        try:
-            self._owner = weakref.ref(encoder)
-        except TypeError:
-            self._owner = lambda encoder=encoder: encoder
+        self._owner = weakref.ref(encoder)
         self._owner_name = _describe(encoder)
         self._spec = _comparable_spec(spec) if load_in_workers else None
         context = mp.get_context("spawn")

@@ -99,7 +99,7 @@ class LLM2VecModule(nn.Module):
 
     def forward(self, features: Dict[str, torch.Tensor], **kwargs) -> Dict[str, torch.Tensor]:
         """``LLM2Vec.forward``'s sentence embeddings, plus the last hidden states as (B, S, D) float32
-        ``token_embeddings`` aligned with ``attention_mask`` (zeros at padding): sentence-transformers' encode
+        ``token_embeddings`` aligned with ``attention_mask``: sentence-transformers' encode
         slices ``token_embeddings[attention_mask.bool()]``, which gives the tokens ``encode_tokens`` returns."""
         if "prompt_length" in features:
             # sentence-transformers before 5.4 glues a prompt to the front of each text and says so only here;
@@ -108,19 +108,9 @@ class LLM2VecModule(nn.Module):
                              "in the features); llm2vec encodes a prompt as an instruction: load the model with "
                              "llm2vec_fast.encoder.st_adapter.load_sentence_transformer, or use "
                              "sentence-transformers>=5.4")
-        from ..models.bidirectional import decoder_body
         features = dict(features)
-        states = []
-        # The hidden states are read where LLM2Vec.forward computes them (the decoder body's output), so the
-        # sentence embeddings stay exactly LLM2Vec.forward's.
-        hook = decoder_body(self.encoder.model).register_forward_hook(
-            lambda module, args, output: states.append(output.last_hidden_state))
-        try:
-            features["sentence_embedding"] = self.encoder.forward(features)
-        finally:
-            hook.remove()
-        features["token_embeddings"] = _padded_states(states[-1], features["input_ids"],
-                                                      features.get("attention_mask"))
+        features["sentence_embedding"], states = self.encoder._forward_with_states(features)
+        features["token_embeddings"] = states.float()
         return features
 
     def get_sentence_embedding_dimension(self) -> int:
@@ -232,21 +222,6 @@ def _refuse_processing_kwargs(processing_kwargs) -> None:
         raise ValueError(f"processing_kwargs is not supported: llm2vec tokenises with its own rules (max_length, "
                          f"doc_max_length); set model.max_seq_length or the encoder's max_length/doc_max_length "
                          f"instead, got processing_kwargs={processing_kwargs!r}")
-
-
-def _padded_states(hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
-    """The decoder body's last hidden states in the features' padded (B, S, D) layout, float32: as they are for a
-    padded forward, scattered back from the packed (1, T, D) tokens (zeros at padding) for a packed one."""
-    hidden = hidden.float()
-    if tuple(hidden.shape[:2]) == tuple(input_ids.shape):
-        return hidden
-    from ..models.packing import pack
-    batch = pack(attention_mask=attention_mask) if attention_mask is not None else pack(shape=input_ids.shape)
-    rows, width = input_ids.shape
-    tokens = hidden.reshape(-1, hidden.shape[-1])
-    padded = tokens.new_zeros((rows * width, tokens.shape[-1]))
-    padded = padded.index_copy(0, batch.indices.to(tokens.device), tokens)
-    return padded.reshape(rows, width, -1)
 
 
 def _read_saved_adapter(folder: str) -> Dict[str, torch.Tensor]:
