@@ -155,6 +155,9 @@ if [[ "$DRY_RUN" == 0 ]]; then
     run_step "(a3) compute-sanitizer on the small cases" "$(step_limit 90)" "0 1" \
       "$SANITIZER" --tool memcheck "$PYTHON" benchmarks/diagnose_cuda_attention.py --small
   fi
+  # A kernel that fails its diagnosis is a failed run (exit 1), as a kernel switched off at (a4) is, though the
+  # step itself counts exit 1 as done (it ran and gave its verdict).
+  [[ "$DIAG_RC" == 1 ]] && FAILED=1
   if [[ "$DIAG_RC" == 1 && -z "${LLM2VEC_FAST_CUDA_ATTENTION:-}" ]]; then
     # Kill switch: the rest of the run (tests, benchmarks) uses the Triton fallback for the cuda backend's
     # attention instead of a kernel that failed its diagnosis or hung.

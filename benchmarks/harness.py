@@ -53,6 +53,21 @@ class SkipImpl(Exception):
     """Raised by an impl's setup when it cannot run here; the message says why."""
 
 
+def unless_switched_off(op: str, backend: str, setup: Callable[[], Any]) -> Callable[[], Any]:
+    """``setup``, or for the "cuda" impl of an op whose kernel ``LLM2VEC_FAST_CUDA_OFF`` turns off (the device check
+    does so for a kernel that failed its check), a setup that skips it: the cuda backend would run its Triton
+    fallback, timed under the cuda name, and ``make_auto_table.py`` could then pick the kernel that failed."""
+    if backend != "cuda":
+        return setup
+
+    def checked():
+        from llm2vec_fast import cuda_backend
+        if op in cuda_backend.switched_off_ops():
+            raise SkipImpl(f"LLM2VEC_FAST_CUDA_OFF turns the {op} kernel off (it would time the Triton fallback)")
+        return setup()
+    return checked
+
+
 @dataclass
 class Row:
     op: str
@@ -145,7 +160,10 @@ def synchronize(device: torch.device) -> None:
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a kernel's sticky error (illegal access): the impl that caused it is already a skip
+            pass
 
 
 def _cpu_median_ms(fn: Callable, cfg: TimingConfig) -> float:

@@ -42,7 +42,7 @@ def measured_table(result_files: Iterable[Path]) -> Dict[str, str]:
         times = defaultdict(dict)  # (op, shape, dtype) -> impl -> ms
         for row in data.get("rows", []):
             op = PUBLIC_OP.get(row.get("op"))
-            if op and row.get("impl") in CANDIDATES and row.get("ms"):
+            if op and row.get("impl") in CANDIDATES and (row.get("ms") or 0) > 0:  # a differential ms can be <= 0
                 times[(op, row["shape"], row["dtype"], row["op"])][row["impl"]] = float(row["ms"])
                 seen[op].add(row["impl"])
         for (op, *_), by_impl in times.items():

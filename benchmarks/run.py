@@ -99,6 +99,7 @@ def run_suite(*, quick: bool = False, ops: Sequence[str] = tuple(SUITES), out: O
                                                              skip_impls=skip_impls, log=log)
                 rows.extend(case_rows)
                 skips.extend(case_notes)
+            case = None  # the last case's inputs (a whole model for bench_model) are freed before the next op
             harness.free_memory(dev)
             harness.write_results(meta, rows, out, quick=quick, notes=notes(), plot=False)  # partial, per op
     except KeyboardInterrupt:

@@ -1,6 +1,17 @@
 """Shared pytest configuration."""
+import signal
+import threading
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """SIGTERM ends the session as Ctrl-C does: the failures so far, the short summary and the junit file are still
+    written. The device check runs the GPU tests under ``timeout`` (SIGTERM), where a plain kill would leave only the
+    progress dots of a one-off GPU run. A handler someone else installed is left alone."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):

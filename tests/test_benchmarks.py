@@ -6,8 +6,11 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 
@@ -120,6 +123,93 @@ def test_device_check_dry_run(tmp_path):
     assert tail[-1].startswith("| "), tail[-5:]  # the summary table is printed last
 
 
+# A stand-in interpreter for device_check.sh's GPU-run steps (no GPU here): each step's command exits as the
+# FAKE_* variables say, and the benchmark runner writes a results table.
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1 $2" in
+  "setup.py build_ext"|"-c import"*|"-m pytest") exit 0 ;;
+  "benchmarks/diagnose_cuda_attention.py"*) exit ${FAKE_DIAG_RC:-0} ;;
+  "-m llm2vec_fast.cli") for op in ${FAKE_BAD_OPS:-}; do [[ "$*" == *"--op $op"* ]] && exit 1; done; exit 0 ;;
+  "benchmarks/run.py"*) printf '## Results\\n\\n| op |\\n' > "$OUT/h100-fake.md"; exit 0 ;;
+esac
+exit 99
+"""
+
+
+@pytest.mark.parametrize("diag_rc, bad_ops, status", [(0, "", 0), (1, "", 1), (0, "rms_norm", 1)],
+                         ids=["all-pass", "attention-fails-its-diagnosis", "a-kernel-fails-its-check"])
+def test_device_check_gpu_steps_exit_1_when_a_kernel_fails(tmp_path, diag_rc, bad_ops, status):
+    """The GPU run's steps (build, (a2) diagnosis, (a4) checks) with a stand-in interpreter: a CUDA kernel that fails
+    its first contact (switched off for the later steps) makes the run's exit status 1, as the header promises."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), CUDA_HOME=str(tmp_path / "no-toolkit"),
+               FAKE_DIAG_RC=str(diag_rc), FAKE_BAD_OPS=bad_ops)
+    for name in ("DRY_RUN", "LLM2VEC_FAST_CUDA_ATTENTION", "LLM2VEC_FAST_CUDA_OFF"):
+        env.pop(name, None)
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("LLM2VEC_FAST_CUDA_ATTENTION=off for the later steps" in proc.stdout) == (diag_rc == 1)
+    assert ("LLM2VEC_FAST_CUDA_OFF=rms_norm for the later steps" in proc.stdout) == (bad_ops == "rms_norm")
+
+
+def test_a_test_run_stopped_by_sigterm_still_reports(tmp_path):
+    """The device check stops the GPU tests with ``timeout`` (SIGTERM): tests/conftest.py makes pytest end as on
+    Ctrl-C, so the failures so far, the summary and the junit file are still written (a plain kill leaves only the
+    progress dots)."""
+    started = tmp_path / "started"
+    (tmp_path / "test_stopped.py").write_text(textwrap.dedent(f"""
+        import pathlib
+        import time
+
+        def test_fails():
+            assert 0, "boom"
+
+        def test_runs_too_long():
+            pathlib.Path({str(started)!r}).touch()
+            time.sleep(300)
+        """))
+    junit = tmp_path / "junit.xml"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-rfE", "-p", "no:cacheprovider",
+                             f"--junitxml={junit}", "--rootdir", str(tmp_path), "test_stopped.py"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert started.exists(), "the long test never started"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "FAILED test_stopped.py::test_fails" in output and "KeyboardInterrupt" in output, output[-3000:]
+    assert junit.exists() and 'failures="1"' in junit.read_text()
+
+
+def test_a_cuda_kernel_switched_off_is_not_timed_under_its_name(monkeypatch):
+    """With LLM2VEC_FAST_CUDA_OFF naming an op (the device check's (a4) sets it for a kernel that failed its check),
+    the benchmarks skip that op's "cuda" impl instead of timing the Triton fallback as "cuda": make_auto_table.py
+    could otherwise pick the failed kernel for "auto". ("cuda" is offered here on the CPU for the test.)"""
+    import torch
+    from benchmarks import bench_fused, bench_loss, bench_pool, harness
+    from llm2vec_fast import dispatch
+    real = dispatch.available_backends
+    monkeypatch.setattr(dispatch, "available_backends", lambda op, device: [*real(op, device), "cuda"])
+    monkeypatch.setenv("LLM2VEC_FAST_CUDA_OFF", "pool,contrastive_loss,rms_norm,gated_activation,rotary_embedding")
+    device = torch.device("cpu")
+    skipped = set()
+    for module in (bench_pool, bench_loss, bench_fused):
+        for case in module.cases(True, device):
+            rows, skips = harness.run_case(case, device, impls=["cuda"], log=lambda line: None)
+            assert rows == [], (case.op, rows)
+            skipped.update(skip.op for skip in skips if "LLM2VEC_FAST_CUDA_OFF" in skip.reason)
+    assert {"pool", "contrastive_loss_fwd", "rms_norm", "gated_activation", "rotary_embedding"} <= skipped
+
+
 def test_make_auto_table_picks_the_measured_winner(tmp_path):
     """The "auto" table comes from GPU results: per op, the backend faster on the cases both ran."""
     from benchmarks import make_auto_table
@@ -134,6 +224,7 @@ def test_make_auto_table_picks_the_measured_winner(tmp_path):
         row("pool", "triton", 2.0), row("pool", "cuda", 1.0),                      # cuda wins pool
         row("attention_fwd", "triton", 1.0), row("attention_fwd", "cuda", 3.0),    # triton wins attention
         row("attention_fwd", "sdpa_cudnn", 0.5),                                   # baselines never chosen
+        row("attention_bwd", "triton", -0.01), row("attention_bwd", "cuda", 2.0),  # a differential time <= 0: no pair
         row("contrastive_loss_fwd", "triton", 1.0)]}))                              # only triton measured
     (results / "cpu.json").write_text(json.dumps({"device": "cpu", "rows": [row("pool", "triton", 0.1)]}))
     dispatch_copy = tmp_path / "dispatch.py"
