@@ -224,7 +224,8 @@ def test_make_auto_table_picks_the_measured_winner(tmp_path):
         row("pool", "triton", 2.0), row("pool", "cuda", 1.0),                      # cuda wins pool
         row("attention_fwd", "triton", 1.0), row("attention_fwd", "cuda", 3.0),    # triton wins attention
         row("attention_fwd", "sdpa_cudnn", 0.5),                                   # baselines never chosen
-        row("attention_bwd", "triton", -0.01), row("attention_bwd", "cuda", 2.0),  # a differential time <= 0: no pair
+        row("attention_bwd", "triton", 9.0), row("attention_bwd", "cuda", 1.0),    # both Triton's: not counted
+        row("pool", "triton", -0.01, "S=2"), row("pool", "cuda", 2.0, "S=2"),    # a differential time <= 0: no pair
         row("contrastive_loss_fwd", "triton", 1.0)]}))                              # only triton measured
     (results / "cpu.json").write_text(json.dumps({"device": "cpu", "rows": [row("pool", "triton", 0.1)]}))
     dispatch_copy = tmp_path / "dispatch.py"
