@@ -311,7 +311,11 @@ std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_rows,
   const auto contiguous = at::MemoryFormat::Contiguous;
   at::Tensor grad_unit_a = at::empty(r.a.sizes(), r.a.options().memory_format(contiguous));
   at::Tensor grad_unit_c = at::empty(r.c.sizes(), r.c.options().memory_format(contiguous));
-  // Pass 1, row-parallel: dU[rows] = (E * inv_c) @ C for a chunk of anchor rows at a time.
+  // The products take unit rows (in the input dtype, computed in float32 and rounded once), not E * inv_norm.
+  at::Tensor unit_a = at::empty_like(r.a), unit_c = at::empty_like(r.c);
+  at::mul_out(unit_a, r.a, inv_a.unsqueeze(1));
+  at::mul_out(unit_c, r.c, inv_c.unsqueeze(1));
+  // Pass 1, row-parallel: dU[rows] = E @ unit(C) for a chunk of anchor rows at a time.
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(cols, 1));
   for (int64_t r0 = 0; r0 < rows; r0 += rows_per_chunk) {
     const int64_t r1 = std::min(r0 + rows_per_chunk, rows);
@@ -320,9 +324,9 @@ std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_rows,
                                              false, e.data_ptr(), e.stride(0), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor out = grad_unit_a.narrow(0, r0, r1 - r0);
-    at::mm_out(out, e, r.c);
+    at::mm_out(out, e, unit_c);
   }
-  // Pass 2, column-parallel: dW[cols] = (E * inv_a)^T @ A for a chunk of candidates at a time.
+  // Pass 2, column-parallel: dW[cols] = E^T @ unit(A) for a chunk of candidates at a time.
   const int64_t cols_per_chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(rows, 1));
   for (int64_t c0 = 0; c0 < cols; c0 += cols_per_chunk) {
     const int64_t c1 = std::min(c0 + cols_per_chunk, cols);
@@ -331,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_rows,
                                              true, e.data_ptr(), e.stride(0), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor out = grad_unit_c.narrow(0, c0, c1 - c0);
-    at::mm_out(out, e, r.a);
+    at::mm_out(out, e, unit_a);
   }
   return {through_norm(r.a, grad_unit_a, inv_a, r.p.dtype, stream),
           through_norm(r.c, grad_unit_c, inv_c, r.p.dtype, stream)};

@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) infonce_grad_scores_kernel(Args p, c
     const float s = sm.s[r][col] * score_scale(ia, ic, p.scale);
     const float prob = exp2f((s - __ldg(lse + i)) * kLog2e);
     const float label = j == i + p.label_offset ? 1.f : 0.f;
-    const float value = (prob - label) * (__ldg(grad_rows + i) * p.scale) * (transposed ? ia : ic);
+    const float value = (prob - label) * (__ldg(grad_rows + i) * p.scale);
     e[transposed ? (j - c0) * stride_e + (i - r0) : (i - r0) * stride_e + (j - c0)] = from_float<T>(value);
   }
 }

@@ -4,7 +4,9 @@
 // s[i, j] = scale * cos(a_i, c_j); the label of anchor i is candidate label_offset + i;
 // loss_i = logsumexp_j s[i, j] - s[i, label_i]. The (A x N) score matrix never exists: the forward
 // streams candidate tiles through an online logsumexp, the backward recomputes score tiles into a
-// bounded chunk of E = (softmax - onehot) * grad * scale * inv_norm, multiplied by cuBLAS in the bindings.
+// bounded chunk of E = (softmax - onehot) * grad * scale, multiplied by cuBLAS in the bindings with the unit
+// rows x / max(|x|, eps) (E scaled by the inverse norms instead overflows fp16 where a row is zero: 1/eps = 1e12,
+// and inf * 0 makes every other row's gradient NaN).
 #pragma once
 
 #include <cstdint>
@@ -41,8 +43,7 @@ cudaError_t row_inverse_norms(const void* x, DType dtype, int64_t rows, int64_t 
 cudaError_t infonce_forward(const InfoNCEProblem& p, float* loss, float* lse, float* workspace, cudaStream_t stream);
 
 // Writes the chunk anchors [r0, r1) x candidates [c0, c1) of
-//   E = (softmax(s) - onehot(label)) * grad_rows * scale * inv_c   (transposed = false; E[i - r0][j - c0])
-//   E = (softmax(s) - onehot(label)) * grad_rows * scale * inv_a   (transposed = true;  E[j - c0][i - r0])
+//   E = (softmax(s) - onehot(label)) * grad_rows * scale   (E[i - r0][j - c0], or E[j - c0][i - r0] if transposed)
 // in the input dtype, rows of E stride_e elements apart. lse: from infonce_forward.
 cudaError_t infonce_grad_scores(const InfoNCEProblem& p, const float* lse, const float* grad_rows, int64_t r0,
                                 int64_t r1, int64_t c0, int64_t c1, bool transposed, void* e, int64_t stride_e,

@@ -11,10 +11,12 @@ statistics are written.
 Backward: with embedding dims up to 4096 a (BLOCK x D) gradient accumulator does not fit on chip, so
 the gradient products run as tensor-core GEMMs over score chunks that the Triton kernel recomputes:
     E = (softmax(s) - onehot(label)) * grad_row * scale    (recomputed per chunk from the saved lse)
-    pass 1, row-parallel:    dU[rows]  = (E * inv_norm_c) @ C       for a chunk of anchor rows
-    pass 2, column-parallel: dW[cols]  = (E * inv_norm_a)^T @ A     for a chunk of candidates
-then both go through the normalisation's gradient. Each output row is written once: no atomics,
-deterministic. The chunk (CHUNK_ELEMENTS of E) bounds the workspace.
+    pass 1, row-parallel:    dU[rows]  = E @ unit(C)       for a chunk of anchor rows
+    pass 2, column-parallel: dW[cols]  = E^T @ unit(A)     for a chunk of candidates
+with unit(X) = X / max(|X|, eps) rounded to X's dtype, then both go through the normalisation's gradient.
+(E scaled by the inverse norms instead overflows fp16 where a row is zero, 1/eps = 1e12: inf * 0 = NaN in
+every other row's gradient.) Each output row is written once: no atomics, deterministic. The chunk
+(CHUNK_ELEMENTS of E) bounds the workspace.
 """
 import triton
 import triton.language as tl
@@ -91,11 +93,11 @@ def _infonce_fwd(
 def _infonce_grad_scores(
     A, C, INV_A, INV_C, LSE, GRAD_ROWS, E,
     row_start, row_stop, col_start, col_stop, dim, label_offset, scale, stride_a, stride_c, stride_e,
-    SCALE_BY_CANDIDATE_NORM: tl.constexpr, TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Writes a chunk of E * inv_norm_c (pass 1) or E * inv_norm_a (pass 2), transposed for pass 2.
+    """Writes a chunk of E (pass 1), or of E transposed (pass 2).
 
     The chunk covers anchors [row_start, row_stop) x candidates [col_start, col_stop); E's element
     (i, j) lands at (i - row_start, j - col_start), or (j - col_start, i - row_start) if TRANSPOSED.
@@ -114,10 +116,6 @@ def _infonce_grad_scores(
     probs = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
     is_label = (cols[None, :] == (rows + label_offset)[:, None]).to(tl.float32)
     e = (probs - is_label) * (grad_rows * scale)[:, None]
-    if SCALE_BY_CANDIDATE_NORM:
-        e = e * inv_c[None, :]
-    else:
-        e = e * inv_a[:, None]
     e = tl.where(row_ok[:, None] & col_ok[None, :], e, 0.0)
     local_rows = (rows - row_start).to(tl.int64)
     local_cols = (cols - col_start).to(tl.int64)
@@ -219,19 +217,25 @@ def backward(grad_rows, anchors, candidates, lse, label_offset, scale):
         e = torch.empty(shape, device=a.device, dtype=a.dtype)
         _infonce_grad_scores[(triton.cdiv(r1 - r0, block_a), triton.cdiv(c1 - c0, block_c))](
             a, c, inv_a, inv_c, lse, grad_rows, e, r0, r1, c0, c1, dim, label_offset, scale,
-            a.stride(0), c.stride(0), e.stride(0), SCALE_BY_CANDIDATE_NORM=not transposed, TRANSPOSED=transposed,
-            **options)
+            a.stride(0), c.stride(0), e.stride(0), TRANSPOSED=transposed, **options)
         return e
+
+    unit_a, unit_c = _unit_rows(a, inv_a), _unit_rows(c, inv_c)
 
     rows_per_chunk = max(1, CHUNK_ELEMENTS // max(n_candidates, 1))
     for r0 in range(0, n_anchors, rows_per_chunk):  # pass 1: dU, a chunk of anchor rows at a time
         r1 = min(r0 + rows_per_chunk, n_anchors)
-        torch.mm(grad_scores((r0, r1), (0, n_candidates), False), c, out=grad_unit_a[r0:r1])
+        torch.mm(grad_scores((r0, r1), (0, n_candidates), False), unit_c, out=grad_unit_a[r0:r1])
     cols_per_chunk = max(1, CHUNK_ELEMENTS // max(n_anchors, 1))
     for c0 in range(0, n_candidates, cols_per_chunk):  # pass 2: dW, a chunk of candidates at a time
         c1 = min(c0 + cols_per_chunk, n_candidates)
-        torch.mm(grad_scores((0, n_anchors), (c0, c1), True), a, out=grad_unit_c[c0:c1])
+        torch.mm(grad_scores((0, n_anchors), (c0, c1), True), unit_a, out=grad_unit_c[c0:c1])
     return _through_norm(a, grad_unit_a, inv_a), _through_norm(c, grad_unit_c, inv_c)
+
+
+def _unit_rows(x, inv):
+    """x / max(|x|, eps) in x's dtype (the product taken in float32 and rounded once, no float32 copy of x)."""
+    return torch.mul(x, inv[:, None], out=torch.empty_like(x))
 
 
 def _through_norm(x, grad_unit, inv):
@@ -258,8 +262,8 @@ def AOT_CONFIGS():
                         LSE="*fp32", GRAD_ROWS="*fp32")
         tiles = dict(BLOCK_A=block_a, BLOCK_C=block_c, BLOCK_K=block_k, IEEE=dtype == "fp32", INTERPRET=False)
         variants = [(_infonce_fwd, "fwd", {})] + [
-            (_infonce_grad_scores, f"grad_scores{'_t' if transposed else ''}",
-             dict(SCALE_BY_CANDIDATE_NORM=not transposed, TRANSPOSED=transposed)) for transposed in (False, True)]
+            (_infonce_grad_scores, f"grad_scores{'_t' if transposed else ''}", dict(TRANSPOSED=transposed))
+            for transposed in (False, True)]
         for fn, label, flags in variants:
             constexprs = dict(tiles, **flags)
             configs.append(KernelConfig(fn, aot_signature(fn, pointers, constexprs, floats=("scale",)), constexprs,

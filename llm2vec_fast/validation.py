@@ -18,6 +18,8 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 # would round to 0 or to inf there).
 FLOAT32_TINY = 2.0 ** -149
 FLOAT32_MAX = torch.finfo(torch.float32).max
+# The smallest normal float32: a divisor below it may be flushed to 0 on a GPU (ftz), or round to 0 on the way.
+FLOAT32_NORMAL_MIN = torch.finfo(torch.float32).tiny
 
 
 def _tracing() -> bool:

@@ -540,6 +540,23 @@ def test_identical_rows_zero_vectors_and_large_scale_stay_finite(backend):
     assert abs(loss.item() - torch.log(torch.tensor(9.0)).item()) < 1e-5
 
 
+@pytest.mark.parametrize("symmetric", (False, True))
+@pytest.mark.parametrize("backend", cpu_backends("contrastive_loss"))
+def test_fp16_zero_rows_leave_the_other_rows_gradients_finite(backend, symmetric):
+    """A zero row's gradient is 1/eps = 1e12 times the others' (F.normalize's), beyond fp16; the triton backward
+    scaled its recomputed scores by the inverse norms in fp16, where that overflowed to inf and, times the zero
+    row, gave NaN in the gradient of every row that scored it."""
+    q, d_pos, d_neg = _make(6, 3, seed=95, dtype=torch.float16)
+    zero_rows = {"q": 1, "d_pos": 4, "d_neg": 0}
+    q[1], d_pos[4], d_neg[0] = 0, 0, 0
+    got = loss_and_grads(lf.contrastive_loss, q, d_pos, d_neg, symmetric=symmetric, backend=backend)
+    want = loss_and_grads(oracle_loss, *_f64(q, d_pos, d_neg), scale=20.0, symmetric=symmetric)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-4, atol=1e-4)
+    for name, grad, grad64 in zip(("q", "d_pos", "d_neg"), got[1:], want[1:]):
+        keep = torch.arange(grad.shape[0]) != zero_rows[name]
+        torch.testing.assert_close(grad[keep].double(), grad64[keep], **_GRAD_TOLS[torch.float16],
+                                   msg=lambda m: f"{name} symmetric={symmetric}: {m}")
+
 
 @pytest.mark.parametrize("backend", cpu_backends("contrastive_loss"))
 def test_near_identical_pairs_never_give_a_negative_loss(backend):

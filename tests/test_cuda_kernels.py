@@ -778,6 +778,8 @@ class NceEmulator:
         inv_a, inv_c = self._inv(a), self._inv(c)
         problem = self._problem(a, c, label_offset, scale, inv_a, inv_c)
         unit_a, unit_c = torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(c)
+        normed_a = torch.mul(a, inv_a[:, None], out=torch.empty_like(a))  # rounded once to a's dtype, as at::mul_out
+        normed_c = torch.mul(c, inv_c[:, None], out=torch.empty_like(c))
 
         def scores(r0, r1, c0, c1, transposed):
             e = torch.empty((c1 - c0, r1 - r0) if transposed else (r1 - r0, c1 - c0), dtype=a.dtype)
@@ -789,14 +791,14 @@ class NceEmulator:
         step = max(1, self.chunk_elements // max(cols, 1))
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
-            torch.mm(scores(r0, r1, 0, cols, False), c, out=unit_a[r0:r1])
+            torch.mm(scores(r0, r1, 0, cols, False), normed_c, out=unit_a[r0:r1])
         step = max(1, self.chunk_elements // max(rows, 1))
         if rows == 0:
             unit_c.zero_()
         for c0 in range(0, cols, step if rows else cols or 1):
             c1 = min(c0 + step, cols)
             if rows:
-                torch.mm(scores(0, rows, c0, c1, True), a, out=unit_c[c0:c1])
+                torch.mm(scores(0, rows, c0, c1, True), normed_a, out=unit_c[c0:c1])
 
         def through_norm(x, unit, inv):
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -896,6 +898,19 @@ def test_emulated_contrastive_edge_cases(nce_emulator):
     a = torch.cat([torch.zeros(2, dim), torch.randn(4, dim)])
     c = torch.cat([torch.randn(5, dim), torch.zeros(3, dim)])
     check_nce_against_reference(nce_emulator, a, c, 1, 20.0, where="zero vectors")
+    # fp16 zero rows: their own gradient (1/eps = 1e12 times the others') is beyond fp16, every other row's stays
+    # finite and right (E once scaled by the inverse norms overflowed there: inf * 0 = NaN in each row scoring them)
+    a, c = make_nce_case(6, 10, dim, torch.float16, 2, seed=6)
+    a[1], c[0], c[7] = 0, 0, 0
+    loss, lse = nce_emulator.infonce_forward(a, c, 2, 20.0)
+    g = torch.rand(6, generator=torch.Generator().manual_seed(7))
+    grads = nce_emulator.infonce_backward(g, a, c, lse, 2, 20.0)
+    wants = contrastive_reference.infonce_backward(g, a, c, contrastive_reference.infonce_forward(a, c, 2, 20.0)[1], 2,
+                                                   20.0)
+    for got, want, zero_rows in zip(grads, wants, ([1], [0, 7])):
+        keep = torch.ones(got.shape[0], dtype=torch.bool)
+        keep[zero_rows] = False
+        torch.testing.assert_close(got[keep].float(), want[keep].float(), **_nce_grad_tol(a.dtype, want[keep].float()))
     # A huge scale saturates the softmax without overflow
     a, c = make_nce_case(6, 10, dim, torch.float32, 2, seed=5)
     check_nce_against_reference(nce_emulator, a, c, 2, 1e4, where="scale 1e4", loss_tol=dict(rtol=1e-4, atol=1e-2),

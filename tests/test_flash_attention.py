@@ -772,6 +772,9 @@ BAD_INPUTS = [
     pytest.param(dict(softcap=-1.0), ValueError, r"softcap must be >= 0, got -1\.0", id="softcap-negative"),
     pytest.param(dict(softcap=math.inf), ValueError, r"softcap must be <= 3\.4\d*e\+38, got inf", id="softcap-inf"),
     pytest.param(dict(softcap=None), TypeError, r"softcap must be a number, got NoneType", id="softcap-none"),
+    # below float32's normal range it is 0 in the kernels, which divide by it: NaN where a logit is 0
+    pytest.param(dict(softcap=1e-50), ValueError, r"softcap must be 0 \(no cap\) or >= 1\.17\d*e-38 \(float32's "
+                 r"smallest normal\), got 1e-50", id="softcap-below-float32"),
     pytest.param(dict(dropout_p=-0.1), ValueError, r"dropout_p must be >= 0, got -0\.1", id="dropout-negative"),
     pytest.param(dict(dropout_p=1.0), ValueError, r"dropout_p must be < 1, got 1\.0", id="dropout-one"),
     pytest.param(dict(dropout_p=1.5), ValueError, r"dropout_p must be < 1, got 1\.5", id="dropout-over"),
@@ -803,7 +806,8 @@ def test_unavailable_backend_lists_available_ones():
 
 @pytest.mark.parametrize("overrides", [
     dict(), dict(max_seqlen=6), dict(max_seqlen=500), dict(softcap=0), dict(dropout_p=0), dict(softmax_scale=1),
-    dict(softmax_scale=1e-6), dict(causal=True, softcap=50.0), dict(backend="torch"), dict(backend="auto"),
+    dict(softmax_scale=1e-6), dict(causal=True, softcap=50.0), dict(softcap=1.2e-38), dict(backend="torch"),
+    dict(backend="auto"),
     dict(cu_seqlens=_cu([0, 0, 4, 4, 10, 10])),
 ])
 def test_valid_edge_arguments_are_accepted(overrides):

@@ -631,6 +631,38 @@ def test_cpu_backends_match_oracle(backend, layout, dtype):
                                            msg=lambda m: f"{where} grad: {m}")
 
 
+@pytest.mark.parametrize("layout", ("packed", "left", "right"))
+@pytest.mark.parametrize("backend", cpu_backends("pool"))
+def test_unpooled_tokens_holding_nan_or_inf_are_never_read(backend, layout):
+    """Padding (and tokens outside embed_mask) may hold anything, as the kernels never read them: the torch
+    backend multiplied them by a weight of 0, so one NaN or inf in the padding made the whole embedding NaN."""
+    seqs = make_sequences((1, 17, 0, 33, 6), seed=36)
+    if layout == "packed":
+        hidden, cu, embed = to_packed(seqs)
+        kwargs = dict(cu_seqlens=cu)
+        unread = embed == 0  # real tokens, outside embed_mask
+    else:
+        hidden, attention, embed = to_padded(seqs, layout)
+        kwargs = dict(attention_mask=attention)
+        cu = None
+        unread = attention == 0
+    assert unread.any()
+    poisoned = hidden.detach().clone()
+    poisoned[unread] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(DIM)[:DIM]
+    grad_out = _randn(len(seqs), DIM, seed=37)
+    for mode in ("mean", "weighted_mean") if layout == "packed" else MODES:
+        for normalize in (False, True):
+            h = poisoned.clone().requires_grad_(True)
+            out = lf.pool(h, embed_mask=embed, mode=mode, normalize=normalize, backend=backend, **kwargs)
+            out.backward(grad_out)
+            h64 = hidden.detach().double()
+            want = oracle_packed(h64, cu, embed, mode, normalize) if cu is not None else \
+                oracle_padded(h64, attention, embed, mode, normalize)
+            where = f"{backend} {mode} normalize={normalize}"
+            torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5, msg=lambda m: f"{where}: {m}")
+            assert torch.isfinite(h.grad).all() and torch.all(h.grad[unread] == 0), where
+
+
 # ---------------------------------------------------------------------------------------------------
 # 7. GPU: every backend that runs on CUDA against the torch reference.
 # ---------------------------------------------------------------------------------------------------

@@ -424,6 +424,70 @@ def test_instruction_formatting_matches_llm2vec(files, tmp_path):
     assert plan.embed_counts[0] < len(plan.input_ids[0])  # the instruction is not pooled
 
 
+def test_training_tokenises_long_texts_as_llm2vecs_collator(files, tmp_path, monkeypatch):
+    """llm2vec's training collator tokenises "{separator}{text}" cut at max_seq_length only: doc_max_length's cut by
+    words is encode's. Run in training, it cut a text past doc_max_length tokens, and emptied one without spaces (a
+    long Chinese passage) down to its BOS."""
+    spaced = " ".join(f"word{i}" for i in range(60))
+    unspaced = "".join(f"w{i}" for i in range(60))
+    path = tmp_path / "long.jsonl"
+    _write_jsonl(str(path), [{"dataset": "x", "query": "q one", "positive": spaced},
+                             {"dataset": "x", "query": "q two", "positive": unspaced}])
+    config = supervised_config(files, tmp_path, dataset_file_path=str(path), instructions={"x": "Find"},
+                               per_device_train_batch_size=2, max_seq_length=200, doc_max_length=64)
+    recipe = SupervisedRecipe(config)
+    seen = []
+
+    def recording(encoder, ids, counts):
+        seen.append((ids, counts))
+        return embed(encoder, ids, counts)
+    monkeypatch.setattr(ct, "embed", recording)
+    (batch,) = list(recipe.batches(0))
+    recipe.train_step(batch, 1.0)
+    ((ids, counts),) = seen
+    strings = [f"Find; {SEPARATOR}{text}" for _, text in batch.queries] + \
+        [f"{SEPARATOR}{text}" for _, text in batch.positives]
+    features = recipe.encoder.tokenize(strings)  # llm2vec's padded features of its collator's strings
+    for row in range(len(strings)):
+        real = features["attention_mask"][row].bool()
+        assert ids[row] == features["input_ids"][row][real].tolist(), row
+        assert counts[row] == int(features["embed_mask"][row].sum()), row
+    assert max(len(row) for row in ids) == 200  # max_seq_length still cuts
+
+
+def test_an_empty_text_without_tokens_embeds_to_zeros(files, tmp_path):
+    """A negative "" with a tokenizer that adds no BOS (Qwen2's) has no token at all: it embeds to zeros, as encode
+    embeds it (training raised ValueError at the first batch holding one), and GradCache in chunks of one sequence
+    (a chunk of only that input runs no forward) gives the plain step's loss and gradients."""
+    from transformers import AutoConfig
+
+    from llm2vec_fast.models import Qwen2BiModel
+    qwen = os.path.join(REPO, "tests", "fixtures", "llm2vec", "qwen2")
+    base = str(tmp_path / "qwen2")
+    torch.manual_seed(0)
+    Qwen2BiModel(AutoConfig.from_pretrained(qwen)).save_pretrained(base)
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(qwen, name), base)
+    path = tmp_path / "empty.jsonl"
+    _write_jsonl(str(path), [{"dataset": "x", "query": _sentence(i), "positive": _sentence(i + 1),
+                              "negative": "" if i == 1 else _sentence(i + 20)} for i in range(4)])
+    settings = dict(model_name_or_path=base, peft_model_name_or_path=None, dataset_file_path=str(path),
+                    instructions={"x": "Find"}, per_device_train_batch_size=4)
+    plain = SupervisedRecipe(supervised_config(files, tmp_path, **settings))
+    (batch,) = list(plain.batches(0))
+    plan = plain.encoder.plan(batch.items(), word_cut=False)
+    empty = [i for i, ids in enumerate(plan.input_ids) if not ids]
+    assert len(empty) == 1 and batch.items()[empty[0]] == ("", "")
+    with torch.no_grad():
+        emb = embed(plain.encoder, plan.input_ids, plan.embed_counts)
+    assert not emb[empty[0]].any() and emb.abs().sum(dim=1).gt(0).sum() == len(emb) - 1
+    want_loss = plain.train_step(batch, 1.0)
+    assert torch.isfinite(want_loss)
+    cached = SupervisedRecipe(supervised_config(files, tmp_path, grad_cache_chunk_size=1, **settings))
+    torch.testing.assert_close(cached.train_step(batch, 1.0), want_loss, rtol=1e-6, atol=1e-6)
+    assert_same_grads(lora_grads(cached.model), lora_grads(plain.model), label="empty input")
+
+
 def test_rows_with_several_hard_negatives(files, tmp_path):
     """A row's list of ``negatives`` (mined hard negatives): every one is a candidate for every query of the
     batch; the loss is contrastive_loss with all of them; rows may mix one, several and none."""

@@ -481,6 +481,9 @@ def test_llm2vec_shipped_configs_load(valid, kind):
     assert loaded.stop_after_n_steps == 1000 and loaded.max_steps == -1 and loaded.lora_alpha == 32
     assert loaded.dataset_file_path == paths["ECHO" if kind == "supervised" else "TEXT"]
     assert loaded.per_device_train_batch_size == data["per_device_train_batch_size"]
+    # The MNTP and SimCSE files set no num_train_epochs: HF's default 3 sizes their schedules (5 toy batches an epoch).
+    from llm2vec_fast.training.loop import Trainer
+    assert loaded.num_train_epochs == 3 and Trainer(ToyRecipe(loaded)).total_steps == 15
 
 
 def test_cli_argument_errors(valid, tmp_path, monkeypatch):

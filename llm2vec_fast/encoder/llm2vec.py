@@ -282,10 +282,13 @@ class LLM2Vec(nn.Module):
         pad = self.tokenizer.pad_token_id
         return int(pad) if pad is not None else 0
 
-    def plan(self, items: Sequence[InputItem], direct: bool = False) -> Plan:
-        """Token ids and embed counts of (instruction, text) inputs, exactly as llm2vec computes them."""
+    def plan(self, items: Sequence[InputItem], direct: bool = False, word_cut: bool = True) -> Plan:
+        """Token ids and embed counts of (instruction, text) inputs, exactly as llm2vec's encode computes them;
+        ``word_cut=False`` as its training collator does (no ``doc_max_length`` cut, ``max_length`` only)."""
+        # doc_max_length = max_length never cuts: the lengths it compares are capped at max_length
         return plan_inputs(items, self.tokenizer, self.prepare_for_tokenization, self.max_length,
-                           self.doc_max_length, specials=self._specials(), direct=direct)
+                           self.doc_max_length if word_cut else self.max_length, specials=self._specials(),
+                           direct=direct)
 
     # ----------------------------------------------------------------------------------- forward/pool
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..validation import (FLOAT32_MAX, HEAD_DIMS, check_cu_seqlens, check_number, check_same_device,
-                          check_same_dtype, check_tensor, dense_cu_seqlens)
+from ..validation import (FLOAT32_MAX, FLOAT32_NORMAL_MIN, HEAD_DIMS, check_cu_seqlens, check_number,
+                          check_same_device, check_same_dtype, check_tensor, dense_cu_seqlens)
 from .dropout_seed import draw_seed, seed_value
 
 OP = "flash_attention"
@@ -117,6 +117,9 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, softcap, d
     if softmax_scale is not None:
         check_number("softmax_scale", softmax_scale, low=0, low_inclusive=False, high=FLOAT32_MAX)
     check_number("softcap", softcap, low=0, high=FLOAT32_MAX)
+    if 0 < softcap < FLOAT32_NORMAL_MIN:  # the kernels divide by it in float32: as 0 there, NaN
+        raise ValueError(f"softcap must be 0 (no cap) or >= {FLOAT32_NORMAL_MIN} (float32's smallest normal), "
+                         f"got {softcap}")
     check_number("dropout_p", dropout_p, low=0, high=1, high_inclusive=False)
     if sliding_window is not None:
         check_number("sliding_window", sliding_window, low=1, integer=True)

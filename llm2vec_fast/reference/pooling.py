@@ -65,11 +65,17 @@ def _weights(hidden, cu_seqlens, attention_mask, embed_mask, mode):
     return flat, seq_id, token_weights(seq_id, starts, real, pooled, batch, mode), batch
 
 
+def weighted_tokens(flat, weights):
+    """weight * token in float32, and exactly 0 for a token of weight 0: padding and unpooled tokens are never
+    read (they may hold anything, NaN included, as in the Triton and CUDA kernels), not multiplied by 0."""
+    return torch.where(weights[:, None] != 0, flat.float() * weights[:, None], 0.0)
+
+
 def pool(hidden, cu_seqlens, attention_mask, embed_mask, mode: str, normalize: bool):
     """(B, D) float32 embeddings; differentiable by autograd."""
     flat, seq_id, weights, batch = _weights(hidden, cu_seqlens, attention_mask, embed_mask, mode)
     out = torch.zeros(batch, flat.shape[-1], device=hidden.device, dtype=torch.float32)
-    out = out.index_add(0, seq_id, flat.float() * weights[:, None])
+    out = out.index_add(0, seq_id, weighted_tokens(flat, weights))
     return l2_normalized(out)[0] if normalize else out
 
 
@@ -84,6 +90,6 @@ def pool_backward(grad_out, hidden, cu_seqlens, attention_mask, embed_mask, mode
     grad = grad_out.float()
     if normalize:
         pooled = torch.zeros(batch, flat.shape[-1], device=hidden.device, dtype=torch.float32)
-        pooled.index_add_(0, seq_id, flat.float() * weights[:, None])
+        pooled.index_add_(0, seq_id, weighted_tokens(flat, weights))
         grad = l2_normalize_backward(grad, *l2_normalized(pooled))
     return (weights[:, None] * grad[seq_id]).to(hidden.dtype).reshape(hidden.shape)

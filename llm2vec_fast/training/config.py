@@ -101,7 +101,9 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    num_train_epochs: float = 1.0
+    # HF TrainingArguments' default: llm2vec's MNTP and SimCSE train_configs leave it out, so their learning-rate
+    # schedules span 3 epochs (stop_after_n_steps ends those runs long before).
+    num_train_epochs: float = 3.0
     max_steps: int = -1
     # llm2vec's callback: stop after N optimizer steps, the learning-rate schedule still spanning max_steps (or
     # num_train_epochs), where max_steps ends the schedule too.

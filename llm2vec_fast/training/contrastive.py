@@ -9,8 +9,8 @@ Both recipes train a new LoRA on top of the merged MNTP adapter and implement th
   .jsonl with a ``dataset`` field; a row may give a list of ``negatives`` instead (e.g. mined hard negatives),
   each a candidate for every query of the batch, as llm2vec's one negative is. Queries are
   ``[instruction + ";", query]``, documents ``["", text]`` (the strings of llm2vec's E5 loader, see
-  :class:`SupervisedConfig`; tokenised by llm2vec's encoding of those inputs: separator, embed mask,
-  skip_instruction). Every global batch comes from one dataset.
+  :class:`SupervisedConfig`; tokenised as llm2vec's training collator tokenises those inputs: separator, embed
+  mask, skip_instruction, no ``doc_max_length`` cut). Every global batch comes from one dataset.
 
 The work is the encoder's: :func:`embed` is ``LLM2Vec._embed_batch`` (packed forward, no compute on padding, our
 attention, ``llm2vec_fast.pool``) run with gradient, and the loss is ``llm2vec_fast.contrastive_loss`` with
@@ -49,7 +49,8 @@ Item = Tuple[str, str]  # (instruction, text), as LLM2Vec.plan takes it
 @dataclass
 class ContrastiveConfig(TrainConfig):
     """Fields both contrastive recipes share. ``doc_max_length`` and ``skip_instruction`` are the encoder's
-    (llm2vec's defaults); they shape the tokenisation and are saved in ``llm2vec_config.json``. The inherited
+    (llm2vec's defaults), saved in ``llm2vec_config.json``; ``doc_max_length`` cuts texts at encode time only
+    (training tokenises as llm2vec's collator does: ``LLM2Vec.plan(word_cut=False)``). The inherited
     ``grad_cache_chunk_size`` counts sequences (queries, positives and negatives alike) per forward.
 
     Matryoshka (``matryoshka_dims``, e.g. ``[4096, 1024, 256]``): the loss is the sum over those sizes d of
@@ -274,13 +275,19 @@ def dataset_batches(sizes: Dict[str, int], batch_size: int, seed: int, epoch: in
 
 def embed(encoder, input_ids: Sequence[List[int]], embed_counts: Sequence[int]) -> torch.Tensor:
     """(N, hidden) float32 embeddings of token-id lists from ``encoder.plan``: the encoder's packed forward and
-    pooling (``LLM2Vec._embed_batch``), differentiable when gradient is enabled."""
-    if len(input_ids) == 0:
-        return torch.zeros((0, encoder._hidden_size()), dtype=torch.float32)
-    empty = [i for i, ids in enumerate(input_ids) if len(ids) == 0]
-    if empty:
-        raise ValueError(f"inputs {empty[:5]} have no tokens (an empty text with a tokenizer that adds none)")
-    return encoder._embed_batch(list(input_ids), list(embed_counts), False)
+    pooling (``LLM2Vec._embed_batch``), differentiable when gradient is enabled. An input with no token at all (an
+    empty text, with a tokenizer that adds no BOS) embeds to zeros, as ``encode`` embeds it: a candidate that scores
+    0 against every query (raising here stopped the run at the first batch holding one)."""
+    from ..encoder.llm2vec import _input_device
+    kept = [i for i, ids in enumerate(input_ids) if len(ids) > 0]
+    if kept and len(kept) == len(input_ids):
+        return encoder._embed_batch(list(input_ids), list(embed_counts), False)
+    out = torch.zeros((len(input_ids), encoder._hidden_size()), dtype=torch.float32,
+                      device=_input_device(encoder.model))
+    if kept:
+        rows = encoder._embed_batch([input_ids[i] for i in kept], [embed_counts[i] for i in kept], False)
+        out = out.to(rows.device).index_copy(0, torch.tensor(kept, device=rows.device), rows)
+    return out
 
 
 def _rng_state(device) -> tuple:
@@ -320,7 +327,8 @@ def grad_cache_step(embed_rows: Callable[[int, int], torch.Tensor], rows: int, l
     for (start, end), state in zip(bounds, states):
         _set_rng_state(state, device)
         embeddings = embed_rows(start, end)
-        embeddings.backward(grads[start:end].to(embeddings.dtype))
+        if embeddings.requires_grad:  # (not where every input of the chunk is empty: zeros, no forward)
+            embeddings.backward(grads[start:end].to(embeddings.dtype))
     _set_rng_state(after, device)
     return loss.detach()
 
@@ -410,7 +418,9 @@ class ContrastiveRecipe:
 
     def train_step(self, batch: ContrastiveBatch, grad_scale: float):
         """Forward + backward of this rank's part of one global batch; returns the union batch's loss."""
-        plan = self.encoder.plan(batch.items())
+        # tokenised as llm2vec's training collator: doc_max_length's cut by words is encode's alone (run here, it
+        # shortened every text past it and emptied long texts without spaces, e.g. Chinese passages)
+        plan = self.encoder.plan(batch.items(), word_cut=False)
         ids, counts = plan.input_ids, plan.embed_counts
         chunk = self.config.grad_cache_chunk_size
         if chunk is None or chunk >= len(ids):
