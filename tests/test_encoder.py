@@ -698,6 +698,58 @@ def test_each_text_is_tokenised_once(encoders):
     assert len(counting.seen) == 2 * len(texts) and len(set(counting.seen)) == len(counting.seen)
 
 
+class RecordingTokenizer(CountingTokenizer):
+    """Also records the strings of each call."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.calls = []
+
+    def __call__(self, text, *args, **kwargs):
+        self.calls.append([text] if isinstance(text, str) else list(text))
+        return super().__call__(text, *args, **kwargs)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_long_documents_keep_max_length_ids(encoders, monkeypatch, side):
+    """Long documents: a tokenizer call takes at most FILL_CHARS characters (one call for a chunk of 16384
+    documents held GBs of encodings), the cache keeps at most max_length ids per string and forgets a text's
+    versions before word truncation; the plan stays the tokenizer's own (either truncation side)."""
+    from llm2vec_fast.encoder import tokenization
+    from llm2vec_fast.encoder.text import prepare_for_tokenization
+    encoder = encoders("llama")
+    monkeypatch.setattr(tokenization, "FILL_CHARS", 2000)
+    monkeypatch.setattr(encoder.tokenizer, "truncation_side", side)
+    docs = [f"{i} " + (mk.LONG_1 + " ") * 3 for i in range(6)]  # ~1200 characters, ~300 tokens each
+    items = [("Instruct:", d) for d in docs] + as_items(docs + ["short text"])
+    tokenizer = encoder.tokenizer
+    recording = RecordingTokenizer(tokenizer)
+    specials = tokenization.SpecialTokens.detect(tokenizer)
+    plain = lambda s: prepare_for_tokenization(s, "tiny", "llama", "mean")  # noqa: E731
+    saved = (encoder.max_length, encoder.doc_max_length, encoder.pooling_mode)
+    try:
+        for doc_max_length in (24, 1000):  # cut by words / cut at max_length only
+            encoder.max_length, encoder.doc_max_length, encoder.pooling_mode = 64, doc_max_length, "mean"
+            encoder.tokenizer = recording
+            recording.calls.clear()
+            plan = encoder.plan(items)
+            encoder.tokenizer = tokenizer
+            assert recording.calls and all(len(c) == 1 or sum(map(len, c)) <= 2000 for c in recording.calls)
+            cache = tokenization.TokenCache(tokenizer, 64)
+            assert tokenization.plan_inputs(items, tokenizer, plain, 64, doc_max_length, cache=cache,
+                                            specials=specials).input_ids == plan.input_ids
+            longest = max(len(ids) for ids in cache._ids.values())
+            if doc_max_length == 24:
+                assert longest <= 64 and not set(docs) & set(cache._ids)  # the whole documents are forgotten
+            else:
+                assert longest == 64  # the documents' ids, cut where the tokenizer cuts them
+            direct = encoder.plan(items, direct=True)
+            assert plan.input_ids == direct.input_ids and plan.embed_counts == direct.embed_counts
+    finally:
+        encoder.tokenizer = tokenizer
+        encoder.max_length, encoder.doc_max_length, encoder.pooling_mode = saved
+
+
 @pytest.mark.parametrize("case", ["llama", "llama3_instruct", "gemma", "qwen2"])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("max_length", [3, 12, 512])

@@ -22,6 +22,9 @@ Behaviour that deliberately differs from llm2vec 0.2.3 (each a bug or an input l
   text) pools every real token of the input. llm2vec's ``x[i, -0:]`` pools the whole padded row,
   padding included, so its result depends on the batch; it equals ours when the input is encoded
   alone (or is the longest in its batch);
+- an input whose text part, tokenised alone, has more tokens than the whole input (seen with a tokenizer
+  that adds no BOS and an instruction of whitespace only) pools every real token: llm2vec's embed_mask
+  then covers padding positions too, and an input encoded alone fails there;
 - ``bos_token`` pools each sequence's first token (llm2vec selects the positions equal to the BOS id,
   which is wrong when a sequence has none or several);
 - an input with no token at all (an empty text with a tokenizer that adds no BOS) embeds to zeros;
@@ -250,7 +253,7 @@ class LLM2Vec(nn.Module):
 
     def _convert_to_str(self, instruction: str, text: str) -> str:
         """The text cut to doc_max_length tokens by words, joined to the instruction by the separator."""
-        cache = TokenCache(self.tokenizer)
+        cache = TokenCache(self.tokenizer, self.max_length)
         (text,), _ = truncate_by_words([text], cache.counts, self.max_length, self.doc_max_length)
         return join_instruction(instruction, text)
 
@@ -263,7 +266,7 @@ class LLM2Vec(nn.Module):
         left-padded to the longest, as a ``BatchEncoding`` of long tensors."""
         from transformers import BatchEncoding
         texts = list(texts)
-        cache = TokenCache(self.tokenizer)
+        cache = TokenCache(self.tokenizer, self.max_length)
         split = [split_separator(t) for t in texts]
         finals, parts = [f for f, _ in split], [p for _, p in split]
         specials = self._specials()

@@ -74,18 +74,23 @@ def split_separator(prepared: str) -> Tuple[str, str]:
 
 
 def truncate_by_words(texts: Sequence[str], count_tokens: Callable[[List[str]], List[int]], max_length: int,
-                      doc_max_length: int) -> Tuple[List[str], List[int]]:
+                      doc_max_length: int, discard: Optional[Callable[[List[str]], None]] = None
+                      ) -> Tuple[List[str], List[int]]:
     """llm2vec's ``doc_max_length`` loop, for many texts at once.
 
     A text's length is its token count without special tokens, capped at ``max_length`` (llm2vec
     tokenises with truncation). While it exceeds ``doc_max_length``, the text is cut to
     ``int(words * doc_max_length / length)`` whitespace-separated words, re-joined with single spaces,
-    and counted again. ``count_tokens`` counts a list of strings. Returns the texts and their lengths.
+    and counted again. ``count_tokens`` counts a list of strings; ``discard``, if given, is called with the
+    versions that are cut (a counter that keeps token ids can drop theirs: no other input ends on them, since
+    an equal string has the same length). Returns the texts and their lengths.
     """
     texts = list(texts)
     lengths = [min(n, max_length) for n in count_tokens(texts)] if texts else []
     pending = [i for i, n in enumerate(lengths) if n > doc_max_length]
     while pending:
+        if discard is not None:
+            discard([texts[i] for i in pending])
         for i in pending:
             words = texts[i].split()
             ratio = doc_max_length / lengths[i]

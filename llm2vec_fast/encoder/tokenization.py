@@ -11,33 +11,59 @@ tokenised once; otherwise only the strings that differ are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .text import InputItem, join_instruction, split_separator, truncate_by_words
 
 _PROBES = ("a", "hello world", "The 2 quick foxes.")
+FILL_CHARS = 1 << 20  # characters per tokenizer call of a TokenCache
+
+
+def char_batches(strings: List[str]) -> Iterator[List[str]]:
+    """Consecutive runs of ``strings`` of at most ``FILL_CHARS`` characters (or one string) each."""
+    start = 0
+    while start < len(strings):
+        stop, chars = start + 1, len(strings[start])
+        while stop < len(strings) and chars + len(strings[stop]) <= FILL_CHARS:
+            chars += len(strings[stop])
+            stop += 1
+        yield strings[start:stop]
+        start = stop
 
 
 class TokenCache:
-    """Token ids without special tokens (untruncated) of each distinct string, tokenised in batches."""
+    """Token ids without special tokens of each distinct string, tokenised in batches.
 
-    def __init__(self, tokenizer):
+    With ``max_length`` each string keeps at most that many ids, cut on the tokenizer's truncation side as
+    its own truncation would cut them (nothing reads more: the model's ids are cut to ``max_length``, counts
+    are capped at it). A batch holds at most ``FILL_CHARS`` characters (or one string): the tokenizer's
+    intermediate encodings of long documents take tens of bytes per token, so that memory stays bounded."""
+
+    def __init__(self, tokenizer, max_length: Optional[int] = None):
         self.tokenizer = tokenizer
+        self.max_length = max_length
         self._ids: Dict[str, List[int]] = {}
         self.calls = 0
         self.strings_tokenized = 0
 
     def fill(self, strings: Sequence[str]) -> None:
         missing = list(dict.fromkeys(s for s in strings if s not in self._ids))
-        if not missing:
-            return
-        encoded = self.tokenizer(missing, add_special_tokens=False, truncation=False, padding=False,
-                                 return_attention_mask=False, return_token_type_ids=False,
-                                 verbose=False)["input_ids"]
-        self.calls += 1
-        self.strings_tokenized += len(missing)
-        for string, ids in zip(missing, encoded):
-            self._ids[string] = list(ids)
+        for batch in char_batches(missing):
+            encoded = self.tokenizer(batch, add_special_tokens=False, truncation=False, padding=False,
+                                     return_attention_mask=False, return_token_type_ids=False,
+                                     verbose=False)["input_ids"]
+            self.calls += 1
+            self.strings_tokenized += len(batch)
+            for string, ids in zip(batch, encoded):
+                self._ids[string] = self._cut(ids)
+
+    def _cut(self, ids) -> List[int]:
+        keep = self.max_length
+        if keep is None or len(ids) <= keep:
+            return list(ids)
+        if getattr(self.tokenizer, "truncation_side", "right") == "left":
+            return list(ids[len(ids) - keep:])
+        return list(ids[:keep])
 
     def ids(self, string: str) -> List[int]:
         if string not in self._ids:
@@ -47,6 +73,11 @@ class TokenCache:
     def counts(self, strings: List[str]) -> List[int]:
         self.fill(strings)
         return [len(self._ids[s]) for s in strings]
+
+    def forget(self, strings: Sequence[str]) -> None:
+        """Drops the ids of strings no longer needed (a text's versions before word truncation)."""
+        for string in strings:
+            self._ids.pop(string, None)
 
 
 @dataclass
@@ -118,8 +149,9 @@ def plan_inputs(items: Sequence[InputItem], tokenizer, prepare, max_length: int,
     ``specials``) tokenises the final strings with special tokens directly instead of reusing the plain
     ids: the slow, always-exact way (and what tests compare against).
     """
-    cache = cache or TokenCache(tokenizer)
-    texts, _ = truncate_by_words([text for _, text in items], cache.counts, max_length, doc_max_length)
+    cache = cache or TokenCache(tokenizer, max_length)
+    texts, _ = truncate_by_words([text for _, text in items], cache.counts, max_length, doc_max_length,
+                                 discard=cache.forget)
     prepared = [prepare(join_instruction(instruction, text)) for (instruction, _), text in zip(items, texts)]
     split = [split_separator(p) for p in prepared]
     finals = [final for final, _ in split]
@@ -134,11 +166,12 @@ def plan_inputs(items: Sequence[InputItem], tokenizer, prepare, max_length: int,
 
 
 def tokenize_with_specials(tokenizer, strings: List[str], max_length: int) -> List[List[int]]:
-    if not strings:
-        return []
-    out = tokenizer(list(strings), add_special_tokens=True, truncation=True, max_length=max_length, padding=False,
-                    return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-    return [list(ids) for ids in out]
+    out: List[List[int]] = []
+    for batch in char_batches(list(strings)):
+        out.extend(list(ids) for ids in tokenizer(batch, add_special_tokens=True, truncation=True,
+                                                 max_length=max_length, padding=False, return_attention_mask=False,
+                                                 return_token_type_ids=False)["input_ids"])
+    return out
 
 
 def left_padded(input_ids: List[List[int]], embed_counts: List[int], pad_id: int) -> Tuple[list, list, list]:
