@@ -344,6 +344,8 @@ def test_tokenize_is_llm2vecs_padded_batch(encoders):
         assert features["attention_mask"][row].tolist() == [0] * (width - len(ids)) + [1] * len(ids)
         n = min(n, width)
         assert features["embed_mask"][row].tolist() == [0] * (width - n) + [1] * n
+    for name, tensor in encoder.tokenize([]).items():  # no texts: empty (0, 0) features (was a reshape error)
+        assert tensor.shape == (0, 0) and tensor.dtype == torch.long, name
 
 
 def test_get_pooling_mean_with_nothing_to_pool(encoders):

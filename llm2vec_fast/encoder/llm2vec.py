@@ -277,9 +277,9 @@ class LLM2Vec(nn.Module):
         else:
             input_ids = tokenize_with_specials(self.tokenizer, finals, self.max_length)
         ids, mask, embed = left_padded(input_ids, counts, self._pad_id())
-        return BatchEncoding({"input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(texts), -1),
-                              "attention_mask": torch.tensor(mask, dtype=torch.long).reshape(len(texts), -1),
-                              "embed_mask": torch.tensor(embed, dtype=torch.long).reshape(len(texts), -1)})
+        shape = (len(texts), len(ids[0]) if ids else 0)  # (0, 0) for no texts, as reshape(0, -1) cannot say
+        return BatchEncoding({name: torch.tensor(rows, dtype=torch.long).reshape(shape)
+                              for name, rows in (("input_ids", ids), ("attention_mask", mask), ("embed_mask", embed))})
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
