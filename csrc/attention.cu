@@ -91,6 +91,20 @@ __device__ __forceinline__ bool block_work(const Params& p, BlockWork& w) {
   return w.m0 < w.seqlen;
 }
 
+// Zeroes rows [valid, 128) of a 128 x D K/V tile in shared memory (every panel; a 128-byte row stays one row
+// under SWIZZLE_128B), shared by `threads` threads of which this is number `t`; then fences them for the async
+// proxy (the caller syncs before the wgmma). Those keys are the next sequence's tokens (or TMA zero fill): P
+// is 0 there, but 0 * NaN or inf in a neighbour's V is NaN and would leak into this sequence's output.
+template <int D>
+__device__ __forceinline__ void zero_tail_rows(uint32_t tile, int valid, int t, int threads) {
+  const int chunks = (kBlockN - valid) * 8;  // 16-byte chunks per panel
+  for (int i = t; i < chunks * Layout<D>::kPanels; i += threads) {
+    const int panel = i / chunks, r = valid + (i % chunks) / 8;
+    hopper::st_shared_zero16(tile + panel * kPanelBytes + r * 128 + (i % 8) * 16);
+  }
+  hopper::fence_proxy_async();
+}
+
 // Issues S = Q K^T for one warpgroup's 64 rows (one commit group): D/16 k-steps of m64n128k16, 32 bytes
 // apart inside a 64-column panel, the next panel after 4.
 template <typename T, int D>
@@ -268,6 +282,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     rescale_running<D>(o, l_run, alpha, sum);
 
     hopper::mbarrier_wait(v_full(s), parity);
+    if (w.seqlen - j * kBlockN < kBlockN) {  // the last tile, partial (block-uniform)
+      zero_tail_rows<D>(v_tile(s), w.seqlen - j * kBlockN, tid, kThreads);
+      __syncthreads();
+    }
     fence_all(o);
     fence_all(pa);
     hopper::wgmma_fence();
@@ -311,7 +329,7 @@ struct LayoutV2 {
   static constexpr uint32_t kK = kTileBytes;
   static constexpr uint32_t kV = (1 + kStages) * kTileBytes;
   static constexpr uint32_t kBars = (1 + 2 * kStages) * kTileBytes;
-  static constexpr int kNumBars = 1 + 4 * kStages;         // q_full, k_full[], v_full[], k_empty[], v_empty[]
+  static constexpr int kNumBars = 2 + 4 * kStages;         // q_full, k_full[], v_full[], k_empty[], v_empty[], v_tail
   static constexpr uint32_t kBytes = kBars + kNumBars * 8;
   static constexpr uint32_t kAlloc = kBytes + 1024;
 };
@@ -334,6 +352,7 @@ __global__ void __launch_bounds__(kThreadsV2, 1)
   auto v_full = [&](int s) { return base + L::kBars + 8 * (1 + S + s); };
   auto k_empty = [&](int s) { return base + L::kBars + 8 * (1 + 2 * S + s); };
   auto v_empty = [&](int s) { return base + L::kBars + 8 * (1 + 3 * S + s); };
+  const uint32_t v_tail = base + L::kBars + 8 * (1 + 4 * S);  // the consumers' barrier after zero_tail_rows
 
   const int tid = threadIdx.x;
   if (tid == 0) {
@@ -347,6 +366,7 @@ __global__ void __launch_bounds__(kThreadsV2, 1)
       hopper::mbarrier_init(k_empty(s), kConsumerThreads);
       hopper::mbarrier_init(v_empty(s), kConsumerThreads);
     }
+    hopper::mbarrier_init(v_tail, kConsumerThreads);
     hopper::fence_barrier_init();
   }
   __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
@@ -419,6 +439,12 @@ __global__ void __launch_bounds__(kThreadsV2, 1)
   {
     const int sp = (w.n_tiles - 1) % S;
     hopper::mbarrier_wait(v_full(sp), ((w.n_tiles - 1) / S) & 1);
+    const int valid = w.seqlen - (w.n_tiles - 1) * kBlockN;
+    if (valid < kBlockN) {  // partial (uniform over the consumers): they sync on v_tail, not the block
+      zero_tail_rows<D>(v_tile(sp), valid, tid - 128, kConsumerThreads);
+      hopper::mbarrier_arrive(v_tail);
+      hopper::mbarrier_wait(v_tail, 0);
+    }
     fence_all(o);
     fence_all(pa);
     hopper::wgmma_fence();

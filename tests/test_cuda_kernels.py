@@ -1387,6 +1387,28 @@ def test_emulated_attention_edges_and_rejections(attn_emulator, monkeypatch):
 
 @needs_emulator
 @pytest.mark.parametrize("variant", list(ATTN_VARIANTS))
+def test_emulated_attention_neighbour_nan_does_not_leak(attn_emulator, variant):
+    """NaN or inf in one sequence's V (an fp16 overflow) stays in that sequence: the last key tile of its
+    predecessor holds its tokens (masked, P = 0), but 0 * NaN in the PV product would be NaN. The other
+    sequences' outputs and lse are bitwise those of the clean run."""
+    lengths = (5, 40, 3, 200)
+    for d, bad in ((64, float("nan")), (128, float("inf"))):
+        q, k, v, cu = make_attention_case(lengths, 2, 1, d, torch.float16, seed=40 + d)
+        _, _, clean, clean_lse = attn_emulator.run(q, k, v, cu, max(lengths), d ** -0.5, 0.0,
+                                                   variant=ATTN_VARIANTS[variant])
+        v = v.clone()
+        v[cu[1]:cu[2], :, ::3] = bad
+        err, why, out, lse = attn_emulator.run(q, k, v, cu, max(lengths), d ** -0.5, 0.0,
+                                               variant=ATTN_VARIANTS[variant])
+        assert err == 0, why
+        others = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in (0, 2, 3)])
+        assert not torch.isfinite(out[cu[1]:cu[2]].float()).all()  # the premise
+        assert torch.isfinite(out[others].float()).all(), (d, "the bad sequence leaked into its neighbours")
+        assert torch.equal(out[others], clean[others]) and torch.equal(lse[:, others], clean_lse[:, others]), d
+
+
+@needs_emulator
+@pytest.mark.parametrize("variant", list(ATTN_VARIANTS))
 def test_emulated_attention_v_descriptor_knob(attn_emulator, variant):
     """The diagnostic override of V's descriptor strides reaches the kernel (v1 and v2): the built-in
     values given explicitly change nothing, the swapped order breaks hd128's output (what the GPU

@@ -450,6 +450,18 @@ def test_state_dict_round_trip(family, tmp_path):
     assert mntp_out.logits.shape == (*ids.shape, VOCAB)
 
 
+def test_auto_classes_read_the_config_in_the_subfolder(tmp_path):
+    """``subfolder=`` (a checkpoint inside a repository, as sentence-transformers lays them out) applies to the
+    config that picks the family too, not only to the weights: here the root holds another family's checkpoint."""
+    from llm2vec_fast.models import AutoBiForMNTP, AutoBiModel
+    torch.manual_seed(2)
+    base_classes("llama")[0](tiny_config("llama")).save_pretrained(tmp_path)
+    base_classes("qwen2")[1](tiny_config("qwen2")).save_pretrained(tmp_path / "model")
+    model = AutoBiModel.from_pretrained(tmp_path, subfolder="model")
+    assert type(model) is BI_MODELS["qwen2"] and is_bidirectional(model)
+    assert type(AutoBiForMNTP.from_pretrained(tmp_path, subfolder="model")) is BI_FOR_MNTP["qwen2"]
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_make_bidirectional_converts_a_loaded_model(family):
     _, lm_cls = base_classes(family)
@@ -652,6 +664,64 @@ def test_pool_straight_from_the_packed_output():
     from_packed = lf.pool(out.hidden, cu_seqlens=out.cu_seqlens, mode="mean")
     from_padded = lf.pool(padded, attention_mask=mask, mode="mean")
     assert rel_err(from_packed, from_padded) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["eager", ATTN_IMPLEMENTATION])
+def test_a_batch_without_tokens_gives_empty_hidden_states(impl):
+    """Every sequence empty (allowed, as zero-length sequences are): (0, H) hidden states that pool to zero vectors
+    and take part in a backward, not an error from transformers' reshape of zero tokens."""
+    model = bi_model("mistral", impl=impl, state=family_state("mistral")).train()
+    ids, mask = make_batch(seed=21, lengths=(0, 0), seqlen=3)
+    out = model.forward_packed(ids, mask, output_hidden_states=True)
+    assert out.hidden.shape == (0, model.config.hidden_size) and out.cu_seqlens.tolist() == [0, 0, 0]
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert out.padded().shape == (2, 3, model.config.hidden_size)
+    pooled = lf.pool(out.hidden, cu_seqlens=out.cu_seqlens, mode="mean")
+    assert torch.equal(pooled, torch.zeros(2, model.config.hidden_size))
+    pooled.sum().backward()  # a training step on such a batch runs (its gradients are zero)
+    with torch.no_grad():
+        assert model.forward_packed(batch=pack_sequences([[]])).hidden.shape == (0, model.config.hidden_size)
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(attention_bias=True, num_key_value_heads=1, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 4})),
+    ("qwen3", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                    "original_max_position_embeddings": 4})),
+    ("phi3", dict(partial_rotary_factor=0.5, max_position_embeddings=64, original_max_position_embeddings=4,
+                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 4,
+                                   "short_factor": [1.0 + i / 8 for i in range(16)],
+                                   "long_factor": [2.0 + i / 4 for i in range(16)]})),
+    ("gemma2", dict(final_logit_softcapping=3.0, query_pre_attn_scalar=32, tie_word_embeddings=True)),
+])
+def test_config_variants_match_the_oracle_in_training(family, overrides):
+    """Config variants (RoPE scaling past the original length, partial rotary, biases, MQA, Gemma2's scalars):
+    the packed forward's hidden states and gradients, with gradient checkpointing, equal the padded eager oracle's."""
+    state = bi_model(family, config=tiny_config(family, **overrides)).state_dict()
+    ids, mask = make_batch(seed=22)
+    weights = torch.randn(int(mask.sum()), 128, generator=torch.Generator().manual_seed(0))
+    results = []
+    for packed in (True, False):
+        config = tiny_config(family, **overrides)
+        if packed:
+            model = bi_model(family, state=state, config=config).train()
+            _checkpointing(model, True)
+            hidden = model.forward_packed(ids, mask).hidden
+        else:
+            config._attn_implementation = "eager"
+            model = base_classes(family)[0](config).train()
+            model.load_state_dict(state)
+            hidden = real(model(ids, attention_mask=explicit_4d_mask(mask), position_ids=positions(mask))
+                          .last_hidden_state, mask)
+        (hidden * weights).sum().backward()
+        results.append((hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (got, got_grads), (expected, expected_grads) = results
+    assert rel_err(got, expected) <= TOL
+    assert got_grads.keys() == expected_grads.keys() and len(got_grads) > 10
+    for name, grad in expected_grads.items():
+        assert rel_err(got_grads[name], grad) <= 1e-4, name
 
 
 # --------------------------------------------------------------------------------- the Triton backend

@@ -302,6 +302,19 @@ inline void mbarrier_init(uint32_t bar, uint32_t arrivals) {
 
 inline void fence_barrier_init() {}
 
+// Ordinary stores are immediate here; an unretired wgmma still reading the bytes would see them change.
+inline void st_shared_zero16(uint32_t addr) {
+  if (addr % 16 != 0) emu::fail("st.shared.v4: address not 16-byte aligned");
+  unsigned char* p = emu_detail::smem_ptr(addr, 16, "st.shared.v4");
+  for (const emu_detail::InFlightRead& r : emu_detail::block().inflight)
+    if (r.lo < addr + 16 && addr < r.hi)
+      emu::fail("st.shared.v4: writes shared memory that an unretired wgmma of warpgroup " + std::to_string(r.wg) +
+                " still reads");
+  std::memset(p, 0, 16);
+}
+
+inline void fence_proxy_async() {}
+
 inline void mbarrier_arrive(uint32_t bar) {
   emu_detail::Mbarrier& b = emu_detail::bar_at(bar, "mbarrier.arrive");
   if (b.pending == 0) emu::fail("mbarrier.arrive: more arrivals than expected in this phase");

@@ -28,7 +28,10 @@ Behaviour that deliberately differs from llm2vec 0.2.3 (each a bug or an input l
 - ``bos_token`` pools each sequence's first token (llm2vec selects the positions equal to the BOS id,
   which is wrong when a sequence has none or several);
 - an input with no token at all (an empty text with a tokenizer that adds no BOS) embeds to zeros;
-- pooled values are accumulated in float32 (llm2vec pools in the model's dtype, then casts).
+- pooled values are accumulated in float32 (llm2vec pools in the model's dtype, then casts);
+- a config with a ``sliding_window`` (Mistral v0.1's 4096) keeps a symmetric window on inputs longer than it:
+  llm2vec's bidirectional mask drops the window under eager and sdpa (full attention) and keeps it under
+  flash_attention_2. The LLM2Vec Mistral checkpoints' base (v0.2) has no window; shorter inputs are unaffected.
 """
 from __future__ import annotations
 

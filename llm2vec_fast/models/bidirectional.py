@@ -297,6 +297,11 @@ def forward_packed(model: torch.nn.Module, input_ids: Optional[Tensor] = None,
         raise ValueError("batch has no input_ids (it was packed from a mask alone)")
     total = batch.num_tokens
     check_cu_seqlens(batch.cu_seqlens, total, name="batch.cu_seqlens", like=batch.position_ids)
+    if total == 0:  # every sequence empty: transformers' attention cannot reshape 0 tokens; (0, H), in the graph
+        hidden = body.get_input_embeddings()(batch.input_ids)
+        wanted = kwargs.get("output_hidden_states", body.config.output_hidden_states)
+        states = (hidden,) * (body.config.num_hidden_layers + 1) if wanted else None
+        return PackedOutput(hidden, batch.cu_seqlens, batch.max_seqlen, batch, states)
     if _uses_masks(body.config):
         # A causal model needs no mask: transformers finds the packed sequences from the restarting
         # position_ids and builds block-diagonal causal (and sliding-window) masks itself.

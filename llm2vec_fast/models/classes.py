@@ -134,7 +134,9 @@ class _AutoBi:
         """``XxxBi....from_pretrained(path, ...)`` for the family named by the checkpoint's config
         (``trust_remote_code`` stays off: the supported families are transformers' own)."""
         from transformers import AutoConfig
-        hub = {key: kwargs[key] for key in ("revision", "local_files_only", "cache_dir", "token") if key in kwargs}
+        # the config is read where the weights are (a subfolder included), with the same hub options
+        hub = {key: kwargs[key] for key in ("revision", "local_files_only", "cache_dir", "token", "subfolder",
+                                            "force_download", "proxies") if key in kwargs}
         config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, **hub)
         return cls.class_for(config).from_pretrained(path, *args, config=config, **kwargs)
 
