@@ -1197,6 +1197,115 @@ def test_encode_file_bad_records(encoders, tmp_path):
     assert not os.path.exists(tmp_path / "out2")
 
 
+def _encode_until(encoder, monkeypatch, shards: int, *args, **kwargs) -> None:
+    """encode_file stopped (as if killed) when it starts encoding shard number ``shards``."""
+    from llm2vec_fast.encoder.files import encode_file
+
+    class Killed(Exception):
+        pass
+    calls = []
+    original = type(encoder).encode
+
+    def encode(self, *a, **k):
+        calls.append(1)
+        if len(calls) > shards:
+            raise Killed
+        return original(self, *a, **k)
+    with monkeypatch.context() as patch:
+        patch.setattr(type(encoder), "encode", encode)
+        with pytest.raises(Killed):
+            encode_file(encoder, *args, log=lambda message: None, **kwargs)
+
+
+def test_encode_file_refuses_a_resume_whose_recorded_rows_changed(encoders, tmp_path, monkeypatch):
+    """An input edited past its first MiB (same size) between a run and its resume: input_identity cannot see
+    it (simulated here by keeping the recorded identity); the shards' digests refuse instead of mixing rows
+    of the old input into the new run's output. Rows not encoded yet may change: they are encoded as read."""
+    from llm2vec_fast.encoder import files
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    texts = [f"row {i} of the corpus" for i in range(6)]
+    source, out = tmp_path / "input.txt", str(tmp_path / "out")
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    _encode_until(encoder, monkeypatch, 2, str(source), out, shard_size=2)  # shards 0 and 1 are recorded
+    identity = files.input_identity(str(source))
+    monkeypatch.setattr(files, "input_identity", lambda path: dict(identity, path=os.path.abspath(path)))
+    texts[5] = "row 5 of the CORPUS"  # not encoded yet: fine
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    files.encode_file(encoder, str(source), out, shard_size=2, log=lambda message: None)
+    assert np.allclose(files.load_embeddings(out), encoder.encode(texts, show_progress_bar=False).numpy(),
+                       atol=SAME_ATOL, rtol=0)
+    texts[3] = "row 3 of the CORPUS"  # in shard 1, encoded from the old text
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"input.txt: rows 2..3 differ from those .*shard-000001.npy holds \(the "
+                                         r"input changed since that run\); use a new output folder"):
+        files.encode_file(encoder, str(source), out, shard_size=2, log=lambda message: None)
+
+
+def test_a_finished_run_being_repaired_is_not_complete_until_it_ends(encoders, tmp_path, monkeypatch):
+    """A finished run whose shards 0 and 2 were damaged, run again and stopped after shard 0: index.json must
+    not claim a complete run (load_embeddings returned 3 of the 9 rows missing, silently); an index that
+    claims one anyway with a gap is refused."""
+    from llm2vec_fast.encoder import files
+    encoder = encoders("llama")
+    configure(encoder, reference("llama")["runs"][0])
+    source, out = tmp_path / "input.txt", str(tmp_path / "out")
+    source.write_text("".join(f"text {i}\n" for i in range(9)), encoding="utf-8")
+    files.encode_file(encoder, str(source), out, shard_size=3, log=lambda message: None)
+    expected = files.load_embeddings(out)
+    for name in ("shard-000000.npy", "shard-000002.npy"):
+        path = os.path.join(out, name)
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    _encode_until(encoder, monkeypatch, 1, str(source), out, shard_size=3)
+    with pytest.raises(ValueError, match="the run is not complete"):
+        files.load_embeddings(out)
+    files.encode_file(encoder, str(source), out, shard_size=3, log=lambda message: None)
+    assert np.allclose(files.load_embeddings(out), expected, atol=SAME_ATOL, rtol=0)
+    with open(os.path.join(out, files.INDEX)) as f:
+        index = json.load(f)
+    del index["shards"][1]
+    with open(os.path.join(out, files.INDEX), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match=r"out: rows 3..5 have no shard in index.json"):
+        files.load_embeddings(out)
+
+
+def test_encode_file_leaves_other_files_in_the_output_folder(encoders, tmp_path):
+    """The clean-up at the end removes the run's own leftovers only: it deleted every *.tmp and progress-rank*
+    file of the folder, the user's included."""
+    from llm2vec_fast.encoder import files
+    encoder = encoders("llama")
+    source, out = tmp_path / "input.txt", tmp_path / "out"
+    source.write_text("a\nb\n", encoding="utf-8")
+    out.mkdir()
+    theirs = ["notes.tmp", "progress-rank-notes.json", "README"]
+    ours = ["shard-000007.npy.tmp", "progress-rank1.json", "progress-rank1.json.tmp", "index.json.tmp"]
+    for name in theirs + ours:
+        (out / name).write_text("{}", encoding="utf-8")
+    files.encode_file(encoder, str(source), str(out), shard_size=1, log=lambda message: None)
+    assert sorted(os.listdir(out)) == sorted(theirs + ["index.json", "shard-000000.npy", "shard-000001.npy"])
+
+
+def test_encode_file_refuses_an_unrelated_index_or_parquet_file(encoders, tmp_path):
+    """An index.json that is not a run's and a .parquet that is not Parquet: ValueErrors naming the file (an
+    AttributeError or KeyError, and pyarrow's message without the path, before)."""
+    from llm2vec_fast.encoder import files
+    encoder = encoders("llama")
+    source = tmp_path / "input.txt"
+    source.write_text("a\n", encoding="utf-8")
+    for number, content in enumerate(("[1, 2]", "", '{"format": "other"}')):
+        out = tmp_path / f"out{number}"
+        out.mkdir()
+        (out / "index.json").write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"out{number}.index.json is not an llm2vec_fast shard index"):
+            files.encode_file(encoder, str(source), str(out), log=lambda message: None)
+    pytest.importorskip("pyarrow")
+    (tmp_path / "rows.parquet").write_text("text\na\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"rows.parquet: not a Parquet file \("):
+        list(files.read_records(str(tmp_path / "rows.parquet")))
+
+
 NO_FOLDER = r"must be a checkpoint folder or a hub id \(org/name\), got "
 
 
@@ -1215,6 +1324,8 @@ def test_encode_cli_refuses_bad_options_before_loading_or_writing(checkpoints, t
              (dict(input=str(tmp_path / "in.csv")), r".*in.csv: unknown input format \(expected .txt, .jsonl or "
                                                     r".parquet\)"),
              (dict(output=str(tmp_path / "a_file")), "--output must be a folder, got .*a_file': a file"),
+             (dict(output=str(tmp_path / "a_file" / "out")),
+              "--output must be a folder, got .*out': .*a_file is a file"),
              (dict(model=str(tmp_path / "no_such_model")), f"--model {NO_FOLDER}'.*no_such_model': no such folder"),
              (dict(model="./relative/missing"), f"--model {NO_FOLDER}'./relative/missing': no such folder"),
              (dict(extra=["--peft", "/no/adapter"]), f"--peft {NO_FOLDER}'/no/adapter': no such folder"),

@@ -8,9 +8,10 @@ shards of ``--shard-size`` rows; each shard is encoded, written as ``shard-00000
 float16, shape (rows, hidden)) through a temporary file and an atomic rename, and only then recorded in
 ``index.json`` (also replaced atomically). A run that is interrupted and started again with the same
 arguments skips the recorded shards (never recomputing them) and encodes the rest, so no row is lost or
-duplicated. ``index.json`` also records the input's identity and the settings; resuming with others is
-refused. :func:`load_embeddings` reads the result back in input order (:func:`iter_embeddings` shard by
-shard, memory-mapped, for runs larger than memory).
+duplicated. ``index.json`` also records the input's identity, the settings and a digest of each shard's
+rows; resuming with other settings, or with an input whose recorded rows changed, is refused.
+:func:`load_embeddings` reads the result back in input order (:func:`iter_embeddings` shard by shard,
+memory-mapped, for runs larger than memory).
 """
 from __future__ import annotations
 
@@ -18,18 +19,23 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .text import check_unicode
+from .text import check_unicode, items_digest
 
 INDEX = "index.json"
 FORMAT = "llm2vec_fast.shards/1"
 SHARD_NAME = "shard-{:06d}.npy"
 PROGRESS_PREFIX = "progress-rank"
 PROGRESS_NAME = PROGRESS_PREFIX + "{}.json"
+PROGRESS_FILE = re.compile(r"progress-rank\d+\.json")
+# What a run may delete when it ends: its merged progress files and the temporary files of interrupted writes,
+# never another file that happens to be in the output folder.
+LEFTOVER_FILE = re.compile(r"progress-rank\d+\.json(\.tmp)?|(shard-\d+\.npy|index\.json)\.tmp")
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -110,7 +116,10 @@ def _read_parquet(path: str, text_field: str, instruction_field: str) -> Iterato
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading .parquet needs pyarrow (pip install pyarrow)") from None
-    source = pq.ParquetFile(path)
+    try:
+        source = pq.ParquetFile(path)
+    except ValueError as error:  # pyarrow's ArrowInvalid: its message does not name the file
+        raise ValueError(f"{path}: not a Parquet file ({error})") from None
     if text_field not in source.schema.names:
         raise ValueError(f"{path}: no column {text_field!r} (columns: {source.schema.names})")
     columns = [text_field] + ([instruction_field] if instruction_field in source.schema.names else [])
@@ -135,7 +144,8 @@ def _chunks(records: Iterator[Tuple[str, str]], size: int) -> Iterator[List[Tupl
 # -------------------------------------------------------------------------------------------- index
 
 def input_identity(path: str) -> Dict[str, Any]:
-    """Size and SHA-256 of the first MiB: enough to notice a different input on resume."""
+    """Size and SHA-256 of the first MiB: a different input is refused before the model runs (an edit past the
+    first MiB is caught by the shards' digests as the rows are read again)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         digest.update(f.read(1 << 20))
@@ -156,9 +166,13 @@ def _load_index(output: str) -> Optional[Dict[str, Any]]:
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
-        index = json.load(f)
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an llm2vec_fast shard index (format {index.get('format')!r})")
+        try:
+            index = json.load(f)
+        except ValueError as error:  # an unrelated index.json (our writes are atomic: never cut short)
+            raise ValueError(f"{path} is not an llm2vec_fast shard index (not JSON: {error})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = f"format {index.get('format')!r}" if isinstance(index, dict) else f"a JSON {type(index).__name__}"
+        raise ValueError(f"{path} is not an llm2vec_fast shard index ({found})")
     return index
 
 
@@ -177,7 +191,11 @@ def _finished_shards(output: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]
         raise FileNotFoundError(f"{output} has no {INDEX}")
     if not index.get("complete"):
         raise ValueError(f"{output}: the run is not complete (resume it with the same arguments)")
-    return index, sorted(index["shards"], key=lambda s: s["start"])
+    shards = sorted(index["shards"], key=lambda s: s["start"])
+    missing = _missing_rows(shards, index["rows"])
+    if missing:
+        raise ValueError(f"{output}: rows {missing} have no shard in {INDEX} (resume the run with the same arguments)")
+    return index, shards
 
 
 def _load_shards(output: str, shards: List[Dict[str, Any]], mmap: bool) -> Iterator[Tuple[int, np.ndarray]]:
@@ -256,6 +274,7 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
     # progress file (no two processes write one file) and rank 0 merges them at the end.
     progress_path = os.path.join(output, INDEX if world == 1 else PROGRESS_NAME.format(rank))
     progress = index if world == 1 else {"format": FORMAT, "shards": []}
+    index["complete"] = False  # until every shard is there again: a finished run being repaired is not complete
     mine: Dict[int, Dict[str, Any]] = {}
     encode_kwargs.setdefault("show_progress_bar", False)
     rows = 0
@@ -263,6 +282,12 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
     for number, chunk in enumerate(_chunks(read_records(input_path, text_field, instruction_field), shard_size)):
         start = number * shard_size
         rows = start + len(chunk)
+        digest = items_digest(chunk).hex()
+        if start in done and done[start].get("digest", digest) != digest:
+            # The size and first MiB (input_identity) matched, but these rows are not the ones that were encoded.
+            raise ValueError(f"{input_path}: rows {start}..{start + done[start]['rows'] - 1} differ from those "
+                             f"{os.path.join(output, done[start]['file'])} holds (the input changed since that "
+                             f"run); use a new output folder")
         if start in done and done[start]["rows"] == len(chunk):
             skipped += 1
             continue
@@ -277,7 +302,7 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-        shard = {"file": name, "start": start, "rows": len(chunk)}
+        shard = {"file": name, "start": start, "rows": len(chunk), "digest": digest}
         mine[start] = shard
         # Each rank's file keeps the earlier runs' shards too: rank 0 merges them only at the end, so a run
         # stopped again before that must still find them.
@@ -300,7 +325,7 @@ def encode_file(encoder, input_path: str, output: str, *, settings: Optional[Dic
     index["complete"], index["rows"] = True, rows
     _write_json_atomic(os.path.join(output, INDEX), index)
     for name in os.listdir(output):  # merged progress files, leftovers of writes that were interrupted
-        if name.startswith(PROGRESS_PREFIX) or (name.endswith(".tmp") and name != INDEX + ".tmp"):
+        if LEFTOVER_FILE.fullmatch(name):
             os.remove(os.path.join(output, name))
     log(f"done: {rows} rows in {len(index['shards'])} shards ({encoded} encoded now"
         f"{' by rank 0' if world > 1 else ''}, {skipped} from before)")
@@ -337,7 +362,7 @@ def _recorded_shards(output: str, index: Dict[str, Any]) -> List[Dict[str, Any]]
     stopped before its final merge)."""
     shards = list(index["shards"])
     for name in sorted(os.listdir(output)):
-        if name.startswith(PROGRESS_PREFIX) and name.endswith(".json"):
+        if PROGRESS_FILE.fullmatch(name):
             try:
                 with open(os.path.join(output, name), encoding="utf-8") as f:
                     shards.extend(json.load(f).get("shards", []))
@@ -442,6 +467,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     input_format(args.input)
     if os.path.isfile(args.output):
         raise ValueError(f"--output must be a folder, got {args.output!r}: a file")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    while not os.path.exists(parent):  # the folder that makedirs would create it in
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output must be a folder, got {args.output!r}: {parent} is a file")
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size),
                         ("--max-tokens-per-batch", args.max_tokens_per_batch), ("--truncate-dim", args.truncate_dim)):
         if value is not None and value < 1:

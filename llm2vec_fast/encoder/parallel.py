@@ -19,7 +19,6 @@ single-process ``LLM2Vec.encode`` and the rows are put back in input order.
 """
 from __future__ import annotations
 
-import hashlib
 import multiprocessing.connection as mp_connection
 import os
 import signal
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from .cpu_heap import retain_freed_memory
-from .text import InputItem
+from .text import InputItem, items_digest
 
 # Work units per worker: the pool hands out this many chunks per process so that a slow one (a busy
 # GPU, longer texts) does not hold up the others.
@@ -362,13 +361,8 @@ class EncodePool:
 # ------------------------------------------------------------------------------------- torchrun ranks
 
 def _fingerprint(items: Sequence[InputItem]) -> List[int]:
-    """[count, 128-bit hash of the items as two int64]: equal on two ranks only for the same items in the same
-    order (the lengths go in first, so that no two different lists of strings hash the same bytes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for instruction, text in items:
-        parts = (instruction.encode("utf-8", "surrogatepass"), text.encode("utf-8", "surrogatepass"))
-        digest.update(b"%d:%d:" % (len(parts[0]), len(parts[1])) + parts[0] + parts[1])
-    raw = digest.digest()
+    """[count, :func:`items_digest` as two int64]: equal on two ranks only for the same items in the same order."""
+    raw = items_digest(items)
     return [len(items), int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(raw[8:], "little", signed=True)]
 
 

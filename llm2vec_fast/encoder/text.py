@@ -12,6 +12,7 @@ and its token count, tokenised alone, sets how many trailing tokens are pooled w
 from __future__ import annotations
 
 import collections.abc
+import hashlib
 from typing import Callable, List, Optional, Sequence, Tuple
 
 SEPARATOR = "!@#$%^&*()"
@@ -151,6 +152,16 @@ def check_unicode(text: str, where: str) -> str:
             raise ValueError(f"{where} is not valid Unicode text: {text[error.start:error.end]!r} at character "
                              f"{error.start} is a lone surrogate") from None
     return str(text)
+
+
+def items_digest(items: Sequence[InputItem]) -> bytes:
+    """128-bit hash of (instruction, text) items: equal only for the same items in the same order (the lengths
+    go in first, so that no two different lists of strings hash the same bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for instruction, text in items:
+        parts = (instruction.encode("utf-8", "surrogatepass"), text.encode("utf-8", "surrogatepass"))
+        digest.update(b"%d:%d:" % (len(parts[0]), len(parts[1])) + parts[0] + parts[1])
+    return digest.digest()
 
 
 def _describe(item) -> str:
