@@ -203,6 +203,54 @@ def test_documents_and_chunks(tmp_path):
         read_documents(str(folder))
 
 
+def _run_mntp_reference(path: str, cache: str, tokenizer, length: int, percentage: int):
+    """llm2vec's run_mntp.py data steps on a .txt train_file (its own code, on ``datasets``): the train[p%:] /
+    train[:p%] split, tokenize_function, and group_texts mapped with batched=True."""
+    from itertools import chain
+    datasets = pytest.importorskip("datasets")
+    with pytest.MonkeyPatch.context() as mp:  # never the hub (the "text" builder is packaged; a local file)
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            mp.setenv(name, "1")
+            mp.setattr(datasets.config, name, True, raising=False)
+        splits = {name: datasets.load_dataset("text", data_files={"train": path}, split=split, cache_dir=cache)
+                  for name, split in (("train", f"train[{percentage}%:]"), ("validation", f"train[:{percentage}%]"))}
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total = len(concatenated[list(examples.keys())[0]]) // length * length
+        return {k: [t[i:i + length] for i in range(0, total, length)] for k, t in concatenated.items()}
+
+    out = {}
+    for name, raw in splits.items():
+        tokenized = raw.map(lambda ex: tokenizer(ex["text"], return_special_tokens_mask=True), batched=True,
+                            remove_columns=["text"])
+        out[name] = torch.tensor(tokenized.map(group_texts, batched=True)["input_ids"])
+    return out
+
+
+def test_chunks_and_split_are_run_mntps(tmp_path):
+    """The training and held-out chunks of a file are the ones llm2vec's run_mntp.py builds: group_texts drops
+    the remainder of every 1000-document batch (the old code, one remainder at the end, shifted every chunk
+    after the first 1000 documents), and train[:p%] rounds half to even (2050 documents at 5%: 102 held out,
+    not 103)."""
+    import random
+
+    from llm2vec_fast.training.mntp import group_into_chunks, read_documents, split_validation
+    from llm2vec_fast.training.model_setup import load_tokenizer
+    rng = random.Random(0)
+    words = CORPUS[0].split() + CORPUS[1].split()
+    path = str(tmp_path / "corpus.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(2050):
+            f.write(" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) + "\n")
+    tokenizer = load_tokenizer(TOKENIZER)
+    reference = _run_mntp_reference(path, str(tmp_path / "cache"), tokenizer, 64, 5)
+    train, held = split_validation(read_documents(path), 5)
+    assert len(held) == 102
+    assert torch.equal(group_into_chunks(train, tokenizer, 64).long(), reference["train"])
+    assert torch.equal(group_into_chunks(held, tokenizer, 64, what="validation").long(), reference["validation"])
+
+
 def test_mask_token_types(tmp_path):
     """blank -> "_" (here unknown, as llm2vec's convert_tokens_to_ids gives), eos -> EOS, mask -> a new id
     len(tokenizer), the embeddings (and LM head) grown when the id is past their end."""

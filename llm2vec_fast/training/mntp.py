@@ -152,9 +152,9 @@ def read_documents(path: str, key: str = "dataset_file_path") -> List[str]:
 
 
 def split_validation(docs: Sequence[str], percentage: int) -> Tuple[List[str], List[str]]:
-    """(training documents, validation documents): the first ``percentage`` % of the documents (rounded to the
-    nearest count) are held out, as llm2vec's ``train[:p%]`` / ``train[p%:]`` split."""
-    held = int(len(docs) * percentage / 100 + 0.5)
+    """(training documents, validation documents): the first ``percentage`` % of the documents are held out, as
+    llm2vec's ``train[:p%]`` / ``train[p%:]`` split (``datasets`` rounds the count with ``round``: half to even)."""
+    held = int(round(len(docs) * percentage / 100))
     if held == 0 or held == len(docs):
         raise ValueError(f"config key 'validation_split_percentage': {percentage}% of {len(docs)} documents leaves "
                          f"{'no validation' if held == 0 else 'no training'} document; give a validation_file "
@@ -164,21 +164,25 @@ def split_validation(docs: Sequence[str], percentage: int) -> Tuple[List[str], L
 
 def group_into_chunks(docs: Sequence[str], tokenizer, length: int, batch_docs: int = 1000,
                       what: str = "training") -> Tensor:
-    """(N, length) int32 token ids: each document tokenised (with the tokenizer's specials, e.g. BOS), all
-    concatenated, cut into ``length`` tokens, the remainder dropped (run_mlm's ``group_texts``). Batches of
-    ``batch_docs`` documents go straight into int32 arrays (4 bytes a token; a list of Python ints would
-    take about 14 times that for a corpus of wikitext-103's size); batches widen to int64 when drawn."""
-    pieces = []
+    """(N, length) int32 token ids: each document tokenised (with the tokenizer's specials, e.g. BOS), and every
+    ``batch_docs`` documents concatenated and cut into ``length`` tokens, their remainder dropped: run_mlm's
+    ``group_texts``, which ``datasets.map(batched=True)`` runs on batches of 1000 rows: the chunks are llm2vec's
+    (for text without blank lines, which llm2vec keeps as rows and :func:`read_documents` skips). Batches go
+    straight into int32 arrays (4 bytes a token; a list of Python ints would take about 14 times that for a
+    corpus of wikitext-103's size); batches widen to int64 when drawn."""
+    pieces, total = [], 0
     for start in range(0, len(docs), batch_docs):
         rows = tokenizer(list(docs[start:start + batch_docs]))["input_ids"]
-        pieces.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32,
-                                  count=sum(len(row) for row in rows)))
+        count = sum(len(row) for row in rows)
+        total += count
+        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=count)
+        pieces.append(ids[:count // length * length])
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    usable = (len(ids) // length) * length
-    if usable == 0:
-        raise ValueError(f"the {what} text has {len(ids)} tokens, fewer than max_seq_length={length}: no {what} "
-                         f"chunk can be formed")
-    return torch.from_numpy(ids[:usable].reshape(-1, length))
+    if len(ids) == 0:
+        short = (f"fewer than max_seq_length={length}" if total < length else f"but no batch of {batch_docs} "
+                 f"documents holds max_seq_length={length} (each batch's remainder is dropped, as in llm2vec)")
+        raise ValueError(f"the {what} text has {total} tokens, {short}: no {what} chunk can be formed")
+    return torch.from_numpy(ids.reshape(-1, length))
 
 
 # ------------------------------------------------------------------------------------------------ recipe
