@@ -117,6 +117,43 @@ def test_plain_sentence_transformer_token_embeddings(saved):
         assert torch.allclose(item["sentence_embedding"], expected[row], atol=SAME_ATOL)
 
 
+
+def test_output_value_none_dicts_mask_as_sentence_transformers(saved):
+    """SentenceTransformer's output_value=None dicts carry the attention_mask that code selects the real tokens
+    with (item["token_embeddings"][item["attention_mask"].bool()]); the adapter's must too (no padding: all
+    ones), so that the same code gives the same tokens on both."""
+    model, plain = saved
+    texts = TEXTS[:3] + [["Retrieve the passage:", TEXTS[0]]]
+    for got, want in zip(model.encode(texts, output_value=None), plain.encode(texts, output_value=None)):
+        mask, want_mask = got["attention_mask"].bool(), want["attention_mask"].bool()
+        assert got["attention_mask"].dtype == want["attention_mask"].dtype and mask.all()
+        assert torch.equal(got["input_ids"][mask], want["input_ids"][want_mask])
+        assert torch.allclose(got["token_embeddings"][mask], want["token_embeddings"][want_mask], atol=SAME_ATOL)
+    assert model.encode(TEXTS[0], output_value=None)["attention_mask"].shape == \
+        model.encode(TEXTS[0], output_value=None)["input_ids"].shape
+
+
+def test_tensor_outputs_on_the_encode_device(saved, monkeypatch):
+    """SentenceTransformer.encode leaves convert_to_tensor's tensor (and convert_to_numpy=False's rows) on the
+    device it encoded on, so that util.semantic_search and model.similarity run there; LLM2Vec.encode returns
+    CPU rows, which the adapter must move. Quantised rows, as there, are CPU tensors. A CPU-only stand-in for
+    a GPU: the encoder's encode runs on the CPU and the adapter is asked for the meta device."""
+    model, _ = saved
+    real_encode, devices = model.llm2vec.encode, []
+
+    def encode(*args, device=None, **kwargs):
+        devices.append(device)
+        return real_encode(*args, device="cpu", **kwargs)
+
+    monkeypatch.setattr(model.llm2vec, "encode", encode)
+    assert model.encode(TEXTS[:2], convert_to_tensor=True, device="meta").device.type == "meta"
+    assert model.encode(TEXTS[0], convert_to_tensor=True, device="meta").device.type == "meta"
+    assert {row.device.type for row in model.encode(TEXTS[:2], convert_to_numpy=False, device="meta")} == {"meta"}
+    assert isinstance(model.encode(TEXTS[:2], device="meta"), np.ndarray)
+    quantised = model.encode(TEXTS[:2], convert_to_tensor=True, device="meta", precision="ubinary")
+    assert quantised.device.type == "cpu" and quantised.dtype == torch.uint8
+    assert devices == ["meta"] * 5
+
 # ----------------------------------------------------------------------------- peft checkpoints in training
 
 QUERIES = ["how do tides work", "what is a lognormal law", "why is the sky blue", "who wrote Hamlet"]

@@ -25,9 +25,10 @@ ignored, any other keyword raises ValueError as in sentence-transformers (``proc
 several processes through ``start_multi_process_pool`` / ``encode(..., pool=pool)`` /
 ``stop_multi_process_pool`` or ``encode(..., device=["cuda:0", "cuda:1"])`` (``LLM2Vec``'s pool: one model
 load per process); ``output_value="token_embeddings"`` (a list of (tokens, D) tensors, every token
-the model read, from ``LLM2Vec.encode_tokens``) or ``None`` (per text a dict of input_ids,
-token_embeddings and sentence_embedding, the last cut to ``truncate_dim`` as sentence-transformers cuts it
-and, unlike sentence-transformers, normalised with ``normalize_embeddings``), in this process only;
+the model read, from ``LLM2Vec.encode_tokens``) or ``None`` (per text a dict of input_ids, an all-ones
+attention_mask (no padding), token_embeddings and sentence_embedding, the last cut to ``truncate_dim`` as
+sentence-transformers cuts it and, unlike sentence-transformers, normalised with ``normalize_embeddings``), in
+this process only, on the CPU (sentence embeddings as tensors are on the encode device, as there);
 ``isinstance(model, SentenceTransformer)``; the module's ``preprocess`` (prompt as instruction) /
 ``tokenize`` / ``forward`` (llm2vec's padded features; the forward drops the padding, differentiable, and
 returns ``token_embeddings`` too, so a plain SentenceTransformer's ``output_value="token_embeddings"`` works).
@@ -397,6 +398,11 @@ def _adapter_class():
                                                      output_value=output_value,
                                                      normalize_embeddings=normalize_embeddings,
                                                      **({} if output_value else {"truncate_dim": truncate_dim}))
+                if output_value is None:
+                    # SentenceTransformer's dicts hold the attention_mask too, which code masks the padding with;
+                    # these rows have no padding, so every token counts.
+                    for features in outputs:
+                        features["attention_mask"] = torch.ones_like(features["input_ids"])
                 return outputs[0] if single else outputs
             embeddings = self.llm2vec.encode(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar,
                                              device=None if several else own_device,
@@ -408,7 +414,10 @@ def _adapter_class():
                 from sentence_transformers import quantize_embeddings
                 embeddings = torch.from_numpy(quantize_embeddings(embeddings.numpy(), precision=precision))
             # As SentenceTransformer.encode: one (N, D) tensor or array, or a list of (D,) tensors; one input gives
-            # its row, (D,), whichever the form.
+            # its row, (D,), whichever the form. Its tensors stay on the encode device (LLM2Vec.encode returns CPU
+            # rows); quantised or multi-process ones are on the CPU there too.
+            if (convert_to_tensor or not convert_to_numpy) and precision == "float32" and not several:
+                embeddings = embeddings.to(own_device)
             if convert_to_tensor:
                 out = embeddings
             elif convert_to_numpy:
