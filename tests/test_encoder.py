@@ -1155,6 +1155,35 @@ def test_encode_cli_causal(checkpoints, tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("(0 encoded now, 1 from before)")
 
 
+def test_encode_cli_full_disk_is_one_line_and_resumes(checkpoints, tmp_path, capsys, monkeypatch):
+    """A write that fails (a full disk) ends the run with status 1 and the OS's message alone; the shards written
+    before it stay recorded, and the run resumes from there to the same rows."""
+    from llm2vec_fast.encoder import files
+    source, out = str(tmp_path / "input.jsonl"), str(tmp_path / "out")
+    write_jsonl(source, INPUTS[:5])
+    args = ["--model", checkpoints("llama_causal"), "--input", source, "--output", out, "--dtype", "float32",
+            "--device", "cpu", "--shard-size", "2"]
+    real_save, saves = np.save, []
+
+    def full_disk_on_the_second_shard(f, array, *rest, **kwargs):
+        saves.append(len(array))
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device", f.name)
+        return real_save(f, array, *rest, **kwargs)
+
+    monkeypatch.setattr(np, "save", full_disk_on_the_second_shard)
+    capsys.readouterr()
+    assert files.main(args) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith("llm2vec-fast encode: error: [Errno 28] No space left")
+    with open(os.path.join(out, files.INDEX)) as f:
+        index = json.load(f)
+    assert [shard["start"] for shard in index["shards"]] == [0] and not index["complete"]
+    monkeypatch.setattr(np, "save", real_save)
+    assert files.main(args) == 0
+    assert capsys.readouterr().out.strip().endswith("(2 encoded now, 1 from before)")
+    assert files.load_embeddings(out).shape[0] == 5
+
+
 def test_encode_file_truncate_dim(encoders, tmp_path):
     """truncate_dim keeps the first dimensions, normalised after the cut; recorded, so a resume with another
     value is refused; out of range is refused before anything is written."""

@@ -481,8 +481,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """``llm2vec-fast encode``. Under ``torchrun`` (WORLD_SIZE > 1) every rank loads the model once, onto
     its LOCAL_RANK GPU (or the CPU with gloo), and encodes every world_size-th shard. A bad option or input
-    path is refused before the model loads (exit status 2, as argparse), a bad row when it is read (status 1),
-    each with the message alone."""
+    path is refused before the model loads (exit status 2, as argparse), a bad row when it is read or a failed
+    write (a full disk: status 1, the shards written before it kept for a resume), each with the message alone."""
     try:
         check_arguments(args)
     except ValueError as error:
@@ -504,7 +504,7 @@ def run(args: argparse.Namespace) -> int:
                     truncate_dim=args.truncate_dim, batch_size=args.batch_size,
                     max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     normalize_embeddings=args.normalize, show_progress_bar=args.progress)
-    except ValueError as error:  # a bad row (file:line), or a run there with other settings
+    except (ValueError, OSError) as error:  # a bad row (file:line), a run there with other settings, a full disk
         print(f"llm2vec-fast encode: error: {error}", file=sys.stderr)
         return 1
     finally:
