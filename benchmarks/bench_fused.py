@@ -35,9 +35,8 @@ from typing import Callable, Iterator, List, Sequence, Tuple
 import torch
 
 import llm2vec_fast as lf
-from llm2vec_fast import dispatch
 
-from .harness import Case, SkipImpl, randn, unless_switched_off
+from .harness import Case, SkipImpl, our_impls, randn
 
 OPS = ("rms_norm", "rms_norm_fwd_bwd", "gated_activation", "gated_activation_fwd_bwd", "rotary_embedding",
        "rotary_embedding_fwd_bwd", "lora_linear", "lora_linear_fwd_bwd", "lora_linear_base")
@@ -111,15 +110,6 @@ def _timed(fn: Callable, inputs: Sequence[torch.Tensor], with_backward: bool, ou
     return forward_backward
 
 
-def _ours(op: str, device: torch.device) -> List[str]:
-    return [b for b in ("triton", "cuda", "torch") if b in dispatch.available_backends(op, device)]
-
-
-def _our_impls(op: str, device: torch.device, ours: Callable[[str], Callable]) -> List[Tuple[str, Callable]]:
-    """(backend, setup) for each of our backends of ``op`` here (a kernel the environment turns off skipped)."""
-    return [(name, unless_switched_off(op, name, ours(name))) for name in _ours(op, device)]
-
-
 def norm_impls(x: torch.Tensor, weight: torch.Tensor, with_backward: bool) -> List[Tuple[str, Callable]]:
     def ours(name):
         return lambda: _timed(lambda t: lf.rms_norm(t, weight, EPS, backend=name), [x], with_backward)
@@ -127,7 +117,7 @@ def norm_impls(x: torch.Tensor, weight: torch.Tensor, with_backward: bool) -> Li
     def module(make):
         return lambda: _timed(make(weight), [x], with_backward)
 
-    return (_our_impls("rms_norm", x.device, ours) +
+    return (our_impls("rms_norm", x.device, ours) +
             [("transformers_eager", module(_llama_norm)), ("liger", module(_liger_norm))])
 
 
@@ -143,7 +133,7 @@ def gated_impls(gate: torch.Tensor, up: torch.Tensor, with_backward: bool) -> Li
         return _timed(_liger("liger_kernel.ops.swiglu", "LigerSiLUMulFunction", gate.device).apply, [gate, up],
                       with_backward)
 
-    return (_our_impls("gated_activation", gate.device, ours) +
+    return (our_impls("gated_activation", gate.device, ours) +
             [("transformers_eager", lambda: _timed(lambda g, u: act(g) * u, [gate, up], with_backward)),
              ("liger", liger)])
 
@@ -171,7 +161,7 @@ def rotary_impls(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     def liger():
         return timed(heads_first(_liger("liger_kernel.transformers.rope", "liger_rotary_pos_emb", q.device)))
 
-    return (_our_impls("rotary_embedding", q.device, ours) +
+    return (our_impls("rotary_embedding", q.device, ours) +
             [("transformers_eager", lambda: timed(heads_first(apply_rotary_pos_emb))), ("liger", liger)])
 
 

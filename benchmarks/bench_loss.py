@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import llm2vec_fast as lf
-from llm2vec_fast import dispatch
 
-from .harness import Case, randn, unless_switched_off
+from .harness import Case, our_impls, randn
 
 OP = "contrastive_loss"
 SCALE = 20.0
@@ -91,8 +90,7 @@ def _naive(p: Problem, backward: bool):
 
 
 def impls(p: Problem, backward: bool) -> List[Tuple[str, Callable]]:
-    ours = [b for b in ("triton", "cuda", "torch") if b in dispatch.available_backends(OP, p.device)]
-    return [(b, unless_switched_off(OP, b, _ours(p, b, backward))) for b in ours] + [("naive", _naive(p, backward))]
+    return our_impls(OP, p.device, lambda backend: _ours(p, backend, backward)) + [("naive", _naive(p, backward))]
 
 
 def problems(quick: bool, device: torch.device) -> Iterator[Problem]:

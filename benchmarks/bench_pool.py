@@ -17,9 +17,8 @@ from typing import Callable, Iterator, List, Sequence, Tuple
 import torch
 
 import llm2vec_fast as lf
-from llm2vec_fast import dispatch
 
-from .harness import Case, cu_seqlens_of, lognormal_lengths, randn, unless_switched_off
+from .harness import Case, cu_seqlens_of, lognormal_lengths, our_impls, randn
 
 OP = "pool"
 FULL_TOKENS, FULL_DIM = 65536, 4096
@@ -80,8 +79,7 @@ def _naive(p: Problem) -> Callable:
 
 
 def impls(p: Problem) -> List[Tuple[str, Callable]]:
-    ours = [b for b in ("triton", "cuda", "torch") if b in dispatch.available_backends(OP, p.device)]
-    return [(b, unless_switched_off(OP, b, _ours(p, b))) for b in ours] + [("torch_naive", _naive(p))]
+    return our_impls(OP, p.device, lambda backend: _ours(p, backend)) + [("torch_naive", _naive(p))]
 
 
 def problems(quick: bool, device: torch.device) -> Iterator[Problem]:

@@ -53,6 +53,14 @@ class SkipImpl(Exception):
     """Raised by an impl's setup when it cannot run here; the message says why."""
 
 
+def our_impls(op: str, device: torch.device, setup_for: Callable[[str], Callable[[], Any]]) -> List[Tuple[str, Any]]:
+    """(backend, setup) for each of our backends of ``op`` here, in the tables' order (triton, cuda, torch), the cuda
+    one skipped where ``LLM2VEC_FAST_CUDA_OFF`` turns its kernel off (see :func:`unless_switched_off`)."""
+    from llm2vec_fast import dispatch
+    return [(backend, unless_switched_off(op, backend, setup_for(backend))) for backend in ("triton", "cuda", "torch")
+            if backend in dispatch.available_backends(op, device)]
+
+
 def unless_switched_off(op: str, backend: str, setup: Callable[[], Any]) -> Callable[[], Any]:
     """``setup``, or for the "cuda" impl of an op whose kernel ``LLM2VEC_FAST_CUDA_OFF`` turns off (the device check
     does so for a kernel that failed its check), a setup that skips it: the cuda backend would run its Triton
