@@ -32,10 +32,18 @@ FORMAT = "llm2vec_fast.shards/1"
 SHARD_NAME = "shard-{:06d}.npy"
 PROGRESS_PREFIX = "progress-rank"
 PROGRESS_NAME = PROGRESS_PREFIX + "{}.json"
-PROGRESS_FILE = re.compile(r"progress-rank\d+\.json")
+
+
+def _name_pattern(template: str) -> str:
+    """The regular expression of the names a ``{}`` template makes (any number in place of the field)."""
+    before, _, after = template.partition("{")
+    return re.escape(before) + r"\d+" + re.escape(after.partition("}")[2])
+
+
+PROGRESS_FILE = re.compile(_name_pattern(PROGRESS_NAME))
 # What a run may delete when it ends: its merged progress files and the temporary files of interrupted writes,
 # never another file that happens to be in the output folder.
-LEFTOVER_FILE = re.compile(r"progress-rank\d+\.json(\.tmp)?|(shard-\d+\.npy|index\.json)\.tmp")
+LEFTOVER_FILE = re.compile(rf"{PROGRESS_FILE.pattern}(\.tmp)?|({_name_pattern(SHARD_NAME)}|{re.escape(INDEX)})\.tmp")
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
